@@ -1,0 +1,27 @@
+"""The project's exception hierarchy.
+
+Callers catch ``GportmapError`` at the edges (command line, reload) and let
+anything else propagate: a bare ``except Exception`` would hide real bugs.
+"""
+
+from __future__ import annotations
+
+
+class GportmapError(Exception):
+    """Base class of every error gportmap raises on purpose."""
+
+
+class ConfigError(GportmapError):
+    """The rules file is unusable; ``errors`` holds every problem found, one per line.
+
+    Each entry already names the file and the JSON path, e.g.
+    ``rules.json: rules[2].listenPort: 70000 is greater than the maximum of 65535``.
+    """
+
+    def __init__(self, errors: list[str]) -> None:
+        self.errors = list(errors)
+        super().__init__("\n".join(self.errors))
+
+
+class BindError(GportmapError):
+    """A rule's listening socket could not be created; the message says what to do."""
