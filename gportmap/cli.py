@@ -1,0 +1,179 @@
+"""The command line (SPEC §1) and the foreground run loop (SPEC §2).
+
+Exit codes: 0 clean stop, 2 usage or invalid rules at start-up, 1 any other fatal
+error. gportmap never daemonizes: supervisord, docker and systemd own the process.
+``gportmap.__main__`` has monkeypatched the process before this module loads.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import signal
+import sys
+from collections.abc import Callable, Sequence
+
+import gevent
+from gevent.event import Event
+
+from gportmap import __version__
+from gportmap.config import Config, load
+from gportmap.errors import ConfigError, GportmapError
+from gportmap.log import LEVELS, get_logger, log_event, route_gevent_errors, setup_logging
+from gportmap.supervisor import Supervisor
+
+logger = get_logger()
+
+EXIT_OK, EXIT_FATAL, EXIT_USAGE = 0, 1, 2
+DEFAULT_RULES = os.path.join("rules", "rules.json")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="gportmap",
+        description="Forward TCP ports according to a JSON rules file.",
+        epilog="The rules file is RULES, else -c, else $CONFIG_PATH, else rules/rules.json.",
+    )
+    parser.add_argument("rules", nargs="?", metavar="RULES", help="path of the rules file")
+    parser.add_argument("-c", "--config", metavar="RULES", help="path of the rules file")
+    parser.add_argument(
+        "--check",
+        action="store_true",
+        help="validate the rules, print one line per rule and exit (0 valid, 2 invalid)",
+    )
+    parser.add_argument("--log-format", choices=("text", "json"), help="overrides settings.logFormat")
+    parser.add_argument(
+        "--log-level",
+        type=str.upper,
+        choices=LEVELS,
+        metavar="LEVEL",
+        help="DEBUG, INFO, WARNING, ERROR or CRITICAL; overrides settings.logLevel",
+    )
+    parser.add_argument("--version", action="version", version=f"gportmap {__version__}")
+    return parser
+
+
+def resolve_rules_path(args: argparse.Namespace, environ: os._Environ | dict = os.environ) -> str:
+    """Positional argument, then -c, then $CONFIG_PATH, then rules/rules.json."""
+    return args.rules or args.config or environ.get("CONFIG_PATH") or DEFAULT_RULES
+
+
+def check(path: str) -> int:
+    """``--check``: validate and describe the rules; binds nothing."""
+    try:
+        config = load(path)
+    except ConfigError as exc:
+        for error in exc.errors:
+            print(error, file=sys.stderr)
+        return EXIT_USAGE
+    rows = [
+        (r.name, r.protocol, r.listen, f"-> {r.target}", "enabled" if r.enabled else "disabled")
+        for r in config.rules
+    ]
+    widths = [max((len(row[i]) for row in rows), default=0) for i in range(5)]
+    for row in rows:
+        print("  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip())
+    print(f"{path}: {len(rows)} rule(s), valid")
+    return EXIT_OK
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.rules and args.config and args.rules != args.config:
+        parser.error("give the rules file once: as RULES or with -c, not both")
+    path = resolve_rules_path(args)
+    if args.check:
+        return check(path)
+
+    setup_logging(args.log_format or "text", args.log_level or "INFO")
+    try:
+        config = load(path)
+    except ConfigError as exc:
+        log_event(
+            logger,
+            logging.ERROR,
+            "config_invalid",
+            f"{path}: the rules file is invalid ({len(exc.errors)} error(s)); nothing started",
+            path=path,
+            errors=exc.errors,
+        )
+        return EXIT_USAGE
+    setup_logging(args.log_format or config.settings.log_format, args.log_level or config.settings.log_level)
+    try:
+        return run(config)
+    except GportmapError as exc:
+        log_event(logger, logging.CRITICAL, "fatal", str(exc))
+        return EXIT_FATAL
+
+
+def run(config: Config) -> int:
+    """Serve until SIGTERM/SIGINT; a second signal cuts the drain short."""
+    route_gevent_errors()
+    raise_fd_limit()
+    supervisor = Supervisor()
+    supervisor.start(config)
+    log_event(
+        logger,
+        logging.INFO,
+        "started",
+        f"gportmap {__version__} started with {len(config.enabled_rules)} enabled rule(s)",
+        version=__version__,
+        config=config.path,
+        pid=os.getpid(),
+        rules=len(config.enabled_rules),
+    )
+    stop, force = Event(), Event()
+
+    def on_stop_signal(signum: int) -> None:
+        if stop.is_set():
+            log_event(logger, logging.WARNING, "stopping", "second signal: stopping now", signal=signum)
+            force.set()
+        else:
+            stop.set()
+
+    for name in ("SIGTERM", "SIGINT"):
+        if hasattr(signal, name):
+            install_signal_handler(getattr(signal, name), on_stop_signal)
+    stop.wait()
+
+    drain = config.settings.drain_timeout
+    supervisor.close_listeners()
+    log_event(
+        logger,
+        logging.INFO,
+        "stopping",
+        f"stopping: listeners closed, draining {supervisor.stats.active} connection(s) for up to {drain:g}s",
+        drain_timeout=drain,
+        active=supervisor.stats.active,
+    )
+    supervisor.drain(drain, force)
+    log_event(logger, logging.INFO, "stopped", "stopped")
+    return EXIT_OK
+
+
+def install_signal_handler(signum: int, callback: Callable[[int], None]) -> None:
+    """gevent's handler runs the callback in a greenlet; where gevent cannot (some
+    platforms), fall back to the plain signal module."""
+    try:
+        gevent.signal_handler(signum, callback, signum)
+    except (ValueError, OSError, NotImplementedError, AttributeError):
+        signal.signal(signum, lambda num, _frame: callback(num))
+
+
+def raise_fd_limit() -> None:
+    """Lift the soft open-file limit to the hard one: every connection costs two
+    descriptors, and the usual soft limit of 1024 would cap a proxy at ~500 clients."""
+    try:
+        import resource
+    except ImportError:  # Windows
+        return
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard == resource.RLIM_INFINITY:
+        hard = max(soft, 1 << 20)
+    if soft < hard:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+        except (ValueError, OSError):
+            pass  # keep the soft limit; EMFILE is handled by the accept back-off

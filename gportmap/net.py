@@ -1,0 +1,99 @@
+"""Socket set-up shared by the protocol servers: listening sockets, address text,
+and error messages an operator can act on.
+
+Platform features are probed, never assumed: ``SO_REUSEADDR`` is skipped on
+Windows (where it lets another process steal the port) and ``IPV6_V6ONLY`` is
+only touched where the platform has it.
+"""
+
+from __future__ import annotations
+
+import errno
+import socket
+import sys
+
+import gevent.socket
+
+from gportmap.errors import BindError
+
+#: Pending connections the kernel may queue before gportmap accepts them.
+LISTEN_BACKLOG = 1024
+
+_WILDCARDS = {"0.0.0.0", "::", ""}
+
+
+def format_address(host: str, port: int) -> str:
+    """``127.0.0.1:80`` or ``[::1]:80``."""
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+def peer_text(address: object) -> str:
+    """Text of a socket address tuple as returned by accept()/getpeername()."""
+    if isinstance(address, tuple) and len(address) >= 2:
+        return format_address(str(address[0]), int(address[1]))
+    return str(address)
+
+
+def bind_listener(host: str, port: int, sock_type: int = socket.SOCK_STREAM) -> socket.socket:
+    """Create, bind and (for TCP) listen; raise BindError with advice on failure."""
+    try:
+        infos = gevent.socket.getaddrinfo(host or None, port, socket.AF_UNSPEC, sock_type, 0, socket.AI_PASSIVE)
+    except socket.gaierror as exc:
+        raise BindError(f"cannot resolve listen address {host!r}: {exc.strerror}") from None
+    family, _, proto, _, sockaddr = infos[0]
+    # gevent's socket class whether or not the process is monkeypatched: the
+    # servers need a non-blocking listener.
+    sock = gevent.socket.socket(family, sock_type, proto)
+    try:
+        if sys.platform != "win32":
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if family == socket.AF_INET6 and host in _WILDCARDS and hasattr(socket, "IPV6_V6ONLY"):
+            try:
+                sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+            except OSError:
+                pass  # the OS insists on IPv6 only; "::" then serves IPv6 alone
+        sock.bind(sockaddr)
+        if sock_type == socket.SOCK_STREAM:
+            sock.listen(LISTEN_BACKLOG)
+    except OSError as exc:
+        sock.close()
+        raise BindError(bind_error_message(host, port, exc)) from None
+    return sock
+
+
+def bind_error_message(host: str, port: int, exc: OSError) -> str:
+    where = format_address(host, port)
+    if exc.errno == errno.EADDRINUSE:
+        return (
+            f"{where} is already in use by another process or rule "
+            f"(see which with: ss -ltnup 'sport = :{port}')"
+        )
+    if exc.errno == errno.EACCES and 0 < port < 1024:
+        return (
+            f"permission denied binding {where}: ports below 1024 need root or the "
+            "CAP_NET_BIND_SERVICE capability (or choose a port >= 1024)"
+        )
+    if exc.errno == errno.EACCES:
+        return f"permission denied binding {where}"
+    if exc.errno == errno.EADDRNOTAVAIL:
+        return f"cannot listen on {where}: {host} is not an address of this machine"
+    return f"cannot listen on {where}: {exc.strerror or exc}"
+
+
+def connect_error_text(exc: OSError) -> str:
+    """Short words for why the target could not be reached."""
+    if isinstance(exc, socket.gaierror):
+        return f"cannot resolve target: {exc.strerror}"
+    if isinstance(exc, (socket.timeout, TimeoutError)):
+        return "connect timed out"
+    if isinstance(exc, ConnectionRefusedError):
+        return "connection refused"
+    return exc.strerror or str(exc)
+
+
+def set_nodelay(sock: socket.socket) -> None:
+    """Disable Nagle: a relay must not add latency to small interactive writes."""
+    try:
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    except OSError:
+        pass  # not a TCP socket (tests with socketpairs) or already reset

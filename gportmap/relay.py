@@ -1,0 +1,189 @@
+"""The byte pump between a client and its target.
+
+Two directions, each in its own greenlet, each a loop of: wait until the source is
+readable (holding no buffer), borrow a buffer from the shared pool, read, write it
+all to the destination, give the buffer back. An idle connection therefore holds
+no userspace memory, and a slow reader holds at most one buffer per direction while
+the kernel's socket buffers push back on the sender.
+
+End of stream is forwarded as a half-close (``shutdown(SHUT_WR)``) and the other
+direction keeps flowing until it ends too: closing both sockets on the first EOF
+(as gevent's example port forwarder does) truncates replies. Any error or the idle
+timeout aborts both directions at once.
+"""
+
+from __future__ import annotations
+
+import socket
+import time
+from collections.abc import Callable
+
+import gevent
+from gevent.socket import wait_read, wait_write
+
+from gportmap.stats import Connection
+
+BUFFER_SIZE = 65536
+
+
+class BufferPool:
+    """Reusable receive buffers, shared by every connection of the process.
+
+    At most ``max_free`` idle buffers are kept; the number in use is bounded by the
+    number of directions actually moving data at this instant.
+    """
+
+    def __init__(self, size: int = BUFFER_SIZE, max_free: int = 64) -> None:
+        self.size = size
+        self.max_free = max_free
+        self._free: list[memoryview] = []
+
+    def take(self) -> memoryview:
+        free = self._free
+        return free.pop() if free else memoryview(bytearray(self.size))
+
+    def give(self, buf: memoryview) -> None:
+        if len(self._free) < self.max_free:
+            self._free.append(buf)
+
+
+class IdleTimeout(Exception):
+    """No byte moved in either direction for ``idleTimeout`` seconds."""
+
+
+class _Tick(Exception):
+    """A wait ran out; the caller re-checks the connection-wide idle clock."""
+
+
+_TICK = _Tick()
+
+
+class SideError(Exception):
+    """An I/O error attributed to one side ("client" or "target")."""
+
+    def __init__(self, side: str, error: OSError) -> None:
+        super().__init__(side, error)
+        self.side = side
+        self.error = error
+
+
+def _wait(waiter: Callable, fd: int, conn: Connection, idle: float) -> None:
+    """Wait for readiness; raise IdleTimeout once the whole connection has been silent."""
+    if not idle:
+        waiter(fd)
+        return
+    while True:
+        remaining = conn.last_active + idle - time.monotonic()
+        if remaining <= 0:
+            raise IdleTimeout()
+        try:
+            waiter(fd, remaining, _TICK)
+            return
+        except _Tick:
+            continue
+
+
+def _shutdown(sock: socket.socket, how: int) -> None:
+    try:
+        sock.shutdown(how)
+    except OSError:
+        pass  # already closed or reset by the peer: nothing left to tell it
+
+
+class Relay:
+    """Relays one connection until both directions have ended or one has failed.
+
+    ``run()`` returns the close reason: ``closed`` (both sides finished),
+    ``idle_timeout``, ``client_error`` or ``target_error``; ``error`` then holds the
+    OS error text.
+    """
+
+    __slots__ = ("client", "target", "conn", "idle", "pool", "reason", "error")
+
+    def __init__(
+        self,
+        client: socket.socket,
+        target: socket.socket,
+        conn: Connection,
+        idle_timeout: float,
+        pool: BufferPool,
+    ) -> None:
+        self.client = client
+        self.target = target
+        self.conn = conn
+        self.idle = idle_timeout
+        self.pool = pool
+        self.reason: str | None = None
+        self.error: str | None = None
+
+    def run(self) -> str:
+        self.client.settimeout(0.0)
+        self.target.settimeout(0.0)
+        download = gevent.spawn(self._direction, self.target, self.client, "target", "client")
+        try:
+            self._direction(self.client, self.target, "client", "target")
+            download.join()
+        finally:
+            # Killed from outside (drain cut-off): stop the other direction too.
+            download.kill(block=True)
+        return self.reason or "closed"
+
+    def _direction(self, src: socket.socket, dst: socket.socket, src_side: str, dst_side: str) -> None:
+        try:
+            self._pump(src, dst, src_side, dst_side)
+        except IdleTimeout:
+            self._abort("idle_timeout", None)
+        except SideError as exc:
+            self._abort(f"{exc.side}_error", exc.error.strerror or str(exc.error))
+
+    def _abort(self, reason: str, error: str | None) -> None:
+        """Record the first failure and wake the other direction by shutting both sockets."""
+        if self.reason is None:
+            self.reason = reason
+            self.error = error
+        _shutdown(self.client, socket.SHUT_RDWR)
+        _shutdown(self.target, socket.SHUT_RDWR)
+
+    def _pump(self, src: socket.socket, dst: socket.socket, src_side: str, dst_side: str) -> None:
+        conn, idle, pool = self.conn, self.idle, self.pool
+        uploading = src_side == "client"
+        src_fd, dst_fd = src.fileno(), dst.fileno()
+        while True:
+            _wait(wait_read, src_fd, conn, idle)
+            if self.reason is not None:
+                return
+            buf = pool.take()
+            try:
+                while True:
+                    try:
+                        n = src.recv_into(buf)
+                    except BlockingIOError:
+                        break  # drained: wait again without holding the buffer
+                    except OSError as exc:
+                        raise SideError(src_side, exc) from None
+                    if not n:
+                        _shutdown(dst, socket.SHUT_WR)  # forward the FIN, keep the other way open
+                        return
+                    conn.last_active = time.monotonic()
+                    if uploading:
+                        conn.add_received(n)
+                    self._send_all(dst, dst_fd, buf[:n], dst_side, not uploading)
+                    if n < len(buf):
+                        break
+            finally:
+                pool.give(buf)
+
+    def _send_all(self, dst: socket.socket, dst_fd: int, view: memoryview, side: str, count: bool) -> None:
+        conn, idle = self.conn, self.idle
+        while view:
+            try:
+                sent = dst.send(view)
+            except BlockingIOError:
+                _wait(wait_write, dst_fd, conn, idle)
+                continue
+            except OSError as exc:
+                raise SideError(side, exc) from None
+            conn.last_active = time.monotonic()
+            if count:
+                conn.add_sent(sent)
+            view = view[sent:]

@@ -1,0 +1,47 @@
+"""Packaging for gportmap. The JSON Schema of the rules file ships as package data."""
+
+import re
+from pathlib import Path
+
+from setuptools import find_packages, setup
+
+HERE = Path(__file__).parent
+VERSION = re.search(r'__version__ = "([^"]+)"', (HERE / "gportmap" / "__init__.py").read_text()).group(1)
+
+setup(
+    name="gportmap",
+    version=VERSION,
+    description="A multi-protocol port mapper on gevent: TCP forwarding from a JSON rules file",
+    long_description=(HERE / "README.md").read_text(encoding="utf-8"),
+    long_description_content_type="text/markdown",
+    license="MIT",
+    python_requires=">=3.11",
+    packages=find_packages(include=["gportmap", "gportmap.*"]),
+    package_data={"gportmap": ["schema/*.json"]},
+    include_package_data=True,
+    install_requires=[
+        "gevent>=23.9",
+        "gevent-websocket>=0.10.1",
+        "jsonschema>=4.18",
+        "python-json-logger>=3.1",
+        "pyinotify>=0.9.6",
+        # pyinotify imports asyncore, which Python 3.12 removed.
+        'pyasyncore>=1.0.2; python_version >= "3.12"',
+    ],
+    extras_require={
+        "test": [
+            "pytest>=7.4",
+            "pytest-timeout>=2.2",
+            "hypothesis>=6.90",
+            "psutil>=5.9",
+        ],
+        "lint": ["ruff>=0.4"],
+    },
+    entry_points={"console_scripts": ["gportmap = gportmap.__main__:run"]},
+    classifiers=[
+        "Programming Language :: Python :: 3",
+        "Operating System :: OS Independent",
+        "Topic :: System :: Networking",
+        "Framework :: gevent",
+    ],
+)

@@ -1,0 +1,238 @@
+"""Shared fixtures: free loopback ports, target servers in threads, and gportmap
+itself as a subprocess whose JSON log lines the tests read as events.
+
+Nothing here sleeps to synchronise: ``wait_for`` polls a condition against a deadline.
+All traffic stays on 127.0.0.1.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+LOOPBACK = "127.0.0.1"
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def wait_for(condition: Callable[[], Any], timeout: float = 10.0, interval: float = 0.02, what: str = "") -> Any:
+    """Poll ``condition`` until it returns something truthy; fail after ``timeout``."""
+    deadline = time.monotonic() + timeout
+    while True:
+        result = condition()
+        if result:
+            return result
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what or condition}")
+        time.sleep(interval)
+
+
+def free_port(kind: int = socket.SOCK_STREAM) -> int:
+    """A port the OS had free a moment ago (bind to port 0, read it, release it)."""
+    with socket.socket(socket.AF_INET, kind) as sock:
+        sock.bind((LOOPBACK, 0))
+        return sock.getsockname()[1]
+
+
+def recv_exactly(sock: socket.socket, n: int) -> bytes:
+    chunks, got = [], 0
+    while got < n:
+        chunk = sock.recv(min(65536, n - got))
+        if not chunk:
+            break
+        chunks.append(chunk)
+        got += len(chunk)
+    return b"".join(chunks)
+
+
+def recv_until_eof(sock: socket.socket, limit: int = 1 << 30) -> bytes:
+    chunks, got = [], 0
+    while got < limit:
+        chunk = sock.recv(65536)
+        if not chunk:
+            break
+        chunks.append(chunk)
+        got += len(chunk)
+    return b"".join(chunks)
+
+
+class TargetServer:
+    """A TCP server on 127.0.0.1:0 that runs ``handler(conn)`` per connection in a thread."""
+
+    def __init__(self, handler: Callable[[socket.socket], None], backlog: int = 1024) -> None:
+        self.handler = handler
+        self.sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self.sock.bind((LOOPBACK, 0))
+        self.sock.listen(backlog)
+        self.port = self.sock.getsockname()[1]
+        self.accepted = 0
+        self.conns: list[socket.socket] = []
+        self._lock = threading.Lock()
+        self._closed = False
+        self._thread = threading.Thread(target=self._serve, daemon=True)
+        self._thread.start()
+
+    def _serve(self) -> None:
+        while not self._closed:
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:
+                return
+            with self._lock:
+                self.accepted += 1
+                self.conns.append(conn)
+            threading.Thread(target=self._run, args=(conn,), daemon=True).start()
+
+    def _run(self, conn: socket.socket) -> None:
+        try:
+            self.handler(conn)
+        except OSError:
+            pass
+        finally:
+            conn.close()
+
+    def close(self) -> None:
+        self._closed = True
+        try:
+            self.sock.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+        self.sock.close()
+        with self._lock:
+            for conn in self.conns:
+                try:
+                    conn.close()
+                except OSError:
+                    pass
+
+
+def echo_handler(conn: socket.socket) -> None:
+    """Echo until EOF, then half-close: the reply side ends after the request side."""
+    while True:
+        data = conn.recv(65536)
+        if not data:
+            break
+        conn.sendall(data)
+    conn.shutdown(socket.SHUT_WR)
+
+
+class Gportmap:
+    """gportmap running as a subprocess on a generated rules file, logging JSON."""
+
+    def __init__(self, tmp_path: Path, rules: Any, extra_args: tuple[str, ...] = (), env: dict | None = None):
+        self.rules_path = tmp_path / "rules.json"
+        self.rules_path.write_text(json.dumps(rules, indent=2))
+        self.log_path = tmp_path / "gportmap.log"
+        self._log = open(self.log_path, "wb")
+        cmd = [sys.executable, "-m", "gportmap", str(self.rules_path), "--log-format", "json", *extra_args]
+        self.proc = subprocess.Popen(
+            cmd,
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            cwd=tmp_path,
+            env={**os.environ, **(env or {})},
+        )
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    def lines(self) -> list[str]:
+        return self.log_path.read_text(errors="replace").splitlines()
+
+    def events(self, event: str | None = None) -> list[dict]:
+        records = []
+        for line in self.lines():
+            record = json.loads(line)  # every line must be JSON: a non-JSON line fails the test
+            if event is None or record.get("event") == event:
+                records.append(record)
+        return records
+
+    def wait_event(self, event: str, timeout: float = 10.0, count: int = 1, **fields: Any) -> list[dict]:
+        def matching() -> list[dict]:
+            if self.proc.poll() is not None and not self._matching(event, fields, count):
+                raise AssertionError(f"gportmap exited ({self.proc.returncode}):\n" + "\n".join(self.lines()))
+            return self._matching(event, fields, count)
+
+        return wait_for(matching, timeout, what=f"{count} x {event} {fields}")
+
+    def _matching(self, event: str, fields: dict, count: int) -> list[dict]:
+        found = [e for e in self.events(event) if all(e.get(k) == v for k, v in fields.items())]
+        return found if len(found) >= count else []
+
+    def wait_started(self, timeout: float = 15.0) -> None:
+        self.wait_event("started", timeout)
+
+    def signal(self, signum: int = signal.SIGTERM) -> None:
+        self.proc.send_signal(signum)
+
+    def wait_exit(self, timeout: float = 30.0) -> int:
+        return self.proc.wait(timeout)
+
+    def rss_kib(self) -> int:
+        with open(f"/proc/{self.pid}/status") as status:
+            for line in status:
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1])
+        raise AssertionError("no VmRSS")
+
+    def open_fds(self) -> int:
+        return len(os.listdir(f"/proc/{self.pid}/fd"))
+
+    def close(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(10)
+        self._log.close()
+
+
+@pytest.fixture
+def start_gportmap(tmp_path: Path) -> Iterator[Callable[..., Gportmap]]:
+    """Factory: ``start_gportmap(rules, *args)`` starts gportmap and waits until it serves."""
+    started: list[Gportmap] = []
+
+    def start(rules: Any, *extra_args: str, wait: bool = True, env: dict | None = None) -> Gportmap:
+        gp = Gportmap(tmp_path, rules, extra_args, env)
+        started.append(gp)
+        if wait:
+            gp.wait_started()
+        return gp
+
+    yield start
+    for gp in started:
+        gp.close()
+
+
+@pytest.fixture
+def echo_target() -> Iterator[TargetServer]:
+    server = TargetServer(echo_handler)
+    yield server
+    server.close()
+
+
+def tcp_rule(listen_port: int, target_port: int, **extra: Any) -> dict:
+    return {
+        "protocol": "tcp",
+        "listenHost": LOOPBACK,
+        "listenPort": listen_port,
+        "targetHost": LOOPBACK,
+        "targetPort": target_port,
+        **extra,
+    }
+
+
+def connect(port: int, host: str = LOOPBACK, timeout: float = 10.0) -> socket.socket:
+    sock = socket.create_connection((host, port), timeout=timeout)
+    return sock

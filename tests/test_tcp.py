@@ -1,0 +1,385 @@
+"""TCP forwarding end to end: gportmap as a subprocess, real sockets on 127.0.0.1."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import random
+import socket
+import threading
+import time
+
+import pytest
+
+from conftest import (
+    LOOPBACK,
+    TargetServer,
+    connect,
+    echo_handler,
+    free_port,
+    recv_exactly,
+    recv_until_eof,
+    tcp_rule,
+    wait_for,
+)
+
+MB = 1024 * 1024
+
+
+def closed_by_peer(sock: socket.socket, timeout: float = 5.0) -> bool:
+    """True when the peer closes (EOF or reset) within ``timeout``; data is drained."""
+    sock.settimeout(timeout)
+    try:
+        while sock.recv(65536):
+            pass
+    except ConnectionResetError:
+        pass
+    return True
+
+
+def test_10mb_each_way_intact_at_once_and_in_small_writes(start_gportmap):
+    upload = [os.urandom(10 * MB), os.urandom(10 * MB)]
+    download = os.urandom(10 * MB)
+    seen: list[str] = []
+
+    def sink_and_source(conn: socket.socket) -> None:
+        sender = threading.Thread(target=lambda: (conn.sendall(download), conn.shutdown(socket.SHUT_WR)))
+        sender.start()
+        digest = hashlib.sha256()
+        while chunk := conn.recv(65536):
+            digest.update(chunk)
+        seen.append(digest.hexdigest())
+        sender.join()
+
+    target = TargetServer(sink_and_source)
+    port = free_port()
+    gp = start_gportmap([tcp_rule(port, target.port, name="bulk")])
+    try:
+        for mode, payload in zip(("at_once", "small_writes"), upload):
+            sock = connect(port)
+
+            def send(sock=sock, payload=payload, mode=mode) -> None:
+                if mode == "at_once":
+                    sock.sendall(payload)
+                else:
+                    rng, view, offset = random.Random(7), memoryview(payload), 0
+                    while offset < len(payload):
+                        size = rng.randint(1, 1500)
+                        sock.sendall(view[offset : offset + size])
+                        offset += size
+                sock.shutdown(socket.SHUT_WR)
+
+            sender = threading.Thread(target=send)
+            sender.start()
+            received = recv_until_eof(sock)
+            sender.join()
+            sock.close()
+            assert hashlib.sha256(received).hexdigest() == hashlib.sha256(download).hexdigest(), mode
+        wait_for(lambda: len(seen) == 2, what="both uploads seen by the target")
+        assert seen == [hashlib.sha256(p).hexdigest() for p in upload]
+        closed = gp.wait_event("connection_closed", count=2, rule="bulk")
+        for record in closed:
+            assert record["bytes_received"] == 10 * MB
+            assert record["bytes_sent"] == 10 * MB
+            assert record["reason"] == "closed"
+    finally:
+        target.close()
+
+
+def test_500_concurrent_connections_each_get_their_own_data(start_gportmap, echo_target):
+    port = free_port()
+    gp = start_gportmap([tcp_rule(port, echo_target.port, name="many")])
+    socks = [connect(port) for _ in range(500)]
+    try:
+        payloads = [os.urandom(64) + str(i).encode() for i in range(len(socks))]
+        for sock, payload in zip(socks, payloads):
+            sock.sendall(payload)
+        for sock, payload in zip(socks, payloads):
+            assert recv_exactly(sock, len(payload)) == payload
+        wait_for(lambda: echo_target.accepted == 500, what="500 target connections")
+    finally:
+        for sock in socks:
+            sock.close()
+    gp.wait_event("connection_closed", count=500, timeout=30, rule="many")
+
+
+def test_half_close_keeps_the_reply_flowing(start_gportmap):
+    reply = os.urandom(3 * MB)
+
+    def read_all_then_reply(conn: socket.socket) -> None:
+        request = recv_until_eof(conn)  # EOF forwarded by gportmap
+        conn.sendall(hashlib.sha256(request).digest() + reply)
+        conn.shutdown(socket.SHUT_WR)
+
+    target = TargetServer(read_all_then_reply)
+    port = free_port()
+    gp = start_gportmap([tcp_rule(port, target.port, name="half")])
+    try:
+        sock = connect(port)
+        request = os.urandom(100_000)
+        sock.sendall(request)
+        sock.shutdown(socket.SHUT_WR)
+        answer = recv_until_eof(sock)
+        assert answer[:32] == hashlib.sha256(request).digest()
+        assert answer[32:] == reply
+        sock.close()
+        (record,) = gp.wait_event("connection_closed", rule="half")
+        assert record["reason"] == "closed"
+        assert record["bytes_received"] == len(request)
+        assert record["bytes_sent"] == len(answer)
+    finally:
+        target.close()
+
+
+def test_target_down_closes_client_promptly_and_logs_it(start_gportmap):
+    port, dead = free_port(), free_port()
+    gp = start_gportmap([tcp_rule(port, dead, name="down")])
+    sock = connect(port)
+    started = time.monotonic()
+    assert closed_by_peer(sock)
+    assert time.monotonic() - started < 3
+    (record,) = gp.wait_event("connection_closed", rule="down")
+    assert record["reason"] == "connect_failed"
+    assert record["error"] == "connection refused"
+    assert record["level"] == "WARNING"
+    assert record["client"].startswith("127.0.0.1:")
+    assert record["target"] == f"127.0.0.1:{dead}"
+
+
+def test_target_that_never_accepts_is_cut_at_connect_timeout(start_gportmap):
+    # A listener that never accepts, with its accept queue full: SYNs are dropped.
+    stuck = socket.socket()
+    stuck.bind((LOOPBACK, 0))
+    stuck.listen(0)
+    fillers = []
+    try:
+        for _ in range(50):
+            probe = socket.socket()
+            probe.settimeout(0.3)
+            try:
+                probe.connect(stuck.getsockname())
+            except (TimeoutError, socket.timeout):
+                probe.close()
+                break
+            fillers.append(probe)
+        else:
+            pytest.skip("could not fill the accept queue on this kernel")
+        port = free_port()
+        gp = start_gportmap([tcp_rule(port, stuck.getsockname()[1], name="stuck", connectTimeout=1)])
+        sock = connect(port)
+        started = time.monotonic()
+        assert closed_by_peer(sock, timeout=10)
+        elapsed = time.monotonic() - started
+        assert 0.8 <= elapsed < 5, elapsed
+        (record,) = gp.wait_event("connection_closed", rule="stuck")
+        assert record["reason"] == "connect_failed"
+        assert record["error"] == "connect timed out"
+    finally:
+        for probe in fillers:
+            probe.close()
+        stuck.close()
+
+
+def test_idle_timeout_closes_silent_connections_only(start_gportmap, echo_target):
+    def count_then_report(conn: socket.socket) -> None:
+        total = 0
+        while chunk := conn.recv(65536):
+            total += len(chunk)
+        conn.sendall(str(total).encode())
+
+    counter = TargetServer(count_then_report)
+    idle_port, talk_port, upload_port = free_port(), free_port(), free_port()
+    gp = start_gportmap(
+        [
+            tcp_rule(idle_port, echo_target.port, name="silent", idleTimeout=0.5),
+            tcp_rule(talk_port, echo_target.port, name="talker", idleTimeout=0.5),
+            tcp_rule(upload_port, counter.port, name="uploader", idleTimeout=0.5),
+        ]
+    )
+    try:
+        silent = connect(idle_port)
+        started = time.monotonic()
+        assert closed_by_peer(silent, timeout=5)
+        assert 0.4 <= time.monotonic() - started < 3
+        (record,) = gp.wait_event("connection_closed", rule="silent")
+        assert record["reason"] == "idle_timeout"
+
+        # Round trips for three idle periods: never idle, never closed.
+        talker = connect(talk_port)
+        deadline = time.monotonic() + 1.5
+        trips = 0
+        while time.monotonic() < deadline:
+            talker.sendall(b"ping")
+            assert recv_exactly(talker, 4) == b"ping"
+            trips += 1
+        assert trips > 10
+        talker.close()
+        (record,) = gp.wait_event("connection_closed", rule="talker")
+        assert record["reason"] == "closed"
+
+        # One direction moving is activity too: an upload with no reply stays open.
+        uploader = connect(upload_port)
+        sent = 0
+        deadline = time.monotonic() + 1.5
+        while time.monotonic() < deadline and sent < 200 * MB:
+            uploader.sendall(b"x" * 10000)
+            sent += 10000
+        uploader.shutdown(socket.SHUT_WR)
+        assert recv_until_eof(uploader) == str(sent).encode()
+        uploader.close()
+        (record,) = gp.wait_event("connection_closed", rule="uploader")
+        assert record["reason"] == "closed"
+        assert record["bytes_received"] == sent
+    finally:
+        counter.close()
+
+
+def test_connection_over_max_connections_is_closed_at_once_and_counted(start_gportmap, echo_target):
+    port = free_port()
+    gp = start_gportmap([tcp_rule(port, echo_target.port, name="capped", maxConnections=3)])
+    first = [connect(port) for _ in range(3)]
+    for i, sock in enumerate(first):
+        sock.sendall(b"hello %d" % i)
+        assert recv_exactly(sock, 7) == b"hello %d" % i
+    extra = connect(port)
+    started = time.monotonic()
+    assert closed_by_peer(extra)
+    assert time.monotonic() - started < 2
+    (record,) = gp.wait_event("connection_rejected", rule="capped")
+    assert record["reason"] == "limit"
+    for i, sock in enumerate(first):  # the first N keep working
+        sock.sendall(b"again %d" % i)
+        assert recv_exactly(sock, 7) == b"again %d" % i
+    first.pop().close()
+    gp.wait_event("connection_closed", rule="capped")
+    again = connect(port)
+    again.sendall(b"room")
+    assert recv_exactly(again, 4) == b"room"
+    for sock in first + [again, extra]:
+        sock.close()
+    assert echo_target.accepted == 4  # the rejected client never reached the target
+
+
+def test_global_max_connections_applies_across_rules(start_gportmap, echo_target):
+    a, b = free_port(), free_port()
+    gp = start_gportmap(
+        {"settings": {"maxConnections": 2}, "rules": [tcp_rule(a, echo_target.port), tcp_rule(b, echo_target.port)]}
+    )
+    held = [connect(a), connect(b)]
+    for sock in held:
+        sock.sendall(b"x")
+        assert recv_exactly(sock, 1) == b"x"
+    extra = connect(b)
+    assert closed_by_peer(extra)
+    (record,) = gp.wait_event("connection_rejected")
+    assert record["reason"] == "limit" and record["rule"] == f"tcp-{b}"
+    for sock in held + [extra]:
+        sock.close()
+
+
+@pytest.mark.parametrize("stalled_side", ["client", "target"])
+def test_a_reader_that_stops_does_not_grow_memory(start_gportmap, stalled_side):
+    """100 MB pushed at a reader that never reads: backpressure, not buffering."""
+    release, push_done = threading.Event(), threading.Event()
+    pushed = {"bytes": 0}
+    chunk = os.urandom(MB)
+
+    def push(sock: socket.socket) -> None:
+        sock.settimeout(2.0)  # no progress for 2 s = backpressure reached
+        try:
+            while pushed["bytes"] < 100 * MB:
+                pushed["bytes"] += sock.send(chunk)
+        except (TimeoutError, socket.timeout, OSError):
+            pass
+        push_done.set()
+
+    def target_handler(conn: socket.socket) -> None:
+        if target.accepted == 1:
+            return  # the warm-up connection
+        if stalled_side == "client":
+            push(conn)
+        release.wait(60)
+
+    target = TargetServer(target_handler)
+    port = free_port()
+    gp = start_gportmap([tcp_rule(port, target.port, name="stall")])
+    try:
+        warm = connect(port)  # one full connection first, so imports and pools are warm
+        warm.close()
+        gp.wait_event("connection_closed", rule="stall")
+        before = gp.rss_kib()
+        sock = connect(port)
+        if stalled_side == "target":
+            push(sock)
+        wait_for(push_done.is_set, timeout=60, what="the pusher to stall")
+        after = gp.rss_kib()
+        growth_mib = (after - before) / 1024
+        print(f"stalled {stalled_side}: pushed {pushed['bytes'] / MB:.1f} MiB, RSS growth {growth_mib:.2f} MiB")
+        assert pushed["bytes"] < 100 * MB, "nothing pushed back: the reader is not stalled"
+        assert growth_mib < 4, f"RSS grew by {growth_mib:.1f} MiB"
+        sock.close()
+    finally:
+        release.set()
+        target.close()
+
+
+def test_a_rule_that_cannot_bind_leaves_the_others_serving(start_gportmap, echo_target):
+    blocker = socket.socket()
+    blocker.bind((LOOPBACK, 0))
+    blocker.listen(1)
+    busy = blocker.getsockname()[1]
+    good = free_port()
+    try:
+        gp = start_gportmap([tcp_rule(busy, echo_target.port, name="busy"), tcp_rule(good, echo_target.port, name="good")])
+        (failed,) = gp.wait_event("rule_failed", rule="busy")
+        assert "already in use" in failed["error"]
+        gp.wait_event("rule_started", rule="good")
+        sock = connect(good)
+        sock.sendall(b"ok")
+        assert recv_exactly(sock, 2) == b"ok"
+        sock.close()
+    finally:
+        blocker.close()
+
+
+def test_ipv6_listen_address(start_gportmap, echo_target):
+    if not socket.has_ipv6:
+        pytest.skip("no IPv6 in this Python")
+    try:
+        probe = socket.socket(socket.AF_INET6)
+        probe.bind(("::1", 0))
+        port = probe.getsockname()[1]
+        probe.close()
+    except OSError:
+        pytest.skip("no ::1 on this machine")
+    gp = start_gportmap([tcp_rule(port, echo_target.port, name="v6", listenHost="::1")])
+    (started,) = gp.wait_event("rule_started", rule="v6")
+    assert started["listen"] == f"[::1]:{port}"
+    sock = socket.create_connection(("::1", port), timeout=5)
+    sock.sendall(b"six")
+    assert recv_exactly(sock, 3) == b"six"
+    sock.close()
+    (record,) = gp.wait_event("connection_closed", rule="v6")
+    assert record["client"].startswith("[::1]:")
+
+
+def test_json_logs_carry_the_spec_fields(start_gportmap, echo_target):
+    port = free_port()
+    gp = start_gportmap([tcp_rule(port, echo_target.port, name="logged")])
+    sock = connect(port)
+    sock.sendall(b"abc")
+    assert recv_exactly(sock, 3) == b"abc"
+    sock.close()
+    gp.wait_event("connection_closed", rule="logged")
+    records = gp.events()  # parses every line: a non-JSON line fails here
+    assert records
+    for record in records:
+        for key in ("timestamp", "level", "message", "event"):
+            assert key in record, (key, record)
+    (started,) = gp.events("rule_started")
+    assert started["rule"] == "logged" and started["listen"] == f"127.0.0.1:{port}"
+    (closed,) = gp.events("connection_closed")
+    for key in ("rule", "client", "target", "bytes_received", "bytes_sent", "duration", "reason"):
+        assert key in closed
+    assert closed["bytes_received"] == 3 and closed["bytes_sent"] == 3
+    assert "abc" not in gp.log_path.read_text()  # no payloads in logs
