@@ -14,17 +14,13 @@ import sys
 
 import gevent.socket
 
+from gportmap.config import format_address
 from gportmap.errors import BindError
 
 #: Pending connections the kernel may queue before gportmap accepts them.
 LISTEN_BACKLOG = 1024
 
 _WILDCARDS = {"0.0.0.0", "::", ""}
-
-
-def format_address(host: str, port: int) -> str:
-    """``127.0.0.1:80`` or ``[::1]:80``."""
-    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
 def peer_text(address: object) -> str:

@@ -1,0 +1,553 @@
+"""Tests of gportmap.config: the rules file's validation and its error messages (SPEC §3)."""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import jsonschema
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from gportmap.config import Config, Rule, Settings, load, parse
+from gportmap.errors import ConfigError
+
+
+def rule(**overrides: Any) -> dict[str, Any]:
+    """A minimal valid rule, with keys changed or (value None) removed."""
+    base: dict[str, Any] = {
+        "protocol": "tcp",
+        "listenPort": 8080,
+        "targetHost": "127.0.0.1",
+        "targetPort": 80,
+    }
+    base.update(overrides)
+    return {key: value for key, value in base.items() if value is not None}
+
+
+def errors_of(data: bytes | str | list[Any] | dict[str, Any], path: str = "rules.json") -> list[str]:
+    if isinstance(data, (list, dict)):
+        data = json.dumps(data)
+    with pytest.raises(ConfigError) as info:
+        parse(data, path)
+    return info.value.errors
+
+
+def clipped(text: str) -> str:
+    """How a message quotes a string: repr, cut to 60 characters."""
+    return repr(text) if len(repr(text)) <= 60 else repr(text)[:57] + "..."
+
+
+def single_error(data: bytes | str | list[Any] | dict[str, Any]) -> str:
+    errors = errors_of(data)
+    assert len(errors) == 1, errors
+    return errors[0]
+
+
+# --- valid files ------------------------------------------------------------------
+
+
+def test_array_form_fills_defaults() -> None:
+    config = parse(json.dumps([rule()]), "rules.json")
+    assert config.rules == (
+        Rule(
+            name="tcp-8080",
+            protocol="tcp",
+            listen_host="0.0.0.0",
+            listen_port=8080,
+            target_host="127.0.0.1",
+            target_port=80,
+            enabled=True,
+            max_connections=1000,
+            connect_timeout=5.0,
+            idle_timeout=300.0,
+        ),
+    )
+    assert config.settings == Settings(
+        max_connections=10000, drain_timeout=30.0, log_format="text", log_level="INFO"
+    )
+
+
+def test_object_form_gives_the_same_rules_as_the_array_form() -> None:
+    rules = [rule(name="web"), rule(listenPort=9090, enabled=False)]
+    from_array = parse(json.dumps(rules), "rules.json")
+    from_object = parse(json.dumps({"rules": rules}), "rules.json")
+    assert from_array.rules == from_object.rules
+    assert from_object.settings == Settings()
+
+
+def test_every_key_is_read() -> None:
+    data = {
+        "settings": {"maxConnections": 50, "drainTimeout": 0, "logFormat": "json", "logLevel": "debug"},
+        "rules": [
+            rule(
+                name="db.primary_1",
+                listenHost="::1",
+                listenPort=5432,
+                targetHost="DB.example.com.",
+                targetPort=5432,
+                enabled=False,
+                maxConnections=7,
+                connectTimeout=0.5,
+                idleTimeout=0,
+            )
+        ],
+    }
+    config = parse(json.dumps(data), "rules.json")
+    assert config.settings == Settings(
+        max_connections=50, drain_timeout=0.0, log_format="json", log_level="DEBUG"
+    )
+    (only,) = config.rules
+    assert only == Rule("db.primary_1", "tcp", "::1", 5432, "DB.example.com.", 5432, False, 7, 0.5, 0.0)
+    assert isinstance(only.connect_timeout, float) and isinstance(only.idle_timeout, float)
+    assert config.enabled_rules == ()
+
+
+def test_integral_float_port_becomes_int() -> None:
+    (only,) = parse(
+        '[{"protocol": "tcp", "listenPort": 80.0, "targetHost": "x", "targetPort": 81}]', "r"
+    ).rules
+    assert only.listen_port == 80 and type(only.listen_port) is int
+    assert only.name == "tcp-80"
+
+
+def test_rule_properties() -> None:
+    v4 = Rule("a", "tcp", "127.0.0.1", 8080, "10.0.0.1", 80)
+    v6 = Rule("b", "tcp", "::1", 8080, "2001:db8::1", 443)
+    assert v4.listen == "127.0.0.1:8080" and v4.target == "10.0.0.1:80"
+    assert v6.listen == "[::1]:8080" and v6.target == "[2001:db8::1]:443"
+    assert v4.transport == "tcp" and v4.key == ("tcp", "127.0.0.1", 8080)
+    assert Rule("c", "udp", "::", 53, "x", 53).key == ("udp", "::", 53)
+    assert Rule("d", "websocket", "::", 80, "x", 80).transport == "tcp"
+
+
+def test_rule_equality_ignores_index() -> None:
+    first = Rule("a", "tcp", "0.0.0.0", 1, "x", 2, index=0)
+    moved = dataclasses.replace(first, index=5)
+    assert first == moved and hash(first) == hash(moved)
+    assert first != dataclasses.replace(first, idle_timeout=1.0)
+    config = parse(json.dumps([rule(listenPort=1), rule(listenPort=2)]), "r")
+    assert [r.index for r in config.rules] == [0, 1]
+
+
+def test_dataclasses_are_frozen() -> None:
+    config = parse(json.dumps([rule()]), "r")
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        config.rules[0].listen_port = 1  # type: ignore[misc]
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        config.settings.log_level = "DEBUG"  # type: ignore[misc]
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        config.path = "x"  # type: ignore[misc]
+
+
+def test_config_path_and_digest(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    raw = json.dumps([rule()]).encode()
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "rules.json").write_bytes(raw)
+    config = load("rules.json")
+    assert isinstance(config, Config)
+    assert config.path == str(tmp_path / "rules.json")
+    assert config.digest == hashlib.sha256(raw).hexdigest()
+    assert parse(raw.decode(), "rules.json").digest == config.digest
+
+
+def test_log_level_in_any_case_and_bom() -> None:
+    config = parse('\ufeff{"settings": {"logLevel": "Warning"}, "rules": []}', "r")
+    assert config.settings.log_level == "WARNING" and config.rules == ()
+    assert parse(b"\xef\xbb\xbf[]", "r").rules == ()
+
+
+def test_wildcards_of_other_families_and_other_ports_do_not_conflict() -> None:
+    parse(
+        json.dumps(
+            [
+                rule(name="a", listenHost="0.0.0.0"),
+                rule(name="b", listenHost="::1"),  # IPv6: not covered by 0.0.0.0
+                rule(name="c", listenHost="127.0.0.2", listenPort=8081),
+                rule(name="d", listenHost="127.0.0.1", listenPort=8081),
+                rule(name="e", listenHost="127.0.0.1", enabled=False),  # disabled rules bind nothing
+                rule(name="f", listenHost="localhost", listenPort=8082),
+                rule(name="g", listenHost="127.0.0.1", listenPort=8082),  # a name is not resolved
+            ]
+        ),
+        "r",
+    )
+
+
+def test_schema_is_valid_and_closes_every_object() -> None:
+    schema = json.loads(resources.files("gportmap").joinpath("schema", "rules.schema.json").read_text())
+    jsonschema.Draft202012Validator.check_schema(schema)
+    objects = [schema, schema["$defs"]["rule"], schema["$defs"]["settings"]]
+    assert all(obj["additionalProperties"] is False for obj in objects)
+    assert set(schema["$defs"]["rule"]["properties"]) == {
+        "protocol",
+        "listenPort",
+        "targetHost",
+        "targetPort",
+        "enabled",
+        "name",
+        "listenHost",
+        "maxConnections",
+        "connectTimeout",
+        "idleTimeout",
+    }
+    assert set(schema["$defs"]["settings"]["properties"]) == {
+        "maxConnections",
+        "drainTimeout",
+        "logFormat",
+        "logLevel",
+    }
+
+
+# --- the file cannot be read as JSON ----------------------------------------------
+
+
+def test_invalid_json_names_line_and_column() -> None:
+    text = '[\n  {"protocol": "tcp",\n    "listenPort": 80\n    "targetHost": "x"}\n]'
+    assert single_error(text) == "rules.json: invalid JSON at line 4, column 5: Expecting ',' delimiter"
+
+
+@pytest.mark.parametrize("data", ["", b"", "  \n\t\r\n", b"\xef\xbb\xbf\n"])
+def test_empty_file(data: str | bytes) -> None:
+    assert single_error(data) == "rules.json: the file is empty"
+
+
+def test_not_utf8() -> None:
+    assert single_error(b'[\n {"name": "caf\xe9"}]') == (
+        "rules.json: not UTF-8 text: byte 0xe9 at line 2, column 15 cannot be decoded (save the file as UTF-8)"
+    )
+
+
+@pytest.mark.parametrize(
+    ("text", "found"), [("42", "a number"), ('"rules"', "a string"), ("true", "a boolean"), ("null", "null")]
+)
+def test_wrong_top_level(text: str, found: str) -> None:
+    assert (
+        single_error(text)
+        == f'rules.json: the file must be a list of rules or an object with "rules" (found {found})'
+    )
+
+
+def test_object_without_rules() -> None:
+    assert errors_of({"rule": []}) == [
+        'rules.json: the file must be a list of rules or an object with "rules"',
+        "rules.json: rule: unknown key (did you mean 'rules'?)",
+    ]
+
+
+@pytest.mark.parametrize(
+    ("literal", "problem"),
+    [
+        ("NaN", "NaN is not allowed (JSON has no NaN or Infinity)"),
+        ("Infinity", "Infinity is not allowed (JSON has no NaN or Infinity)"),
+        ("-Infinity", "-Infinity is not allowed (JSON has no NaN or Infinity)"),
+        ("1e999", "1e999 is out of range"),
+    ],
+)
+def test_nan_and_infinity_are_rejected(literal: str, problem: str) -> None:
+    text = '{"settings": {"drainTimeout": ' + literal + '}, "rules": []}'
+    assert single_error(text) == f"rules.json: settings.drainTimeout: {problem}"
+
+
+def test_duplicate_json_key_is_named_with_its_path() -> None:
+    text = '[{"protocol": "tcp", "listenPort": 80, "targetHost": "x", "targetPort": 1, "listenPort": 81}]'
+    assert single_error(text) == (
+        "rules.json: rules[0].listenPort: duplicate key (a key may appear only once in an object)"
+    )
+
+
+# --- schema errors ----------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("value", "problem"),
+    [
+        ("80", "'80' is not of type 'integer'"),
+        (80.5, "80.5 is not of type 'integer'"),
+        (True, "true is not of type 'integer'"),
+        (None, "null is not of type 'integer'"),
+        (70000, "70000 is greater than the maximum of 65535"),
+        (0, "0 is less than the minimum of 1"),
+    ],
+)
+def test_bad_target_port(value: Any, problem: str) -> None:
+    data = [rule(), rule(listenPort=1), rule(listenPort=2)]
+    data[2]["targetPort"] = value
+    assert single_error(data) == f"rules.json: rules[2].targetPort: {problem}"
+
+
+def test_timeouts_are_numbers_not_booleans() -> None:
+    assert errors_of([rule(connectTimeout=True, idleTimeout="5")]) == [
+        "rules.json: rules[0].connectTimeout: true is not of type 'number'",
+        "rules.json: rules[0].idleTimeout: '5' is not of type 'number'",
+    ]
+    assert (
+        single_error([rule(connectTimeout=0)])
+        == "rules.json: rules[0].connectTimeout: 0 must be greater than 0"
+    )
+    assert single_error({"settings": {"drainTimeout": -1}, "rules": []}) == (
+        "rules.json: settings.drainTimeout: -1 is less than the minimum of 0"
+    )
+
+
+def test_unknown_key_with_and_without_suggestion() -> None:
+    data = [rule(listenPort=None, listenPrt=8080), rule(listenPort=9090, colour="red", targethost="x")]
+    assert errors_of(data) == [
+        "rules.json: rules[0]: missing required key 'listenPort'",
+        "rules.json: rules[0].listenPrt: unknown key (did you mean 'listenPort'?)",
+        "rules.json: rules[1].colour: unknown key",
+        "rules.json: rules[1].targethost: unknown key (did you mean 'targetHost'?)",
+    ]
+
+
+def test_unknown_settings_key() -> None:
+    assert single_error({"settings": {"drainTimout": 5}, "rules": []}) == (
+        "rules.json: settings.drainTimout: unknown key (did you mean 'drainTimeout'?)"
+    )
+
+
+def test_future_keys_are_errors_today() -> None:
+    assert (
+        single_error([rule(tls={"certFile": "a", "keyFile": "b"})]) == "rules.json: rules[0].tls: unknown key"
+    )
+
+
+def test_odd_key_is_quoted_in_the_path() -> None:
+    assert single_error([rule(**{"a b": 1})]) == 'rules.json: rules[0]["a b"]: unknown key'
+
+
+def test_missing_keys() -> None:
+    assert errors_of([rule(targetHost=None, targetPort=None)]) == [
+        "rules.json: rules[0]: missing required key 'targetHost'",
+        "rules.json: rules[0]: missing required key 'targetPort'",
+    ]
+
+
+def test_rule_that_is_not_an_object() -> None:
+    assert single_error({"rules": [rule(), 5]}) == "rules.json: rules[1]: 5 is not of type 'object'"
+
+
+@pytest.mark.parametrize(
+    ("protocol", "problem"),
+    [
+        ("tpc", "'tpc' is not a supported protocol (expected one of: 'tcp'; did you mean 'tcp'?)"),
+        ("smtp", "'smtp' is not a supported protocol (expected one of: 'tcp')"),
+    ],
+)
+def test_bad_protocol(protocol: str, problem: str) -> None:
+    assert single_error([rule(protocol=protocol)]) == f"rules.json: rules[0].protocol: {problem}"
+
+
+def test_bad_settings_values() -> None:
+    data = {"settings": {"logFormat": "xml", "logLevel": "warn", "maxConnections": 0}, "rules": []}
+    assert errors_of(data) == [
+        "rules.json: settings.logFormat: 'xml' is not a supported log format (expected one of: 'text', 'json')",
+        "rules.json: settings.logLevel: 'warn' is not a supported log level "
+        "(expected one of: 'DEBUG', 'INFO', 'WARNING', 'ERROR', 'CRITICAL'; did you mean 'WARNING'?)",
+        "rules.json: settings.maxConnections: 0 is less than the minimum of 1",
+    ]
+
+
+@pytest.mark.parametrize("name", ["a b", "", "x" * 65, "web\n", "caf\u00e9"])
+def test_bad_name(name: str) -> None:
+    assert single_error([rule(name=name)]) == (
+        f"rules.json: rules[0].name: {clipped(name)} is not a valid name (1 to 64 letters, digits, '_', '.' or '-')"
+    )
+
+
+# --- semantic errors --------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("host", "hint"),
+    [
+        ("http://x", " (give a host, not a URL)"),
+        ("a b", ""),
+        ("-x", ""),
+        ("x-", ""),
+        ("", ""),
+        ("a..b", ""),
+        ("999.1.1.1", ""),
+        ("x" * 64, ""),
+        ("[::1]", " (write an IPv6 address without brackets)"),
+    ],
+)
+def test_bad_host(host: str, hint: str) -> None:
+    assert errors_of([rule(targetHost=host, listenHost=host)]) == [
+        f"rules.json: rules[0].targetHost: {clipped(host)} is not an IP address or host name{hint}",
+        f"rules.json: rules[0].listenHost: {clipped(host)} is not an IP address or host name{hint}",
+    ]
+
+
+@pytest.mark.parametrize(
+    "host", ["example.com", "example.com.", "a-b.c0", "x" * 63, "::1", "fe80::1", "10.0.0.1"]
+)
+def test_good_host(host: str) -> None:
+    assert parse(json.dumps([rule(targetHost=host)]), "r").rules[0].target_host == host
+
+
+def test_long_host_name() -> None:
+    name = ".".join(["a" * 63] * 4)  # 255 characters
+    assert single_error([rule(targetHost=name)]).endswith("is not an IP address or host name")
+
+
+def test_duplicate_listen_address() -> None:
+    data = [rule(name="web", listenHost="127.0.0.1"), rule(name="api", listenHost="127.0.0.1")]
+    assert single_error(data) == (
+        "rules.json: rules[1]: listen address 127.0.0.1:8080 is already used by rules[0] ('web'); "
+        "two enabled tcp rules cannot listen on the same address and port"
+    )
+
+
+def test_duplicate_listen_address_compares_normalized_hosts() -> None:
+    assert len(errors_of([rule(name="a", listenHost="::1"), rule(name="b", listenHost="0:0::0:1")])) == 1
+    assert (
+        len(errors_of([rule(name="a", listenHost="LocalHost"), rule(name="b", listenHost="localhost.")])) == 1
+    )
+
+
+def test_wildcard_overlap() -> None:
+    data = [
+        rule(name="all", listenHost="0.0.0.0"),
+        rule(name="local", listenHost="127.0.0.1"),
+        rule(name="other", listenHost="10.1.2.3", listenPort=9000),
+        rule(name="dual", listenHost="::", listenPort=9000),
+    ]
+    assert errors_of(data) == [
+        "rules.json: rules[1]: listen address 127.0.0.1:8080 overlaps 0.0.0.0:8080 of rules[0] ('all'): "
+        "'0.0.0.0' listens on every IPv4 address",
+        "rules.json: rules[3]: listen address [::]:9000 overlaps 10.1.2.3:9000 of rules[2] ('other'): "
+        "'::' listens on every address, IPv4 included",
+    ]
+
+
+def test_duplicate_names() -> None:
+    data = [
+        rule(name="web", listenPort=1),
+        rule(listenPort=2, listenHost="127.0.0.1"),
+        rule(name="web", listenPort=3, enabled=False),  # disabled rules count
+        rule(listenPort=2, listenHost="10.0.0.1"),  # default name "tcp-2" again
+        rule(name="tcp-2", listenPort=4),
+    ]
+    assert errors_of(data) == [
+        "rules.json: rules[2].name: 'web' is already used by rules[0]",
+        "rules.json: rules[3]: the default name 'tcp-2' is already used by rules[1] (as its default name); "
+        'set "name" to tell the rules apart',
+        "rules.json: rules[4].name: 'tcp-2' is already used by rules[1] (as its default name)",
+    ]
+
+
+# --- all at once ------------------------------------------------------------------
+
+
+def test_every_error_is_reported_at_once_in_document_order() -> None:
+    text = json.dumps(
+        {
+            "rules": [
+                {"protocol": "tcp", "listenPort": 70000, "targetHost": "a b", "targetPort": 1, "nmae": "x"},
+                rule(name="web"),
+                rule(name="web", listenPort=8081, targetHost="http://x"),
+                rule(protocol="tpc"),
+            ],
+            "settings": {"logLevel": "LOUD", "drainTimeout": "1"},
+        }
+    )
+    assert errors_of(text) == [
+        "rules.json: settings.logLevel: 'LOUD' is not a supported log level "
+        "(expected one of: 'DEBUG', 'INFO', 'WARNING', 'ERROR', 'CRITICAL')",
+        "rules.json: settings.drainTimeout: '1' is not of type 'number'",
+        "rules.json: rules[0].listenPort: 70000 is greater than the maximum of 65535",
+        "rules.json: rules[0].nmae: unknown key (did you mean 'name'?)",
+        "rules.json: rules[2].targetHost: 'http://x' is not an IP address or host name (give a host, not a URL)",
+        "rules.json: rules[2].name: 'web' is already used by rules[1]",
+        "rules.json: rules[3].protocol: 'tpc' is not a supported protocol (expected one of: 'tcp'; did you mean 'tcp'?)",
+    ]
+
+
+def test_file_is_named_as_given(tmp_path: Path) -> None:
+    assert errors_of("[1]", path="conf/my rules.json") == [
+        "conf/my rules.json: rules[0]: 1 is not of type 'object'"
+    ]
+    with pytest.raises(ConfigError) as info:
+        parse("[1]", Path("conf") / "r.json")
+    assert info.value.errors == [f"{Path('conf') / 'r.json'}: rules[0]: 1 is not of type 'object'"]
+
+
+def test_load_missing_file(tmp_path: Path) -> None:
+    missing = tmp_path / "nope.json"
+    with pytest.raises(ConfigError) as info:
+        load(missing)
+    assert info.value.errors == [f"{missing}: cannot read: No such file or directory"]
+    with pytest.raises(ConfigError) as info:
+        load(tmp_path)
+    assert info.value.errors == [f"{tmp_path}: cannot read: Is a directory"]
+
+
+def test_load_reports_file_errors(tmp_path: Path) -> None:
+    path = tmp_path / "rules.json"
+    path.write_text("[{]")
+    with pytest.raises(ConfigError) as info:
+        load(str(path))
+    assert info.value.errors == [
+        f"{path}: invalid JSON at line 1, column 3: Expecting property name enclosed in double quotes"
+    ]
+
+
+# --- robustness -------------------------------------------------------------------
+
+json_values = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats() | st.text(),
+    lambda children: st.lists(children, max_size=5) | st.dictionaries(st.text(), children, max_size=5),
+    max_leaves=30,
+)
+rule_keys = st.sampled_from(
+    [
+        "protocol",
+        "listenPort",
+        "targetHost",
+        "targetPort",
+        "enabled",
+        "name",
+        "listenHost",
+        "maxConnections",
+        "connectTimeout",
+        "idleTimeout",
+        "bogus",
+    ]
+)
+rule_values = (
+    st.sampled_from(["tcp", "udp", "::", "0.0.0.0", "127.0.0.1", "x", "web", 80, 80.0, 0, 70000, True])
+    | json_values
+)
+plausible_rules = st.lists(st.dictionaries(rule_keys, rule_values, max_size=11), max_size=5)
+documents = st.one_of(
+    json_values.map(json.dumps),
+    plausible_rules.map(json.dumps),
+    st.builds(
+        lambda rules, settings: json.dumps({"rules": rules, "settings": settings}),
+        plausible_rules,
+        json_values,
+    ),
+    st.binary(),
+    st.text(),
+)
+
+
+@settings(max_examples=200, deadline=None)
+@given(documents)
+def test_parse_returns_config_or_raises_config_error(data: bytes | str) -> None:
+    try:
+        config = parse(data, "fuzz.json")
+    except ConfigError as error:
+        assert error.errors
+        for line in error.errors:
+            assert line.startswith("fuzz.json: ") and "\n" not in line
+            line.encode("utf-8")  # printable: no lone surrogate from the input leaks into a message
+    else:
+        assert isinstance(config, Config) and config.path == os.path.abspath("fuzz.json")
