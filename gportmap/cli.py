@@ -21,6 +21,7 @@ from gportmap import __version__
 from gportmap.config import Config, load
 from gportmap.errors import ConfigError, GportmapError
 from gportmap.log import LEVELS, get_logger, log_event, route_gevent_errors, setup_logging
+from gportmap.platform import detect
 from gportmap.supervisor import Supervisor
 
 logger = get_logger()
@@ -110,8 +111,10 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def run(config: Config) -> int:
     """Serve until SIGTERM/SIGINT; a second signal cuts the drain short."""
+    features = detect()
     route_gevent_errors()
-    raise_fd_limit()
+    if features.fd_limit:
+        raise_fd_limit()
     supervisor = Supervisor()
     supervisor.start(config)
     log_event(
@@ -123,6 +126,7 @@ def run(config: Config) -> int:
         config=config.path,
         pid=os.getpid(),
         rules=len(config.enabled_rules),
+        features=features.enabled(),
     )
     stop, force = Event(), Event()
 
@@ -165,10 +169,8 @@ def install_signal_handler(signum: int, callback: Callable[[int], None]) -> None
 def raise_fd_limit() -> None:
     """Lift the soft open-file limit to the hard one: every connection costs two
     descriptors, and the usual soft limit of 1024 would cap a proxy at ~500 clients."""
-    try:
-        import resource
-    except ImportError:  # Windows
-        return
+    import resource
+
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     if hard == resource.RLIM_INFINITY:
         hard = max(soft, 1 << 20)

@@ -114,21 +114,31 @@ def setup_logging(log_format: str = "text", level: str = "INFO") -> None:
 
 def route_gevent_errors() -> None:
     """Send errors the gevent hub would print to stderr (uncaught greenlet
-    exceptions, accept errors) into logging as ``internal_error`` records."""
+    exceptions, accept errors such as EMFILE) into logging as ``internal_error``
+    records, rate-limited: an accept loop out of descriptors fails on every retry."""
     import gevent
 
     hub = gevent.get_hub()
     logger = get_logger("hub")
+    limiter = RateLimiter(burst=5, interval=10.0)
 
     def print_exception(context: Any, exc_type: type, value: BaseException, tb: Any) -> None:
+        allowed, suppressed = limiter.allow((exc_type, type(context)))
+        if not allowed:
+            return
+        fields = {"suppressed": suppressed} if suppressed else {}
+        address = getattr(context, "server_host", None) and getattr(context, "address", None)
+        where = f"listener {address[0]}:{address[1]}" if isinstance(address, tuple) else repr(context)[:200]
         log_event(
             logger,
             logging.ERROR,
             "internal_error",
-            f"{exc_type.__name__}: {value}",
-            context=repr(context)[:200],
+            f"{exc_type.__name__} in {where}: {value}",
+            context=where,
+            **fields,
         )
-        logger.debug("traceback", exc_info=(exc_type, value, tb), extra={"event": "traceback"})
+        if logger.isEnabledFor(logging.DEBUG):
+            logger.debug("traceback", exc_info=(exc_type, value, tb), extra={"event": "traceback"})
 
     hub.print_exception = print_exception  # type: ignore[method-assign]
 

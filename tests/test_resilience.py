@@ -1,0 +1,71 @@
+"""A process out of file descriptors keeps running, logs in JSON at a bounded
+rate (gevent hub errors go through logging), and serves again once load ends."""
+
+from __future__ import annotations
+
+import json
+import os
+import resource
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+from conftest import connect, free_port, recv_exactly, tcp_rule, wait_for
+
+
+def test_fd_exhaustion_is_survived_and_logged_as_json(tmp_path: Path, echo_target) -> None:
+    port = free_port()
+    rules = tmp_path / "rules.json"
+    rules.write_text(json.dumps([tcp_rule(port, echo_target.port, name="tight")]))
+    log = tmp_path / "log"
+
+    def low_fd_limit() -> None:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (48, 48))
+
+    with open(log, "wb") as out:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "gportmap", str(rules), "--log-format", "json"],
+            stderr=out,
+            stdin=subprocess.DEVNULL,
+            preexec_fn=low_fd_limit,
+        )
+    clients: list[socket.socket] = []
+    try:
+
+        def events(name: str) -> list[dict]:
+            return [r for r in map(json.loads, log.read_text().splitlines()) if r["event"] == name]
+
+        wait_for(lambda: events("started"), what="start")
+        for _ in range(120):
+            sock = socket.socket()
+            sock.settimeout(5)
+            sock.connect(("127.0.0.1", port))
+            clients.append(sock)
+        failures = wait_for(lambda: events("internal_error") + [
+            e for e in events("connection_closed") if "open files" in e.get("error", "")
+        ], what="EMFILE to be reported")
+        assert any("Too many open files" in (e.get("message", "") + e.get("error", "")) for e in failures)
+        assert proc.poll() is None
+        for sock in clients:
+            sock.close()
+        clients.clear()
+
+        def serves() -> bool:
+            try:
+                with connect(port, timeout=2) as sock:
+                    sock.sendall(b"back")
+                    return recv_exactly(sock, 4) == b"back"
+            except OSError:
+                return False
+
+        wait_for(serves, timeout=20, interval=0.2, what="service to resume")
+        assert len(events("internal_error")) <= 10  # rate-limited, not one per retry
+        for line in log.read_text().splitlines():
+            json.loads(line)  # every line on stderr is JSON, hub errors included
+    finally:
+        for sock in clients:
+            sock.close()
+        proc.kill()
+        proc.wait()
+    assert os.path.exists(log)
