@@ -22,7 +22,8 @@ from gportmap.config import Config, load
 from gportmap.errors import ConfigError, GportmapError
 from gportmap.log import LEVELS, get_logger, log_event, route_gevent_errors, setup_logging
 from gportmap.platform import detect
-from gportmap.supervisor import Supervisor
+from gportmap.service import LogOverrides, Service
+from gportmap.watcher import choose_mode
 
 logger = get_logger()
 
@@ -101,22 +102,44 @@ def main(argv: Sequence[str] | None = None) -> int:
             errors=exc.errors,
         )
         return EXIT_USAGE
-    setup_logging(args.log_format or config.settings.log_format, args.log_level or config.settings.log_level)
+    overrides = LogOverrides(args.log_format, args.log_level)
+    setup_logging(*overrides.effective(config.settings))
     try:
-        return run(config)
+        return run(config, overrides)
     except GportmapError as exc:
         log_event(logger, logging.CRITICAL, "fatal", str(exc))
         return EXIT_FATAL
 
 
-def run(config: Config) -> int:
+def run(config: Config, overrides: LogOverrides | None = None) -> int:
     """Serve until SIGTERM/SIGINT; a second signal cuts the drain short."""
     features = detect()
     route_gevent_errors()
     if features.fd_limit:
         raise_fd_limit()
-    supervisor = Supervisor()
-    supervisor.start(config)
+    stop, force = Event(), Event()
+
+    def on_stop_signal(signum: int) -> None:
+        if stop.is_set():
+            log_event(logger, logging.WARNING, "stopping", "second signal: stopping now", signal=signum)
+            force.set()
+        else:
+            stop.set()
+
+    def on_reload_signal(signum: int) -> None:
+        try:
+            service.reload("signal")
+        except ConfigError:
+            pass  # logged and counted; the running rules stay
+
+    service = Service(config, choose_mode(features), overrides)
+    # Handlers before the first rule starts: a signal during start-up is handled too.
+    for name in ("SIGTERM", "SIGINT"):
+        if hasattr(signal, name):
+            install_signal_handler(getattr(signal, name), on_stop_signal)
+    if features.posix_signals:
+        install_signal_handler(signal.SIGHUP, on_reload_signal)
+    service.start()
     log_event(
         logger,
         logging.INFO,
@@ -128,21 +151,11 @@ def run(config: Config) -> int:
         rules=len(config.enabled_rules),
         features=features.enabled(),
     )
-    stop, force = Event(), Event()
-
-    def on_stop_signal(signum: int) -> None:
-        if stop.is_set():
-            log_event(logger, logging.WARNING, "stopping", "second signal: stopping now", signal=signum)
-            force.set()
-        else:
-            stop.set()
-
-    for name in ("SIGTERM", "SIGINT"):
-        if hasattr(signal, name):
-            install_signal_handler(getattr(signal, name), on_stop_signal)
     stop.wait()
 
-    drain = config.settings.drain_timeout
+    service.stop_watching()
+    supervisor = service.supervisor
+    drain = service.config.settings.drain_timeout
     supervisor.close_listeners()
     log_event(
         logger,

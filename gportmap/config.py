@@ -52,6 +52,7 @@ class Settings:
     drain_timeout: float = 30.0
     log_format: str = "text"
     log_level: str = "INFO"
+    watch: bool = True
 
 
 @dataclass(frozen=True)
@@ -329,6 +330,7 @@ _SETTINGS_KEYS: dict[str, tuple[str, Callable[[Any], Any]]] = {
     "drainTimeout": ("drain_timeout", float),
     "logFormat": ("log_format", str),
     "logLevel": ("log_level", str.upper),
+    "watch": ("watch", bool),
 }
 
 

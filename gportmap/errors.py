@@ -25,3 +25,7 @@ class ConfigError(GportmapError):
 
 class BindError(GportmapError):
     """A rule's listening socket could not be created; the message says what to do."""
+
+
+class WatcherError(GportmapError):
+    """The rules file cannot be watched this way; the caller falls back to polling."""

@@ -1,15 +1,27 @@
 """The one owner of running rule servers.
 
 Each enabled rule gets a ``RuleRunner`` whose life is a small state machine
-(``RuleState``, transitions checked in one place); the ``Supervisor`` starts the
-runners, retries those that cannot bind, and stops them all with a bounded drain.
-A rule that fails never affects the others.
+(``RuleState``, its transitions checked in one place). ``Supervisor.apply(config)``
+turns the running set into the one a config asks for, matching rules by
+(transport, listenHost, listenPort) as SPEC §4 says:
+
+- unchanged rules keep their server and connections;
+- a changed rule gets a new server on the *same* listening socket, handed over
+  without closing it, so no connection attempt is refused; the old server drains;
+- removed or disabled rules close their listener and drain;
+- added rules start; a rule that cannot bind is retried with back-off.
+
+Draining servers finish their connections for up to ``drainTimeout`` seconds and are
+then cut. A failure of one rule never touches the others.
 """
 
 from __future__ import annotations
 
 import enum
 import logging
+import socket
+from collections.abc import Iterable
+from dataclasses import dataclass, field
 
 import gevent
 from gevent.event import Event
@@ -45,8 +57,26 @@ class StateError(GportmapError):
     """A transition the rule life cycle does not have: a bug, never a user error."""
 
 
+@dataclass(frozen=True)
+class Changes:
+    """What one ``apply`` did, by rule name (the ``config_reloaded`` record)."""
+
+    added: list[str] = field(default_factory=list)
+    changed: list[str] = field(default_factory=list)
+    removed: list[str] = field(default_factory=list)
+    unchanged: list[str] = field(default_factory=list)
+
+    def as_fields(self) -> dict[str, list[str]]:
+        return {
+            "added": self.added,
+            "changed": self.changed,
+            "removed": self.removed,
+            "unchanged": self.unchanged,
+        }
+
+
 class RuleRunner:
-    """One enabled rule: its server, its state, and its retries when it cannot bind."""
+    """One enabled rule's server: its state, its retries, its drain."""
 
     #: Seconds before the first retry of a rule that could not start; doubles up to the max.
     retry_min = 1.0
@@ -66,11 +96,12 @@ class RuleRunner:
             raise StateError(f"rule {self.rule.name}: cannot go from {self.state.value} to {new.value}")
         self.state = new
 
-    def start(self) -> bool:
-        """Try to start serving; on failure report it and schedule a retry."""
+    def start(self, listener: socket.socket | None = None) -> bool:
+        """Serve on ``listener`` (handed over) or a new socket; on a bind failure
+        report it and schedule a retry."""
         rule = self.rule
         try:
-            self.server.start()
+            self.server.start(listener)
         except BindError as exc:
             self._move(RuleState.FAILED)
             self.error = str(exc)
@@ -98,6 +129,7 @@ class RuleRunner:
             protocol=rule.protocol,
             listen=rule.listen,
             target=rule.target,
+            handover=listener is not None,
         )
         return True
 
@@ -106,19 +138,24 @@ class RuleRunner:
         self._move(RuleState.STARTING)
         self.start()
 
-    def stop_accepting(self) -> None:
-        """Close the listener now; open connections go on until drained or killed."""
+    def retire(self, keep_listener: bool) -> socket.socket | None:
+        """Stop accepting. With ``keep_listener`` the open listening socket is
+        returned for a successor; otherwise it is closed (attempts are refused)."""
         if self._retry is not None:
             self._retry.kill()
             self._retry = None
-        if self.state is RuleState.FAILED:
-            self._move(RuleState.STOPPED)
-        elif self.state is RuleState.RUNNING:
-            self._move(RuleState.DRAINING)
-            self.server.close()
+        if self.state is not RuleState.RUNNING:
+            if self.state is RuleState.FAILED:
+                self._move(RuleState.STOPPED)
+            return None
+        self._move(RuleState.DRAINING)
+        if keep_listener:
+            return self.server.release_listener()
+        self.server.close()
+        return None
 
     def finish(self) -> None:
-        """After the drain: cut what is left and report the rule stopped."""
+        """After the drain: cut what is left and report the rule's server stopped."""
         if self.state is not RuleState.DRAINING:
             return
         left = self.server.active
@@ -128,7 +165,7 @@ class RuleRunner:
             logger,
             logging.INFO,
             "rule_stopped",
-            f"rule {self.rule.name} stopped",
+            f"rule {self.rule.name} stopped on {self.rule.listen}",
             rule=self.rule.name,
             listen=self.rule.listen,
             cut_connections=left,
@@ -136,40 +173,83 @@ class RuleRunner:
 
 
 class Supervisor:
-    """Starts the rules of a config and stops them all with a bounded drain."""
+    """Owns every rule server: applies configs, drains retired servers, stops all."""
 
     def __init__(self, stats: StatsRegistry | None = None) -> None:
         self.stats = stats or StatsRegistry()
         self.context = ServerContext(stats=self.stats, buffers=BufferPool(), rejections=RateLimiter())
-        self.runners: list[RuleRunner] = []
+        self.runners: dict[tuple[str, str, int], RuleRunner] = {}
+        self.draining: dict[RuleRunner, gevent.Greenlet] = {}
         self.config: Config | None = None
 
-    def start(self, config: Config) -> None:
-        self.config = config
+    def apply(self, config: Config) -> Changes:
+        """Make the running rules those of ``config``; see the module docstring."""
+        changes = Changes()
+        drain = config.settings.drain_timeout
         self.stats.max_active = config.settings.max_connections
         for rule in config.rules:
             self.stats.rule(rule.name, rule.protocol)  # every rule's series exist from the start
-        for rule in config.enabled_rules:
+        wanted = {rule.key: rule for rule in config.enabled_rules}
+        # Removals first: an added rule may need an address a removed one held.
+        for key in [key for key in self.runners if key not in wanted]:
+            runner = self.runners.pop(key)
+            changes.removed.append(runner.rule.name)
+            runner.retire(keep_listener=False)
+            self._drain_later(runner, drain)
+        for key, rule in wanted.items():
+            old = self.runners.get(key)
+            if old is not None and old.rule == rule:
+                changes.unchanged.append(rule.name)
+                continue
             runner = RuleRunner(rule, self.context)
-            self.runners.append(runner)
-            runner.start()
+            self.runners[key] = runner
+            if old is None:
+                changes.added.append(rule.name)
+                runner.start()
+            else:
+                changes.changed.append(rule.name)
+                listener = old.retire(keep_listener=True)
+                runner.start(listener)  # same greenlet, no yield: the socket never closes
+                self._drain_later(old, drain)
+        self.config = config
+        return changes
+
+    def _drain_later(self, runner: RuleRunner, timeout: float) -> None:
+        if runner.state is RuleState.DRAINING:
+            self.draining[runner] = gevent.spawn(self._drain, runner, timeout)
+
+    def _drain(self, runner: RuleRunner, timeout: float) -> None:
+        try:
+            runner.server.join(timeout)
+            runner.finish()
+        finally:
+            self.draining.pop(runner, None)
 
     def close_listeners(self) -> None:
         """Stop accepting on every rule at once: new connection attempts are refused."""
-        for runner in self.runners:
-            runner.stop_accepting()
+        for runner in self.runners.values():
+            runner.retire(keep_listener=False)
 
     def drain(self, timeout: float, force: Event | None = None) -> None:
-        """Let open connections finish for up to ``timeout`` seconds (or until
-        ``force`` is set), then cut the rest."""
-        draining = [r for r in self.runners if r.state is RuleState.DRAINING]
-        joiner = gevent.spawn(lambda: [r.server.join() for r in draining])
+        """Let open connections of every server finish for up to ``timeout`` seconds
+        (or until ``force`` is set), then cut the rest."""
+        runners = [r for r in self.runners.values() if r.state is RuleState.DRAINING]
+        runners += list(self.draining)
+        for greenlet in list(self.draining.values()):
+            greenlet.kill()  # this drain, with its own deadline, takes over
+        joiner = gevent.spawn(_join_all, runners)
         waits: list = [joiner] + ([force] if force is not None else [])
         gevent.wait(waits, count=1, timeout=timeout)
         joiner.kill()
-        for runner in draining:
+        for runner in runners:
             runner.finish()
+        self.draining.clear()
 
     def stop(self, drain_timeout: float, force: Event | None = None) -> None:
         self.close_listeners()
         self.drain(drain_timeout, force)
+
+
+def _join_all(runners: Iterable[RuleRunner]) -> None:
+    for runner in runners:
+        runner.server.join()

@@ -13,7 +13,6 @@ import sys
 from pathlib import Path
 
 import pytest
-
 from conftest import ROOT, connect, free_port, recv_exactly, tcp_rule
 
 from gportmap import __version__
@@ -232,7 +231,8 @@ def test_text_log_format_is_one_readable_line_per_event(tmp_path: Path, echo_tar
         started = proc.stderr.readline()
         assert re.match(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z INFO rule_started: ", started), started
         assert f"rule=txt protocol=tcp listen=127.0.0.1:{port}" in started
-        assert " started: " in proc.stderr.readline()
+        while " started: " not in (line := proc.stderr.readline()):
+            assert line, "gportmap exited before it started"
         sock = connect(port)
         sock.sendall(b"hello")
         assert recv_exactly(sock, 5) == b"hello"

@@ -84,7 +84,7 @@ def test_object_form_gives_the_same_rules_as_the_array_form() -> None:
 
 def test_every_key_is_read() -> None:
     data = {
-        "settings": {"maxConnections": 50, "drainTimeout": 0, "logFormat": "json", "logLevel": "debug"},
+        "settings": {"maxConnections": 50, "drainTimeout": 0, "logFormat": "json", "logLevel": "debug", "watch": False},
         "rules": [
             rule(
                 name="db.primary_1",
@@ -101,7 +101,7 @@ def test_every_key_is_read() -> None:
     }
     config = parse(json.dumps(data), "rules.json")
     assert config.settings == Settings(
-        max_connections=50, drain_timeout=0.0, log_format="json", log_level="DEBUG"
+        max_connections=50, drain_timeout=0.0, log_format="json", log_level="DEBUG", watch=False
     )
     (only,) = config.rules
     assert only == Rule("db.primary_1", "tcp", "::1", 5432, "DB.example.com.", 5432, False, 7, 0.5, 0.0)
@@ -202,6 +202,7 @@ def test_schema_is_valid_and_closes_every_object() -> None:
         "drainTimeout",
         "logFormat",
         "logLevel",
+        "watch",
     }
 
 

@@ -1,8 +1,9 @@
 """Protocol servers and the registry that maps a rule's ``protocol`` to one.
 
 Every protocol server has the same small surface, which is all the supervisor
-uses: ``start(listener=None)``, ``listener``, ``stop_accepting()``, ``close()``,
-``active``, ``join(timeout)`` and ``kill()``. Later protocols (udp, websocket and
+uses: ``start(listener=None)``, ``release_listener()`` (stop accepting and hand the
+still-open socket to a successor), ``close()``, ``active``, ``join(timeout)`` and
+``kill()``. Later protocols (udp, websocket and
 plugins' own) register here the same way tcp does.
 """
 

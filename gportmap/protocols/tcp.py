@@ -53,12 +53,19 @@ class TcpServer:
         if self._server is not None:
             self._server.stop_accepting()
 
+    def release_listener(self) -> socket.socket | None:
+        """Stop accepting and hand the listening socket to a successor, still open:
+        connection attempts queue in the kernel's backlog meanwhile, none is refused."""
+        self.stop_accepting()
+        listener, self.listener = self.listener, None
+        return listener
+
     def close(self) -> None:
         """Close the listening socket: new connection attempts are refused from now on."""
-        if self._server is not None:
-            self._server.close()
+        self.stop_accepting()
         if self.listener is not None:
             self.listener.close()
+            self.listener = None
 
     @property
     def active(self) -> int:
