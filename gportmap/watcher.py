@@ -104,6 +104,7 @@ class InotifyWatcher:
         self._greenlet: gevent.Greenlet | None = None
         self._manager = None
         self._pending_since: float | None = None
+        self._last_relevant = 0.0
 
     def start(self) -> None:
         """Raise WatcherError when inotify cannot be set up (limits, permissions)."""
@@ -160,8 +161,10 @@ class InotifyWatcher:
 
     def _on_event(self, event) -> None:  # pyinotify.Event
         if event.pathname in self._relevant_names():
+            now = gevent.get_hub().loop.now()
+            self._last_relevant = now
             if self._pending_since is None:
-                self._pending_since = gevent.get_hub().loop.now()
+                self._pending_since = now
 
     def _run(self, notifier, fd: int) -> None:
         loop = gevent.get_hub().loop
@@ -169,16 +172,19 @@ class InotifyWatcher:
             while True:
                 timeout = None
                 if self._pending_since is not None:
-                    timeout = max(0.0, min(self.debounce, self._pending_since + self.max_delay - loop.now()))
+                    # Other files in the folder (a log file, say) wake this loop too:
+                    # only events about the rules file push the deadline back.
+                    fire_at = min(self._last_relevant + self.debounce, self._pending_since + self.max_delay)
+                    timeout = fire_at - loop.now()
+                    if timeout <= 0:
+                        self._fire()
+                        continue
                 try:
                     wait_read(fd, timeout)
                 except TimeoutError:
-                    self._fire()
                     continue
                 notifier.read_events()
                 notifier.process_events()
-                if self._pending_since is not None and loop.now() - self._pending_since >= self.max_delay:
-                    self._fire()
         finally:
             notifier.stop()
 

@@ -130,11 +130,21 @@ def echo_handler(conn: socket.socket) -> None:
 class Gportmap:
     """gportmap running as a subprocess on a generated rules file, logging JSON."""
 
-    def __init__(self, tmp_path: Path, rules: Any, extra_args: tuple[str, ...] = (), env: dict | None = None):
-        self.rules_path = tmp_path / "rules.json"
-        self.rules_path.write_text(json.dumps(rules, indent=2))
+    def __init__(
+        self,
+        tmp_path: Path,
+        rules: Any,
+        extra_args: tuple[str, ...] = (),
+        env: dict | None = None,
+        rules_path: Path | None = None,
+    ):
+        self.rules_path = rules_path or tmp_path / "rules.json"
+        if rules is not None:
+            self.rules_path.write_text(json.dumps(rules, indent=2))
         self.log_path = tmp_path / "gportmap.log"
         self._log = open(self.log_path, "wb")
+        self._records: list[dict] = []
+        self._offset = 0
         cmd = [sys.executable, "-m", "gportmap", str(self.rules_path), "--log-format", "json", *extra_args]
         self.proc = subprocess.Popen(
             cmd,
@@ -153,12 +163,15 @@ class Gportmap:
         return self.log_path.read_text(errors="replace").splitlines()
 
     def events(self, event: str | None = None) -> list[dict]:
-        records = []
-        for line in self.lines():
-            record = json.loads(line)  # every line must be JSON: a non-JSON line fails the test
-            if event is None or record.get("event") == event:
-                records.append(record)
-        return records
+        """Every record so far (parsed incrementally), or those of one event."""
+        with open(self.log_path, "rb") as log:
+            log.seek(self._offset)
+            data = log.read()
+        complete = data[: data.rfind(b"\n") + 1]
+        self._offset += len(complete)
+        for line in complete.splitlines():
+            self._records.append(json.loads(line))  # a line that is not JSON fails the test
+        return [r for r in self._records if event is None or r.get("event") == event]
 
     def wait_event(self, event: str, timeout: float = 10.0, count: int = 1, **fields: Any) -> list[dict]:
         def matching() -> list[dict]:
@@ -203,8 +216,10 @@ def start_gportmap(tmp_path: Path) -> Iterator[Callable[..., Gportmap]]:
     """Factory: ``start_gportmap(rules, *args)`` starts gportmap and waits until it serves."""
     started: list[Gportmap] = []
 
-    def start(rules: Any, *extra_args: str, wait: bool = True, env: dict | None = None) -> Gportmap:
-        gp = Gportmap(tmp_path, rules, extra_args, env)
+    def start(
+        rules: Any, *extra_args: str, wait: bool = True, env: dict | None = None, rules_path: Path | None = None
+    ) -> Gportmap:
+        gp = Gportmap(tmp_path, rules, extra_args, env, rules_path)
         started.append(gp)
         if wait:
             gp.wait_started()
