@@ -388,13 +388,16 @@ def test_a_rule_whose_port_is_taken_binds_once_it_frees(start_gportmap, echo_tar
     assert echo_once(taken) == b"ping"
 
 
-def test_sighup_reloads_even_with_watching_off(start_gportmap, echo_target):
+@pytest.mark.parametrize("off_by", ["settings", "environment"])
+def test_sighup_reloads_even_with_watching_off(start_gportmap, echo_target, off_by):
     a, b = tagged_echo(b"A"), tagged_echo(b"B")
     port = free_port()
+    settings = {"watch": False} if off_by == "settings" else {"drainTimeout": 5}
+    env = {"GPORTMAP_WATCHER": "off"} if off_by == "environment" else {}
     try:
-        gp = start_gportmap({"settings": {"watch": False}, "rules": [tcp_rule(port, a.port, name="web")]})
+        gp = start_gportmap({"settings": settings, "rules": [tcp_rule(port, a.port, name="web")]}, env=env)
         assert gp.events("watching") == []  # no watcher at all
-        write_atomically(gp.rules_path, rules_text(tcp_rule(port, b.port, name="web"), watch=False))
+        write_atomically(gp.rules_path, rules_text(tcp_rule(port, b.port, name="web"), **settings))
         assert tagged_once(port, b"1") == b"A1"  # not applied by itself
         gp.signal(signal.SIGHUP)
         (reloaded,) = gp.wait_event("config_reloaded")
