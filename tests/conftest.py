@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -35,6 +36,17 @@ def wait_for(condition: Callable[[], Any], timeout: float = 10.0, interval: floa
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out after {timeout}s waiting for {what or condition}")
         time.sleep(interval)
+
+
+def require_tool(name: str) -> str:
+    """The path of a real peer program; skip without it, or fail under
+    GPORTMAP_REQUIRE_TOOLS=1 (set by .ci/run, which installs them)."""
+    path = shutil.which(name) or shutil.which(name, path="/usr/sbin:/sbin")
+    if path:
+        return path
+    if os.environ.get("GPORTMAP_REQUIRE_TOOLS", "") not in ("", "0"):
+        pytest.fail(f"{name} is required (GPORTMAP_REQUIRE_TOOLS=1) but not installed")
+    pytest.skip(f"{name} is not installed (.ci/run installs it)")
 
 
 def free_port(kind: int = socket.SOCK_STREAM) -> int:
