@@ -17,7 +17,7 @@ setup(
     license="MIT",
     python_requires=">=3.11",
     packages=find_packages(include=["gportmap", "gportmap.*"]),
-    package_data={"gportmap": ["schema/*.json"]},
+    package_data={"gportmap": ["schema/*.json", "static/*.html"]},
     include_package_data=True,
     install_requires=[
         "gevent>=23.9",
@@ -25,6 +25,9 @@ setup(
         "jsonschema>=4.18",
         "python-json-logger>=3.1",
         "pyinotify>=0.9.6",
+        # The Prometheus text format and the standard process_* metrics, read
+        # through a custom collector at scrape time (see gportmap/metrics.py).
+        "prometheus-client>=0.17",
         # pyinotify imports asyncore, which Python 3.12 removed.
         'pyasyncore>=1.0.2; python_version >= "3.12"',
     ],
@@ -34,6 +37,7 @@ setup(
             "pytest-timeout>=2.2",
             "hypothesis>=6.90",
             "psutil>=5.9",
+            "websocket-client>=1.6",  # drives headless Chromium over CDP, and later WebSocket tests
         ],
         "lint": ["ruff>=0.4"],
     },

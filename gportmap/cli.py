@@ -18,11 +18,11 @@ import gevent
 from gevent.event import Event
 
 from gportmap import __version__
-from gportmap.config import Config, load
+from gportmap.config import Config, load, parse_listen
 from gportmap.errors import ConfigError, GportmapError
 from gportmap.log import LEVELS, get_logger, log_event, route_gevent_errors, setup_logging
 from gportmap.platform import detect
-from gportmap.service import LogOverrides, Service
+from gportmap.service import Overrides, Service
 from gportmap.watcher import choose_mode
 
 logger = get_logger()
@@ -52,8 +52,24 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="LEVEL",
         help="DEBUG, INFO, WARNING, ERROR or CRITICAL; overrides settings.logLevel",
     )
+    parser.add_argument(
+        "--admin",
+        type=admin_address,
+        metavar="HOST:PORT|off",
+        help="where the admin endpoint listens (replaces settings.admin.listen), or off",
+    )
     parser.add_argument("--version", action="version", version=f"gportmap {__version__}")
     return parser
+
+
+def admin_address(text: str) -> str | tuple[str, int]:
+    """``--admin``: "off" or HOST:PORT ([IPV6]:PORT)."""
+    if text.strip().lower() == "off":
+        return "off"
+    try:
+        return parse_listen(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def resolve_rules_path(args: argparse.Namespace, environ: os._Environ | dict = os.environ) -> str:
@@ -102,8 +118,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             errors=exc.errors,
         )
         return EXIT_USAGE
-    overrides = LogOverrides(args.log_format, args.log_level)
-    setup_logging(*overrides.effective(config.settings))
+    overrides = Overrides(args.log_format, args.log_level, args.admin)
+    setup_logging(*overrides.logging(config.settings))
     try:
         return run(config, overrides)
     except GportmapError as exc:
@@ -111,7 +127,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_FATAL
 
 
-def run(config: Config, overrides: LogOverrides | None = None) -> int:
+def run(config: Config, overrides: Overrides | None = None) -> int:
     """Serve until SIGTERM/SIGINT; a second signal cuts the drain short."""
     features = detect()
     route_gevent_errors()
@@ -126,6 +142,9 @@ def run(config: Config, overrides: LogOverrides | None = None) -> int:
         else:
             stop.set()
 
+    def on_stats_signal(signum: int) -> None:
+        service.stats_log.log_now("signal")
+
     def on_reload_signal(signum: int) -> None:
         try:
             service.reload("signal")
@@ -139,6 +158,7 @@ def run(config: Config, overrides: LogOverrides | None = None) -> int:
             install_signal_handler(getattr(signal, name), on_stop_signal)
     if features.posix_signals:
         install_signal_handler(signal.SIGHUP, on_reload_signal)
+        install_signal_handler(signal.SIGUSR1, on_stats_signal)
     service.start()
     log_event(
         logger,
@@ -154,6 +174,7 @@ def run(config: Config, overrides: LogOverrides | None = None) -> int:
     stop.wait()
 
     service.stop_watching()
+    service.stats_log.stop()
     supervisor = service.supervisor
     drain = service.config.settings.drain_timeout
     supervisor.close_listeners()
@@ -166,6 +187,7 @@ def run(config: Config, overrides: LogOverrides | None = None) -> int:
         active=supervisor.stats.active,
     )
     supervisor.drain(drain, force)
+    service.stop_services()
     log_event(logger, logging.INFO, "stopped", "stopped")
     return EXIT_OK
 

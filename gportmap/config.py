@@ -45,6 +45,19 @@ _IDENTIFIER = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 
 
 @dataclass(frozen=True)
+class AdminSettings:
+    """``settings.admin``: where the admin HTTP endpoint listens, and its bearer token."""
+
+    host: str = "127.0.0.1"
+    port: int = 9900
+    token: str | None = None
+
+    @property
+    def listen(self) -> str:
+        return format_address(self.host, self.port)
+
+
+@dataclass(frozen=True)
 class Settings:
     """The file's ``settings`` object; every key is optional."""
 
@@ -53,6 +66,8 @@ class Settings:
     log_format: str = "text"
     log_level: str = "INFO"
     watch: bool = True
+    admin: AdminSettings | None = AdminSettings()  # None: the admin endpoint is off
+    stats_interval: float = 60.0  # 0: no periodic stats records
 
 
 @dataclass(frozen=True)
@@ -73,6 +88,8 @@ class Rule:
     max_connections: int = 1000
     connect_timeout: float = 5.0
     idle_timeout: float = 300.0
+    session_timeout: float = 60.0
+    max_sessions: int = 1000
     index: int = field(default=0, compare=False)
 
     @property
@@ -324,6 +341,18 @@ _RULE_KEYS: dict[str, tuple[str, Callable[[Any], Any]]] = {
     "maxConnections": ("max_connections", int),
     "connectTimeout": ("connect_timeout", float),
     "idleTimeout": ("idle_timeout", float),
+    "sessionTimeout": ("session_timeout", float),
+    "maxSessions": ("max_sessions", int),
+}
+#: Rule keys that mean something for some protocols only: (those protocols, the
+#: key that does the job elsewhere). Anywhere else such a key would silently do
+#: nothing, so it is an error.
+_PROTOCOL_KEYS: dict[str, tuple[tuple[str, ...], str | None]] = {
+    "maxConnections": (("tcp",), "maxSessions"),
+    "connectTimeout": (("tcp",), None),
+    "idleTimeout": (("tcp",), "sessionTimeout"),
+    "sessionTimeout": (("udp",), "idleTimeout"),
+    "maxSessions": (("udp",), "maxConnections"),
 }
 _SETTINGS_KEYS: dict[str, tuple[str, Callable[[Any], Any]]] = {
     "maxConnections": ("max_connections", int),
@@ -331,7 +360,33 @@ _SETTINGS_KEYS: dict[str, tuple[str, Callable[[Any], Any]]] = {
     "logFormat": ("log_format", str),
     "logLevel": ("log_level", str.upper),
     "watch": ("watch", bool),
+    "admin": ("admin", lambda value: _admin_settings(value)),
+    "statsInterval": ("stats_interval", float),
 }
+
+
+def parse_listen(text: str) -> tuple[str, int]:
+    """``HOST:PORT`` or ``[IPV6]:PORT`` -> (host, port); ValueError says what is wrong."""
+    host, sep, port_text = text.rpartition(":")
+    if not sep or not host:
+        raise ValueError(f"{text!r} is not HOST:PORT (e.g. 127.0.0.1:9900)")
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+    elif ":" in host:
+        raise ValueError(f"{text!r}: write an IPv6 address in brackets, e.g. [::1]:9900")
+    if not port_text.isdigit() or not 1 <= int(port_text) <= 65535:
+        raise ValueError(f"{text!r}: the port must be a number from 1 to 65535")
+    problem = host_problem(host)
+    if problem is not None:
+        raise ValueError(problem)
+    return host, int(port_text)
+
+
+def _admin_settings(value: Any) -> AdminSettings | None:
+    if value is False:
+        return None
+    host, port = parse_listen(value.get("listen", AdminSettings().listen))
+    return AdminSettings(host=host, port=port, token=value.get("token"))
 
 
 def _build_rules(document: dict[str, Any], invalid: set[int]) -> list[Rule]:
@@ -357,12 +412,26 @@ def _build_settings(settings: dict[str, Any]) -> Settings:
 
 
 def _check_settings(settings: Any) -> list[Problem]:
-    """logLevel is accepted in any case, which a JSON Schema enum cannot express."""
-    level = settings.get("logLevel") if isinstance(settings, dict) else None
-    if not isinstance(level, str) or level.upper() in LOG_LEVELS:
+    """What the schema cannot say: logLevel in any case, ``admin`` as false or an
+    object (never true), and the admin listen address."""
+    if not isinstance(settings, dict):
         return []
-    problem = f"{_show(level)} is not a supported log level{_choices(level.upper(), LOG_LEVELS)}"
-    return [(("settings", "logLevel"), problem)]
+    problems: list[Problem] = []
+    level = settings.get("logLevel")
+    if isinstance(level, str) and level.upper() not in LOG_LEVELS:
+        problem = f"{_show(level)} is not a supported log level{_choices(level.upper(), LOG_LEVELS)}"
+        problems.append((("settings", "logLevel"), problem))
+    admin = settings.get("admin")
+    if admin is True:
+        problems.append(
+            (("settings", "admin"), 'true is not allowed: give {"listen": "HOST:PORT"} or false to turn it off')
+        )
+    elif isinstance(admin, dict) and isinstance(admin.get("listen"), str):
+        try:
+            parse_listen(admin["listen"])
+        except ValueError as exc:
+            problems.append((("settings", "admin", "listen"), str(exc)))
+    return problems
 
 
 def _check_rules(rules: list[Rule], items: list[Any]) -> list[Problem]:
@@ -379,10 +448,28 @@ def _check_rules(rules: list[Rule], items: list[Any]) -> list[Problem]:
         for key, host in (("listenHost", rule.listen_host), ("targetHost", rule.target_host)):
             if (problem := host_problem(host)) is not None:
                 problems.append((("rules", rule.index, key), problem))
+    problems += _check_protocol_keys(rules, items)
     problems += _check_names(rules, items)
     problems += _check_listen(
         rule for rule in rules if rule.enabled and host_problem(rule.listen_host) is None
     )
+    return problems
+
+
+def _check_protocol_keys(rules: list[Rule], items: list[Any]) -> list[Problem]:
+    """A key set on a rule whose protocol ignores it, e.g. idleTimeout on a udp rule."""
+    problems: list[Problem] = []
+    for rule in rules:
+        for key in items[rule.index]:
+            if key not in _PROTOCOL_KEYS:
+                continue
+            protocols, instead = _PROTOCOL_KEYS[key]
+            if rule.protocol in protocols:
+                continue
+            hint = f" (for {rule.protocol} rules use {instead!r})" if instead else ""
+            problems.append(
+                (("rules", rule.index, key), f"applies only to {' and '.join(protocols)} rules{hint}")
+            )
     return problems
 
 

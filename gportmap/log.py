@@ -63,6 +63,10 @@ class TextFormatter(logging.Formatter):
             if isinstance(value, (list, tuple)) and key == "errors":
                 multiline.extend(f"  {item}" for item in value)
                 continue
+            if isinstance(value, (list, tuple)) and value and all(isinstance(v, dict) for v in value):
+                # e.g. the per-rule figures of a ``stats`` record: one indented line each
+                multiline.extend("  " + " ".join(f"{k}={_text_value(v)}" for k, v in item.items()) for item in value)
+                continue
             parts.append(f"{key}={_text_value(value)}")
         line = " ".join(parts)
         if multiline:

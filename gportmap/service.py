@@ -9,12 +9,19 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import os
 import time
 from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
 
-from gportmap.config import Config, Settings, parse
+from gportmap import __version__
+from gportmap.admin import AdminServer
+from gportmap.config import AdminSettings, Config, Rule, Settings, parse
 from gportmap.errors import ConfigError, WatcherError
 from gportmap.log import get_logger, log_event, setup_logging
+from gportmap.stats import RuleStats
+from gportmap.statslog import StatsLogger
 from gportmap.supervisor import Changes, Supervisor
 from gportmap.watcher import InotifyWatcher, PollWatcher, create_watcher
 
@@ -22,24 +29,67 @@ logger = get_logger()
 
 
 @dataclass(frozen=True)
-class LogOverrides:
+class Overrides:
     """Command-line flags that win over ``settings`` (None = not given)."""
 
     log_format: str | None = None
     log_level: str | None = None
+    #: ``--admin``: "off", or (host, port) replacing only settings.admin.listen.
+    admin: str | tuple[str, int] | None = None
 
-    def effective(self, settings: Settings) -> tuple[str, str]:
+    def logging(self, settings: Settings) -> tuple[str, str]:
         return (self.log_format or settings.log_format, self.log_level or settings.log_level)
+
+    def admin_settings(self, settings: Settings) -> AdminSettings | None:
+        if self.admin is None:
+            return settings.admin
+        if self.admin == "off":
+            return None
+        host, port = self.admin
+        token = settings.admin.token if settings.admin is not None else None
+        return AdminSettings(host=host, port=port, token=token)
+
+
+@dataclass(frozen=True)
+class RuleView:
+    """What an operator sees of one rule: its config, its state, its counters."""
+
+    rule: Rule
+    state: str
+    error: str | None
+    stats: RuleStats
+
+    @property
+    def name(self) -> str:
+        return self.rule.name
+
+    @property
+    def protocol(self) -> str:
+        return self.rule.protocol
+
+    def snapshot(self) -> dict[str, Any]:
+        data = self.stats.snapshot()
+        data.update(
+            listen=self.rule.listen,
+            target=self.rule.target,
+            enabled=self.rule.enabled,
+            state=self.state,
+            error=self.error,
+        )
+        if data.get("udp") is None:
+            data.pop("udp", None)
+        return data
 
 
 class Service:
     """Owns the supervisor and the reload bookkeeping an operator sees in /stats."""
 
-    def __init__(self, config: Config, watch_mode: str, overrides: LogOverrides | None = None) -> None:
+    def __init__(self, config: Config, watch_mode: str, overrides: Overrides | None = None) -> None:
         self.path = config.path
         self.config = config
         self.watch_mode = watch_mode
-        self.overrides = overrides or LogOverrides()
+        self.overrides = overrides or Overrides()
+        self.started_at = time.time()
         self.supervisor = Supervisor()
         self.reloads = {"success": 0, "failure": 0}
         self.last_error: list[str] | None = None
@@ -47,10 +97,23 @@ class Service:
         self.last_success_at: float | None = None
         self._seen_digest = config.digest
         self._watcher: PollWatcher | InotifyWatcher | None = None
+        self.admin = AdminServer(self)
+        self.stats_log = StatsLogger(self)
 
     def start(self) -> None:
         self.supervisor.apply(self.config)
         self._update_watcher()
+        self._apply_services()
+
+    def _apply_services(self) -> None:
+        """Settings that drive the admin endpoint and the stats log."""
+        self.admin.apply(self.overrides.admin_settings(self.config.settings))
+        self.stats_log.apply(self.config.settings.stats_interval)
+
+    def stop_services(self) -> None:
+        self.stop_watching()
+        self.stats_log.stop()
+        self.admin.stop()
 
     def reload(self, source: str, force: bool = True) -> Changes | None:
         """Load the rules file and apply it. Returns the changes, or None when the
@@ -87,9 +150,10 @@ class Service:
         settings_changed = [
             name for name in Settings.__dataclass_fields__ if getattr(old_settings, name) != getattr(config.settings, name)
         ]
-        if self.overrides.effective(old_settings) != self.overrides.effective(config.settings):
-            setup_logging(*self.overrides.effective(config.settings))
+        if self.overrides.logging(old_settings) != self.overrides.logging(config.settings):
+            setup_logging(*self.overrides.logging(config.settings))
         self._update_watcher()
+        self._apply_services()
         log_event(
             logger,
             logging.INFO,
@@ -146,7 +210,51 @@ class Service:
             self._watcher.stop()
             self._watcher = None
 
+    # -- what the admin endpoint and the stats log read -----------------------------
+
+    def rule_views(self) -> list[RuleView]:
+        stats = self.supervisor.stats
+        return [
+            RuleView(rule, state, error, stats.rule(rule.name, rule.protocol))
+            for rule, state, error in self.supervisor.rule_states()
+        ]
+
+    def snapshot(self) -> dict[str, Any]:
+        """The /stats document (SPEC §5)."""
+        return {
+            "version": __version__,
+            "pid": os.getpid(),
+            "uptime": round(time.time() - self.started_at, 3),
+            "config": {
+                "path": self.path,
+                "loaded_at": _iso(self.loaded_at),
+                "reloads": dict(self.reloads),
+                "last_error": self.last_error,
+                "watching": self.watch_mode if self._watcher is not None else "off",
+            },
+            "connections": {"active": self.supervisor.stats.active, "max": self.config.settings.max_connections},
+            "rules": [view.snapshot() for view in self.rule_views()],
+        }
+
+    def open_connections(self) -> list[dict[str, Any]]:
+        return [
+            {
+                "id": conn.id,
+                "rule": conn.stats.name,
+                "client": conn.client,
+                "target": conn.target,
+                "started": _iso(conn.started),
+                "duration": round(conn.duration, 3),
+                "bytes": {"received": conn.bytes_received, "sent": conn.bytes_sent},
+            }
+            for conn in self.supervisor.stats.connections()
+        ]
+
     def stop_watching(self) -> None:
         if self._watcher is not None:
             self._watcher.stop()
             self._watcher = None
+
+
+def _iso(timestamp: float) -> str:
+    return datetime.fromtimestamp(timestamp, UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")

@@ -14,6 +14,8 @@ from typing import Any
 
 #: Reasons a connection can be refused before it is relayed (SPEC §5).
 REJECT_REASONS = ("acl", "limit", "tls", "plugin")
+#: Reasons a UDP datagram can be dropped (SPEC §5).
+UDP_DROP_REASONS = ("sessions", "acl", "plugin", "error")
 
 
 class RuleStats:
@@ -28,6 +30,10 @@ class RuleStats:
         "connect_failures",
         "bytes_received",
         "bytes_sent",
+        "udp_sessions",
+        "udp_packets_received",
+        "udp_packets_sent",
+        "udp_dropped",
     )
 
     def __init__(self, name: str, protocol: str) -> None:
@@ -39,6 +45,10 @@ class RuleStats:
         self.connect_failures = 0
         self.bytes_received = 0  # from clients
         self.bytes_sent = 0  # to clients
+        self.udp_sessions = 0  # open UDP sessions
+        self.udp_packets_received = 0  # datagrams from clients
+        self.udp_packets_sent = 0  # datagrams to clients
+        self.udp_dropped = dict.fromkeys(UDP_DROP_REASONS, 0)
 
     def snapshot(self) -> dict[str, Any]:
         return {
@@ -49,9 +59,21 @@ class RuleStats:
                 "total": self.total,
                 "rejected": sum(self.rejected.values()),
                 "rejected_by_reason": dict(self.rejected),
+                # a udp rule's connections are its sessions: active == udp.sessions,
+                # total counts sessions created
+                "counts": "sessions" if self.protocol == "udp" else "connections",
             },
             "upstream_connect_failures": self.connect_failures,
             "bytes": {"received": self.bytes_received, "sent": self.bytes_sent},
+            "udp": {
+                "sessions": self.udp_sessions,
+                "packets_received": self.udp_packets_received,
+                "packets_sent": self.udp_packets_sent,
+                "dropped": sum(self.udp_dropped.values()),
+                "dropped_by_reason": dict(self.udp_dropped),
+            }
+            if self.protocol == "udp"
+            else None,
         }
 
 

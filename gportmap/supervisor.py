@@ -225,6 +225,26 @@ class Supervisor:
         finally:
             self.draining.pop(runner, None)
 
+    def rule_states(self) -> list[tuple[Rule, str, str | None]]:
+        """(rule, state, error) of every rule of the config in file order, then the
+        removed rules still draining. Disabled rules are ``disabled``."""
+        states: list[tuple[Rule, str, str | None]] = []
+        if self.config is None:
+            return states
+        names = set()
+        for rule in self.config.rules:
+            names.add(rule.name)
+            runner = self.runners.get(rule.key) if rule.enabled else None
+            if runner is None or runner.rule != rule:
+                states.append((rule, "disabled", None))
+            else:
+                states.append((rule, runner.state.value, runner.error))
+        for runner in self.draining:
+            if runner.rule.name not in names:
+                names.add(runner.rule.name)
+                states.append((runner.rule, runner.state.value, None))
+        return states
+
     def close_listeners(self) -> None:
         """Stop accepting on every rule at once: new connection attempts are refused."""
         for runner in self.runners.values():

@@ -16,6 +16,8 @@ import subprocess
 import sys
 import threading
 import time
+import urllib.error
+import urllib.request
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -157,6 +159,11 @@ class Gportmap:
         self._log = open(self.log_path, "wb")
         self._records: list[dict] = []
         self._offset = 0
+        # Every instance gets its admin endpoint on a free port unless the test says otherwise.
+        self.admin_port = None
+        if not any(arg.startswith("--admin") for arg in extra_args):
+            self.admin_port = free_port()
+            extra_args = (*extra_args, "--admin", f"{LOOPBACK}:{self.admin_port}")
         cmd = [sys.executable, "-m", "gportmap", str(self.rules_path), "--log-format", "json", *extra_args]
         self.proc = subprocess.Popen(
             cmd,
@@ -166,6 +173,23 @@ class Gportmap:
             cwd=tmp_path,
             env={**os.environ, **(env or {})},
         )
+
+    def admin(self, path: str, method: str = "GET", token: str | None = None, timeout: float = 10) -> tuple[int, bytes, dict]:
+        """One request to the admin endpoint: (status, body, headers)."""
+        assert self.admin_port is not None, "this instance has no admin endpoint"
+        request = urllib.request.Request(f"http://{LOOPBACK}:{self.admin_port}{path}", method=method)
+        if token is not None:
+            request.add_header("Authorization", f"Bearer {token}")
+        try:
+            with urllib.request.urlopen(request, timeout=timeout) as response:
+                return response.status, response.read(), dict(response.headers)
+        except urllib.error.HTTPError as error:
+            return error.code, error.read(), dict(error.headers)
+
+    def admin_json(self, path: str, method: str = "GET", token: str | None = None) -> Any:
+        status, body, _ = self.admin(path, method, token)
+        assert status == 200, (status, body)
+        return json.loads(body)
 
     @property
     def pid(self) -> int:
@@ -199,6 +223,8 @@ class Gportmap:
 
     def wait_started(self, timeout: float = 15.0) -> None:
         self.wait_event("started", timeout)
+        if self.admin_port is not None:
+            self.wait_event("admin_started", timeout)
 
     def signal(self, signum: int = signal.SIGTERM) -> None:
         self.proc.send_signal(signum)

@@ -203,6 +203,8 @@ def test_schema_is_valid_and_closes_every_object() -> None:
         "logFormat",
         "logLevel",
         "watch",
+        "admin",
+        "statsInterval",
     }
 
 

@@ -32,8 +32,9 @@ class ServerContext:
 def server_class(protocol: str) -> type:
     """The server class for a protocol name (validated by the config already)."""
     from gportmap.protocols.tcp import TcpServer
+    from gportmap.protocols.udp import UdpServer
 
-    registry = {"tcp": TcpServer}
+    registry = {"tcp": TcpServer, "udp": UdpServer}
     return registry[protocol]
 
 

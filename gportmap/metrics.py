@@ -1,0 +1,99 @@
+"""Prometheus exposition of the counters (SPEC §5), read at scrape time.
+
+prometheus-client renders the text format (escaping, HELP/TYPE, ``_total``
+suffixes) and supplies the standard ``process_*`` metrics; gportmap's own figures
+come from a custom collector that reads the plain integers the relay maintains, so
+the data path never touches a metrics library. The collector registry is private
+to the admin server (no global registry).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import TYPE_CHECKING
+
+from prometheus_client import CollectorRegistry, PlatformCollector, ProcessCollector, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+
+from gportmap.stats import REJECT_REASONS, UDP_DROP_REASONS
+
+if TYPE_CHECKING:
+    from gportmap.service import Service
+
+CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+
+
+class GportmapCollector:
+    """Builds the metric families from a ``Service`` snapshot on every scrape."""
+
+    def __init__(self, service: Service) -> None:
+        self.service = service
+
+    def collect(self) -> Iterator[Metric]:
+        rule_labels = ["rule", "protocol"]
+        up = GaugeMetricFamily("gportmap_rule_up", "1 while the rule's listener serves, 0 when it cannot start.", labels=rule_labels)
+        active = GaugeMetricFamily("gportmap_connections_active", "Open connections.", labels=rule_labels)
+        total = CounterMetricFamily("gportmap_connections", "Admitted connections.", labels=rule_labels)
+        rejected = CounterMetricFamily(
+            "gportmap_connections_rejected",
+            "Connections closed before relaying, by reason (acl, limit, tls, plugin).",
+            labels=[*rule_labels, "reason"],
+        )
+        failures = CounterMetricFamily(
+            "gportmap_upstream_connect_failures",
+            "Target connects that were refused, timed out or failed their TLS handshake.",
+            labels=rule_labels,
+        )
+        received = CounterMetricFamily("gportmap_received_bytes", "Bytes received from clients.", labels=rule_labels)
+        sent = CounterMetricFamily("gportmap_sent_bytes", "Bytes sent to clients.", labels=rule_labels)
+        udp_sessions = GaugeMetricFamily("gportmap_udp_sessions_active", "Open UDP sessions.", labels=["rule"])
+        udp_in = CounterMetricFamily("gportmap_udp_packets_received", "Datagrams received from clients.", labels=["rule"])
+        udp_out = CounterMetricFamily("gportmap_udp_packets_sent", "Datagrams sent to clients.", labels=["rule"])
+        udp_dropped = CounterMetricFamily(
+            "gportmap_udp_packets_dropped",
+            "Datagrams dropped, by reason (sessions, acl, plugin, error).",
+            labels=["rule", "reason"],
+        )
+        for view in self.service.rule_views():
+            if view.state == "disabled":
+                continue  # not started, so neither up nor down
+            stats, labels = view.stats, [view.name, view.protocol]
+            up.add_metric(labels, 1.0 if view.state in ("running", "draining") else 0.0)
+            active.add_metric(labels, stats.active)
+            total.add_metric(labels, stats.total)
+            for reason in REJECT_REASONS:
+                rejected.add_metric([*labels, reason], stats.rejected[reason])
+            failures.add_metric(labels, stats.connect_failures)
+            received.add_metric(labels, stats.bytes_received)
+            sent.add_metric(labels, stats.bytes_sent)
+            if view.protocol == "udp":
+                udp_sessions.add_metric([view.name], stats.udp_sessions)
+                udp_in.add_metric([view.name], stats.udp_packets_received)
+                udp_out.add_metric([view.name], stats.udp_packets_sent)
+                for reason in UDP_DROP_REASONS:
+                    udp_dropped.add_metric([view.name, reason], stats.udp_dropped[reason])
+        yield from (up, active, total, rejected, failures, received, sent)
+        yield from (udp_sessions, udp_in, udp_out, udp_dropped)
+
+        reloads = CounterMetricFamily("gportmap_config_reloads", "Rules file reloads, by result.", labels=["result"])
+        for result in ("success", "failure"):
+            reloads.add_metric([result], self.service.reloads[result])
+        yield reloads
+        last = self.service.last_success_at
+        yield GaugeMetricFamily(
+            "gportmap_config_last_reload_success_timestamp_seconds",
+            "Unix time of the last successful load of the rules file.",
+            value=last if last is not None else self.service.started_at,
+        )
+
+
+def build_registry(service: Service) -> CollectorRegistry:
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(GportmapCollector(service))
+    ProcessCollector(registry=registry)
+    PlatformCollector(registry=registry)
+    return registry
+
+
+def render(registry: CollectorRegistry) -> bytes:
+    return generate_latest(registry)
