@@ -36,10 +36,15 @@ TOP_LEVEL_PROBLEM = 'the file must be a list of rules or an object with "rules"'
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 # The words that name a value in "... is not a supported <noun>" messages.
 _ENUM_NOUNS = {"protocol": "protocol", "logFormat": "log format"}
-_PATTERN_HINTS = {"name": "1 to 64 letters, digits, '_', '.' or '-'"}
+_PATTERN_HINTS = {
+    "name": "1 to 64 letters, digits, '_', '.' or '-'",
+    "path": "a URL path: '/' then printable ASCII, no spaces, no '?' or '#'",
+    "targetPath": "a URL path: '/' then printable ASCII, no spaces",
+}
 # The schema's pattern ends in "$", which Python's re (unlike ECMA-262) also matches
 # before a trailing newline: names are checked again with fullmatch.
 _NAME = re.compile(r"[A-Za-z0-9_.-]{1,64}")
+_URL_PATH = re.compile(r"/[\x21-\x7e]{0,1023}")  # goes into a request line: no CR/LF, no spaces
 _LABEL = re.compile(r"[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?")
 _IDENTIFIER = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 
@@ -90,6 +95,12 @@ class Rule:
     idle_timeout: float = 300.0
     session_timeout: float = 60.0
     max_sessions: int = 1000
+    handshake_timeout: float = 10.0
+    path: str = "/"  # websocket: the listener's path
+    origins: tuple[str, ...] = ()  # websocket: allowed Origin values; empty = any
+    max_message_size: int = 1048576  # websocket, and tcp tunnels: largest message
+    target_protocol: str = "tcp"  # tcp: "websocket" tunnels each connection over a WebSocket
+    target_path: str = "/"  # tcp tunnels: the path asked of the target
     index: int = field(default=0, compare=False)
 
     @property
@@ -343,17 +354,31 @@ _RULE_KEYS: dict[str, tuple[str, Callable[[Any], Any]]] = {
     "idleTimeout": ("idle_timeout", float),
     "sessionTimeout": ("session_timeout", float),
     "maxSessions": ("max_sessions", int),
+    "handshakeTimeout": ("handshake_timeout", float),
+    "path": ("path", str),
+    "origins": ("origins", tuple),
+    "maxMessageSize": ("max_message_size", int),
+    "targetProtocol": ("target_protocol", str),
+    "targetPath": ("target_path", str),
 }
 #: Rule keys that mean something for some protocols only: (those protocols, the
 #: key that does the job elsewhere). Anywhere else such a key would silently do
 #: nothing, so it is an error.
 _PROTOCOL_KEYS: dict[str, tuple[tuple[str, ...], str | None]] = {
-    "maxConnections": (("tcp",), "maxSessions"),
-    "connectTimeout": (("tcp",), None),
-    "idleTimeout": (("tcp",), "sessionTimeout"),
+    "maxConnections": (("tcp", "websocket"), "maxSessions"),
+    "connectTimeout": (("tcp", "websocket"), None),
+    "idleTimeout": (("tcp", "websocket"), "sessionTimeout"),
     "sessionTimeout": (("udp",), "idleTimeout"),
     "maxSessions": (("udp",), "maxConnections"),
+    "handshakeTimeout": (("websocket", "tcp"), None),
+    "path": (("websocket",), None),
+    "origins": (("websocket",), None),
+    "maxMessageSize": (("websocket", "tcp"), None),
+    "targetProtocol": (("tcp",), None),
+    "targetPath": (("tcp",), None),
 }
+#: On a tcp rule these mean something only for a tunnel (targetProtocol websocket).
+_TUNNEL_KEYS = frozenset({"handshakeTimeout", "maxMessageSize", "targetPath"})
 _SETTINGS_KEYS: dict[str, tuple[str, Callable[[Any], Any]]] = {
     "maxConnections": ("max_connections", int),
     "drainTimeout": ("drain_timeout", float),
@@ -448,6 +473,9 @@ def _check_rules(rules: list[Rule], items: list[Any]) -> list[Problem]:
         for key, host in (("listenHost", rule.listen_host), ("targetHost", rule.target_host)):
             if (problem := host_problem(host)) is not None:
                 problems.append((("rules", rule.index, key), problem))
+        for key, path in (("path", rule.path), ("targetPath", rule.target_path)):
+            if not _URL_PATH.fullmatch(path) or (key == "path" and ("?" in path or "#" in path)):
+                problems.append((("rules", rule.index, key), f"{_show(path)} is not {_PATTERN_HINTS[key]}"))
     problems += _check_protocol_keys(rules, items)
     problems += _check_names(rules, items)
     problems += _check_listen(
@@ -465,6 +493,10 @@ def _check_protocol_keys(rules: list[Rule], items: list[Any]) -> list[Problem]:
                 continue
             protocols, instead = _PROTOCOL_KEYS[key]
             if rule.protocol in protocols:
+                if rule.protocol == "tcp" and key in _TUNNEL_KEYS and rule.target_protocol != "websocket":
+                    problems.append(
+                        (("rules", rule.index, key), 'applies to tcp rules only with "targetProtocol": "websocket"')
+                    )
                 continue
             hint = f" (for {rule.protocol} rules use {instead!r})" if instead else ""
             problems.append(

@@ -83,7 +83,39 @@ def _wait(waiter: Callable, fd: int, conn: Connection, idle: float) -> None:
             continue
 
 
-def _shutdown(sock: socket.socket, how: int) -> None:
+def send_all(
+    dst: socket.socket,
+    dst_fd: int,
+    view: memoryview,
+    side: str,
+    conn: Connection,
+    idle: float,
+    on_sent: Callable[[int], None] | None = None,
+) -> None:
+    """Write all of ``view`` to a non-blocking socket, waiting for writability with the
+    connection's idle clock; partial writes count as activity and (via ``on_sent``)
+    as bytes sent. Errors are attributed to ``side``."""
+    while view:
+        try:
+            sent = dst.send(view)
+        except BlockingIOError:
+            _wait(wait_write, dst_fd, conn, idle)
+            continue
+        except OSError as exc:
+            raise SideError(side, exc) from None
+        conn.last_active = time.monotonic()
+        if on_sent is not None:
+            on_sent(sent)
+        view = view[sent:]
+
+
+def wait_readable(fd: int, conn: Connection, idle: float) -> None:
+    """Wait until ``fd`` is readable, raising IdleTimeout per the connection's idle clock."""
+    _wait(wait_read, fd, conn, idle)
+
+
+def shutdown(sock: socket.socket, how: int) -> None:
+    """shutdown() that ignores a socket already closed or reset."""
     try:
         sock.shutdown(how)
     except OSError:
@@ -141,8 +173,8 @@ class Relay:
         if self.reason is None:
             self.reason = reason
             self.error = error
-        _shutdown(self.client, socket.SHUT_RDWR)
-        _shutdown(self.target, socket.SHUT_RDWR)
+        shutdown(self.client, socket.SHUT_RDWR)
+        shutdown(self.target, socket.SHUT_RDWR)
 
     def _pump(self, src: socket.socket, dst: socket.socket, src_side: str, dst_side: str) -> None:
         conn, idle, pool = self.conn, self.idle, self.pool
@@ -162,28 +194,14 @@ class Relay:
                     except OSError as exc:
                         raise SideError(src_side, exc) from None
                     if not n:
-                        _shutdown(dst, socket.SHUT_WR)  # forward the FIN, keep the other way open
+                        shutdown(dst, socket.SHUT_WR)  # forward the FIN, keep the other way open
                         return
                     conn.last_active = time.monotonic()
                     if uploading:
                         conn.add_received(n)
-                    self._send_all(dst, dst_fd, buf[:n], dst_side, not uploading)
+                    send_all(dst, dst_fd, buf[:n], dst_side, conn, idle, None if uploading else conn.add_sent)
                     if n < len(buf):
                         break
             finally:
                 pool.give(buf)
 
-    def _send_all(self, dst: socket.socket, dst_fd: int, view: memoryview, side: str, count: bool) -> None:
-        conn, idle = self.conn, self.idle
-        while view:
-            try:
-                sent = dst.send(view)
-            except BlockingIOError:
-                _wait(wait_write, dst_fd, conn, idle)
-                continue
-            except OSError as exc:
-                raise SideError(side, exc) from None
-            conn.last_active = time.monotonic()
-            if count:
-                conn.add_sent(sent)
-            view = view[sent:]

@@ -196,6 +196,14 @@ def test_schema_is_valid_and_closes_every_object() -> None:
         "maxConnections",
         "connectTimeout",
         "idleTimeout",
+        "sessionTimeout",
+        "maxSessions",
+        "handshakeTimeout",
+        "path",
+        "origins",
+        "maxMessageSize",
+        "targetProtocol",
+        "targetPath",
     }
     assert set(schema["$defs"]["settings"]["properties"]) == {
         "maxConnections",
@@ -339,12 +347,60 @@ def test_rule_that_is_not_an_object() -> None:
 @pytest.mark.parametrize(
     ("protocol", "problem"),
     [
-        ("tpc", "'tpc' is not a supported protocol (expected one of: 'tcp'; did you mean 'tcp'?)"),
-        ("smtp", "'smtp' is not a supported protocol (expected one of: 'tcp')"),
+        ("tpc", "'tpc' is not a supported protocol (expected one of: 'tcp', 'udp', 'websocket'; did you mean 'tcp'?)"),
+        ("smtp", "'smtp' is not a supported protocol (expected one of: 'tcp', 'udp', 'websocket')"),
     ],
 )
 def test_bad_protocol(protocol: str, problem: str) -> None:
     assert single_error([rule(protocol=protocol)]) == f"rules.json: rules[0].protocol: {problem}"
+
+
+def test_udp_rule_keys_and_defaults() -> None:
+    udp = {"protocol": "udp", "listenPort": 53, "targetHost": "10.0.0.1", "targetPort": 53}
+    default, tuned = parse(
+        json.dumps([udp, {**udp, "listenPort": 54, "sessionTimeout": 0.5, "maxSessions": 10}]), "r"
+    ).rules
+    assert (default.name, default.session_timeout, default.max_sessions) == ("udp-53", 60.0, 1000)
+    assert (tuned.session_timeout, tuned.max_sessions) == (0.5, 10)
+    assert isinstance(tuned.session_timeout, float) and default.key == ("udp", "0.0.0.0", 53)
+
+
+def test_tcp_and_udp_rules_may_share_a_port() -> None:
+    udp = rule(protocol="udp", name="dns-udp", listenPort=53)
+    parse(json.dumps([rule(name="dns-tcp", listenPort=53), udp]), "r")
+    assert single_error([udp, {**udp, "name": "again"}]) == (
+        "rules.json: rules[1]: listen address 0.0.0.0:53 is already used by rules[0] ('dns-udp'); "
+        "two enabled udp rules cannot listen on the same address and port"
+    )
+
+
+def test_keys_that_do_not_apply_to_the_protocol_are_errors() -> None:
+    assert errors_of(
+        [
+            rule(sessionTimeout=5, maxSessions=10),
+            rule(protocol="udp", listenPort=53, maxConnections=5, connectTimeout=1, idleTimeout=30),
+        ]
+    ) == [
+        "rules.json: rules[0].sessionTimeout: applies only to udp rules (for tcp rules use 'idleTimeout')",
+        "rules.json: rules[0].maxSessions: applies only to udp rules (for tcp rules use 'maxConnections')",
+        "rules.json: rules[1].maxConnections: applies only to tcp and websocket rules (for udp rules use 'maxSessions')",
+        "rules.json: rules[1].connectTimeout: applies only to tcp and websocket rules",
+        "rules.json: rules[1].idleTimeout: applies only to tcp and websocket rules (for udp rules use 'sessionTimeout')",
+    ]
+
+
+@pytest.mark.parametrize(
+    ("key", "value", "problem"),
+    [
+        ("sessionTimeout", 0, "0 must be greater than 0"),
+        ("sessionTimeout", "60", "'60' is not of type 'number'"),
+        ("maxSessions", 0, "0 is less than the minimum of 1"),
+        ("maxSessions", 1.5, "1.5 is not of type 'integer'"),
+    ],
+)
+def test_bad_udp_values(key: str, value: Any, problem: str) -> None:
+    udp = rule(protocol="udp", **{key: value})
+    assert single_error([udp]) == f"rules.json: rules[0].{key}: {problem}"
 
 
 def test_bad_settings_values() -> None:
@@ -469,7 +525,8 @@ def test_every_error_is_reported_at_once_in_document_order() -> None:
         "rules.json: rules[0].nmae: unknown key (did you mean 'name'?)",
         "rules.json: rules[2].targetHost: 'http://x' is not an IP address or host name (give a host, not a URL)",
         "rules.json: rules[2].name: 'web' is already used by rules[1]",
-        "rules.json: rules[3].protocol: 'tpc' is not a supported protocol (expected one of: 'tcp'; did you mean 'tcp'?)",
+        "rules.json: rules[3].protocol: 'tpc' is not a supported protocol "
+        "(expected one of: 'tcp', 'udp', 'websocket'; did you mean 'tcp'?)",
     ]
 
 
@@ -521,11 +578,19 @@ rule_keys = st.sampled_from(
         "maxConnections",
         "connectTimeout",
         "idleTimeout",
+        "sessionTimeout",
+        "maxSessions",
+        "handshakeTimeout",
+        "path",
+        "origins",
+        "maxMessageSize",
+        "targetProtocol",
+        "targetPath",
         "bogus",
     ]
 )
 rule_values = (
-    st.sampled_from(["tcp", "udp", "::", "0.0.0.0", "127.0.0.1", "x", "web", 80, 80.0, 0, 70000, True])
+    st.sampled_from(["tcp", "udp", "websocket", "/", "/ws", "::", "0.0.0.0", "127.0.0.1", "x", "web", 80, 80.0, 0, 70000, True])
     | json_values
 )
 plausible_rules = st.lists(st.dictionaries(rule_keys, rule_values, max_size=11), max_size=5)

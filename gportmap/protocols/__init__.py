@@ -33,8 +33,9 @@ def server_class(protocol: str) -> type:
     """The server class for a protocol name (validated by the config already)."""
     from gportmap.protocols.tcp import TcpServer
     from gportmap.protocols.udp import UdpServer
+    from gportmap.protocols.websocket import WebSocketServer
 
-    registry = {"tcp": TcpServer, "udp": UdpServer}
+    registry = {"tcp": TcpServer, "udp": UdpServer, "websocket": WebSocketServer}
     return registry[protocol]
 
 

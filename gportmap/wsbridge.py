@@ -1,0 +1,286 @@
+"""Relay between a TCP socket and a WebSocket, in either role.
+
+Server role (a ``websocket`` rule): the WebSocket peer is the client, its frames
+arrive masked, ours go out unmasked. Client role (a tcp rule with
+``targetProtocol: "websocket"``, the tunnel's entry): the WebSocket peer is the
+target, and we mask. Either way:
+
+- TCP bytes go out as binary frames, framed in place in a pooled buffer (the
+  payload is received 14 bytes into the buffer and the header written in front);
+- frames are parsed straight out of pooled receive buffers and their payload is
+  forwarded piece by piece, never assembled; ``maxMessageSize`` is enforced from the
+  headers, so a 2 GiB announcement is refused (1009) before a byte of it is read;
+- the ends map like a half-close: TCP EOF sends Close(1000) once everything before
+  it is out; the peer's Close (or EOF) shuts down the TCP side's write direction,
+  and the other way keeps flowing until it ends too; pings are answered;
+- both directions write to the WebSocket under one lock, so a pong never lands in
+  the middle of a data frame.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import time
+
+import gevent
+from gevent.lock import Semaphore
+
+from gportmap import wsframe
+from gportmap.relay import BufferPool, IdleTimeout, SideError, send_all, shutdown, wait_readable
+from gportmap.stats import Connection
+
+_HEADROOM = wsframe.MAX_HEADER
+
+
+class WsBridge:
+    """One bridged connection; ``run()`` returns the close reason like ``Relay.run``."""
+
+    def __init__(
+        self,
+        ws: socket.socket,
+        leftover: bytes,
+        tcp: socket.socket,
+        conn: Connection,
+        idle_timeout: float,
+        pool: BufferPool,
+        max_message: int,
+        client_role: bool,
+    ) -> None:
+        self.ws, self.tcp, self.conn = ws, tcp, conn
+        self.idle, self.pool, self.max_message = idle_timeout, pool, max_message
+        self.client_role = client_role
+        # Which side is gportmap's client, for counters and error reasons.
+        self.ws_side, self.tcp_side = ("target", "client") if client_role else ("client", "target")
+        self.reason: str | None = None
+        self.error: str | None = None
+        self._pending = leftover  # bytes read past the handshake: the first frames
+        self._lock = Semaphore()
+        self._close_sent = False
+        self._close_received = False
+
+    # -- orchestration ----------------------------------------------------------------
+
+    def run(self) -> str:
+        self.ws.settimeout(0.0)
+        self.tcp.settimeout(0.0)
+        outbound = gevent.spawn(self._guard, self._tcp_to_ws)
+        try:
+            self._guard(self._ws_to_tcp)
+            outbound.join()
+        finally:
+            outbound.kill(block=True)
+        return self.reason or "closed"
+
+    def _guard(self, direction) -> None:
+        try:
+            direction()
+        except IdleTimeout:
+            self._abort("idle_timeout", None, wsframe.CLOSE_GOING_AWAY)
+        except wsframe.FrameError as exc:
+            self._abort(f"{self.ws_side}_error", exc.reason, exc.code)
+        except SideError as exc:
+            code = wsframe.CLOSE_INTERNAL_ERROR if exc.side != self.ws_side else None
+            self._abort(f"{exc.side}_error", exc.error.strerror or str(exc.error), code)
+
+    def _abort(self, reason: str, error: str | None, close_code: int | None) -> None:
+        if self.reason is None:
+            self.reason, self.error = reason, error
+            if close_code is not None and not self._close_sent and self._lock.acquire(blocking=False):
+                try:  # best effort, never waits: the peer may be the problem
+                    self.ws.send(self._control(wsframe.OP_CLOSE, wsframe.close_payload(close_code, error or "")))
+                    self._close_sent = True
+                except OSError:
+                    pass
+                finally:
+                    self._lock.release()
+        shutdown(self.ws, socket.SHUT_RDWR)
+        shutdown(self.tcp, socket.SHUT_RDWR)
+
+    # -- writing frames ---------------------------------------------------------------
+
+    def _control(self, opcode: int, payload: bytes) -> bytes:
+        if self.client_role:
+            mask = os.urandom(4)
+            body = bytearray(payload)
+            wsframe.mask_in_place(memoryview(body), mask)
+            return wsframe.encode_header(opcode, len(body), mask) + bytes(body)
+        return wsframe.encode_header(opcode, len(payload)) + payload
+
+    def _send_ws(self, view: memoryview, payload: int = 0) -> None:
+        """Send one whole frame; ``payload`` bytes of it count as sent to/received from the client."""
+        with self._lock:
+            if self._close_sent:
+                return  # after our Close, nothing more may be sent
+            send_all(self.ws, self.ws.fileno(), view, self.ws_side, self.conn, self.idle)
+        if payload:
+            (self.conn.add_received if self.client_role else self.conn.add_sent)(payload)
+
+    def _send_close(self, code: int) -> None:
+        frame = self._control(wsframe.OP_CLOSE, wsframe.close_payload(code))
+        with self._lock:
+            if not self._close_sent:
+                send_all(self.ws, self.ws.fileno(), memoryview(frame), self.ws_side, self.conn, self.idle)
+                self._close_sent = True
+
+    # -- TCP -> WebSocket ---------------------------------------------------------------
+
+    def _tcp_to_ws(self) -> None:
+        tcp, fd, pool, conn = self.tcp, self.tcp.fileno(), self.pool, self.conn
+        while True:
+            wait_readable(fd, conn, self.idle)
+            if self.reason is not None:
+                return
+            buf = pool.take()
+            try:
+                try:
+                    n = tcp.recv_into(buf[_HEADROOM:])
+                except BlockingIOError:
+                    continue
+                except OSError as exc:
+                    raise SideError(self.tcp_side, exc) from None
+                if not n:
+                    self._send_close(wsframe.CLOSE_NORMAL)
+                    if self._close_received:
+                        shutdown(self.ws, socket.SHUT_WR)
+                    return
+                conn.last_active = time.monotonic()
+                mask = os.urandom(4) if self.client_role else None
+                if mask is not None:
+                    wsframe.mask_in_place(buf[_HEADROOM : _HEADROOM + n], mask)
+                header = wsframe.encode_header(wsframe.OP_BINARY, n, mask)
+                start = _HEADROOM - len(header)
+                buf[start:_HEADROOM] = header
+                self._send_ws(buf[start : _HEADROOM + n], payload=n)
+            finally:
+                pool.give(buf)
+
+    # -- WebSocket -> TCP ---------------------------------------------------------------
+
+    def _ws_to_tcp(self) -> None:
+        reader = _FrameReader(self)
+        reader.run()
+        # The peer closed (frame or EOF): pass the end on as a half-close.
+        self._close_received = True
+        shutdown(self.tcp, socket.SHUT_WR)
+        if self._close_sent:
+            shutdown(self.ws, socket.SHUT_WR)
+
+
+class _FrameReader:
+    """Parses the peer's frames out of pooled buffers and forwards data payloads."""
+
+    def __init__(self, bridge: WsBridge) -> None:
+        self.b = bridge
+        self.partial = b""  # an incomplete header carried between reads (at most 13 bytes)
+        self.header: wsframe.Header | None = None
+        self.remaining = 0  # payload bytes of the current frame not yet seen
+        self.offset = 0  # payload bytes of the current frame already seen (mask rotation)
+        self.in_message = False  # between a non-final data frame and its last continuation
+        self.message_size = 0
+        self.control = bytearray()
+
+    def run(self) -> None:
+        b = self.b
+        fd, pool = b.ws.fileno(), b.pool
+        while True:
+            if not b._pending:
+                wait_readable(fd, b.conn, b.idle)  # holding no buffer while the peer is quiet
+                if b.reason is not None:
+                    return
+            buf = pool.take()
+            try:
+                filled = self._fill(buf)
+                if filled is None:
+                    return  # EOF: treated like a Close without a status
+                if self._consume(buf[:filled]):
+                    return  # a Close frame arrived
+            finally:
+                pool.give(buf)
+
+    def _fill(self, buf: memoryview) -> int | None:
+        """Put the carried partial header and what is available in ``buf``; None on EOF."""
+        b = self.b
+        start = len(self.partial)
+        buf[:start] = self.partial
+        self.partial = b""
+        if b._pending:
+            take = min(len(b._pending), len(buf) - start)
+            buf[start : start + take] = b._pending[:take]
+            b._pending = b._pending[take:]
+            return start + take
+        try:
+            n = b.ws.recv_into(buf[start:])
+        except BlockingIOError:
+            return start  # woken without data: nothing new
+        except OSError as exc:
+            raise SideError(b.ws_side, exc) from None
+        if not n:
+            return None
+        b.conn.last_active = time.monotonic()
+        return start + n
+
+    def _consume(self, data: memoryview) -> bool:
+        """Process every complete piece of ``data``; True once a Close frame is handled."""
+        pos, end = 0, len(data)
+        while pos < end:
+            if self.header is None:
+                header = wsframe.parse_header(data[pos:end])
+                if header is None:
+                    self.partial = bytes(data[pos:end])
+                    return False
+                self._begin(header)
+                pos += header.size
+                if self.remaining:
+                    continue
+            else:
+                take = min(self.remaining, end - pos)
+                self._payload(data[pos : pos + take])
+                pos += take
+                self.remaining -= take
+                if self.remaining:
+                    continue
+            if self._finish():
+                return True
+        return False
+
+    def _begin(self, header: wsframe.Header) -> None:
+        b = self.b
+        if b.client_role and header.mask is not None:
+            raise wsframe.FrameError(wsframe.CLOSE_PROTOCOL_ERROR, "a server must not mask its frames")
+        if not b.client_role and header.mask is None:
+            raise wsframe.FrameError(wsframe.CLOSE_PROTOCOL_ERROR, "a client must mask its frames")
+        if header.opcode in wsframe.DATA_OPCODES:
+            continuation = header.opcode == wsframe.OP_CONTINUATION
+            if continuation != self.in_message:
+                raise wsframe.FrameError(wsframe.CLOSE_PROTOCOL_ERROR, "unexpected continuation frame")
+            self.message_size = (self.message_size if continuation else 0) + header.length
+            if self.message_size > b.max_message:
+                raise wsframe.FrameError(
+                    wsframe.CLOSE_TOO_BIG, f"message of {self.message_size} bytes exceeds maxMessageSize"
+                )
+            self.in_message = not header.fin
+        self.header, self.remaining, self.offset = header, header.length, 0
+        self.control.clear()
+
+    def _payload(self, chunk: memoryview) -> None:
+        header, b = self.header, self.b
+        assert header is not None
+        if header.mask is not None:
+            wsframe.mask_in_place(chunk, header.mask, self.offset)
+        self.offset += len(chunk)
+        if header.opcode in wsframe.CONTROL_OPCODES:
+            self.control += chunk  # at most 125 bytes, checked in parse_header
+            return
+        send_all(b.tcp, b.tcp.fileno(), chunk, b.tcp_side, b.conn, b.idle)
+        (b.conn.add_sent if b.client_role else b.conn.add_received)(len(chunk))
+
+    def _finish(self) -> bool:
+        header, b = self.header, self.b
+        assert header is not None
+        self.header = None
+        if header.opcode == wsframe.OP_PING:
+            b._send_ws(memoryview(b._control(wsframe.OP_PONG, bytes(self.control))))
+        elif header.opcode == wsframe.OP_CLOSE:
+            return True
+        return False
