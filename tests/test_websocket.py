@@ -389,3 +389,51 @@ def test_websocket_keys_are_checked_per_protocol(tmp_path):
         "r.json: rules[0].path: '/a?b' is not a URL path: '/' then printable ASCII, no spaces, no '?' or '#'",
         "r.json: rules[1].origins: [] should be non-empty",
     ]
+
+
+@pytest.mark.parametrize("stalled", ["browser", "target"])
+def test_a_reader_that_stops_does_not_grow_memory(start_gportmap, stalled):
+    release, push_done = threading.Event(), threading.Event()
+    pushed = {"bytes": 0}
+    chunk = os.urandom(MB)
+
+    def push(sock: socket.socket, data: bytes) -> None:
+        sock.settimeout(2.0)  # no progress for 2 s = backpressure reached
+        try:
+            while pushed["bytes"] < 100 * MB:
+                pushed["bytes"] += sock.send(data)
+        except OSError:
+            pass
+        push_done.set()
+
+    def target_handler(conn: socket.socket) -> None:
+        if target.accepted == 1:
+            return  # the warm-up connection
+        if stalled == "browser":
+            push(conn, chunk)
+        release.wait(60)
+
+    target = TargetServer(target_handler)
+    port = free_port()
+    gp = start_gportmap([ws_rule(port, target.port, name="stall", maxMessageSize=1 << 30)])
+    try:
+        warm = websocket.create_connection(f"ws://127.0.0.1:{port}/")
+        warm.close()
+        gp.wait_event("connection_closed", rule="stall")
+        before = gp.rss_kib()
+        sock, head = handshake(port)
+        assert head.startswith(b"HTTP/1.1 101")
+        if stalled == "target":
+            # One huge masked frame, streamed: the header announces 100 MB, the payload follows.
+            key = os.urandom(4)
+            sock.sendall(struct.pack("!BBQ", 0x82, 0x80 | 127, 100 * MB) + key)
+            push(sock, bytes(b ^ key[i % 4] for i, b in enumerate(chunk[:4096])) * 256)
+        wait_for(push_done.is_set, timeout=60, what="the pusher to stall")
+        growth_mib = (gp.rss_kib() - before) / 1024
+        print(f"stalled {stalled}: pushed {pushed['bytes'] / MB:.1f} MiB, RSS growth {growth_mib:.2f} MiB")
+        assert pushed["bytes"] < 100 * MB, "nothing pushed back"
+        assert growth_mib < 4, f"RSS grew by {growth_mib:.1f} MiB"
+        sock.close()
+    finally:
+        release.set()
+        target.close()
