@@ -123,7 +123,9 @@ class UdpServer:
 
     def start(self, listener: socket.socket | None = None) -> None:
         """Start reading, on ``listener`` if handed over, else on a new socket."""
-        self.listener = listener or bind_listener(self.rule.listen_host, self.rule.listen_port, socket.SOCK_DGRAM)
+        self.listener = listener or bind_listener(
+            self.rule.listen_host, self.rule.listen_port, socket.SOCK_DGRAM
+        )
         self._replies = getattr(self.listener, "_sock", self.listener)
         self._server = _Reader(self.listener, self._handle, spawn=None)
         self._server.start()
@@ -194,7 +196,9 @@ class UdpServer:
         """The one place a new client address is let in or turned away; ACL and plugin
         checks belong here too. Turning away costs no memory: nothing is stored."""
         if len(self.sessions) >= self.rule.max_sessions:
-            self._drop("sessions", peer_text(address), f"session table full ({self.rule.max_sessions} sessions)")
+            self._drop(
+                "sessions", peer_text(address), f"session table full ({self.rule.max_sessions} sessions)"
+            )
             return False
         return True
 
