@@ -37,7 +37,10 @@ setup(
             "pytest-timeout>=2.2",
             "hypothesis>=6.90",
             "psutil>=5.9",
-            "websocket-client>=1.6",  # drives headless Chromium over CDP, and later WebSocket tests
+            "websocket-client>=1.6",  # drives headless Chromium over CDP, and the WebSocket tests
+            "cryptography>=41",  # makes the tests' CAs and certificates
+            "supervisor>=4.2",  # tests/test_deploy.py runs deploy/supervisord.conf for real
+            "PyYAML>=6.0",  # parses deploy/kubernetes/*.yaml and deploy/docker-compose.yml
         ],
         "lint": ["ruff>=0.4"],
     },

@@ -20,14 +20,17 @@ import json
 import math
 import os
 import re
+import socket
+import ssl
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from importlib import resources
 from typing import Any
 
 import jsonschema
 
 from gportmap.errors import ConfigError
+from gportmap.security import client_context, parse_network, parse_target_allow, server_context
 
 JsonPath = tuple[str | int, ...]
 Problem = tuple[JsonPath, str]
@@ -63,6 +66,27 @@ class AdminSettings:
 
 
 @dataclass(frozen=True)
+class TlsListen:
+    """``tls`` of a rule: absolute file paths, and a digest of their content so that a
+    renewed certificate makes the rule differ (and reload) even with the same paths."""
+
+    cert_file: str
+    key_file: str
+    client_ca_file: str | None
+    digest: str
+
+
+@dataclass(frozen=True)
+class TlsTarget:
+    """``targetTls`` of a rule; ``server_name`` None means the target host."""
+
+    ca_file: str | None
+    server_name: str | None
+    verify: bool
+    digest: str
+
+
+@dataclass(frozen=True)
 class Settings:
     """The file's ``settings`` object; every key is optional."""
 
@@ -73,6 +97,7 @@ class Settings:
     watch: bool = True
     admin: AdminSettings | None = AdminSettings()  # None: the admin endpoint is off
     stats_interval: float = 60.0  # 0: no periodic stats records
+    allow_targets: tuple[str, ...] = ()  # empty: any target
 
 
 @dataclass(frozen=True)
@@ -101,6 +126,10 @@ class Rule:
     max_message_size: int = 1048576  # websocket, and tcp tunnels: largest message
     target_protocol: str = "tcp"  # tcp: "websocket" tunnels each connection over a WebSocket
     target_path: str = "/"  # tcp tunnels: the path asked of the target
+    allow: tuple[str, ...] = ()  # client networks admitted; empty = everyone
+    deny: tuple[str, ...] = ()  # client networks refused; wins over allow
+    tls: TlsListen | None = None
+    target_tls: TlsTarget | None = None
     index: int = field(default=0, compare=False)
 
     @property
@@ -167,6 +196,9 @@ def parse(data: bytes | str, path: str | os.PathLike[str]) -> Config:
     rules = _build_rules(document, invalid_rules)
     problems += _check_rules(rules, document.get("rules", []))
     problems += _check_settings(document.get("settings"))
+    rules, tls_problems = _attach_tls(rules, document.get("rules", []), os.path.dirname(os.path.abspath(shown)))
+    problems += tls_problems
+    problems += _check_targets(rules, document.get("settings"))
     if problems:
         problems.sort(key=lambda problem: _position(document, problem[0]))
         raise ConfigError([_message(shown, where, what) for where, what in problems])
@@ -360,6 +392,8 @@ _RULE_KEYS: dict[str, tuple[str, Callable[[Any], Any]]] = {
     "maxMessageSize": ("max_message_size", int),
     "targetProtocol": ("target_protocol", str),
     "targetPath": ("target_path", str),
+    "allow": ("allow", tuple),
+    "deny": ("deny", tuple),
 }
 #: Rule keys that mean something for some protocols only: (those protocols, the
 #: key that does the job elsewhere). Anywhere else such a key would silently do
@@ -376,6 +410,8 @@ _PROTOCOL_KEYS: dict[str, tuple[tuple[str, ...], str | None]] = {
     "maxMessageSize": (("websocket", "tcp"), None),
     "targetProtocol": (("tcp",), None),
     "targetPath": (("tcp",), None),
+    "tls": (("tcp", "websocket"), None),
+    "targetTls": (("tcp", "websocket"), None),
 }
 #: On a tcp rule these mean something only for a tunnel (targetProtocol websocket).
 _TUNNEL_KEYS = frozenset({"handshakeTimeout", "maxMessageSize", "targetPath"})
@@ -387,6 +423,7 @@ _SETTINGS_KEYS: dict[str, tuple[str, Callable[[Any], Any]]] = {
     "watch": ("watch", bool),
     "admin": ("admin", lambda value: _admin_settings(value)),
     "statsInterval": ("stats_interval", float),
+    "allowTargets": ("allow_targets", tuple),
 }
 
 
@@ -477,6 +514,7 @@ def _check_rules(rules: list[Rule], items: list[Any]) -> list[Problem]:
             if not _URL_PATH.fullmatch(path) or (key == "path" and ("?" in path or "#" in path)):
                 problems.append((("rules", rule.index, key), f"{_show(path)} is not {_PATTERN_HINTS[key]}"))
     problems += _check_protocol_keys(rules, items)
+    problems += _check_networks(rules)
     problems += _check_names(rules, items)
     problems += _check_listen(
         rule for rule in rules if rule.enabled and host_problem(rule.listen_host) is None
@@ -494,13 +532,132 @@ def _check_protocol_keys(rules: list[Rule], items: list[Any]) -> list[Problem]:
             protocols, instead = _PROTOCOL_KEYS[key]
             if rule.protocol in protocols:
                 if rule.protocol == "tcp" and key in _TUNNEL_KEYS and rule.target_protocol != "websocket":
-                    problems.append(
-                        (("rules", rule.index, key), 'applies to tcp rules only with "targetProtocol": "websocket"')
-                    )
+                    if key == "handshakeTimeout" and "tls" in items[rule.index]:
+                        continue  # the TLS handshake's deadline
+                    needs = '"tls" or "targetProtocol": "websocket"' if key == "handshakeTimeout" else '"targetProtocol": "websocket"'
+                    problems.append((("rules", rule.index, key), f"applies to tcp rules only with {needs}"))
                 continue
             hint = f" (for {rule.protocol} rules use {instead!r})" if instead else ""
             problems.append(
                 (("rules", rule.index, key), f"applies only to {' and '.join(protocols)} rules{hint}")
+            )
+    return problems
+
+
+def _check_networks(rules: list[Rule]) -> list[Problem]:
+    problems: list[Problem] = []
+    for rule in rules:
+        for key, networks in (("allow", rule.allow), ("deny", rule.deny)):
+            for i, text in enumerate(networks):
+                try:
+                    parse_network(text)
+                except ValueError:
+                    problems.append((("rules", rule.index, key, i), f"{_show(text)} is not an IP address or CIDR network"))
+    return problems
+
+
+def _read_file(base: str, path: str, where: JsonPath, problems: list[Problem]) -> tuple[str, bytes] | None:
+    """(absolute path, content) of a file named relative to the rules file's folder."""
+    full = os.path.normpath(os.path.join(base, os.path.expanduser(path)))
+    try:
+        with open(full, "rb") as file:
+            return full, file.read()
+    except OSError as exc:
+        problems.append((where, f"cannot read {full}: {exc.strerror or exc}"))
+        return None
+
+
+def _attach_tls(rules: list[Rule], items: list[Any], base: str) -> tuple[list[Rule], list[Problem]]:
+    """Read the certificate files of ``tls``/``targetTls`` and check that they load: a
+    missing file or a key that does not match its certificate is a config error, not a
+    crash at the first connection."""
+    problems: list[Problem] = []
+    result = []
+    for rule in rules:
+        item = items[rule.index]
+        changes: dict[str, Any] = {}
+        if isinstance(item.get("tls"), dict):
+            changes["tls"] = _tls_listen(item["tls"], base, ("rules", rule.index, "tls"), problems)
+        if item.get("targetTls") is not None and item.get("targetTls") is not False:
+            changes["target_tls"] = _tls_target(item["targetTls"], base, ("rules", rule.index, "targetTls"), problems)
+        result.append(replace(rule, **changes) if changes else rule)
+    return result, problems
+
+
+def _tls_listen(spec: dict[str, Any], base: str, where: JsonPath, problems: list[Problem]) -> TlsListen | None:
+    before = len(problems)
+    files = {
+        key: _read_file(base, spec[key], (*where, key), problems)
+        for key in ("certFile", "keyFile", "clientCaFile")
+        if key in spec
+    }
+    if len(problems) > before:
+        return None
+    cert, key = files["certFile"], files["keyFile"]
+    client_ca = files.get("clientCaFile")
+    assert cert is not None and key is not None
+    try:
+        server_context(cert[0], key[0], client_ca[0] if client_ca else None)
+    except (ssl.SSLError, OSError) as exc:
+        problems.append((where, f"cannot load the certificate, key or client CA: {_ssl_reason(exc)}"))
+        return None
+    digest = hashlib.sha256(b"".join(read[1] for read in files.values() if read is not None)).hexdigest()
+    return TlsListen(cert[0], key[0], client_ca[0] if client_ca else None, digest)
+
+
+def _tls_target(spec: Any, base: str, where: JsonPath, problems: list[Problem]) -> TlsTarget | None:
+    spec = {} if spec is True else spec
+    ca_file, content = None, b""
+    if "caFile" in spec:
+        read = _read_file(base, spec["caFile"], (*where, "caFile"), problems)
+        if read is None:
+            return None
+        ca_file, content = read
+    verify = spec.get("verify", True)
+    try:
+        client_context(ca_file, verify)
+    except (ssl.SSLError, OSError) as exc:
+        problems.append(((*where, "caFile"), f"cannot load the CA file: {_ssl_reason(exc)}"))
+        return None
+    return TlsTarget(ca_file, spec.get("serverName"), verify, hashlib.sha256(content).hexdigest())
+
+
+def _ssl_reason(exc: BaseException) -> str:
+    return getattr(exc, "reason", None) or getattr(exc, "strerror", None) or str(exc)
+
+
+def _check_targets(rules: list[Rule], settings: Any) -> list[Problem]:
+    """``settings.allowTargets``: every rule's target, resolved, must be inside."""
+    entries = settings.get("allowTargets") if isinstance(settings, dict) else None
+    if not entries or not isinstance(entries, list):
+        return []
+    problems: list[Problem] = []
+    allowed = []
+    for i, text in enumerate(entries):
+        try:
+            allowed.append(parse_target_allow(str(text)))
+        except ValueError as exc:
+            problems.append((("settings", "allowTargets", i), str(exc)))
+    if problems:
+        return problems
+    for rule in rules:
+        try:
+            addresses = {
+                info[4][0].split("%", 1)[0]
+                for info in socket.getaddrinfo(rule.target_host, rule.target_port, proto=socket.IPPROTO_TCP)
+            }
+        except OSError as exc:
+            problems.append(
+                (("rules", rule.index, "targetHost"), f"cannot resolve {rule.target_host!r} to check allowTargets: {exc}")
+            )
+            continue
+        outside = sorted(a for a in addresses if not any(e.covers(ipaddress.ip_address(a), rule.target_port) for e in allowed))
+        if outside:
+            problems.append(
+                (
+                    ("rules", rule.index),
+                    f"rule {rule.name!r}: target {rule.target} ({', '.join(outside)}) is outside settings.allowTargets",
+                )
             )
     return problems
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import errno
 import socket
+import ssl
 import sys
 
 import gevent.socket
@@ -78,6 +79,8 @@ def bind_error_message(host: str, port: int, exc: OSError) -> str:
 
 def connect_error_text(exc: OSError) -> str:
     """Short words for why the target could not be reached."""
+    if isinstance(exc, ssl.SSLError):
+        return f"TLS handshake with the target failed: {exc.reason or exc}"
     if isinstance(exc, socket.gaierror):
         return f"cannot resolve target: {exc.strerror}"
     if isinstance(exc, (socket.timeout, TimeoutError)):

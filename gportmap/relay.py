@@ -15,6 +15,7 @@ timeout aborts both directions at once.
 from __future__ import annotations
 
 import socket
+import ssl
 import time
 from collections.abc import Callable
 
@@ -24,6 +25,24 @@ from gevent.socket import wait_read, wait_write
 from gportmap.stats import Connection
 
 BUFFER_SIZE = 65536
+
+#: What a non-blocking read or write raises when it must wait; TLS sockets raise
+#: their own kinds (and may need to read to write, or write to read).
+WOULD_BLOCK = (BlockingIOError, ssl.SSLWantReadError, ssl.SSLWantWriteError)
+
+
+def has_pending(sock: socket.socket) -> bool:
+    """Decrypted bytes a TLS socket holds that no readiness wait would announce."""
+    pending = getattr(sock, "pending", None)
+    return pending is not None and pending() > 0
+
+
+def wait_for_retry(exc: BaseException, fd: int, conn: Connection, idle: float) -> None:
+    """Wait for what ``exc`` (one of WOULD_BLOCK) says the socket needs."""
+    if isinstance(exc, ssl.SSLWantReadError):
+        _wait(wait_read, fd, conn, idle)
+    elif isinstance(exc, ssl.SSLWantWriteError):
+        _wait(wait_write, fd, conn, idle)
 
 
 class BufferPool:
@@ -100,6 +119,9 @@ def send_all(
             sent = dst.send(view)
         except BlockingIOError:
             _wait(wait_write, dst_fd, conn, idle)
+            continue
+        except (ssl.SSLWantReadError, ssl.SSLWantWriteError) as exc:
+            wait_for_retry(exc, dst_fd, conn, idle)
             continue
         except OSError as exc:
             raise SideError(side, exc) from None
@@ -191,6 +213,11 @@ class Relay:
                         n = src.recv_into(buf)
                     except BlockingIOError:
                         break  # drained: wait again without holding the buffer
+                    except ssl.SSLWantReadError:
+                        break
+                    except ssl.SSLWantWriteError as exc:
+                        wait_for_retry(exc, src_fd, conn, idle)
+                        continue
                     except OSError as exc:
                         raise SideError(src_side, exc) from None
                     if not n:
@@ -200,7 +227,7 @@ class Relay:
                     if uploading:
                         conn.add_received(n)
                     send_all(dst, dst_fd, buf[:n], dst_side, conn, idle, None if uploading else conn.add_sent)
-                    if n < len(buf):
+                    if n < len(buf) and not has_pending(src):
                         break
             finally:
                 pool.give(buf)

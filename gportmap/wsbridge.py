@@ -27,7 +27,16 @@ import gevent
 from gevent.lock import Semaphore
 
 from gportmap import wsframe
-from gportmap.relay import BufferPool, IdleTimeout, SideError, send_all, shutdown, wait_readable
+from gportmap.relay import (
+    WOULD_BLOCK,
+    BufferPool,
+    IdleTimeout,
+    SideError,
+    has_pending,
+    send_all,
+    shutdown,
+    wait_readable,
+)
 from gportmap.stats import Connection
 
 _HEADROOM = wsframe.MAX_HEADER
@@ -128,14 +137,15 @@ class WsBridge:
     def _tcp_to_ws(self) -> None:
         tcp, fd, pool, conn = self.tcp, self.tcp.fileno(), self.pool, self.conn
         while True:
-            wait_readable(fd, conn, self.idle)
+            if not has_pending(tcp):  # a TLS target may hold decrypted bytes already
+                wait_readable(fd, conn, self.idle)
             if self.reason is not None:
                 return
             buf = pool.take()
             try:
                 try:
                     n = tcp.recv_into(buf[_HEADROOM:])
-                except BlockingIOError:
+                except WOULD_BLOCK:
                     continue
                 except OSError as exc:
                     raise SideError(self.tcp_side, exc) from None
@@ -184,7 +194,7 @@ class _FrameReader:
         b = self.b
         fd, pool = b.ws.fileno(), b.pool
         while True:
-            if not b._pending:
+            if not b._pending and not has_pending(b.ws):
                 wait_readable(fd, b.conn, b.idle)  # holding no buffer while the peer is quiet
                 if b.reason is not None:
                     return
@@ -211,7 +221,7 @@ class _FrameReader:
             return start + take
         try:
             n = b.ws.recv_into(buf[start:])
-        except BlockingIOError:
+        except WOULD_BLOCK:
             return start  # woken without data: nothing new
         except OSError as exc:
             raise SideError(b.ws_side, exc) from None

@@ -204,6 +204,10 @@ def test_schema_is_valid_and_closes_every_object() -> None:
         "maxMessageSize",
         "targetProtocol",
         "targetPath",
+        "allow",
+        "deny",
+        "tls",
+        "targetTls",
     }
     assert set(schema["$defs"]["settings"]["properties"]) == {
         "maxConnections",
@@ -213,6 +217,7 @@ def test_schema_is_valid_and_closes_every_object() -> None:
         "watch",
         "admin",
         "statsInterval",
+        "allowTargets",
     }
 
 
@@ -325,7 +330,7 @@ def test_unknown_settings_key() -> None:
 
 def test_future_keys_are_errors_today() -> None:
     assert (
-        single_error([rule(tls={"certFile": "a", "keyFile": "b"})]) == "rules.json: rules[0].tls: unknown key"
+        single_error([rule(plugins=[{"name": "x"}])]) == "rules.json: rules[0].plugins: unknown key"
     )
 
 
@@ -586,6 +591,10 @@ rule_keys = st.sampled_from(
         "maxMessageSize",
         "targetProtocol",
         "targetPath",
+        "allow",
+        "deny",
+        "tls",
+        "targetTls",
         "bogus",
     ]
 )

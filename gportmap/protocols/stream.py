@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import socket
+import ssl
 from collections.abc import Callable
 
 import gevent
@@ -22,6 +23,7 @@ from gportmap.config import Rule
 from gportmap.log import get_logger, log_event
 from gportmap.net import bind_listener, connect_error_text, set_nodelay
 from gportmap.protocols import ServerContext
+from gportmap.security import Admission, client_context, server_context
 from gportmap.stats import Connection
 
 logger = get_logger("connections")
@@ -44,6 +46,11 @@ class StreamRuleServer:
         self.listener: socket.socket | None = None
         self._server: StreamServer | None = None
         self._target = (rule.target_host, rule.target_port)
+        self.admission = Admission(rule.allow, rule.deny)
+        tls, target_tls = rule.tls, rule.target_tls
+        self.server_tls = server_context(tls.cert_file, tls.key_file, tls.client_ca_file) if tls else None
+        self.client_tls = client_context(target_tls.ca_file, target_tls.verify) if target_tls else None
+        self.server_name = (target_tls.server_name or rule.target_host) if target_tls else None
 
     def _make_server(self, listener: socket.socket) -> StreamServer:
         raise NotImplementedError
@@ -55,6 +62,15 @@ class StreamRuleServer:
         self.listener = listener or bind_listener(self.rule.listen_host, self.rule.listen_port)
         self._server = self._make_server(self.listener)
         self._server.start()
+        if self.rule.target_tls is not None and not self.rule.target_tls.verify:
+            log_event(
+                logger,
+                logging.WARNING,
+                "tls_verify_off",
+                f"rule {self.rule.name}: targetTls.verify is false, the target's certificate is not checked",
+                rule=self.rule.name,
+                target=self.rule.target,
+            )
 
     def stop_accepting(self) -> None:
         if self._server is not None:
@@ -85,6 +101,33 @@ class StreamRuleServer:
         self.pool.kill(block=True, timeout=5)
 
     # -- per connection -------------------------------------------------------------
+
+    def admit(self, address: object, client_text: str) -> bool:
+        """Address admission, then the connection limits; refusals are counted."""
+        if not self.admission.admits(address):
+            self.reject(client_text, "acl")
+            return False
+        if self.full():
+            self.reject(client_text, "limit")
+            return False
+        return True
+
+    def tls_accept(self, sock: socket.socket, client_text: str) -> socket.socket | None:
+        """The client's TLS handshake, in its own greenlet and within handshakeTimeout
+        (a client that never sends a ClientHello holds a slot only that long).
+        None when it fails: counted as rejected ``tls``."""
+        assert self.server_tls is not None
+        tls = None
+        try:
+            with gevent.Timeout(self.rule.handshake_timeout, TimeoutError("no TLS handshake in time")):
+                tls = self.server_tls.wrap_socket(sock, server_side=True, do_handshake_on_connect=False)
+                tls.do_handshake()
+            return tls
+        except (ssl.SSLError, OSError) as exc:
+            if tls is not None:
+                tls.close()
+            self.reject(client_text, "tls", getattr(exc, "reason", None) or str(exc) or type(exc).__name__)
+            return None
 
     def full(self) -> bool:
         return self.context.stats.full(self.stats, self.rule.max_connections)
@@ -124,25 +167,35 @@ class StreamRuleServer:
         )
 
     def connect_target(self) -> socket.socket:
-        """A TCP connection to the rule's target within ``connectTimeout``; OSError if not."""
+        """A connection to the rule's target (TLS with ``targetTls``) within
+        ``connectTimeout``; OSError if not, counted as an upstream failure."""
         try:
             upstream = gevent.socket.create_connection(self._target, timeout=self.rule.connect_timeout)
         except OSError:
             self.stats.connect_failures += 1
             raise
         set_nodelay(upstream)
-        return upstream
+        if self.client_tls is None:
+            return upstream
+        try:
+            return self.client_tls.wrap_socket(upstream, server_hostname=self.server_name)
+        except OSError:
+            upstream.close()
+            self.stats.connect_failures += 1
+            raise
 
     @staticmethod
     def connect_failed(exc: OSError) -> Outcome:
         return "connect_failed", connect_error_text(exc)
 
-    def reject(self, client_text: str, reason: str) -> None:
+    def reject(self, client_text: str, reason: str, error: str | None = None) -> None:
         """Count a refused connection; log it at a bounded rate."""
         self.stats.rejected[reason] += 1
         allowed, suppressed = self.context.rejections.allow((self.rule.name, reason))
         if allowed:
-            extra = {"suppressed": suppressed} if suppressed else {}
+            extra: dict[str, object] = {"suppressed": suppressed} if suppressed else {}
+            if error:
+                extra["error"] = error
             log_event(
                 logger,
                 logging.WARNING,

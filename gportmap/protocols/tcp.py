@@ -27,10 +27,18 @@ class TcpServer(StreamRuleServer):
 
     def _handle(self, client: socket.socket, address: tuple) -> None:
         client_text = peer_text(address)
-        if self.full():
-            self.reject(client_text, "limit")
+        if not self.admit(address, client_text):
             return  # StreamServer closes the client socket
-        self.account(client_text, lambda conn: self._forward(client, conn))
+        if self.server_tls is None:
+            self.account(client_text, lambda conn: self._forward(client, conn))
+            return
+        tls = self.tls_accept(client, client_text)
+        if tls is None:
+            return
+        try:
+            self.account(client_text, lambda conn: self._forward(tls, conn))
+        finally:
+            tls.close()
 
     def _forward(self, client: socket.socket, conn: Connection) -> Outcome:
         rule, context = self.rule, self.context

@@ -35,6 +35,7 @@ from gportmap.config import Rule
 from gportmap.log import get_logger, log_event
 from gportmap.net import bind_listener, peer_text
 from gportmap.protocols import ServerContext
+from gportmap.security import Admission
 
 logger = get_logger("udp")
 
@@ -109,6 +110,7 @@ class UdpServer:
         self.context = context
         self.stats = context.stats.rule(rule.name, rule.protocol)
         self.sessions: dict[tuple, Session] = {}
+        self.admission = Admission(rule.allow, rule.deny)
         self.listener: socket.socket | None = None  # owned: closed by close()
         self._replies: _socket.socket | None = None  # where replies go; kept after a handover
         self._server: _Reader | None = None
@@ -195,6 +197,9 @@ class UdpServer:
     def _admit(self, address: tuple) -> bool:
         """The one place a new client address is let in or turned away; ACL and plugin
         checks belong here too. Turning away costs no memory: nothing is stored."""
+        if not self.admission.admits(address):
+            self._drop("acl", peer_text(address), "client address not admitted (allow/deny)")
+            return False
         if len(self.sessions) >= self.rule.max_sessions:
             self._drop(
                 "sessions", peer_text(address), f"session table full ({self.rule.max_sessions} sessions)"

@@ -41,11 +41,33 @@ class WebSocketServer(StreamRuleServer):
     """Serves one websocket rule."""
 
     def _make_server(self, listener: socket.socket) -> WSGIServer:
-        server = WSGIServer(
+        server = _RuleWSGIServer(
             listener, _not_an_upgrade, handler_class=_BridgeHandler, spawn=self.pool, log=None, error_log=logger
         )
         server.rule_server = self  # read-only from the handlers
         return server
+
+
+class _RuleWSGIServer(WSGIServer):
+    """Admission and the TLS handshake (wss) come before any HTTP is read."""
+
+    rule_server: WebSocketServer
+
+    def handle(self, sock: socket.socket, address: tuple) -> None:
+        owner = self.rule_server
+        client_text = peer_text(address)
+        if not owner.admit(address, client_text):
+            return
+        if owner.server_tls is None:
+            super().handle(sock, address)
+            return
+        tls = owner.tls_accept(sock, client_text)
+        if tls is None:
+            return
+        try:
+            super().handle(tls, address)
+        finally:
+            tls.close()
 
 
 def _not_an_upgrade(environ: dict, start_response) -> list[bytes]:
@@ -71,9 +93,6 @@ class _BridgeHandler(WebSocketHandler):
         self.conn: Connection | None = None
         self.upstream: socket.socket | None = None
         self.outcome: tuple[str, str | None] = ("closed", None)
-        if owner.full():
-            owner.reject(self.client_text, "limit")
-            return
         self.deadline = gevent.Timeout(owner.rule.handshake_timeout)
         self.deadline.start()
         try:
