@@ -44,7 +44,19 @@ setup(
         ],
         "lint": ["ruff>=0.4"],
     },
-    entry_points={"console_scripts": ["gportmap = gportmap.__main__:run"]},
+    entry_points={
+        "console_scripts": ["gportmap = gportmap.__main__:run"],
+        # The built-in protocols register the way a plugin package registers its own.
+        "gportmap.protocols": [
+            "tcp = gportmap.protocols.tcp:TcpServer",
+            "udp = gportmap.protocols.udp:UdpServer",
+            "websocket = gportmap.protocols.websocket:WebSocketServer",
+        ],
+        "gportmap.plugins": [
+            "bandwidth = gportmap.plugins.bandwidth:BandwidthLimiter",
+            "connlog = gportmap.plugins.connlog:ConnectionLog",
+        ],
+    },
     classifiers=[
         "Programming Language :: Python :: 3",
         "Operating System :: OS Independent",

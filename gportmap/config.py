@@ -29,7 +29,11 @@ from typing import Any
 
 import jsonschema
 
-from gportmap.errors import ConfigError
+from gportmap.errors import ConfigError, PluginError
+from gportmap.plugins import PluginSpec
+from gportmap.plugins import resolve as resolve_plugin
+from gportmap.protocols import BUILTIN as BUILTIN_PROTOCOLS
+from gportmap.protocols import registered as registered_protocols
 from gportmap.security import client_context, parse_network, parse_target_allow, server_context
 
 JsonPath = tuple[str | int, ...]
@@ -130,6 +134,7 @@ class Rule:
     deny: tuple[str, ...] = ()  # client networks refused; wins over allow
     tls: TlsListen | None = None
     target_tls: TlsTarget | None = None
+    plugins: tuple[PluginSpec, ...] = ()
     index: int = field(default=0, compare=False)
 
     @property
@@ -198,6 +203,8 @@ def parse(data: bytes | str, path: str | os.PathLike[str]) -> Config:
     problems += _check_settings(document.get("settings"))
     rules, tls_problems = _attach_tls(rules, document.get("rules", []), os.path.dirname(os.path.abspath(shown)))
     problems += tls_problems
+    rules, plugin_problems = _attach_plugins(rules, document.get("rules", []))
+    problems += plugin_problems
     problems += _check_targets(rules, document.get("settings"))
     if problems:
         problems.sort(key=lambda problem: _position(document, problem[0]))
@@ -315,6 +322,8 @@ def _validator() -> jsonschema.Draft202012Validator:
     """The validator for the schema shipped in the package (built once: it never changes)."""
     text = resources.files("gportmap").joinpath("schema", "rules.schema.json").read_text("utf-8")
     schema = json.loads(text)
+    # Protocols are whatever is registered: the built-ins and any plugin package's.
+    schema["$defs"]["rule"]["properties"]["protocol"]["enum"] = list(registered_protocols())
     jsonschema.Draft202012Validator.check_schema(schema)
     return jsonschema.Draft202012Validator(schema)
 
@@ -530,8 +539,10 @@ def _check_protocol_keys(rules: list[Rule], items: list[Any]) -> list[Problem]:
             if key not in _PROTOCOL_KEYS:
                 continue
             protocols, instead = _PROTOCOL_KEYS[key]
-            if rule.protocol in protocols:
-                if rule.protocol == "tcp" and key in _TUNNEL_KEYS and rule.target_protocol != "websocket":
+            # A plugin's protocol serves on a TCP listener and takes tcp rules' keys.
+            protocol = rule.protocol if rule.protocol in BUILTIN_PROTOCOLS else "tcp"
+            if protocol in protocols:
+                if protocol == "tcp" and key in _TUNNEL_KEYS and rule.target_protocol != "websocket":
                     if key == "handshakeTimeout" and "tls" in items[rule.index]:
                         continue  # the TLS handshake's deadline
                     needs = '"tls" or "targetProtocol": "websocket"' if key == "handshakeTimeout" else '"targetProtocol": "websocket"'
@@ -554,6 +565,21 @@ def _check_networks(rules: list[Rule]) -> list[Problem]:
                 except ValueError:
                     problems.append((("rules", rule.index, key, i), f"{_show(text)} is not an IP address or CIDR network"))
     return problems
+
+
+def _attach_plugins(rules: list[Rule], items: list[Any]) -> tuple[list[Rule], list[Problem]]:
+    """Find, validate and try-build every plugin a rule names (SPEC §7)."""
+    problems: list[Problem] = []
+    result = []
+    for rule in rules:
+        specs = []
+        for i, entry in enumerate(items[rule.index].get("plugins", [])):
+            try:
+                specs.append(resolve_plugin(entry["name"], entry.get("options", {})))
+            except PluginError as exc:
+                problems.append((("rules", rule.index, "plugins", i), str(exc)))
+        result.append(replace(rule, plugins=tuple(specs)) if specs else rule)
+    return result, problems
 
 
 def _read_file(base: str, path: str, where: JsonPath, problems: list[Problem]) -> tuple[str, bytes] | None:

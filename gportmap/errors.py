@@ -29,3 +29,7 @@ class BindError(GportmapError):
 
 class WatcherError(GportmapError):
     """The rules file cannot be watched this way; the caller falls back to polling."""
+
+
+class PluginError(GportmapError):
+    """A plugin cannot be found, imported, validated or built: a config error."""

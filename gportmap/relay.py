@@ -22,6 +22,7 @@ from collections.abc import Callable
 import gevent
 from gevent.socket import wait_read, wait_write
 
+from gportmap.plugins import DOWNSTREAM, UPSTREAM, HookError, Reject, log_hook_error
 from gportmap.stats import Connection
 
 BUFFER_SIZE = 65536
@@ -152,7 +153,7 @@ class Relay:
     OS error text.
     """
 
-    __slots__ = ("client", "target", "conn", "idle", "pool", "reason", "error")
+    __slots__ = ("client", "target", "conn", "idle", "pool", "reason", "error", "transform")
 
     def __init__(
         self,
@@ -161,6 +162,7 @@ class Relay:
         conn: Connection,
         idle_timeout: float,
         pool: BufferPool,
+        transform: Callable[[str, bytes], bytes] | None = None,
     ) -> None:
         self.client = client
         self.target = target
@@ -169,6 +171,9 @@ class Relay:
         self.pool = pool
         self.reason: str | None = None
         self.error: str | None = None
+        #: The plugins' on_data chain: bytes are copied out of the buffer and passed
+        #: through it; None moves them untouched.
+        self.transform = transform
 
     def run(self) -> str:
         self.client.settimeout(0.0)
@@ -189,6 +194,10 @@ class Relay:
             self._abort("idle_timeout", None)
         except SideError as exc:
             self._abort(f"{exc.side}_error", exc.error.strerror or str(exc.error))
+        except (HookError, Reject) as exc:
+            if isinstance(exc, HookError):
+                log_hook_error(exc, self.conn.stats.name, self.conn.client)
+            self._abort("plugin_error", str(exc))
 
     def _abort(self, reason: str, error: str | None) -> None:
         """Record the first failure and wake the other direction by shutting both sockets."""
@@ -226,7 +235,10 @@ class Relay:
                     conn.last_active = time.monotonic()
                     if uploading:
                         conn.add_received(n)
-                    send_all(dst, dst_fd, buf[:n], dst_side, conn, idle, None if uploading else conn.add_sent)
+                    chunk = buf[:n]
+                    if self.transform is not None:
+                        chunk = memoryview(self.transform(UPSTREAM if uploading else DOWNSTREAM, bytes(chunk)))
+                    send_all(dst, dst_fd, chunk, dst_side, conn, idle, None if uploading else conn.add_sent)
                     if n < len(buf) and not has_pending(src):
                         break
             finally:

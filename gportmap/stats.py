@@ -148,8 +148,12 @@ class StatsRegistry:
         """True when one more connection would exceed the rule's or the process's limit."""
         return stats.active >= rule_limit or self.active >= self.max_active
 
-    def open(self, stats: RuleStats, client: str, target: str) -> Connection:
-        conn = Connection(next(self._ids), stats, client, target)
+    def next_id(self) -> int:
+        """A connection id, taken before the connection is admitted (plugins see it)."""
+        return next(self._ids)
+
+    def open(self, stats: RuleStats, client: str, target: str, conn_id: int | None = None) -> Connection:
+        conn = Connection(conn_id if conn_id is not None else next(self._ids), stats, client, target)
         self._open[conn.id] = conn
         stats.active += 1
         stats.total += 1

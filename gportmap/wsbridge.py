@@ -22,11 +22,13 @@ from __future__ import annotations
 import os
 import socket
 import time
+from collections.abc import Callable
 
 import gevent
 from gevent.lock import Semaphore
 
 from gportmap import wsframe
+from gportmap.plugins import DOWNSTREAM, UPSTREAM, HookError, Reject, log_hook_error
 from gportmap.relay import (
     WOULD_BLOCK,
     BufferPool,
@@ -55,10 +57,12 @@ class WsBridge:
         pool: BufferPool,
         max_message: int,
         client_role: bool,
+        transform: Callable[[str, bytes], bytes] | None = None,
     ) -> None:
         self.ws, self.tcp, self.conn = ws, tcp, conn
         self.idle, self.pool, self.max_message = idle_timeout, pool, max_message
         self.client_role = client_role
+        self.transform = transform  # the plugins' on_data chain, or None
         # Which side is gportmap's client, for counters and error reasons.
         self.ws_side, self.tcp_side = ("target", "client") if client_role else ("client", "target")
         self.reason: str | None = None
@@ -91,6 +95,10 @@ class WsBridge:
         except SideError as exc:
             code = wsframe.CLOSE_INTERNAL_ERROR if exc.side != self.ws_side else None
             self._abort(f"{exc.side}_error", exc.error.strerror or str(exc.error), code)
+        except (HookError, Reject) as exc:
+            if isinstance(exc, HookError):
+                log_hook_error(exc, self.conn.stats.name, self.conn.client)
+            self._abort("plugin_error", str(exc), wsframe.CLOSE_INTERNAL_ERROR)
 
     def _abort(self, reason: str, error: str | None, close_code: int | None) -> None:
         if self.reason is None:
@@ -155,6 +163,9 @@ class WsBridge:
                         shutdown(self.ws, socket.SHUT_WR)
                     return
                 conn.last_active = time.monotonic()
+                if self.transform is not None:
+                    self._send_transformed(buf[_HEADROOM : _HEADROOM + n])
+                    continue
                 mask = os.urandom(4) if self.client_role else None
                 if mask is not None:
                     wsframe.mask_in_place(buf[_HEADROOM : _HEADROOM + n], mask)
@@ -164,6 +175,19 @@ class WsBridge:
                 self._send_ws(buf[start : _HEADROOM + n], payload=n)
             finally:
                 pool.give(buf)
+
+    def _send_transformed(self, chunk: memoryview) -> None:
+        """The copying path for a rule with an on_data plugin: TCP bytes through the
+        chain, then framed (the payload size may have changed)."""
+        direction = DOWNSTREAM if not self.client_role else UPSTREAM
+        data = bytearray(self.transform(direction, bytes(chunk)))
+        if not data:
+            return
+        mask = os.urandom(4) if self.client_role else None
+        if mask is not None:
+            wsframe.mask_in_place(memoryview(data), mask)
+        frame = wsframe.encode_header(wsframe.OP_BINARY, len(data), mask) + bytes(data)
+        self._send_ws(memoryview(frame), payload=len(data))
 
     # -- WebSocket -> TCP ---------------------------------------------------------------
 
@@ -282,8 +306,11 @@ class _FrameReader:
         if header.opcode in wsframe.CONTROL_OPCODES:
             self.control += chunk  # at most 125 bytes, checked in parse_header
             return
+        count = len(chunk)
+        if b.transform is not None:
+            chunk = memoryview(b.transform(DOWNSTREAM if b.client_role else UPSTREAM, bytes(chunk)))
         send_all(b.tcp, b.tcp.fileno(), chunk, b.tcp_side, b.conn, b.idle)
-        (b.conn.add_sent if b.client_role else b.conn.add_received)(len(chunk))
+        (b.conn.add_sent if b.client_role else b.conn.add_received)(len(chunk) if b.client_role else count)
 
     def _finish(self) -> bool:
         header, b = self.header, self.b

@@ -208,6 +208,7 @@ def test_schema_is_valid_and_closes_every_object() -> None:
         "deny",
         "tls",
         "targetTls",
+        "plugins",
     }
     assert set(schema["$defs"]["settings"]["properties"]) == {
         "maxConnections",
@@ -330,7 +331,7 @@ def test_unknown_settings_key() -> None:
 
 def test_future_keys_are_errors_today() -> None:
     assert (
-        single_error([rule(plugins=[{"name": "x"}])]) == "rules.json: rules[0].plugins: unknown key"
+        single_error([rule(proxyProtocol="v2")]) == "rules.json: rules[0].proxyProtocol: unknown key (did you mean 'protocol'?)"
     )
 
 

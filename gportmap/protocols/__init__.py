@@ -3,13 +3,19 @@
 Every protocol server has the same small surface, which is all the supervisor
 uses: ``start(listener=None)``, ``release_listener()`` (stop accepting and hand the
 still-open socket to a successor), ``close()``, ``active``, ``join(timeout)`` and
-``kill()``. Later protocols (udp, websocket and
-plugins' own) register here the same way tcp does.
+``kill()``.
+
+Protocols are found by entry point (group ``gportmap.protocols``): the built-in
+tcp, udp and websocket are registered that way in setup.py, exactly as a plugin
+package registers its own. When gportmap runs from a source tree without
+installed metadata, the built-ins are still found.
 """
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
+from importlib.metadata import entry_points
 from typing import TYPE_CHECKING
 
 from gportmap.log import RateLimiter
@@ -29,14 +35,29 @@ class ServerContext:
     rejections: RateLimiter
 
 
+BUILTIN = {
+    "tcp": "gportmap.protocols.tcp:TcpServer",
+    "udp": "gportmap.protocols.udp:UdpServer",
+    "websocket": "gportmap.protocols.websocket:WebSocketServer",
+}
+PROTOCOL_GROUP = "gportmap.protocols"
+
+
+@functools.cache
+def registered() -> dict[str, str]:
+    """Protocol name -> ``module:Class``, from entry points (read once: they do not
+    change while the process runs)."""
+    found = dict(BUILTIN)
+    for ep in entry_points(group=PROTOCOL_GROUP):
+        found[ep.name] = ep.value
+    return found
+
+
 def server_class(protocol: str) -> type:
     """The server class for a protocol name (validated by the config already)."""
-    from gportmap.protocols.tcp import TcpServer
-    from gportmap.protocols.udp import UdpServer
-    from gportmap.protocols.websocket import WebSocketServer
+    from gportmap.plugins import find_class
 
-    registry = {"tcp": TcpServer, "udp": UdpServer, "websocket": WebSocketServer}
-    return registry[protocol]
+    return find_class(registered()[protocol])
 
 
 def create_server(rule: Rule, context: ServerContext):  # -> a protocol server

@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 import socket
 import ssl
+import time
 from collections.abc import Callable
 
 import gevent
@@ -22,6 +23,7 @@ from gevent.server import StreamServer
 from gportmap.config import Rule
 from gportmap.log import get_logger, log_event
 from gportmap.net import bind_listener, connect_error_text, set_nodelay
+from gportmap.plugins import ConnView, HookError, PluginChain, Reject, log_hook_error
 from gportmap.protocols import ServerContext
 from gportmap.security import Admission, client_context, server_context
 from gportmap.stats import Connection
@@ -51,6 +53,7 @@ class StreamRuleServer:
         self.server_tls = server_context(tls.cert_file, tls.key_file, tls.client_ca_file) if tls else None
         self.client_tls = client_context(target_tls.ca_file, target_tls.verify) if target_tls else None
         self.server_name = (target_tls.server_name or rule.target_host) if target_tls else None
+        self.plugins = PluginChain(rule.plugins)
 
     def _make_server(self, listener: socket.socket) -> StreamServer:
         raise NotImplementedError
@@ -132,12 +135,52 @@ class StreamRuleServer:
     def full(self) -> bool:
         return self.context.stats.full(self.stats, self.rule.max_connections)
 
-    def open(self, client_text: str) -> Connection:
-        return self.context.stats.open(self.stats, client_text, self.rule.target)
+    def view(self, client_text: str) -> ConnView | None:
+        """The plugins' view of a new connection (None when the rule has no plugins)."""
+        if not self.plugins.active:
+            return None
+        rule = self.rule
+        return ConnView(self.context.stats.next_id(), rule.name, rule.protocol, client_text, rule.target, time.time())
 
-    def account(self, client_text: str, work: Callable[[Connection], Outcome]) -> None:
+    def plugins_accept(self, view: ConnView | None, client_text: str) -> bool:
+        """``on_accept`` of every plugin; a refusal or a failure is counted as ``plugin``."""
+        if view is None:
+            return True
+        try:
+            self.plugins.accept(view)
+            return True
+        except Reject as exc:
+            self.reject(client_text, "plugin", str(exc) or None)
+        except HookError as exc:
+            log_hook_error(exc, self.rule.name, client_text)
+            self.reject(client_text, "plugin", str(exc))
+        return False
+
+    def plugins_connect(self, view: ConnView | None) -> Outcome | None:
+        """``on_connect``; an outcome when a plugin failed (the connection then ends)."""
+        if view is None:
+            return None
+        try:
+            self.plugins.connect(view)
+        except (HookError, Reject) as exc:
+            if isinstance(exc, HookError):
+                log_hook_error(exc, self.rule.name, view.client)
+            return "plugin_error", str(exc)
+        return None
+
+    def transform(self, view: ConnView | None) -> Callable[[str, bytes], bytes] | None:
+        """The ``on_data`` chain for the relay, or None: then bytes are only moved."""
+        if view is None or not self.plugins.transforms:
+            return None
+        chain = self.plugins
+        return lambda direction, data: chain.data(view, direction, data)
+
+    def open(self, client_text: str, view: ConnView | None = None) -> Connection:
+        return self.context.stats.open(self.stats, client_text, self.rule.target, view.id if view else None)
+
+    def account(self, client_text: str, work: Callable[[Connection], Outcome], view: ConnView | None = None) -> None:
         """Run ``work`` as one admitted connection: counted, and logged when it ends."""
-        conn = self.open(client_text)
+        conn = self.open(client_text, view)
         reason, error = "closed", None
         try:
             reason, error = work(conn)
@@ -145,9 +188,18 @@ class StreamRuleServer:
             reason = "stopped"
             raise
         finally:
-            self.finish(conn, reason, error)
+            self.finish(conn, reason, error, view)
 
-    def finish(self, conn: Connection, reason: str, error: str | None) -> None:
+    def finish(self, conn: Connection, reason: str, error: str | None, view: ConnView | None = None) -> None:
+        if view is not None:
+            summary = {
+                "bytes_received": conn.bytes_received,
+                "bytes_sent": conn.bytes_sent,
+                "duration": round(conn.duration, 3),
+                "reason": reason,
+            }
+            for failure in self.plugins.close(view, summary):
+                log_hook_error(failure, self.rule.name, view.client)
         self.context.stats.close(conn)
         fields = {"error": error} if error else {}
         failed = reason == "connect_failed"

@@ -12,6 +12,7 @@ import socket
 from gevent.server import StreamServer
 
 from gportmap.net import peer_text, set_nodelay
+from gportmap.plugins import ConnView
 from gportmap.protocols.stream import Outcome, StreamRuleServer
 from gportmap.relay import Relay
 from gportmap.stats import Connection
@@ -29,24 +30,31 @@ class TcpServer(StreamRuleServer):
         client_text = peer_text(address)
         if not self.admit(address, client_text):
             return  # StreamServer closes the client socket
+        view = self.view(client_text)
+        if not self.plugins_accept(view, client_text):
+            return
         if self.server_tls is None:
-            self.account(client_text, lambda conn: self._forward(client, conn))
+            self.account(client_text, lambda conn: self._forward(client, conn, view), view)
             return
         tls = self.tls_accept(client, client_text)
         if tls is None:
             return
         try:
-            self.account(client_text, lambda conn: self._forward(tls, conn))
+            self.account(client_text, lambda conn: self._forward(tls, conn, view), view)
         finally:
             tls.close()
 
-    def _forward(self, client: socket.socket, conn: Connection) -> Outcome:
+    def _forward(self, client: socket.socket, conn: Connection, view: ConnView | None) -> Outcome:
         rule, context = self.rule, self.context
         try:
             upstream = self.connect_target()
         except OSError as exc:
             return self.connect_failed(exc)
         try:
+            failed = self.plugins_connect(view)
+            if failed is not None:
+                return failed
+            transform = self.transform(view)
             set_nodelay(client)
             if rule.target_protocol == "websocket":
                 try:
@@ -55,10 +63,11 @@ class TcpServer(StreamRuleServer):
                     self.stats.connect_failures += 1
                     return "connect_failed", str(exc)
                 bridge = WsBridge(
-                    upstream, leftover, client, conn, rule.idle_timeout, context.buffers, rule.max_message_size, True
+                    upstream, leftover, client, conn, rule.idle_timeout, context.buffers, rule.max_message_size, True,
+                    transform,
                 )
                 return bridge.run(), bridge.error
-            relay = Relay(client, upstream, conn, rule.idle_timeout, context.buffers)
+            relay = Relay(client, upstream, conn, rule.idle_timeout, context.buffers, transform)
             return relay.run(), relay.error
         finally:
             upstream.close()

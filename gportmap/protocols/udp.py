@@ -34,6 +34,7 @@ from gevent.server import DatagramServer
 from gportmap.config import Rule
 from gportmap.log import get_logger, log_event
 from gportmap.net import bind_listener, peer_text
+from gportmap.plugins import DOWNSTREAM, UPSTREAM, ConnView, HookError, PluginChain, Reject, log_hook_error
 from gportmap.protocols import ServerContext
 from gportmap.security import Admission
 
@@ -87,6 +88,7 @@ class Session:
         "reason",
         "error",
         "closed",
+        "view",
     )
 
     def __init__(self, address: tuple, client: str, upstream: _socket.socket) -> None:
@@ -100,6 +102,7 @@ class Session:
         self.reason = "stopped"  # what a kill leaves; the greenlet sets the others
         self.error: str | None = None
         self.closed = False
+        self.view: ConnView | None = None  # what plugins see of it (None: no plugins)
 
 
 class UdpServer:
@@ -111,6 +114,7 @@ class UdpServer:
         self.stats = context.stats.rule(rule.name, rule.protocol)
         self.sessions: dict[tuple, Session] = {}
         self.admission = Admission(rule.allow, rule.deny)
+        self.plugins = PluginChain(rule.plugins)
         self.listener: socket.socket | None = None  # owned: closed by close()
         self._replies: _socket.socket | None = None  # where replies go; kept after a handover
         self._server: _Reader | None = None
@@ -189,6 +193,10 @@ class UdpServer:
         session.last_active = time.monotonic()
         session.packets_received += 1
         session.bytes_received += size
+        if session.view is not None and self.plugins.transforms:
+            data = self._through_plugins(session, UPSTREAM, data)
+            if not data:
+                return
         try:
             session.upstream.send(data)
         except OSError as exc:  # a reported ICMP error, a full send buffer, EMSGSIZE
@@ -207,9 +215,46 @@ class UdpServer:
             return False
         return True
 
+    def _through_plugins(self, session: Session, direction: str, data: bytes) -> bytes:
+        """A datagram through the on_data chain; b"" when it is not to be sent (a
+        plugin dropped it, counted as ``plugin``, or failed: the session then ends)."""
+        assert session.view is not None
+        try:
+            data = self.plugins.data(session.view, direction, data)
+        except (HookError, Reject) as exc:
+            if isinstance(exc, HookError):
+                log_hook_error(exc, self.rule.name, session.client)
+            session.reason, session.error = "plugin_error", str(exc)
+            if session.greenlet is not None:
+                session.greenlet.kill(block=False)
+            return b""
+        if not data:
+            self.stats.udp_dropped["plugin"] += 1
+        return data
+
+    def _plugins_accept(self, address: tuple) -> ConnView | None | bool:
+        """A view for a new session's plugins; False when a plugin refuses it."""
+        if not self.plugins.active:
+            return None
+        rule, client = self.rule, peer_text(address)
+        view = ConnView(self.context.stats.next_id(), rule.name, "udp", client, rule.target, time.time())
+        try:
+            self.plugins.accept(view)
+        except Reject as exc:
+            self._drop("plugin", client, f"refused by a plugin: {exc}" if str(exc) else "refused by a plugin")
+            return False
+        except HookError as exc:
+            log_hook_error(exc, rule.name, client)
+            self._drop("plugin", client, str(exc))
+            return False
+        return view
+
     def _open(self, address: tuple) -> Session | None:
         """A new session for ``address``, or None (dropped and counted)."""
         if not self._admit(address):
+            return None
+        view = self._plugins_accept(address)
+        if view is False:
             return None
         client = peer_text(address)
         target = self._target_address()
@@ -230,6 +275,7 @@ class UdpServer:
             self._drop("error", client, f"cannot reach the target: {_error_text(exc)}")
             return None
         session = Session(address, client, upstream)
+        session.view = view or None
         self.sessions[address] = session
         stats = self.stats
         stats.udp_sessions += 1
@@ -278,6 +324,10 @@ class UdpServer:
 
     def _reply(self, session: Session, data: bytes) -> None:
         session.last_active = time.monotonic()
+        if session.view is not None and self.plugins.transforms:
+            data = self._through_plugins(session, DOWNSTREAM, data)
+            if not data:
+                return
         replies = self._replies
         if replies is None:
             return  # closed: this session is being ended
@@ -305,6 +355,17 @@ class UdpServer:
         stats.active -= 1
         if not self.sessions:
             self._idle.set()
+        if session.view is not None:
+            summary = {
+                "bytes_received": session.bytes_received,
+                "bytes_sent": session.bytes_sent,
+                "packets_received": session.packets_received,
+                "packets_sent": session.packets_sent,
+                "duration": round(time.monotonic() - session.started, 3),
+                "reason": session.reason,
+            }
+            for failure in self.plugins.close(session.view, summary):
+                log_hook_error(failure, self.rule.name, session.client)
         fields = {"error": session.error} if session.error else {}
         log_event(
             logger,

@@ -93,6 +93,7 @@ class _BridgeHandler(WebSocketHandler):
         self.conn: Connection | None = None
         self.upstream: socket.socket | None = None
         self.outcome: tuple[str, str | None] = ("closed", None)
+        self.view = None
         self.deadline = gevent.Timeout(owner.rule.handshake_timeout)
         self.deadline.start()
         try:
@@ -110,7 +111,7 @@ class _BridgeHandler(WebSocketHandler):
             if self.upstream is not None:
                 self.upstream.close()
             if self.conn is not None:
-                owner.finish(self.conn, *self.outcome)
+                owner.finish(self.conn, *self.outcome, self.view)
 
     @property
     def logger(self):  # gevent-websocket's own logger would add a handler of its own
@@ -149,16 +150,23 @@ class _BridgeHandler(WebSocketHandler):
         if rule.origins and environ.get("HTTP_ORIGIN") not in rule.origins:
             owner.reject(self.client_text, "acl")
             return self._refuse("403 Forbidden", "origin not allowed")
+        self.view = owner.view(self.client_text)
+        if not owner.plugins_accept(self.view, self.client_text):
+            return self._refuse("403 Forbidden", "refused")
         if owner.full():
             owner.reject(self.client_text, "limit")
             return self._refuse("503 Service Unavailable", "too many connections")
         self.deadline.cancel()
-        self.conn = owner.open(self.client_text)
+        self.conn = owner.open(self.client_text, self.view)
         try:
             self.upstream = owner.connect_target()
         except OSError as exc:
             self.outcome = owner.connect_failed(exc)
             return self._refuse("502 Bad Gateway", "the target cannot be reached")
+        failed = owner.plugins_connect(self.view)
+        if failed is not None:
+            self.outcome = failed
+            return self._refuse("502 Bad Gateway", "refused by a plugin")
         offered = [p.strip() for p in environ.get("HTTP_SEC_WEBSOCKET_PROTOCOL", "").split(",")]
         headers = [
             ("Upgrade", "websocket"),
@@ -179,7 +187,8 @@ class _BridgeHandler(WebSocketHandler):
         set_nodelay(client)
         leftover = self._buffered_bytes()
         bridge = WsBridge(
-            client, leftover, self.upstream, self.conn, rule.idle_timeout, owner.context.buffers, rule.max_message_size, False
+            client, leftover, self.upstream, self.conn, rule.idle_timeout, owner.context.buffers, rule.max_message_size, False,
+            owner.transform(self.view),
         )
         self.outcome = (bridge.run(), bridge.error)
 
