@@ -138,9 +138,22 @@ def wait_readable(fd: int, conn: Connection, idle: float) -> None:
 
 
 def shutdown(sock: socket.socket, how: int) -> None:
-    """shutdown() that ignores a socket already closed or reset."""
+    """shutdown() that ignores a socket already closed or reset.
+
+    On a TLS socket, a half-close first sends close_notify (so the peer sees a clean
+    end, not a truncation) and then shuts the TCP write side *without* dropping the
+    TLS state: ``SSLSocket.shutdown`` forgets it, after which the other direction
+    would read ciphertext as if it were data.
+    """
     try:
-        sock.shutdown(how)
+        if how == socket.SHUT_WR and getattr(sock, "_sslobj", None) is not None:
+            try:
+                sock._sslobj.shutdown()  # sends close_notify; the peer's need not come
+            except (ssl.SSLWantReadError, ssl.SSLWantWriteError, ssl.SSLError):
+                pass
+            type(sock).__mro__[1].shutdown(sock, how)  # the plain socket's shutdown
+        else:
+            sock.shutdown(how)
     except OSError:
         pass  # already closed or reset by the peer: nothing left to tell it
 

@@ -353,3 +353,31 @@ def test_a_renewed_certificate_applies_on_sighup(start_gportmap, echo_target, pk
     kept.sendall(b"still")  # the open connection keeps its session
     assert recv_exactly(kept, 5) == b"still"
     kept.close()
+
+
+def test_a_tls_client_half_closed_by_the_target_keeps_sending_intact(start_gportmap, pki):
+    """The target ends first: gportmap sends the TLS client close_notify, and what the
+    client sends afterwards still reaches the target as plaintext."""
+    received: list[bytes] = []
+
+    def reply_then_listen(conn: socket.socket) -> None:
+        conn.sendall(b"hello")
+        conn.shutdown(socket.SHUT_WR)
+        received.append(recv_until_eof(conn))
+
+    target = TargetServer(reply_then_listen)
+    port = free_port()
+    try:
+        start_gportmap([tls_rule(port, target.port, pki, name="halfclose")])
+        with tls_client(port, pki) as sock:
+            assert recv_exactly(sock, 5) == b"hello"
+            assert sock.recv(10) == b""  # close_notify: a clean end of the server's side
+            sock.sendall(b"and one more thing")
+            try:
+                sock.unwrap()
+            except (ssl.SSLError, OSError):
+                pass
+        wait_for(lambda: received, what="the target's EOF")
+        assert received == [b"and one more thing"]
+    finally:
+        target.close()
