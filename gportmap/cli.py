@@ -151,7 +151,7 @@ def run(config: Config, overrides: Overrides | None = None) -> int:
         except ConfigError:
             pass  # logged and counted; the running rules stay
 
-    service = Service(config, choose_mode(features), overrides)
+    service = Service(config, choose_mode(features), overrides, splice=features.splice)
     # Handlers before the first rule starts: a signal during start-up is handled too.
     for name in ("SIGTERM", "SIGINT"):
         if hasattr(signal, name):

@@ -12,6 +12,8 @@ import signal
 import sys
 from dataclasses import asdict, dataclass
 
+from gportmap.relay import splice_available
+
 
 @dataclass(frozen=True)
 class Features:
@@ -21,6 +23,9 @@ class Features:
     fd_limit: bool
     #: inotify can watch the rules folder (pyinotify imports): Linux only.
     inotify: bool
+    #: splice(2) moves TCP bytes without copying them through Python: Linux only.
+    #: ``GPORTMAP_RELAY=copy`` turns it off, ``splice`` insists on it.
+    splice: bool = False
 
     def enabled(self) -> list[str]:
         return [name for name, on in asdict(self).items() if on]
@@ -41,9 +46,11 @@ def _can_import(module: str) -> bool:
 def detect() -> Features:
     """Probe once at start-up; the result is passed down, not re-read."""
     if portable_mode():
-        return Features(posix_signals=False, fd_limit=False, inotify=False)
+        return Features(posix_signals=False, fd_limit=False, inotify=False, splice=False)
+    relay = os.environ.get("GPORTMAP_RELAY", "auto").strip().lower()
     return Features(
         posix_signals=hasattr(signal, "SIGHUP") and hasattr(signal, "SIGUSR1"),
         fd_limit=_can_import("resource"),
         inotify=sys.platform.startswith("linux") and _can_import("pyinotify"),
+        splice=relay != "copy" and sys.platform.startswith("linux") and splice_available(),
     )

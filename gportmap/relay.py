@@ -14,10 +14,20 @@ timeout aborts both directions at once.
 
 from __future__ import annotations
 
+import errno
+import os
 import socket
 import ssl
 import time
 from collections.abc import Callable
+
+try:
+    import fcntl
+
+    F_SETPIPE_SZ = getattr(fcntl, "F_SETPIPE_SZ", 1031)  # Linux values where Python lacks them
+    F_GETPIPE_SZ = getattr(fcntl, "F_GETPIPE_SZ", 1032)
+except ImportError:  # Windows: no splice either
+    fcntl = None  # type: ignore[assignment]
 
 import gevent
 from gevent.socket import wait_read, wait_write
@@ -26,6 +36,37 @@ from gportmap.plugins import DOWNSTREAM, UPSTREAM, HookError, Reject, log_hook_e
 from gportmap.stats import Connection
 
 BUFFER_SIZE = 65536
+#: Pipe size asked for the zero-copy path; a smaller grant (a user past
+#: /proc/sys/fs/pipe-user-pages-soft gets one page) would collapse throughput.
+PIPE_SIZE = 1 << 20
+MIN_PIPE_SIZE = 1 << 16
+SPLICE_FLAGS = getattr(os, "SPLICE_F_MOVE", 0) | getattr(os, "SPLICE_F_NONBLOCK", 0)
+
+
+def splice_available() -> bool:
+    return hasattr(os, "splice") and hasattr(os, "SPLICE_F_NONBLOCK")
+
+
+def make_pipe() -> tuple[int, int, int] | None:
+    """(read end, write end, capacity) of a non-blocking pipe for splice, or None
+    when the kernel will not give a pipe big enough to be worth it."""
+    try:
+        read_end, write_end = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+    except OSError:
+        return None  # out of descriptors: the copying path needs none
+    capacity = 0
+    try:
+        capacity = fcntl.fcntl(write_end, F_SETPIPE_SZ, PIPE_SIZE)
+    except OSError:
+        try:
+            capacity = fcntl.fcntl(write_end, F_GETPIPE_SZ)
+        except OSError:
+            capacity = 0
+    if capacity < MIN_PIPE_SIZE:
+        os.close(read_end)
+        os.close(write_end)
+        return None
+    return read_end, write_end, capacity
 
 #: What a non-blocking read or write raises when it must wait; TLS sockets raise
 #: their own kinds (and may need to read to write, or write to read).
@@ -166,7 +207,7 @@ class Relay:
     OS error text.
     """
 
-    __slots__ = ("client", "target", "conn", "idle", "pool", "reason", "error", "transform")
+    __slots__ = ("client", "target", "conn", "idle", "pool", "reason", "error", "transform", "zero_copy")
 
     def __init__(
         self,
@@ -176,6 +217,7 @@ class Relay:
         idle_timeout: float,
         pool: BufferPool,
         transform: Callable[[str, bytes], bytes] | None = None,
+        zero_copy: bool = False,
     ) -> None:
         self.client = client
         self.target = target
@@ -187,6 +229,9 @@ class Relay:
         #: The plugins' on_data chain: bytes are copied out of the buffer and passed
         #: through it; None moves them untouched.
         self.transform = transform
+        #: Move bytes with splice(2) through a pipe, never through userspace. Only for
+        #: plain sockets without an on_data plugin; falls back to copying if refused.
+        self.zero_copy = zero_copy and transform is None
 
     def run(self) -> str:
         self.client.settimeout(0.0)
@@ -202,7 +247,11 @@ class Relay:
 
     def _direction(self, src: socket.socket, dst: socket.socket, src_side: str, dst_side: str) -> None:
         try:
-            self._pump(src, dst, src_side, dst_side)
+            # Copy first; a direction that fills whole buffers is streaming and moves on
+            # to splice (HAProxy's splice-auto): small request/response traffic would
+            # only pay splice's extra system calls.
+            if self._pump(src, dst, src_side, dst_side) and not self._pump_splice(src, dst, src_side, dst_side):
+                self._pump(src, dst, src_side, dst_side, allow_switch=False)
         except IdleTimeout:
             self._abort("idle_timeout", None)
         except SideError as exc:
@@ -220,14 +269,71 @@ class Relay:
         shutdown(self.client, socket.SHUT_RDWR)
         shutdown(self.target, socket.SHUT_RDWR)
 
-    def _pump(self, src: socket.socket, dst: socket.socket, src_side: str, dst_side: str) -> None:
+    def _pump_splice(self, src: socket.socket, dst: socket.socket, src_side: str, dst_side: str) -> bool:
+        """The zero-copy pump (realm's zero_copy.rs in Python): socket -> pipe -> socket
+        with splice(2). The pipe is made when the first byte is ready, so an idle
+        connection costs no descriptors. Returns False, having moved nothing, when the
+        kernel refuses (then the copying pump takes over); True once done."""
+        conn, idle = self.conn, self.idle
+        spliced = False
+        uploading = src_side == "client"
+        src_fd, dst_fd = src.fileno(), dst.fileno()
+        pipe = None
+        try:
+            while True:
+                _wait(wait_read, src_fd, conn, idle)
+                if self.reason is not None:
+                    return True
+                if pipe is None:
+                    pipe = make_pipe()
+                    if pipe is None:
+                        return False
+                read_end, write_end, capacity = pipe
+                try:
+                    n = os.splice(src_fd, write_end, capacity, flags=SPLICE_FLAGS)
+                except BlockingIOError:
+                    continue
+                except OSError as exc:
+                    if exc.errno in (errno.EINVAL, errno.ENOSYS) and not spliced:
+                        return False  # not spliceable here: copy instead
+                    raise SideError(src_side, exc) from None
+                if not n:
+                    shutdown(dst, socket.SHUT_WR)  # forward the FIN, keep the other way open
+                    return True
+                spliced = True
+                conn.last_active = time.monotonic()
+                if uploading:
+                    conn.add_received(n)
+                while n:  # drain the pipe into the destination
+                    try:
+                        moved = os.splice(read_end, dst_fd, n, flags=SPLICE_FLAGS)
+                    except BlockingIOError:
+                        _wait(wait_write, dst_fd, conn, idle)
+                        continue
+                    except OSError as exc:
+                        raise SideError(dst_side, exc) from None
+                    n -= moved
+                    conn.last_active = time.monotonic()
+                    if not uploading:
+                        conn.add_sent(moved)
+        finally:
+            if pipe is not None:
+                os.close(pipe[0])
+                os.close(pipe[1])
+
+    def _pump(
+        self, src: socket.socket, dst: socket.socket, src_side: str, dst_side: str, allow_switch: bool = True
+    ) -> bool:
+        """The copying pump. Returns True when it stops to hand over to splice (a full
+        buffer was read and zero-copy is allowed), False at the end of the stream."""
         conn, idle, pool = self.conn, self.idle, self.pool
+        switch = allow_switch and self.zero_copy
         uploading = src_side == "client"
         src_fd, dst_fd = src.fileno(), dst.fileno()
         while True:
             _wait(wait_read, src_fd, conn, idle)
             if self.reason is not None:
-                return
+                return False
             buf = pool.take()
             try:
                 while True:
@@ -244,7 +350,7 @@ class Relay:
                         raise SideError(src_side, exc) from None
                     if not n:
                         shutdown(dst, socket.SHUT_WR)  # forward the FIN, keep the other way open
-                        return
+                        return False
                     conn.last_active = time.monotonic()
                     if uploading:
                         conn.add_received(n)
@@ -252,6 +358,8 @@ class Relay:
                     if self.transform is not None:
                         chunk = memoryview(self.transform(UPSTREAM if uploading else DOWNSTREAM, bytes(chunk)))
                     send_all(dst, dst_fd, chunk, dst_side, conn, idle, None if uploading else conn.add_sent)
+                    if switch and n == len(buf):
+                        return True
                     if n < len(buf) and not has_pending(src):
                         break
             finally:

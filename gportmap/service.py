@@ -84,13 +84,15 @@ class RuleView:
 class Service:
     """Owns the supervisor and the reload bookkeeping an operator sees in /stats."""
 
-    def __init__(self, config: Config, watch_mode: str, overrides: Overrides | None = None) -> None:
+    def __init__(
+        self, config: Config, watch_mode: str, overrides: Overrides | None = None, splice: bool = False
+    ) -> None:
         self.path = config.path
         self.config = config
         self.watch_mode = watch_mode
         self.overrides = overrides or Overrides()
         self.started_at = time.time()
-        self.supervisor = Supervisor()
+        self.supervisor = Supervisor(splice=splice)
         self.reloads = {"success": 0, "failure": 0}
         self.last_error: list[str] | None = None
         self.loaded_at = time.time()

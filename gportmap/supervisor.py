@@ -175,9 +175,9 @@ class RuleRunner:
 class Supervisor:
     """Owns every rule server: applies configs, drains retired servers, stops all."""
 
-    def __init__(self, stats: StatsRegistry | None = None) -> None:
+    def __init__(self, stats: StatsRegistry | None = None, splice: bool = False) -> None:
         self.stats = stats or StatsRegistry()
-        self.context = ServerContext(stats=self.stats, buffers=BufferPool(), rejections=RateLimiter())
+        self.context = ServerContext(stats=self.stats, buffers=BufferPool(), rejections=RateLimiter(), splice=splice)
         self.runners: dict[tuple[str, str, int], RuleRunner] = {}
         self.draining: dict[RuleRunner, gevent.Greenlet] = {}
         self.config: Config | None = None

@@ -17,6 +17,10 @@ from hypothesis import strategies as st
 
 from gportmap.config import Config, Rule, Settings, load, parse
 from gportmap.errors import ConfigError
+from gportmap.protocols import registered
+
+#: Every registered protocol as messages list them: the built-ins and installed plugins'.
+PROTOCOLS = ", ".join(repr(name) for name in registered())
 
 
 def rule(**overrides: Any) -> dict[str, Any]:
@@ -353,8 +357,8 @@ def test_rule_that_is_not_an_object() -> None:
 @pytest.mark.parametrize(
     ("protocol", "problem"),
     [
-        ("tpc", "'tpc' is not a supported protocol (expected one of: 'tcp', 'udp', 'websocket'; did you mean 'tcp'?)"),
-        ("smtp", "'smtp' is not a supported protocol (expected one of: 'tcp', 'udp', 'websocket')"),
+        ("tpc", f"'tpc' is not a supported protocol (expected one of: {PROTOCOLS}; did you mean 'tcp'?)"),
+        ("smtp", f"'smtp' is not a supported protocol (expected one of: {PROTOCOLS})"),
     ],
 )
 def test_bad_protocol(protocol: str, problem: str) -> None:
@@ -532,7 +536,7 @@ def test_every_error_is_reported_at_once_in_document_order() -> None:
         "rules.json: rules[2].targetHost: 'http://x' is not an IP address or host name (give a host, not a URL)",
         "rules.json: rules[2].name: 'web' is already used by rules[1]",
         "rules.json: rules[3].protocol: 'tpc' is not a supported protocol "
-        "(expected one of: 'tcp', 'udp', 'websocket'; did you mean 'tcp'?)",
+        f"(expected one of: {PROTOCOLS}; did you mean 'tcp'?)",
     ]
 
 

@@ -35,7 +35,11 @@ def closed_by_peer(sock: socket.socket, timeout: float = 5.0) -> bool:
     return True
 
 
-def test_10mb_each_way_intact_at_once_and_in_small_writes(start_gportmap):
+RELAYS = pytest.mark.parametrize("relay", ["splice", "copy"])  # GPORTMAP_RELAY: zero-copy or copying
+
+
+@RELAYS
+def test_10mb_each_way_intact_at_once_and_in_small_writes(start_gportmap, relay):
     upload = [os.urandom(10 * MB), os.urandom(10 * MB)]
     download = os.urandom(10 * MB)
     seen: list[str] = []
@@ -51,7 +55,8 @@ def test_10mb_each_way_intact_at_once_and_in_small_writes(start_gportmap):
 
     target = TargetServer(sink_and_source)
     port = free_port()
-    gp = start_gportmap([tcp_rule(port, target.port, name="bulk")])
+    gp = start_gportmap([tcp_rule(port, target.port, name="bulk")], env={"GPORTMAP_RELAY": relay})
+    assert ("splice" in gp.events("started")[0]["features"]) == (relay == "splice")
     try:
         for mode, payload in zip(("at_once", "small_writes"), upload):
             sock = connect(port)
@@ -101,7 +106,8 @@ def test_500_concurrent_connections_each_get_their_own_data(start_gportmap, echo
     gp.wait_event("connection_closed", count=500, timeout=30, rule="many")
 
 
-def test_half_close_keeps_the_reply_flowing(start_gportmap):
+@RELAYS
+def test_half_close_keeps_the_reply_flowing(start_gportmap, relay):
     reply = os.urandom(3 * MB)
 
     def read_all_then_reply(conn: socket.socket) -> None:
@@ -111,7 +117,7 @@ def test_half_close_keeps_the_reply_flowing(start_gportmap):
 
     target = TargetServer(read_all_then_reply)
     port = free_port()
-    gp = start_gportmap([tcp_rule(port, target.port, name="half")])
+    gp = start_gportmap([tcp_rule(port, target.port, name="half")], env={"GPORTMAP_RELAY": relay})
     try:
         sock = connect(port)
         request = os.urandom(100_000)
@@ -275,8 +281,9 @@ def test_global_max_connections_applies_across_rules(start_gportmap, echo_target
         sock.close()
 
 
+@RELAYS
 @pytest.mark.parametrize("stalled_side", ["client", "target"])
-def test_a_reader_that_stops_does_not_grow_memory(start_gportmap, stalled_side):
+def test_a_reader_that_stops_does_not_grow_memory(start_gportmap, stalled_side, relay):
     """100 MB pushed at a reader that never reads: backpressure, not buffering."""
     release, push_done = threading.Event(), threading.Event()
     pushed = {"bytes": 0}
@@ -300,7 +307,7 @@ def test_a_reader_that_stops_does_not_grow_memory(start_gportmap, stalled_side):
 
     target = TargetServer(target_handler)
     port = free_port()
-    gp = start_gportmap([tcp_rule(port, target.port, name="stall")])
+    gp = start_gportmap([tcp_rule(port, target.port, name="stall")], env={"GPORTMAP_RELAY": relay})
     try:
         warm = connect(port)  # one full connection first, so imports and pools are warm
         warm.close()

@@ -33,6 +33,8 @@ class ServerContext:
     stats: StatsRegistry
     buffers: BufferPool
     rejections: RateLimiter
+    #: The relay may use splice(2) (Linux, not forced off).
+    splice: bool = False
 
 
 BUILTIN = {

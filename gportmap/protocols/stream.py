@@ -9,6 +9,7 @@ without limit. Subclasses supply ``_make_server`` (what speaks on the socket).
 
 from __future__ import annotations
 
+import ipaddress
 import logging
 import socket
 import ssl
@@ -33,6 +34,9 @@ logger = get_logger("connections")
 #: Extra pool slots beyond maxConnections, for connections that are only rejected.
 REJECT_HEADROOM = 16
 
+#: Seconds a resolved target host name is reused before it is resolved again.
+RESOLVE_TTL = 30.0
+
 #: What a connection's work returns: the close reason and an error text.
 Outcome = tuple[str, str | None]
 
@@ -48,6 +52,11 @@ class StreamRuleServer:
         self.listener: socket.socket | None = None
         self._server: StreamServer | None = None
         self._target = (rule.target_host, rule.target_port)
+        self._addresses: list[tuple[int, tuple]] | None = None
+        self._resolved_until = 0.0
+        self._literal = _literal_address(rule.target_host, rule.target_port)
+        if self._literal is not None:
+            self._addresses = [self._literal]
         self.admission = Admission(rule.allow, rule.deny)
         tls, target_tls = rule.tls, rule.target_tls
         self.server_tls = server_context(tls.cert_file, tls.key_file, tls.client_ca_file) if tls else None
@@ -218,11 +227,36 @@ class StreamRuleServer:
             **fields,
         )
 
+    def _target_addresses(self) -> list[tuple[int, tuple]]:
+        """(family, sockaddr) of the target. An IP literal is parsed once; a host name
+        is resolved at most every RESOLVE_TTL seconds, not per connection (gevent
+        resolves in a thread pool: per connection, it cost ~40% of the new-connection
+        rate in the prototypes)."""
+        if self._addresses is not None and (self._literal or time.monotonic() < self._resolved_until):
+            return self._addresses
+        infos = gevent.socket.getaddrinfo(self.rule.target_host, self.rule.target_port, 0, socket.SOCK_STREAM)
+        self._addresses = [(family, sockaddr) for family, _, _, _, sockaddr in infos]
+        self._resolved_until = time.monotonic() + RESOLVE_TTL
+        return self._addresses
+
+    def _connect(self) -> socket.socket:
+        error: OSError | None = None
+        for family, sockaddr in self._target_addresses():
+            sock = gevent.socket.socket(family, socket.SOCK_STREAM)
+            try:
+                sock.settimeout(self.rule.connect_timeout)
+                sock.connect(sockaddr)
+                return sock
+            except OSError as exc:
+                sock.close()
+                error = exc
+        raise error or OSError("the target resolved to no address")
+
     def connect_target(self) -> socket.socket:
         """A connection to the rule's target (TLS with ``targetTls``) within
         ``connectTimeout``; OSError if not, counted as an upstream failure."""
         try:
-            upstream = gevent.socket.create_connection(self._target, timeout=self.rule.connect_timeout)
+            upstream = self._connect()
         except OSError:
             self.stats.connect_failures += 1
             raise
@@ -259,3 +293,14 @@ class StreamRuleServer:
                 reason=reason,
                 **extra,
             )
+
+
+def _literal_address(host: str, port: int) -> tuple[int, tuple] | None:
+    """(family, sockaddr) when ``host`` is an IP literal, else None."""
+    try:
+        ip = ipaddress.ip_address(host)
+    except ValueError:
+        return None
+    if ip.version == 6:
+        return socket.AF_INET6, (host, port, 0, 0)
+    return socket.AF_INET, (host, port)

@@ -67,7 +67,8 @@ class TcpServer(StreamRuleServer):
                     transform,
                 )
                 return bridge.run(), bridge.error
-            relay = Relay(client, upstream, conn, rule.idle_timeout, context.buffers, transform)
+            plain = self.server_tls is None and self.client_tls is None
+            relay = Relay(client, upstream, conn, rule.idle_timeout, context.buffers, transform, context.splice and plain)
             return relay.run(), relay.error
         finally:
             upstream.close()
