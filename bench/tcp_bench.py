@@ -17,7 +17,6 @@ import argparse
 import json
 import os
 import shutil
-import signal
 import socket
 import statistics
 import subprocess
@@ -26,7 +25,8 @@ import tempfile
 import time
 from pathlib import Path
 
-LOOPBACK = "127.0.0.1"
+from common import LOOPBACK, bench_rules, free_port, stop, wait_listening
+
 CHUNK = 1 << 20
 
 TARGET = r"""
@@ -63,23 +63,6 @@ sys.exit(main())
 """
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind((LOOPBACK, 0))
-        return sock.getsockname()[1]
-
-
-def wait_listening(port: int, deadline: float = 15.0) -> None:
-    end = time.monotonic() + deadline
-    while time.monotonic() < end:
-        try:
-            socket.create_connection((LOOPBACK, port), timeout=1).close()
-            return
-        except OSError:
-            time.sleep(0.05)
-    raise RuntimeError(f"nothing listens on {port}")
-
-
 class Proxy:
     """One way of reaching the target: direct, gportmap, gportmap without counters, socat."""
 
@@ -93,11 +76,10 @@ class Proxy:
             cmd = ["socat", f"TCP-LISTEN:{self.port},bind={LOOPBACK},fork,reuseaddr", f"TCP:{LOOPBACK}:{target_port},nodelay"]
         else:
             rules = workdir / f"{kind}.json"
-            rules.write_text(json.dumps({
-                "settings": {"statsInterval": 0, "admin": False, "watch": False, "logLevel": "WARNING"},
-                "rules": [{"protocol": "tcp", "listenHost": LOOPBACK, "listenPort": self.port,
-                           "targetHost": LOOPBACK, "targetPort": target_port}],
-            }))
+            rules.write_text(json.dumps(bench_rules(
+                {"protocol": "tcp", "listenHost": LOOPBACK, "listenPort": self.port,
+                 "targetHost": LOOPBACK, "targetPort": target_port}
+            )))
             head = [sys.executable, "-c", NO_COUNTERS] if kind == "gportmap-nocounters" else [sys.executable, "-m", "gportmap"]
             cmd = [*head, str(rules)]
         self.proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -105,12 +87,7 @@ class Proxy:
 
     def close(self) -> None:
         if self.proc is not None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+            stop(self.proc)
 
 
 def bulk(port: int, seconds: float) -> float:

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import signal
 import socket
 import ssl
 import statistics
@@ -25,7 +24,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 from certs import CA  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from tcp_bench import CHUNK, free_port, wait_listening  # noqa: E402
+from common import BENCH_SETTINGS, free_port, stop, wait_listening  # noqa: E402
+from tcp_bench import CHUNK  # noqa: E402
 
 # Counts each connection's bytes and prints the total at its EOF: the TLS client
 # cannot half-close and still read an answer over TLS, so the count comes this way.
@@ -80,7 +80,7 @@ def main() -> None:
     base = {"protocol": "tcp", "listenHost": "127.0.0.1", "targetHost": "127.0.0.1", "targetPort": target_port}
     rules = work / "rules.json"
     rules.write_text(json.dumps({
-        "settings": {"admin": False, "watch": False, "statsInterval": 0, "logLevel": "WARNING"},
+        "settings": BENCH_SETTINGS,
         "rules": [{**base, "name": "plain", "listenPort": plain},
                   {**base, "name": "tls", "listenPort": tls, "tls": {"certFile": str(server.cert), "keyFile": str(server.key)}}],
     }))
@@ -99,8 +99,7 @@ def main() -> None:
             value = statistics.median(values)
             print(f"  {kind:6s} {value / 1e6:9.1f} MB/s  ratio {value / base_rate:5.2f}")
     finally:
-        proxy.send_signal(signal.SIGTERM)
-        proxy.wait(10)
+        stop(proxy)
         target.kill()
         target.wait()
 

@@ -30,7 +30,8 @@ import tempfile
 import time
 from pathlib import Path
 
-LOOPBACK = "127.0.0.1"
+from common import LOOPBACK, bench_rules, free_port
+
 SIZE = 64
 #: A datagram unanswered for this long counts as lost and is sent again.
 RESEND_AFTER = 0.5
@@ -47,12 +48,6 @@ while True:
 """
 
 
-def free_udp_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
-        sock.bind((LOOPBACK, 0))
-        return sock.getsockname()[1]
-
-
 class Proxy:
     """One way of reaching the echo target: direct, gportmap or socat."""
 
@@ -61,7 +56,7 @@ class Proxy:
         if kind == "direct":
             self.port = target_port
             return
-        self.port = free_udp_port()
+        self.port = free_port(socket.SOCK_DGRAM)
         if kind == "socat":
             cmd = [
                 "socat",
@@ -74,23 +69,15 @@ class Proxy:
             rules = workdir / "gportmap.json"
             rules.write_text(
                 json.dumps(
-                    {
-                        "settings": {
-                            "statsInterval": 0,
-                            "admin": False,
-                            "watch": False,
-                            "logLevel": "WARNING",
-                        },
-                        "rules": [
-                            {
-                                "protocol": "udp",
-                                "listenHost": LOOPBACK,
-                                "listenPort": self.port,
-                                "targetHost": LOOPBACK,
-                                "targetPort": target_port,
-                            }
-                        ],
-                    }
+                    bench_rules(
+                        {
+                            "protocol": "udp",
+                            "listenHost": LOOPBACK,
+                            "listenPort": self.port,
+                            "targetHost": LOOPBACK,
+                            "targetPort": target_port,
+                        }
+                    )
                 )
             )
             cmd = [sys.executable, "-m", "gportmap", str(rules)]

@@ -15,8 +15,6 @@ from __future__ import annotations
 import argparse
 import json
 import shutil
-import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -26,8 +24,8 @@ import time
 from pathlib import Path
 
 import websocket
+from common import LOOPBACK, bench_rules, free_port, stop, wait_listening
 
-LOOPBACK = "127.0.0.1"
 ECHO = r"""
 import socket, threading
 srv = socket.socket(); srv.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -44,34 +42,16 @@ while True:
 """
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind((LOOPBACK, 0))
-        return sock.getsockname()[1]
-
-
-def wait_listening(port: int) -> None:
-    end = time.monotonic() + 15
-    while time.monotonic() < end:
-        try:
-            socket.create_connection((LOOPBACK, port), timeout=1).close()
-            return
-        except OSError:
-            time.sleep(0.05)
-    raise RuntimeError(f"nothing listens on {port}")
-
-
 def start_bridge(kind: str, target: int, workdir: Path) -> tuple[subprocess.Popen, int]:
     port = free_port()
     if kind == "websockify":
         cmd = [shutil.which("websockify") or "websockify", f"{LOOPBACK}:{port}", f"{LOOPBACK}:{target}"]
     else:
         rules = workdir / "ws.json"
-        rules.write_text(json.dumps({
-            "settings": {"admin": False, "watch": False, "statsInterval": 0, "logLevel": "WARNING"},
-            "rules": [{"protocol": "websocket", "listenHost": LOOPBACK, "listenPort": port,
-                       "targetHost": LOOPBACK, "targetPort": target, "maxMessageSize": 1 << 20}],
-        }))
+        rules.write_text(json.dumps(bench_rules(
+            {"protocol": "websocket", "listenHost": LOOPBACK, "listenPort": port,
+             "targetHost": LOOPBACK, "targetPort": target, "maxMessageSize": 1 << 20}
+        )))
         cmd = [sys.executable, "-m", "gportmap", str(rules)]
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     wait_listening(port)
@@ -128,8 +108,7 @@ def main() -> None:
                         mbps, mps = measure(port, size, seconds)
                         results[kind].append(mbps if unit == "MB/s" else mps)
                     finally:
-                        proc.send_signal(signal.SIGTERM)
-                        proc.wait(10)
+                        stop(proc)
             base = statistics.median(results["gportmap"])
             print(f"\n{size}-byte messages ({seconds:g}s x {runs}, median; ratio = gportmap / other)")
             for kind in kinds:
