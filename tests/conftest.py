@@ -7,6 +7,7 @@ All traffic stays on 127.0.0.1.
 
 from __future__ import annotations
 
+import http.server
 import json
 import os
 import shutil
@@ -129,6 +130,49 @@ class TargetServer:
                     conn.close()
                 except OSError:
                     pass
+
+
+class Pusher:
+    """Sends ``chunk`` until ``limit`` bytes or until the peer stops reading (no
+    progress for ``stall`` seconds); ``done`` is set when it stops either way."""
+
+    def __init__(self, chunk: bytes, limit: int, stall: float = 2.0) -> None:
+        self.chunk, self.limit, self.stall = chunk, limit, stall
+        self.bytes = 0
+        self.done = threading.Event()
+
+    def push(self, sock: socket.socket) -> None:
+        sock.settimeout(self.stall)
+        try:
+            while self.bytes < self.limit:
+                self.bytes += sock.send(self.chunk)
+        except OSError:  # the stall timeout, or the connection ended
+            pass
+        self.done.set()
+
+
+class HttpPage:
+    """A tiny HTTP server on 127.0.0.1 answering every GET with ``body``."""
+
+    def __init__(self, body: bytes, content_type: str = "text/html") -> None:
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_GET(self) -> None:
+                self.send_response(200)
+                self.send_header("Content-Type", content_type)
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def log_message(self, *args: Any) -> None:
+                pass
+
+        self.server = http.server.ThreadingHTTPServer((LOOPBACK, 0), Handler)
+        self.port = self.server.server_address[1]
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
 
 
 def echo_handler(conn: socket.socket) -> None:

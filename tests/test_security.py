@@ -4,7 +4,6 @@ input on TLS ports — with real peers (openssl s_client, curl, websocket-client
 from __future__ import annotations
 
 import hashlib
-import http.server
 import json
 import os
 import signal
@@ -21,6 +20,7 @@ import websocket
 from certs import CA
 from conftest import (
     LOOPBACK,
+    HttpPage,
     TargetServer,
     connect,
     echo_handler,
@@ -61,22 +61,10 @@ def rule_stats(gp, name: str) -> dict:
 
 
 def test_openssl_curl_and_python_reach_a_tls_rule(start_gportmap, echo_target, pki):
-    class Hello(http.server.BaseHTTPRequestHandler):
-        def do_GET(self) -> None:
-            body = b"hello over tls\n"
-            self.send_response(200)
-            self.send_header("Content-Length", str(len(body)))
-            self.end_headers()
-            self.wfile.write(body)
-
-        def log_message(self, *args) -> None:
-            pass
-
-    web = http.server.ThreadingHTTPServer((LOOPBACK, 0), Hello)
-    threading.Thread(target=web.serve_forever, daemon=True).start()
+    web = HttpPage(b"hello over tls\n", "text/plain")
     echo_port, web_port = free_port(), free_port()
     gp = start_gportmap(
-        [tls_rule(echo_port, echo_target.port, pki, name="echo-tls"), tls_rule(web_port, web.server_address[1], pki, name="web-tls")]
+        [tls_rule(echo_port, echo_target.port, pki, name="echo-tls"), tls_rule(web_port, web.port, pki, name="web-tls")]
     )
     try:
         openssl = subprocess.run(
@@ -110,7 +98,7 @@ def test_openssl_curl_and_python_reach_a_tls_rule(start_gportmap, echo_target, p
                 pass
         wait_for(lambda: rule_stats(gp, "echo-tls")["connections"]["rejected_by_reason"]["tls"] >= 1, what="tls reject")
     finally:
-        web.shutdown()
+        web.close()
 
 
 def test_websocket_client_reaches_a_wss_rule(start_gportmap, echo_target, pki):

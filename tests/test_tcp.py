@@ -12,6 +12,7 @@ import time
 import pytest
 from conftest import (
     LOOPBACK,
+    Pusher,
     TargetServer,
     connect,
     free_port,
@@ -285,24 +286,14 @@ def test_global_max_connections_applies_across_rules(start_gportmap, echo_target
 @pytest.mark.parametrize("stalled_side", ["client", "target"])
 def test_a_reader_that_stops_does_not_grow_memory(start_gportmap, stalled_side, relay):
     """100 MB pushed at a reader that never reads: backpressure, not buffering."""
-    release, push_done = threading.Event(), threading.Event()
-    pushed = {"bytes": 0}
-    chunk = os.urandom(MB)
-
-    def push(sock: socket.socket) -> None:
-        sock.settimeout(2.0)  # no progress for 2 s = backpressure reached
-        try:
-            while pushed["bytes"] < 100 * MB:
-                pushed["bytes"] += sock.send(chunk)
-        except (TimeoutError, OSError):
-            pass
-        push_done.set()
+    release = threading.Event()
+    pusher = Pusher(os.urandom(MB), 100 * MB)
 
     def target_handler(conn: socket.socket) -> None:
         if target.accepted == 1:
             return  # the warm-up connection
         if stalled_side == "client":
-            push(conn)
+            pusher.push(conn)
         release.wait(60)
 
     target = TargetServer(target_handler)
@@ -315,12 +306,12 @@ def test_a_reader_that_stops_does_not_grow_memory(start_gportmap, stalled_side, 
         before = gp.rss_kib()
         sock = connect(port)
         if stalled_side == "target":
-            push(sock)
-        wait_for(push_done.is_set, timeout=60, what="the pusher to stall")
+            pusher.push(sock)
+        wait_for(pusher.done.is_set, timeout=60, what="the pusher to stall")
         after = gp.rss_kib()
         growth_mib = (after - before) / 1024
-        print(f"stalled {stalled_side}: pushed {pushed['bytes'] / MB:.1f} MiB, RSS growth {growth_mib:.2f} MiB")
-        assert pushed["bytes"] < 100 * MB, "nothing pushed back: the reader is not stalled"
+        print(f"stalled {stalled_side}: pushed {pusher.bytes / MB:.1f} MiB, RSS growth {growth_mib:.2f} MiB")
+        assert pusher.bytes < 100 * MB, "nothing pushed back: the reader is not stalled"
         assert growth_mib < 4, f"RSS grew by {growth_mib:.1f} MiB"
         sock.close()
     finally:

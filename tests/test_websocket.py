@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import base64
 import hashlib
-import http.server
 import os
 import socket
 import struct
@@ -15,6 +14,8 @@ import pytest
 import websocket
 from conftest import (
     LOOPBACK,
+    HttpPage,
+    Pusher,
     TargetServer,
     connect,
     free_port,
@@ -282,20 +283,8 @@ ws.onmessage = (e) => { document.getElementById("out").textContent = new TextDec
 ws.onerror = () => { document.getElementById("out").textContent = "error"; };
 </script></body>"""
 
-    class Page(http.server.BaseHTTPRequestHandler):
-        def do_GET(self) -> None:
-            self.send_response(200)
-            self.send_header("Content-Type", "text/html")
-            self.send_header("Content-Length", str(len(page)))
-            self.end_headers()
-            self.wfile.write(page)
-
-        def log_message(self, *args) -> None:
-            pass
-
-    web = http.server.ThreadingHTTPServer((LOOPBACK, 0), Page)
-    threading.Thread(target=web.serve_forever, daemon=True).start()
-    origin = f"http://127.0.0.1:{web.server_address[1]}"
+    web = HttpPage(page)
+    origin = f"http://127.0.0.1:{web.port}"
     port = free_port()
     gp = start_gportmap([ws_rule(port, echo_target.port, name="browser", origins=[origin])])
     chromium = Chromium(require_tool("chromium"), tmp_path / "profile")
@@ -307,7 +296,7 @@ ws.onerror = () => { document.getElementById("out").textContent = "error"; };
         assert opened["connections"]["total"] == 1
     finally:
         chromium.close()
-        web.shutdown()
+        web.close()
 
 
 # --- the tunnel: tcp rule (targetProtocol websocket) -> websocket rule -> TCP target ----
@@ -393,24 +382,14 @@ def test_websocket_keys_are_checked_per_protocol(tmp_path):
 
 @pytest.mark.parametrize("stalled", ["browser", "target"])
 def test_a_reader_that_stops_does_not_grow_memory(start_gportmap, stalled):
-    release, push_done = threading.Event(), threading.Event()
-    pushed = {"bytes": 0}
-    chunk = os.urandom(MB)
-
-    def push(sock: socket.socket, data: bytes) -> None:
-        sock.settimeout(2.0)  # no progress for 2 s = backpressure reached
-        try:
-            while pushed["bytes"] < 100 * MB:
-                pushed["bytes"] += sock.send(data)
-        except OSError:
-            pass
-        push_done.set()
+    release = threading.Event()
+    pusher = Pusher(os.urandom(MB), 100 * MB)
 
     def target_handler(conn: socket.socket) -> None:
         if target.accepted == 1:
             return  # the warm-up connection
         if stalled == "browser":
-            push(conn, chunk)
+            pusher.push(conn)
         release.wait(60)
 
     target = TargetServer(target_handler)
@@ -427,11 +406,12 @@ def test_a_reader_that_stops_does_not_grow_memory(start_gportmap, stalled):
             # One huge masked frame, streamed: the header announces 100 MB, the payload follows.
             key = os.urandom(4)
             sock.sendall(struct.pack("!BBQ", 0x82, 0x80 | 127, 100 * MB) + key)
-            push(sock, bytes(b ^ key[i % 4] for i, b in enumerate(chunk[:4096])) * 256)
-        wait_for(push_done.is_set, timeout=60, what="the pusher to stall")
+            pusher.chunk = bytes(b ^ key[i % 4] for i, b in enumerate(pusher.chunk[:4096])) * 256  # masked
+            pusher.push(sock)
+        wait_for(pusher.done.is_set, timeout=60, what="the pusher to stall")
         growth_mib = (gp.rss_kib() - before) / 1024
-        print(f"stalled {stalled}: pushed {pushed['bytes'] / MB:.1f} MiB, RSS growth {growth_mib:.2f} MiB")
-        assert pushed["bytes"] < 100 * MB, "nothing pushed back"
+        print(f"stalled {stalled}: pushed {pusher.bytes / MB:.1f} MiB, RSS growth {growth_mib:.2f} MiB")
+        assert pusher.bytes < 100 * MB, "nothing pushed back"
         assert growth_mib < 4, f"RSS grew by {growth_mib:.1f} MiB"
         sock.close()
     finally:
