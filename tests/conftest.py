@@ -59,6 +59,17 @@ def free_port(kind: int = socket.SOCK_STREAM) -> int:
         return sock.getsockname()[1]
 
 
+def closed_by_peer(sock: socket.socket, timeout: float = 5.0) -> bool:
+    """True when the peer closes (EOF or reset) within ``timeout``; data is drained."""
+    sock.settimeout(timeout)
+    try:
+        while sock.recv(65536):
+            pass
+    except ConnectionResetError:
+        pass
+    return True
+
+
 def recv_exactly(sock: socket.socket, n: int) -> bytes:
     chunks, got = [], 0
     while got < n:

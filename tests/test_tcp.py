@@ -14,6 +14,7 @@ from conftest import (
     LOOPBACK,
     Pusher,
     TargetServer,
+    closed_by_peer,
     connect,
     free_port,
     recv_exactly,
@@ -23,17 +24,6 @@ from conftest import (
 )
 
 MB = 1024 * 1024
-
-
-def closed_by_peer(sock: socket.socket, timeout: float = 5.0) -> bool:
-    """True when the peer closes (EOF or reset) within ``timeout``; data is drained."""
-    sock.settimeout(timeout)
-    try:
-        while sock.recv(65536):
-            pass
-    except ConnectionResetError:
-        pass
-    return True
 
 
 RELAYS = pytest.mark.parametrize("relay", ["splice", "copy"])  # GPORTMAP_RELAY: zero-copy or copying
