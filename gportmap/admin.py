@@ -18,11 +18,11 @@ from typing import TYPE_CHECKING, Any
 from urllib.parse import parse_qs
 
 import gevent
-from gevent.pywsgi import WSGIServer
+from gevent.pywsgi import WSGIHandler, WSGIServer
 
 from gportmap.config import AdminSettings
 from gportmap.errors import BindError, ConfigError
-from gportmap.log import get_logger, log_event
+from gportmap.log import ClientErrorsAsLog, get_logger, log_event
 from gportmap.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from gportmap.metrics import build_registry, render
 from gportmap.net import bind_listener
@@ -102,7 +102,7 @@ class AdminServer:
             self._delay = min(self._delay * 2, self.retry_max)
             return
         self.error = None
-        self._server = WSGIServer(listener, self, log=None, error_log=logger)
+        self._server = WSGIServer(listener, self, log=None, error_log=logger, handler_class=_Handler)
         self._server.start()
         log_event(
             logger,
@@ -212,6 +212,10 @@ class AdminServer:
 
     def _page(self, environ: dict) -> tuple[int, bytes, str]:
         return 200, self._dashboard, "text/html; charset=utf-8"
+
+
+class _Handler(ClientErrorsAsLog, WSGIHandler):
+    """pywsgi's handler, with malformed requests never printing a traceback."""
 
 
 def _json(data: Any) -> bytes:

@@ -588,8 +588,9 @@ def _read_file(base: str, path: str, where: JsonPath, problems: list[Problem]) -
     try:
         with open(full, "rb") as file:
             return full, file.read()
-    except OSError as exc:
-        problems.append((where, f"cannot read {full}: {exc.strerror or exc}"))
+    except (OSError, ValueError) as exc:  # ValueError: a NUL byte in the name
+        shown = full if full.isprintable() else _show(full)  # one printable line per error
+        problems.append((where, f"cannot read {shown}: {getattr(exc, 'strerror', None) or exc}"))
         return None
 
 
@@ -640,12 +641,17 @@ def _tls_target(spec: Any, base: str, where: JsonPath, problems: list[Problem]) 
             return None
         ca_file, content = read
     verify = spec.get("verify", True)
+    server_name = spec.get("serverName")
+    if server_name is not None and (problem := host_problem(server_name)) is not None:
+        # ssl would refuse it at every connection (ValueError in the connection's greenlet)
+        problems.append(((*where, "serverName"), problem))
+        return None
     try:
         client_context(ca_file, verify)
     except (ssl.SSLError, OSError) as exc:
         problems.append(((*where, "caFile"), f"cannot load the CA file: {_ssl_reason(exc)}"))
         return None
-    return TlsTarget(ca_file, spec.get("serverName"), verify, hashlib.sha256(content).hexdigest())
+    return TlsTarget(ca_file, server_name, verify, hashlib.sha256(content).hexdigest())
 
 
 def _ssl_reason(exc: BaseException) -> str:

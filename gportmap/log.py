@@ -173,3 +173,16 @@ class RateLimiter:
             return True, 0
         window[2] += 1
         return False, 0
+
+
+class ClientErrorsAsLog:
+    """Mixin for gevent pywsgi handlers. pywsgi answers a malformed request with 400
+    and logs it, but when its parser fails with anything but ValueError or OSError
+    (``GET / HTTP/1`` raises IndexError) it first prints a traceback straight to
+    stderr, which breaks the one JSON object per line of JSON logs. Such input is a
+    client error like any other: logged through ``error_log``, answered 400."""
+
+    def _handle_client_error(self, ex: BaseException):  # pywsgi's hook for bad client input
+        if not isinstance(ex, (ValueError, OSError)):
+            ex = ValueError(str(ex) or type(ex).__name__)
+        return super()._handle_client_error(ex)  # type: ignore[misc]

@@ -30,6 +30,7 @@ except ImportError:  # Windows: no splice either
     fcntl = None  # type: ignore[assignment]
 
 import gevent
+from gevent.monkey import get_original
 from gevent.socket import wait_read, wait_write
 
 from gportmap.plugins import DOWNSTREAM, UPSTREAM, HookError, Reject, log_hook_error
@@ -41,6 +42,13 @@ BUFFER_SIZE = 65536
 PIPE_SIZE = 1 << 20
 MIN_PIPE_SIZE = 1 << 16
 SPLICE_FLAGS = getattr(os, "SPLICE_F_MOVE", 0) | getattr(os, "SPLICE_F_NONBLOCK", 0)
+
+
+#: close(2) itself. gevent's patched ``os.close`` defers closing anything but a regular
+#: file to the next turn of the event loop, which an idle process may never take: the
+#: pipes of a finished connection stayed open. No watcher ever waits on these pipes
+#: (only on the sockets), so closing them at once is safe.
+close_fd = get_original("os", "close")
 
 
 def splice_available() -> bool:
@@ -63,8 +71,8 @@ def make_pipe() -> tuple[int, int, int] | None:
         except OSError:
             capacity = 0
     if capacity < MIN_PIPE_SIZE:
-        os.close(read_end)
-        os.close(write_end)
+        close_fd(read_end)
+        close_fd(write_end)
         return None
     return read_end, write_end, capacity
 
@@ -318,8 +326,8 @@ class Relay:
                         conn.add_sent(moved)
         finally:
             if pipe is not None:
-                os.close(pipe[0])
-                os.close(pipe[1])
+                close_fd(pipe[0])
+                close_fd(pipe[1])
 
     def _pump(
         self, src: socket.socket, dst: socket.socket, src_side: str, dst_side: str, allow_switch: bool = True

@@ -60,13 +60,16 @@ def free_port(kind: int = socket.SOCK_STREAM) -> int:
 
 
 def closed_by_peer(sock: socket.socket, timeout: float = 5.0) -> bool:
-    """True when the peer closes (EOF or reset) within ``timeout``; data is drained."""
+    """Drain until the peer closes (EOF or reset): True, or False if it does not
+    within ``timeout``."""
     sock.settimeout(timeout)
     try:
         while sock.recv(65536):
             pass
     except ConnectionResetError:
         pass
+    except TimeoutError:
+        return False
     return True
 
 

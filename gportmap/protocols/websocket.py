@@ -28,7 +28,7 @@ from gevent.pywsgi import WSGIServer
 from geventwebsocket.handler import WebSocketHandler
 
 from gportmap import wsframe
-from gportmap.log import get_logger
+from gportmap.log import ClientErrorsAsLog, get_logger
 from gportmap.net import peer_text, set_nodelay
 from gportmap.protocols.stream import StreamRuleServer
 from gportmap.stats import Connection
@@ -83,7 +83,7 @@ def _not_an_upgrade(environ: dict, start_response) -> list[bytes]:
     return [b"this is a WebSocket endpoint: connect with a WebSocket client\n"]
 
 
-class _BridgeHandler(WebSocketHandler):
+class _BridgeHandler(ClientErrorsAsLog, WebSocketHandler):
     """One client connection: admission, handshake deadline, upgrade, bridge."""
 
     def handle(self) -> None:
