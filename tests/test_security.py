@@ -11,7 +11,6 @@ import socket
 import ssl
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 
@@ -82,13 +81,14 @@ def test_openssl_curl_and_python_reach_a_tls_rule(start_gportmap, echo_target, p
         assert curl.returncode == 0, curl.stderr
         assert curl.stdout == b"hello over tls\n"
         with tls_client(echo_port, pki) as sock:
+            # One thread: an SSLSocket must not be read and written from two at once.
             data = os.urandom(2 * 1024 * 1024)
-            reader_out: list[bytes] = []
-            reader = threading.Thread(target=lambda: reader_out.append(recv_exactly(sock, len(data))))
-            reader.start()
-            sock.sendall(data)
-            reader.join(30)
-            assert reader_out[0] == data
+            echoed = bytearray()
+            for offset in range(0, len(data), 65536):
+                chunk = data[offset : offset + 65536]
+                sock.sendall(chunk)
+                echoed += recv_exactly(sock, len(chunk))
+            assert echoed == data
         # Plain TCP to a TLS port is refused as a TLS failure, not relayed.
         with connect(echo_port) as plain:
             plain.sendall(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
