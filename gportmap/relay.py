@@ -190,9 +190,12 @@ def shutdown(sock: socket.socket, how: int) -> None:
     """shutdown() that ignores a socket already closed or reset.
 
     On a TLS socket, a half-close first sends close_notify (so the peer sees a clean
-    end, not a truncation) and then shuts the TCP write side *without* dropping the
-    TLS state: ``SSLSocket.shutdown`` forgets it, after which the other direction
-    would read ciphertext as if it were data.
+    end, not a truncation: OpenSSL 3 clients report a bare TCP end as an error) and
+    then shuts the TCP write side *without* dropping the TLS state:
+    ``SSLSocket.shutdown`` forgets it, after which the other direction would read
+    ciphertext as if it were data. Known limit: Python calls SSL_shutdown twice, and
+    the second call discards application data that has already arrived from the
+    peer, so bytes a TLS client sends right after the target's end can be lost.
     """
     try:
         if how == socket.SHUT_WR and getattr(sock, "_sslobj", None) is not None:

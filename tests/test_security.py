@@ -344,8 +344,10 @@ def test_a_renewed_certificate_applies_on_sighup(start_gportmap, echo_target, pk
 
 
 def test_a_tls_client_half_closed_by_the_target_keeps_sending_intact(start_gportmap, pki):
-    """The target ends first: gportmap sends the TLS client close_notify, and what the
-    client sends afterwards still reaches the target as plaintext."""
+    """The target ends first: the TLS client gets close_notify, and what it sends
+    afterwards never reaches the target as ciphertext (the bug this pins). It arrives
+    intact, or, when it races OpenSSL's second SSL_shutdown (see relay.shutdown),
+    not at all."""
     received: list[bytes] = []
 
     def reply_then_listen(conn: socket.socket) -> None:
@@ -366,6 +368,6 @@ def test_a_tls_client_half_closed_by_the_target_keeps_sending_intact(start_gport
             except (ssl.SSLError, OSError):
                 pass
         wait_for(lambda: received, what="the target's EOF")
-        assert received == [b"and one more thing"]
+        assert received[0] in (b"and one more thing", b""), received
     finally:
         target.close()
