@@ -292,7 +292,7 @@ def test_a_reader_that_stops_does_not_grow_memory(start_gportmap, stalled_side, 
     try:
         warm = connect(port)  # one full connection first, so imports and pools are warm
         warm.close()
-        gp.wait_event("connection_closed", rule="stall")
+        gp.wait_event("connection_closed", rule="stall", timeout=30)
         before = gp.rss_kib()
         sock = connect(port)
         if stalled_side == "target":

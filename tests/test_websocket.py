@@ -398,7 +398,7 @@ def test_a_reader_that_stops_does_not_grow_memory(start_gportmap, stalled):
     try:
         warm = websocket.create_connection(f"ws://127.0.0.1:{port}/")
         warm.close()
-        gp.wait_event("connection_closed", rule="stall")
+        gp.wait_event("connection_closed", rule="stall", timeout=30)
         before = gp.rss_kib()
         sock, head = handshake(port)
         assert head.startswith(b"HTTP/1.1 101")
