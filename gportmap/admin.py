@@ -25,7 +25,7 @@ from gportmap.errors import BindError, ConfigError
 from gportmap.log import ClientErrorsAsLog, get_logger, log_event
 from gportmap.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from gportmap.metrics import build_registry, render
-from gportmap.net import bind_listener
+from gportmap.net import BindRetry, bind_listener
 
 if TYPE_CHECKING:
     from gportmap.service import Service
@@ -46,8 +46,6 @@ _STATUS = {
 class AdminServer:
     """Serves the admin endpoint for one ``Service``; ``apply`` follows settings changes."""
 
-    retry_min = 1.0
-    retry_max = 30.0
 
     def __init__(self, service: Service) -> None:
         self.service = service
@@ -55,7 +53,7 @@ class AdminServer:
         self.error: str | None = None
         self._server: WSGIServer | None = None
         self._retry: gevent.Greenlet | None = None
-        self._delay = self.retry_min
+        self._backoff = BindRetry()
         self._registry = build_registry(service)
         self._dashboard = resources.files("gportmap").joinpath("static", "dashboard.html").read_bytes()
         self._routes: dict[str, dict[str, Callable[[dict], tuple[int, bytes, str]]]] = {
@@ -77,7 +75,7 @@ class AdminServer:
             return
         self.stop()
         if settings is not None:
-            self._delay = self.retry_min
+            self._backoff.reset()
             self._start()
 
     def _start(self) -> None:
@@ -96,10 +94,9 @@ class AdminServer:
                 f"admin endpoint cannot start: {exc}; forwarding goes on",
                 listen=settings.listen,
                 error=self.error,
-                retry_in=self._delay,
+                retry_in=self._backoff.delay,
             )
-            self._retry = gevent.spawn_later(self._delay, self._start)
-            self._delay = min(self._delay * 2, self.retry_max)
+            self._retry = self._backoff.schedule(self._start)
             return
         self.error = None
         self._server = WSGIServer(listener, self, log=None, error_log=logger, handler_class=_Handler)

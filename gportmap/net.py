@@ -13,6 +13,7 @@ import socket
 import ssl
 import sys
 
+import gevent
 import gevent.socket
 
 from gportmap.config import format_address
@@ -96,3 +97,20 @@ def set_nodelay(sock: socket.socket) -> None:
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
     except OSError:
         pass  # not a TCP socket (tests with socketpairs) or already reset
+
+
+class BindRetry:
+    """When a listener cannot bind (port in use, permission), try again later: after
+    ``first`` seconds, doubling up to ``most``. Rules and the admin endpoint share it."""
+
+    def __init__(self, first: float = 1.0, most: float = 30.0) -> None:
+        self.first, self.most = first, most
+        self.delay = first  # what the next schedule() will wait: logged as retry_in
+
+    def schedule(self, attempt):  # -> gevent.Greenlet
+        greenlet = gevent.spawn_later(self.delay, attempt)
+        self.delay = min(self.delay * 2, self.most)
+        return greenlet
+
+    def reset(self) -> None:
+        self.delay = self.first

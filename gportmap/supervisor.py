@@ -29,6 +29,7 @@ from gevent.event import Event
 from gportmap.config import Config, Rule
 from gportmap.errors import BindError, GportmapError
 from gportmap.log import RateLimiter, get_logger, log_event
+from gportmap.net import BindRetry
 from gportmap.protocols import ServerContext, create_server
 from gportmap.relay import BufferPool
 from gportmap.stats import StatsRegistry
@@ -78,9 +79,6 @@ class Changes:
 class RuleRunner:
     """One enabled rule's server: its state, its retries, its drain."""
 
-    #: Seconds before the first retry of a rule that could not start; doubles up to the max.
-    retry_min = 1.0
-    retry_max = 30.0
 
     def __init__(self, rule: Rule, context: ServerContext) -> None:
         self.rule = rule
@@ -89,7 +87,7 @@ class RuleRunner:
         self.error: str | None = None
         self.server = create_server(rule, context)
         self._retry: gevent.Greenlet | None = None
-        self._delay = self.retry_min
+        self._backoff = BindRetry()
 
     def _move(self, new: RuleState) -> None:
         if new not in _TRANSITIONS[self.state]:
@@ -113,10 +111,9 @@ class RuleRunner:
                 rule=rule.name,
                 listen=rule.listen,
                 error=self.error,
-                retry_in=self._delay,
+                retry_in=self._backoff.delay,
             )
-            self._retry = gevent.spawn_later(self._delay, self._try_again)
-            self._delay = min(self._delay * 2, self.retry_max)
+            self._retry = self._backoff.schedule(self._try_again)
             return False
         self._move(RuleState.RUNNING)
         self.error = None
