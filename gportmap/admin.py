@@ -46,7 +46,6 @@ _STATUS = {
 class AdminServer:
     """Serves the admin endpoint for one ``Service``; ``apply`` follows settings changes."""
 
-
     def __init__(self, service: Service) -> None:
         self.service = service
         self.settings: AdminSettings | None = None
@@ -70,7 +69,11 @@ class AdminServer:
         """Start, move, or stop the endpoint; a token change alone applies at once."""
         old = self.settings
         self.settings = settings
-        same_place = old is not None and settings is not None and (old.host, old.port) == (settings.host, settings.port)
+        same_place = (
+            old is not None
+            and settings is not None
+            and (old.host, old.port) == (settings.host, settings.port)
+        )
         if same_place and (self._server is not None or self._retry is not None):
             return
         self.stop()
@@ -126,6 +129,8 @@ class AdminServer:
 
     def __call__(self, environ: dict, start_response: StartResponse) -> Iterable[bytes]:
         method, path = environ["REQUEST_METHOD"], environ.get("PATH_INFO", "/")
+        if path in ("/healthz", "/metrics", "/stats") and method in ("GET", "HEAD"):
+            self.service.supervisor.refresh()  # with workers: their figures as of now
         if path == "/healthz" and method in ("GET", "HEAD"):
             return self._respond(start_response, *self._health(environ))
         if not self._authorized(environ):
@@ -138,12 +143,18 @@ class AdminServer:
             )
         methods = self._routes.get(path)
         if methods is None:
-            return self._respond(start_response, 404, _json({"error": f"no such endpoint: {path}"}), "application/json")
+            return self._respond(
+                start_response, 404, _json({"error": f"no such endpoint: {path}"}), "application/json"
+            )
         handler = methods.get("GET" if method == "HEAD" and "GET" in methods else method)
         if handler is None:
             allowed = ", ".join(methods)
             return self._respond(
-                start_response, 405, _json({"error": f"use {allowed}"}), "application/json", [("Allow", allowed)]
+                start_response,
+                405,
+                _json({"error": f"use {allowed}"}),
+                "application/json",
+                [("Allow", allowed)],
             )
         return self._respond(start_response, *handler(environ))
 

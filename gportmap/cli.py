@@ -18,16 +18,20 @@ import gevent
 from gevent.event import Event
 
 from gportmap import __version__
-from gportmap.config import Config, load, parse_listen
+from gportmap.config import Config, load, parse, parse_listen
 from gportmap.errors import ConfigError, GportmapError
 from gportmap.log import LEVELS, get_logger, log_event, route_gevent_errors, setup_logging
-from gportmap.platform import detect
+from gportmap.platform import Features, detect
 from gportmap.service import Overrides, Service
+from gportmap.stats import StatsRegistry
+from gportmap.supervisor import Supervisor
 from gportmap.watcher import choose_mode
+from gportmap.workers import Channel, WorkerLink, WorkerPool, resolve_workers, worker_command
 
 logger = get_logger()
 
 EXIT_OK, EXIT_FATAL, EXIT_USAGE = 0, 1, 2
+MAX_WORKERS = 256
 DEFAULT_RULES = os.path.join("rules", "rules.json")
 
 
@@ -58,8 +62,31 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="HOST:PORT|off",
         help="where the admin endpoint listens (replaces settings.admin.listen), or off",
     )
+    parser.add_argument(
+        "--workers",
+        type=workers_count,
+        metavar="N|auto",
+        help="processes sharing every listening port (SO_REUSEPORT, Linux); auto = one per core; "
+        "overrides settings.workers",
+    )
     parser.add_argument("--version", action="version", version=f"gportmap {__version__}")
+    # How a master starts its workers; not for people.
+    parser.add_argument("--worker-fd", type=int, help=argparse.SUPPRESS)
+    parser.add_argument("--worker-index", type=int, default=0, help=argparse.SUPPRESS)
     return parser
+
+
+def workers_count(text: str) -> int | str:
+    """``--workers``: a count from 1, or "auto"."""
+    if text.strip().lower() == "auto":
+        return "auto"
+    try:
+        count = int(text)
+    except ValueError:
+        count = 0
+    if not 1 <= count <= MAX_WORKERS:
+        raise argparse.ArgumentTypeError(f"expected a number from 1 to {MAX_WORKERS} or auto, got {text!r}")
+    return count
 
 
 def admin_address(text: str) -> str | tuple[str, int]:
@@ -101,6 +128,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.rules and args.config and args.rules != args.config:
         parser.error("give the rules file once: as RULES or with -c, not both")
+    if args.worker_fd is not None:
+        return worker_main(args)
     path = resolve_rules_path(args)
     if args.check:
         return check(path)
@@ -118,20 +147,66 @@ def main(argv: Sequence[str] | None = None) -> int:
             errors=exc.errors,
         )
         return EXIT_USAGE
-    overrides = Overrides(args.log_format, args.log_level, args.admin)
+    overrides = Overrides(args.log_format, args.log_level, args.admin, args.workers)
     setup_logging(*overrides.logging(config.settings))
+    features = detect()
+    workers = resolve_workers(overrides.workers or config.settings.workers)
+    if workers > 1 and not features.reuse_port:
+        log_event(
+            logger,
+            logging.ERROR,
+            "usage_error",
+            f"{workers} workers need SO_REUSEPORT load balancing (Linux), which this platform "
+            "does not offer (or GPORTMAP_PORTABLE is set): run one worker",
+            workers=workers,
+        )
+        return EXIT_USAGE
+    backend = (
+        WorkerPool(workers, worker_command(workers, args.log_format, args.log_level)) if workers > 1 else None
+    )
     try:
-        return run(config, overrides)
+        return run(config, overrides, features, backend)
     except GportmapError as exc:
         log_event(logger, logging.CRITICAL, "fatal", str(exc))
         return EXIT_FATAL
 
 
-def run(config: Config, overrides: Overrides | None = None) -> int:
-    """Serve until SIGTERM/SIGINT; a second signal cuts the drain short."""
-    features = detect()
+def worker_main(args: argparse.Namespace) -> int:
+    """A worker process: rules from the master over the inherited channel, listeners
+    shared with the other workers, no admin endpoint, watcher or stats log."""
+    import socket
+
+    setup_logging(args.log_format or "text", args.log_level or "INFO", worker=args.worker_index)
+    link = WorkerLink(Channel(socket.socket(fileno=args.worker_fd)), args.worker_index)
+    try:
+        raw, path = link.first_config()
+        config = parse(raw, path)
+    except (OSError, GportmapError, ValueError) as exc:
+        errors = exc.errors if isinstance(exc, ConfigError) else [str(exc)]
+        log_event(logger, logging.ERROR, "worker_failed", "the worker cannot start", errors=errors)
+        return EXIT_USAGE
+    overrides = Overrides(args.log_format, args.log_level, "off", args.workers, worker=args.worker_index)
+    setup_logging(*overrides.logging(config.settings), worker=args.worker_index)
+    try:
+        return run(config, overrides, detect(), link=link)
+    except GportmapError as exc:
+        log_event(logger, logging.CRITICAL, "fatal", str(exc))
+        return EXIT_FATAL
+
+
+def run(
+    config: Config,
+    overrides: Overrides | None = None,
+    features: Features | None = None,
+    backend: WorkerPool | None = None,
+    link: WorkerLink | None = None,
+) -> int:
+    """Serve until SIGTERM/SIGINT; a second signal cuts the drain short. With a
+    ``backend`` this is a master and its workers serve; with a ``link`` this is one
+    of those workers."""
+    features = features or detect()
     route_gevent_errors()
-    if features.fd_limit:
+    if features.fd_limit and backend is None:
         raise_fd_limit()
     stop, force = Event(), Event()
 
@@ -151,7 +226,13 @@ def run(config: Config, overrides: Overrides | None = None) -> int:
         except ConfigError:
             pass  # logged and counted; the running rules stay
 
-    service = Service(config, choose_mode(features), overrides, splice=features.splice)
+    if link is not None:
+        workers = resolve_workers(overrides.workers if overrides else None)
+        stats = StatsRegistry(workers=workers, index=link.index)
+        backend_here: Supervisor | WorkerPool = Supervisor(stats, splice=features.splice, reuse_port=True)
+    else:
+        backend_here = backend or Supervisor(splice=features.splice)
+    service = Service(config, choose_mode(features), overrides, backend=backend_here, worker=link is not None)
     # Handlers before the first rule starts: a signal during start-up is handled too.
     for name in ("SIGTERM", "SIGINT"):
         if hasattr(signal, name):
@@ -159,18 +240,24 @@ def run(config: Config, overrides: Overrides | None = None) -> int:
     if features.posix_signals:
         install_signal_handler(signal.SIGHUP, on_reload_signal)
         install_signal_handler(signal.SIGUSR1, on_stats_signal)
-    service.start()
-    log_event(
-        logger,
-        logging.INFO,
-        "started",
-        f"gportmap {__version__} started with {len(config.enabled_rules)} enabled rule(s)",
-        version=__version__,
-        config=config.path,
-        pid=os.getpid(),
-        rules=len(config.enabled_rules),
-        features=features.enabled(),
-    )
+    changes = service.start()
+    if link is not None:
+        link.serve(service, changes, stop)
+    else:
+        workers = backend.count if backend is not None else 1
+        log_event(
+            logger,
+            logging.INFO,
+            "started",
+            f"gportmap {__version__} started with {len(config.enabled_rules)} enabled rule(s)"
+            + (f" in {workers} workers" if workers > 1 else ""),
+            version=__version__,
+            config=config.path,
+            pid=os.getpid(),
+            rules=len(config.enabled_rules),
+            workers=workers,
+            features=features.enabled(),
+        )
     stop.wait()
 
     service.stop_watching()

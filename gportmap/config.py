@@ -102,6 +102,7 @@ class Settings:
     admin: AdminSettings | None = AdminSettings()  # None: the admin endpoint is off
     stats_interval: float = 60.0  # 0: no periodic stats records
     allow_targets: tuple[str, ...] = ()  # empty: any target
+    workers: int | str = 1  # processes sharing the ports; "auto": one per core
 
 
 @dataclass(frozen=True)
@@ -164,6 +165,8 @@ class Config:
     rules: tuple[Rule, ...]
     settings: Settings
     digest: str
+    #: The file's bytes as validated: worker processes apply exactly this version.
+    raw: bytes = field(default=b"", compare=False, repr=False)
 
     @property
     def enabled_rules(self) -> tuple[Rule, ...]:
@@ -214,6 +217,7 @@ def parse(data: bytes | str, path: str | os.PathLike[str]) -> Config:
         rules=tuple(rules),
         settings=_build_settings(document.get("settings", {})),
         digest=hashlib.sha256(raw).hexdigest(),
+        raw=raw,
     )
 
 
@@ -433,6 +437,7 @@ _SETTINGS_KEYS: dict[str, tuple[str, Callable[[Any], Any]]] = {
     "admin": ("admin", lambda value: _admin_settings(value)),
     "statsInterval": ("stats_interval", float),
     "allowTargets": ("allow_targets", tuple),
+    "workers": ("workers", lambda value: value),
 }
 
 

@@ -32,9 +32,7 @@ def get_logger(name: str = "") -> logging.Logger:
     return logging.getLogger(f"{LOGGER_NAME}.{name}" if name else LOGGER_NAME)
 
 
-def log_event(
-    logger: logging.Logger, level: int, event: str, message: str, **fields: Any
-) -> None:
+def log_event(logger: logging.Logger, level: int, event: str, message: str, **fields: Any) -> None:
     """Emit one event record; the cheap ``isEnabledFor`` check keeps disabled levels free."""
     if logger.isEnabledFor(level):
         fields["event"] = event
@@ -65,7 +63,9 @@ class TextFormatter(logging.Formatter):
                 continue
             if isinstance(value, (list, tuple)) and value and all(isinstance(v, dict) for v in value):
                 # e.g. the per-rule figures of a ``stats`` record: one indented line each
-                multiline.extend("  " + " ".join(f"{k}={_text_value(v)}" for k, v in item.items()) for item in value)
+                multiline.extend(
+                    "  " + " ".join(f"{k}={_text_value(v)}" for k, v in item.items()) for item in value
+                )
                 continue
             parts.append(f"{key}={_text_value(value)}")
         line = " ".join(parts)
@@ -102,10 +102,13 @@ class EventJsonFormatter(JsonFormatter):
         log_data.pop("taskName", None)
 
 
-def setup_logging(log_format: str = "text", level: str = "INFO") -> None:
-    """(Re)configure the root handler; called again once the rules file's settings are known."""
+def setup_logging(log_format: str = "text", level: str = "INFO", worker: int | None = None) -> None:
+    """(Re)configure the root handler; called again once the rules file's settings are
+    known. In a worker process every record carries ``worker`` (its index)."""
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(EventJsonFormatter() if log_format == "json" else TextFormatter())
+    if worker is not None:
+        handler.addFilter(_WorkerField(worker))
     root = logging.getLogger()
     for old in list(root.handlers):
         root.removeHandler(old)
@@ -114,6 +117,16 @@ def setup_logging(log_format: str = "text", level: str = "INFO") -> None:
     root.setLevel(level.upper())
     logging.captureWarnings(True)
     logging.getLogger("py.warnings").propagate = True
+
+
+class _WorkerField(logging.Filter):
+    def __init__(self, worker: int) -> None:
+        super().__init__()
+        self.worker = worker
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        record.worker = self.worker
+        return True
 
 
 def route_gevent_errors() -> None:

@@ -32,10 +32,18 @@ def peer_text(address: object) -> str:
     return str(address)
 
 
-def bind_listener(host: str, port: int, sock_type: int = socket.SOCK_STREAM) -> socket.socket:
-    """Create, bind and (for TCP) listen; raise BindError with advice on failure."""
+def bind_listener(
+    host: str, port: int, sock_type: int = socket.SOCK_STREAM, reuse_port: bool = False
+) -> socket.socket:
+    """Create, bind and (for TCP) listen; raise BindError with advice on failure.
+
+    ``reuse_port`` lets the worker processes of one gportmap each bind the same
+    address (``SO_REUSEPORT``): the kernel then spreads new connections, and UDP
+    clients by their address, over the workers' sockets."""
     try:
-        infos = gevent.socket.getaddrinfo(host or None, port, socket.AF_UNSPEC, sock_type, 0, socket.AI_PASSIVE)
+        infos = gevent.socket.getaddrinfo(
+            host or None, port, socket.AF_UNSPEC, sock_type, 0, socket.AI_PASSIVE
+        )
     except socket.gaierror as exc:
         raise BindError(f"cannot resolve listen address {host!r}: {exc.strerror}") from None
     family, _, proto, _, sockaddr = infos[0]
@@ -45,6 +53,8 @@ def bind_listener(host: str, port: int, sock_type: int = socket.SOCK_STREAM) -> 
     try:
         if sys.platform != "win32":
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if reuse_port:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
         if family == socket.AF_INET6 and host in _WILDCARDS and hasattr(socket, "IPV6_V6ONLY"):
             try:
                 sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)

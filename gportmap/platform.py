@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
 import sys
 from dataclasses import asdict, dataclass
 
@@ -26,6 +27,9 @@ class Features:
     #: splice(2) moves TCP bytes without copying them through Python: Linux only.
     #: ``GPORTMAP_RELAY=copy`` turns it off, ``splice`` insists on it.
     splice: bool = False
+    #: SO_REUSEPORT spreads connections over processes bound to one port (Linux):
+    #: what ``--workers`` needs. (BSD and macOS have the option but not the spreading.)
+    reuse_port: bool = False
 
     def enabled(self) -> list[str]:
         return [name for name, on in asdict(self).items() if on]
@@ -46,11 +50,12 @@ def _can_import(module: str) -> bool:
 def detect() -> Features:
     """Probe once at start-up; the result is passed down, not re-read."""
     if portable_mode():
-        return Features(posix_signals=False, fd_limit=False, inotify=False, splice=False)
+        return Features(posix_signals=False, fd_limit=False, inotify=False, splice=False, reuse_port=False)
     relay = os.environ.get("GPORTMAP_RELAY", "auto").strip().lower()
     return Features(
         posix_signals=hasattr(signal, "SIGHUP") and hasattr(signal, "SIGUSR1"),
         fd_limit=_can_import("resource"),
         inotify=sys.platform.startswith("linux") and _can_import("pyinotify"),
         splice=relay != "copy" and sys.platform.startswith("linux") and splice_available(),
+        reuse_port=sys.platform.startswith("linux") and hasattr(socket, "SO_REUSEPORT"),
     )

@@ -12,18 +12,20 @@ import logging
 import os
 import time
 from dataclasses import dataclass
-from datetime import UTC, datetime
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from gportmap import __version__
 from gportmap.admin import AdminServer
 from gportmap.config import AdminSettings, Config, Rule, Settings, parse
 from gportmap.errors import ConfigError, WatcherError
 from gportmap.log import get_logger, log_event, setup_logging
-from gportmap.stats import RuleStats
+from gportmap.stats import RuleStats, iso_time
 from gportmap.statslog import StatsLogger
 from gportmap.supervisor import Changes, Supervisor
 from gportmap.watcher import InotifyWatcher, PollWatcher, create_watcher
+
+if TYPE_CHECKING:
+    from gportmap.workers import WorkerPool
 
 logger = get_logger()
 
@@ -36,6 +38,10 @@ class Overrides:
     log_level: str | None = None
     #: ``--admin``: "off", or (host, port) replacing only settings.admin.listen.
     admin: str | tuple[str, int] | None = None
+    #: ``--workers``: a count or "auto", replacing settings.workers.
+    workers: int | str | None = None
+    #: This process is worker number ``worker`` of a master: its log records say so.
+    worker: int | None = None
 
     def logging(self, settings: Settings) -> tuple[str, str]:
         return (self.log_format or settings.log_format, self.log_level or settings.log_level)
@@ -85,14 +91,24 @@ class Service:
     """Owns the supervisor and the reload bookkeeping an operator sees in /stats."""
 
     def __init__(
-        self, config: Config, watch_mode: str, overrides: Overrides | None = None, splice: bool = False
+        self,
+        config: Config,
+        watch_mode: str,
+        overrides: Overrides | None = None,
+        splice: bool = False,
+        backend: Supervisor | WorkerPool | None = None,
+        worker: bool = False,
     ) -> None:
+        """``backend`` runs the rules: this process's own ``Supervisor`` (the
+        default), or the master's ``WorkerPool``. A ``worker`` process serves rules
+        only: its master owns the rules file, the admin endpoint and the stats log."""
         self.path = config.path
         self.config = config
-        self.watch_mode = watch_mode
+        self.worker = worker
+        self.watch_mode = "off" if worker else watch_mode
         self.overrides = overrides or Overrides()
         self.started_at = time.time()
-        self.supervisor = Supervisor(splice=splice)
+        self.supervisor = backend if backend is not None else Supervisor(splice=splice)
         self.reloads = {"success": 0, "failure": 0}
         self.last_error: list[str] | None = None
         self.loaded_at = time.time()
@@ -102,13 +118,16 @@ class Service:
         self.admin = AdminServer(self)
         self.stats_log = StatsLogger(self)
 
-    def start(self) -> None:
-        self.supervisor.apply(self.config)
+    def start(self) -> Changes:
+        changes = self.supervisor.apply(self.config)
         self._update_watcher()
         self._apply_services()
+        return changes
 
     def _apply_services(self) -> None:
         """Settings that drive the admin endpoint and the stats log."""
+        if self.worker:
+            return
         self.admin.apply(self.overrides.admin_settings(self.config.settings))
         self.stats_log.apply(self.config.settings.stats_interval)
 
@@ -129,7 +148,9 @@ class Service:
             if not force and digest == self._seen_digest:
                 return None
             self._seen_digest = digest
-            self._fail(source, [f"{self.path}: cannot read: {exc.strerror or exc}; keeping the current rules"])
+            self._fail(
+                source, [f"{self.path}: cannot read: {exc.strerror or exc}; keeping the current rules"]
+            )
             raise ConfigError(self.last_error or []) from None
         digest = hashlib.sha256(data).hexdigest()
         if not force and digest == self._seen_digest:
@@ -137,6 +158,15 @@ class Service:
         self._seen_digest = digest
         try:
             config = parse(data, self.path)
+        except ConfigError as exc:
+            self._fail(source, exc.errors)
+            raise
+        return self._apply(config, source)
+
+    def apply_raw(self, raw: bytes, source: str) -> Changes:
+        """A worker's reload: the rules file's bytes as its master validated them."""
+        try:
+            config = parse(raw, self.path)
         except ConfigError as exc:
             self._fail(source, exc.errors)
             raise
@@ -150,15 +180,25 @@ class Service:
         self.last_error = None
         self.loaded_at = self.last_success_at = time.time()
         settings_changed = [
-            name for name in Settings.__dataclass_fields__ if getattr(old_settings, name) != getattr(config.settings, name)
+            name
+            for name in Settings.__dataclass_fields__
+            if getattr(old_settings, name) != getattr(config.settings, name)
         ]
         if self.overrides.logging(old_settings) != self.overrides.logging(config.settings):
-            setup_logging(*self.overrides.logging(config.settings))
+            setup_logging(*self.overrides.logging(config.settings), worker=self.overrides.worker)
         self._update_watcher()
         self._apply_services()
+        if "workers" in settings_changed:
+            log_event(
+                logger,
+                logging.WARNING,
+                "restart_needed",
+                "settings.workers changed: the number of workers is read at start-up, restart gportmap to apply it",
+                workers=config.settings.workers,
+            )
         log_event(
             logger,
-            logging.INFO,
+            logging.DEBUG if self.worker else logging.INFO,  # the master logs the reload once
             "config_reloaded",
             f"rules reloaded ({source}): {len(changes.added)} added, {len(changes.changed)} changed, "
             f"{len(changes.removed)} removed, {len(changes.unchanged)} unchanged",
@@ -201,13 +241,13 @@ class Service:
                 self._watcher = create_watcher(self.watch_mode, self.path, self.file_changed)
                 self._watcher.start()
             log_event(
-                    logger,
-                    logging.INFO,
-                    "watching",
-                    f"watching {self.path} for changes ({self.watch_mode})",
-                    path=self.path,
-                    mode=self.watch_mode,
-                )
+                logger,
+                logging.INFO,
+                "watching",
+                f"watching {self.path} for changes ({self.watch_mode})",
+                path=self.path,
+                mode=self.watch_mode,
+            )
         elif not want and self._watcher is not None:
             self._watcher.stop()
             self._watcher = None
@@ -229,34 +269,37 @@ class Service:
             "uptime": round(time.time() - self.started_at, 3),
             "config": {
                 "path": self.path,
-                "loaded_at": _iso(self.loaded_at),
+                "loaded_at": iso_time(self.loaded_at),
                 "reloads": dict(self.reloads),
                 "last_error": self.last_error,
                 "watching": self.watch_mode if self._watcher is not None else "off",
             },
-            "connections": {"active": self.supervisor.stats.active, "max": self.config.settings.max_connections},
+            "connections": {
+                "active": self.supervisor.stats.active,
+                "max": self.config.settings.max_connections,
+            },
             "rules": [view.snapshot() for view in self.rule_views()],
+            "workers": self.supervisor.describe_workers(),
         }
 
+    def worker_report(self, connections: bool = False) -> dict[str, Any]:
+        """What a worker tells its master: every figure as plain data, the rules'
+        states, and on request the open connections."""
+        stats = self.supervisor.stats
+        report: dict[str, Any] = {
+            "pid": os.getpid(),
+            "active": stats.active,
+            "rules": {rule_stats.name: rule_stats.counters() for rule_stats in stats.rules()},
+            "states": [[rule.name, state, error] for rule, state, error in self.supervisor.rule_states()],
+        }
+        if connections:
+            report["connections"] = stats.describe_open()
+        return report
+
     def open_connections(self) -> list[dict[str, Any]]:
-        return [
-            {
-                "id": conn.id,
-                "rule": conn.stats.name,
-                "client": conn.client,
-                "target": conn.target,
-                "started": _iso(conn.started),
-                "duration": round(conn.duration, 3),
-                "bytes": {"received": conn.bytes_received, "sent": conn.bytes_sent},
-            }
-            for conn in self.supervisor.stats.connections()
-        ]
+        return self.supervisor.stats.describe_open()
 
     def stop_watching(self) -> None:
         if self._watcher is not None:
             self._watcher.stop()
             self._watcher = None
-
-
-def _iso(timestamp: float) -> str:
-    return datetime.fromtimestamp(timestamp, UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import itertools
 import time
+from datetime import UTC, datetime
 from typing import Any
 
 #: Reasons a connection can be refused before it is relayed (SPEC §5).
@@ -49,6 +50,31 @@ class RuleStats:
         self.udp_packets_received = 0  # datagrams from clients
         self.udp_packets_sent = 0  # datagrams to clients
         self.udp_dropped = dict.fromkeys(UDP_DROP_REASONS, 0)
+
+    #: The attributes that are levels, not running totals: a worker that is gone
+    #: takes its levels along, while its totals stay in the sums (``add``).
+    GAUGES = ("active", "udp_sessions")
+
+    def counters(self) -> dict[str, Any]:
+        """Every figure as plain data: what a worker process reports to its master."""
+        return {
+            name: dict(value) if isinstance(value, dict) else value
+            for name in self.__slots__[2:]
+            for value in (getattr(self, name),)
+        }
+
+    def add(self, counters: dict[str, Any], gauges: bool = True) -> None:
+        """Add figures from ``counters()`` of another process (the master's sums)."""
+        for name in self.__slots__[2:]:
+            if name not in counters or (not gauges and name in self.GAUGES):
+                continue
+            value = counters[name]
+            if isinstance(value, dict):
+                mine = getattr(self, name)
+                for key, count in value.items():
+                    mine[key] = mine.get(key, 0) + count
+            else:
+                setattr(self, name, getattr(self, name) + value)
 
     def snapshot(self) -> dict[str, Any]:
         return {
@@ -126,12 +152,17 @@ class StatsRegistry:
     only while a connection holds a slot.
     """
 
-    def __init__(self, max_active: int = 10000) -> None:
+    def __init__(self, max_active: int = 10000, workers: int = 1, index: int = 0) -> None:
+        """``workers``/``index``: this process is worker ``index`` of ``workers``
+        sharing the ports. It admits its share of every limit, and numbers its
+        connections index+1, index+1+workers, ... so that ids stay unique across the
+        workers without any coordination."""
         self.max_active = max_active
         self.active = 0
+        self.workers = workers
         self._rules: dict[str, RuleStats] = {}
         self._open: dict[int, Connection] = {}
-        self._ids = itertools.count(1)
+        self._ids = itertools.count(index + 1, workers)
 
     def rule(self, name: str, protocol: str) -> RuleStats:
         """The counters for ``name``, created at 0 the first time it is asked for."""
@@ -146,7 +177,11 @@ class StatsRegistry:
 
     def full(self, stats: RuleStats, rule_limit: int) -> bool:
         """True when one more connection would exceed the rule's or the process's limit."""
-        return stats.active >= rule_limit or self.active >= self.max_active
+        return stats.active >= self.share(rule_limit) or self.active >= self.share(self.max_active)
+
+    def share(self, limit: int) -> int:
+        """This process's part of a limit: all of it, or a worker's share."""
+        return worker_share(limit, self.workers) if self.workers > 1 else limit
 
     def next_id(self) -> int:
         """A connection id, taken before the connection is admitted (plugins see it)."""
@@ -167,3 +202,30 @@ class StatsRegistry:
 
     def connections(self) -> list[Connection]:
         return list(self._open.values())
+
+    def describe_open(self) -> list[dict[str, Any]]:
+        """The ``/connections`` document (SPEC §5): one entry per open connection."""
+        return [
+            {
+                "id": conn.id,
+                "rule": conn.stats.name,
+                "client": conn.client,
+                "target": conn.target,
+                "started": iso_time(conn.started),
+                "duration": round(conn.duration, 3),
+                "bytes": {"received": conn.bytes_received, "sent": conn.bytes_sent},
+            }
+            for conn in self._open.values()
+        ]
+
+
+def worker_share(limit: int, workers: int) -> int:
+    """What one of ``workers`` processes admits of a connection limit: the kernel
+    spreads connections unevenly, so the total can exceed ``limit`` by at most
+    workers - 1, and a worker can refuse while another still has room."""
+    return max(1, -(-limit // workers))
+
+
+def iso_time(timestamp: float) -> str:
+    """UTC ISO 8601 with milliseconds and a ``Z``, as every document of the admin endpoint."""
+    return datetime.fromtimestamp(timestamp, UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")

@@ -43,6 +43,7 @@ class StatsLogger:
 
     def log_now(self, source: str = "signal") -> None:
         rules: list[dict[str, Any]] = []
+        self.service.supervisor.refresh()
         for view in self.service.rule_views():
             stats = view.stats
             before = self._previous.get(view.name, (0, 0))

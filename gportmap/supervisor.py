@@ -29,7 +29,7 @@ from gevent.event import Event
 from gportmap.config import Config, Rule
 from gportmap.errors import BindError, GportmapError
 from gportmap.log import RateLimiter, get_logger, log_event
-from gportmap.net import BindRetry
+from gportmap.net import BindRetry, bind_listener
 from gportmap.protocols import ServerContext, create_server
 from gportmap.relay import BufferPool
 from gportmap.stats import StatsRegistry
@@ -79,7 +79,6 @@ class Changes:
 class RuleRunner:
     """One enabled rule's server: its state, its retries, its drain."""
 
-
     def __init__(self, rule: Rule, context: ServerContext) -> None:
         self.rule = rule
         self.context = context
@@ -98,7 +97,12 @@ class RuleRunner:
         """Serve on ``listener`` (handed over) or a new socket; on a bind failure
         report it and schedule a retry."""
         rule = self.rule
+        handover = listener is not None
         try:
+            if listener is None and self.context.reuse_port:
+                # one of several workers: the socket shares the port with the others
+                sock_type = socket.SOCK_DGRAM if rule.transport == "udp" else socket.SOCK_STREAM
+                listener = bind_listener(rule.listen_host, rule.listen_port, sock_type, reuse_port=True)
             self.server.start(listener)
         except BindError as exc:
             self._move(RuleState.FAILED)
@@ -126,7 +130,7 @@ class RuleRunner:
             protocol=rule.protocol,
             listen=rule.listen,
             target=rule.target,
-            handover=listener is not None,
+            handover=handover,
         )
         return True
 
@@ -172,9 +176,17 @@ class RuleRunner:
 class Supervisor:
     """Owns every rule server: applies configs, drains retired servers, stops all."""
 
-    def __init__(self, stats: StatsRegistry | None = None, splice: bool = False) -> None:
+    def __init__(
+        self, stats: StatsRegistry | None = None, splice: bool = False, reuse_port: bool = False
+    ) -> None:
         self.stats = stats or StatsRegistry()
-        self.context = ServerContext(stats=self.stats, buffers=BufferPool(), rejections=RateLimiter(), splice=splice)
+        self.context = ServerContext(
+            stats=self.stats,
+            buffers=BufferPool(),
+            rejections=RateLimiter(),
+            splice=splice,
+            reuse_port=reuse_port,
+        )
         self.runners: dict[tuple[str, str, int], RuleRunner] = {}
         self.draining: dict[RuleRunner, gevent.Greenlet] = {}
         self.config: Config | None = None
@@ -241,6 +253,13 @@ class Supervisor:
                 names.add(runner.rule.name)
                 states.append((runner.rule, runner.state.value, None))
         return states
+
+    def refresh(self) -> None:
+        """The figures are this process's own, always current (``WorkerPool`` reads its workers')."""
+
+    def describe_workers(self) -> list[dict]:
+        """One process, no workers (``WorkerPool`` lists its own)."""
+        return []
 
     def close_listeners(self) -> None:
         """Stop accepting on every rule at once: new connection attempts are refused."""

@@ -300,8 +300,22 @@ class Gportmap:
     def open_fds(self) -> int:
         return len(os.listdir(f"/proc/{self.pid}/fd"))
 
+    def children(self) -> list[int]:
+        """Pids of the worker processes (``--workers``), if any."""
+        import psutil
+
+        try:
+            return [child.pid for child in psutil.Process(self.pid).children()]
+        except psutil.NoSuchProcess:
+            return []
+
     def close(self) -> None:
         if self.proc.poll() is None:
+            for child in self.children():  # workers would drain after the master's end
+                try:
+                    os.kill(child, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
             self.proc.kill()
             self.proc.wait(10)
         self._log.close()

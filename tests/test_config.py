@@ -226,6 +226,7 @@ def test_schema_is_valid_and_closes_every_object() -> None:
         "admin",
         "statsInterval",
         "allowTargets",
+        "workers",
     }
 
 
@@ -611,3 +612,24 @@ def test_parse_returns_config_or_raises_config_error(data: bytes | str) -> None:
             line.encode("utf-8")  # printable: no lone surrogate from the input leaks into a message
     else:
         assert isinstance(config, Config) and config.path == os.path.abspath("fuzz.json")
+
+
+@pytest.mark.parametrize("value", [1, 4, "auto"])
+def test_settings_workers_accepts_a_count_or_auto(value) -> None:
+    config = parse(json.dumps({"settings": {"workers": value}, "rules": [rule()]}), "w.json")
+    assert config.settings.workers == value
+
+
+@pytest.mark.parametrize(
+    ("value", "problem"),
+    [
+        (0, "w.json: settings.workers"),
+        ("many", "w.json: settings.workers"),
+        (1.5, "w.json: settings.workers"),
+        (257, "w.json: settings.workers"),
+    ],
+)
+def test_settings_workers_rejects_other_values(value, problem) -> None:
+    with pytest.raises(ConfigError) as caught:
+        parse(json.dumps({"settings": {"workers": value}, "rules": [rule()]}), "w.json")
+    assert any(error.startswith(problem) for error in caught.value.errors), caught.value.errors

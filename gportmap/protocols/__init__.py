@@ -35,6 +35,8 @@ class ServerContext:
     rejections: RateLimiter
     #: The relay may use splice(2) (Linux, not forced off).
     splice: bool = False
+    #: Listeners are bound with SO_REUSEPORT: this process is one of several workers.
+    reuse_port: bool = False
 
 
 BUILTIN = {
