@@ -17,8 +17,14 @@ verdict against the targets of issue 11: zero data errors, zero broken or refuse
 connections, descriptors back to their idle count once the load stops, RSS growth
 under 5 MiB after the warm-up. Exit status 0 when every target is met.
 
-Worker kills: gportmap has no ``--workers`` yet (issue 8), so this soak runs one
-process and kills nothing; it says so in its output.
+Worker kills: with ``--workers N`` (default 2) a random worker is killed with SIGKILL
+every ``--kill-every`` seconds (default 60) and the master restarts it. Connections
+that die with a killed worker are deliberate losses, not failures: just before each
+kill the soak reads ``/connections`` and notes the clients the victim holds, and a
+connection broken or refused within 2 s of a kill with a reset (one the kernel had
+queued on the victim's socket) is counted with them. Everything else that breaks is
+a failure. RSS and descriptors are those of the master and its workers together.
+``--workers 1`` runs one process and kills nothing.
 
 All traffic stays on 127.0.0.1; every loop ends with the run. Not part of CI.
 """
@@ -110,26 +116,45 @@ class UdpEcho:
 
 
 class Proc:
+    """gportmap: its master and its workers, counted together."""
+
     def __init__(self, pid: int) -> None:
         self.pid = pid
 
+    def pids(self) -> list[int]:
+        children = []
+        try:
+            with open(f"/proc/{self.pid}/task/{self.pid}/children") as file:
+                children = [int(pid) for pid in file.read().split()]
+        except OSError:
+            pass
+        return [self.pid, *children]
+
     def rss_mib(self) -> float:
-        with open(f"/proc/{self.pid}/status") as status:
-            for line in status:
-                if line.startswith("VmRSS:"):
-                    return int(line.split()[1]) / 1024
-        raise RuntimeError("no VmRSS")
+        total = 0
+        for pid in self.pids():
+            try:
+                with open(f"/proc/{pid}/status") as status:
+                    total += next(int(line.split()[1]) for line in status if line.startswith("VmRSS:"))
+            except (OSError, StopIteration):
+                pass  # a worker that just died
+        return total / 1024
 
     def fds(self) -> int:
-        return len(os.listdir(f"/proc/{self.pid}/fd"))
+        return sum(len(os.listdir(f"/proc/{pid}/fd")) for pid in self.pids() if os.path.isdir(f"/proc/{pid}/fd"))
 
     def fd_kinds(self) -> Counter:
         kinds: Counter = Counter()
-        for fd in os.listdir(f"/proc/{self.pid}/fd"):
+        for pid in self.pids():
             try:
-                kinds[os.readlink(f"/proc/{self.pid}/fd/{fd}").split(":[")[0]] += 1
+                fds = os.listdir(f"/proc/{pid}/fd")
             except OSError:
-                pass
+                continue
+            for fd in fds:
+                try:
+                    kinds[os.readlink(f"/proc/{pid}/fd/{fd}").split(":[")[0]] += 1
+                except OSError:
+                    pass
         return kinds
 
 
@@ -163,6 +188,15 @@ class Tally:
             ["tcp_conns", "tcp_exchanges", "ws_conns", "ws_messages", "udp_datagrams", "bytes",
              "data_errors", "refused", "broken", "udp_lost"], 0)
         self.notes: list[str] = []
+        #: (monotonic time, client address, what) of every broken or refused
+        #: connection, to tell deliberate losses (worker kills) from failures.
+        self.losses: list[tuple[float, str, str]] = []
+
+    def lost(self, kind: str, client: str, exc: BaseException | str) -> None:
+        with self.lock:
+            self.counts[kind] += 1
+            if len(self.losses) < 100000:
+                self.losses.append((time.monotonic(), client, f"{kind}: {exc!r}"))
 
     def add(self, **deltas: int) -> None:
         with self.lock:
@@ -173,6 +207,16 @@ class Tally:
         with self.lock:
             if len(self.notes) < 20:
                 self.notes.append(f"{time.strftime('%H:%M:%S')} {text}")
+
+
+def local_address(sock: socket.socket | None) -> str:
+    try:
+        if sock is None:
+            return ""
+        host, port = sock.getsockname()[:2]
+        return f"{host}:{port}"
+    except OSError:
+        return ""
 
 
 def recv_exactly(sock: socket.socket, n: int) -> bytes:
@@ -191,9 +235,9 @@ def tcp_client(port: int, tally: Tally, stop_at: float, rng: random.Random) -> N
         try:
             sock = socket.create_connection((LOOPBACK, port), timeout=10)
         except OSError as exc:
-            tally.add(refused=1)
-            tally.note(f"tcp connect refused: {exc}")
+            tally.lost("refused", "", exc)
             continue
+        client = local_address(sock)
         with sock:
             try:
                 for _ in range(rng.randint(1, 20)):
@@ -202,6 +246,10 @@ def tcp_client(port: int, tally: Tally, stop_at: float, rng: random.Random) -> N
                     sender.start()
                     back = recv_exactly(sock, len(data))
                     sender.join()
+                    if len(back) < len(data) and back == data[: len(back)]:
+                        # cut short, nothing wrong in what came: a connection lost (a kill?)
+                        tally.lost("broken", client, f"truncated: sent {len(data)}, got {len(back)} bytes")
+                        break
                     if hashlib.sha256(back).digest() != hashlib.sha256(data).digest():
                         tally.add(data_errors=1)
                         tally.note(f"tcp data error: sent {len(data)}, got {len(back)} bytes")
@@ -212,8 +260,7 @@ def tcp_client(port: int, tally: Tally, stop_at: float, rng: random.Random) -> N
                     tally.add(data_errors=1)
                 tally.add(tcp_conns=1)
             except OSError as exc:
-                tally.add(broken=1)
-                tally.note(f"tcp connection broken: {exc}")
+                tally.lost("broken", client, exc)
 
 
 def ws_client(port: int, tally: Tally, stop_at: float, rng: random.Random) -> None:
@@ -221,9 +268,9 @@ def ws_client(port: int, tally: Tally, stop_at: float, rng: random.Random) -> No
         try:
             ws = websocket.create_connection(f"ws://{LOOPBACK}:{port}/soak", timeout=10)
         except (OSError, websocket.WebSocketException) as exc:
-            tally.add(refused=1)
-            tally.note(f"ws connect refused: {exc}")
+            tally.lost("refused", "", exc)
             continue
+        client = local_address(ws.sock)
         try:
             for _ in range(rng.randint(1, 20)):
                 # The target echoes bytes, not messages: read until the whole reply is back.
@@ -232,6 +279,9 @@ def ws_client(port: int, tally: Tally, stop_at: float, rng: random.Random) -> No
                 back = bytearray()
                 while len(back) < len(data):
                     back += ws.recv()
+                if len(back) < len(data) and bytes(back) == data[: len(back)]:
+                    tally.lost("broken", client, f"truncated: sent {len(data)}, got {len(back)} bytes")
+                    break
                 if bytes(back) != data:
                     tally.add(data_errors=1)
                     tally.note(f"ws data error: sent {len(data)}, got {len(back)} bytes")
@@ -240,8 +290,7 @@ def ws_client(port: int, tally: Tally, stop_at: float, rng: random.Random) -> No
             ws.close()
             tally.add(ws_conns=1)
         except (OSError, websocket.WebSocketException) as exc:
-            tally.add(broken=1)
-            tally.note(f"ws connection broken: {exc!r}")
+            tally.lost("broken", client, exc)
             ws.shutdown()
 
 
@@ -309,6 +358,34 @@ def admin_json(port: int, path: str) -> dict:
         return json.load(response)
 
 
+class Killer:
+    """Kills a random worker every so often and remembers whom it held."""
+
+    def __init__(self, admin: int, rng: random.Random) -> None:
+        self.admin = admin
+        self.rng = rng
+        self.kills: list[tuple[float, set[str]]] = []  # (time, clients the victim held)
+
+    def kill(self) -> str:
+        workers = [w for w in admin_json(self.admin, "/stats")["workers"] if w["state"] == "running"]
+        if not workers:
+            return "no running worker to kill"
+        victim = self.rng.choice(workers)
+        held = {entry["client"] for entry in admin_json(self.admin, "/connections") if entry["worker"] == victim["index"]}
+        self.kills.append((time.monotonic(), held))
+        os.kill(victim["pid"], signal.SIGKILL)
+        return f"killed worker {victim['index']} (pid {victim['pid']}) holding {len(held)} connection(s)"
+
+    def deliberate(self, when: float, client: str, what: str) -> bool:
+        """A loss caused by a kill: the victim held the connection, or it broke within
+        2 s of the kill (accepted by the victim after /connections was read, or queued
+        on its socket and reset by the kernel)."""
+        return any(
+            (client and client in held and when >= killed_at) or killed_at <= when <= killed_at + 2
+            for killed_at, held in self.kills
+        )
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--duration", type=float, default=600, help="seconds of load (default 600)")
@@ -319,6 +396,8 @@ def main() -> int:
     parser.add_argument("--ws-clients", type=int, default=3)
     parser.add_argument("--udp-clients", type=int, default=3)
     parser.add_argument("--seed", type=int, default=11)
+    parser.add_argument("--workers", type=int, default=2, help="gportmap --workers (default 2; 1 = no kills)")
+    parser.add_argument("--kill-every", type=float, default=60, help="seconds between worker kills (default 60)")
     args = parser.parse_args()
     warmup = args.warmup if args.warmup is not None else min(60.0, args.duration / 5)
 
@@ -331,19 +410,28 @@ def main() -> int:
     rules_path.write_text(json.dumps(rules_document(ports, targets, admin, 0), indent=1))
     log = open(log_path, "wb")
     gp = subprocess.Popen(
-        [sys.executable, "-m", "gportmap", str(rules_path), "--log-format", "json"],
+        [sys.executable, "-m", "gportmap", str(rules_path), "--log-format", "json", "--workers", str(args.workers)],
         stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
     )
     proc = Proc(gp.pid)
     print(f"soak: {args.duration:.0f}s of load, reload every {args.reload_every:.0f}s, warm-up {warmup:.0f}s; "
           f"{args.tcp_clients} tcp + {args.ws_clients} websocket + {args.udp_clients} udp clients; log {log_path}")
-    print("worker kills: none (gportmap has no --workers yet, issue 8): one process, no deliberate kills")
+    if args.workers > 1:
+        print(f"workers: {args.workers}; a random worker is killed with SIGKILL every {args.kill_every:.0f}s")
+    else:
+        print("workers: 1 (one process, no deliberate kills)")
     tally = Tally()
+    killer = Killer(admin, random.Random(args.seed + 1))
     samples: list[tuple[float, float, int]] = []
     status = 1
     try:
         wait_listening(ports["tcp"])
         wait_listening(admin)
+        deadline = time.monotonic() + 30
+        while args.workers > 1 and time.monotonic() < deadline and sum(
+            w["state"] == "running" for w in admin_json(admin, "/stats")["workers"]
+        ) < args.workers:
+            time.sleep(0.2)
         warm_up(ports)  # one exchange per protocol: what is created once (threads, pools) exists now
         deadline = time.monotonic() + 30
         while time.monotonic() < deadline and open_count(admin):
@@ -364,6 +452,7 @@ def main() -> int:
             thread.start()
         generation = 0
         next_reload, next_sample = start + args.reload_every, start
+        next_kill = start + args.kill_every if args.workers > 1 else float("inf")
         print(f"{'t':>6} {'RSS MiB':>8} {'fds':>5} {'tcp conns':>9} {'ws conns':>8} {'udp dgrams':>10} {'MiB moved':>9} "
               f"{'errors':>6} {'broken':>6} {'refused':>7} {'reloads':>7}")
         while time.monotonic() < stop_at:
@@ -375,6 +464,9 @@ def main() -> int:
                 rules_path.write_text(json.dumps(rules_document(ports, targets, admin, generation), indent=1))
                 gp.send_signal(signal.SIGHUP)
                 next_reload += args.reload_every
+            if now >= next_kill:
+                tally.note(killer.kill())
+                next_kill += args.kill_every
             if now >= next_sample:
                 t = now - start
                 samples.append((t, proc.rss_mib(), proc.fds()))
@@ -383,12 +475,19 @@ def main() -> int:
                       f"{c['udp_datagrams']:10d} {c['bytes'] / MIB:9.0f} {c['data_errors']:6d} {c['broken']:6d} "
                       f"{c['refused']:7d} {generation:7d}", flush=True)
                 next_sample += args.sample_every
-            time.sleep(max(0.0, min(next_reload, next_sample, stop_at) - time.monotonic()))  # the load runs in threads
+            time.sleep(max(0.0, min(next_reload, next_sample, next_kill, stop_at) - time.monotonic()))  # load: threads
         for thread in clients:
             thread.join(60)
+        if generation % 2:  # the extra rule's listener is there on odd generations
+            generation += 1
+            rules_path.write_text(json.dumps(rules_document(ports, targets, admin, generation), indent=1))
+            gp.send_signal(signal.SIGHUP)
         # Load over: every connection ends, and the descriptors must be back to idle.
         deadline = time.monotonic() + 30
-        while time.monotonic() < deadline and open_count(admin):
+        while time.monotonic() < deadline and (
+            open_count(admin)
+            or sum(w["state"] == "running" for w in admin_json(admin, "/stats")["workers"]) < min(args.workers, 2) - 1
+        ):
             time.sleep(0.2)
         deadline = time.monotonic() + 10
         while time.monotonic() < deadline and proc.fds() > idle_fds_before:
@@ -402,6 +501,12 @@ def main() -> int:
         base_rss = after[0][1] if after else samples[-1][1]
         growth = max(rss for _, rss in after) - base_rss if after else 0.0
         c = tally.counts
+        deliberate = [loss for loss in tally.losses if killer.deliberate(*loss)]
+        failures = [loss for loss in tally.losses if not killer.deliberate(*loss)]
+        broken_failures = sum(1 for _, _, what in failures if what.startswith("broken"))
+        refused_failures = sum(1 for _, _, what in failures if what.startswith("refused"))
+        for when, client, what in failures[:10]:
+            tally.note(f"{when - start:7.1f}s {client or '-'} {what}")
         print()
         print(f"duration {args.duration:.0f}s, {len(samples)} samples, warm-up {warmup:.0f}s")
         print(f"traffic: {c['tcp_conns']} tcp connections ({c['tcp_exchanges']} exchanges), {c['ws_conns']} websocket "
@@ -415,12 +520,18 @@ def main() -> int:
             print(f"fds by kind: before {dict(kinds_before)}, after {dict(kinds_after)}")
         print(f"data errors {c['data_errors']}, broken connections {c['broken']}, refused connections {c['refused']}, "
               f"udp datagrams without a reply {c['udp_lost']}")
+        if killer.kills:
+            held = sum(len(h) for _, h in killer.kills)
+            print(f"worker kills: {len(killer.kills)}, holding {held} connection(s); losses at the kills "
+                  f"(deliberate): {len(deliberate)}; broken outside the kills: {broken_failures}, "
+                  f"refused outside the kills: {refused_failures}; workers restarted: "
+                  f"{sum(w['restarts'] for w in stats['workers'])}")
         for note in tally.notes:
             print(f"  {note}")
         checks = {
             "zero data errors": c["data_errors"] == 0,
-            "zero broken connections": c["broken"] == 0,
-            "zero refused connections": c["refused"] == 0,
+            "zero broken connections (outside deliberate kills)": broken_failures == 0,
+            "zero refused connections (outside deliberate kills)": refused_failures == 0,
             "every reload applied": reloads["success"] >= generation and reloads["failure"] == 0,
             "fds back to idle": idle_fds_after <= idle_fds_before,
             "RSS growth < 5 MiB after warm-up": growth < 5,

@@ -226,12 +226,15 @@ def run(
         except ConfigError:
             pass  # logged and counted; the running rules stay
 
+    open_files = open_file_limit() if features.fd_limit else None
     if link is not None:
         workers = resolve_workers(overrides.workers if overrides else None)
         stats = StatsRegistry(workers=workers, index=link.index)
-        backend_here: Supervisor | WorkerPool = Supervisor(stats, splice=features.splice, reuse_port=True)
+        backend_here: Supervisor | WorkerPool = Supervisor(
+            stats, splice=features.splice, reuse_port=True, open_files=open_files
+        )
     else:
-        backend_here = backend or Supervisor(splice=features.splice)
+        backend_here = backend or Supervisor(splice=features.splice, open_files=open_files)
     service = Service(config, choose_mode(features), overrides, backend=backend_here, worker=link is not None)
     # Handlers before the first rule starts: a signal during start-up is handled too.
     for name in ("SIGTERM", "SIGINT"):
@@ -286,6 +289,14 @@ def install_signal_handler(signum: int, callback: Callable[[int], None]) -> None
         gevent.signal_handler(signum, callback, signum)
     except (ValueError, OSError, NotImplementedError, AttributeError):
         signal.signal(signum, lambda num, _frame: callback(num))
+
+
+def open_file_limit() -> int | None:
+    """The soft open-file limit now in force (after ``raise_fd_limit``), or None if unlimited."""
+    import resource
+
+    soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+    return None if soft == resource.RLIM_INFINITY else soft
 
 
 def raise_fd_limit() -> None:

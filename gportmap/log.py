@@ -189,13 +189,44 @@ class RateLimiter:
 
 
 class ClientErrorsAsLog:
-    """Mixin for gevent pywsgi handlers. pywsgi answers a malformed request with 400
-    and logs it, but when its parser fails with anything but ValueError or OSError
-    (``GET / HTTP/1`` raises IndexError) it first prints a traceback straight to
-    stderr, which breaks the one JSON object per line of JSON logs. Such input is a
-    client error like any other: logged through ``error_log``, answered 400."""
+    """Mixin for gevent pywsgi handlers: malformed requests become rate-limited
+    ``bad_request`` records.
+
+    pywsgi answers a malformed request with 400 and writes one ERROR line per request
+    to ``error_log``, carrying the request line itself: a scanner or a fuzzer fills
+    the log at its own rate, with its own bytes. Here each is one WARNING record with
+    the client and a clipped reason, at most ``burst`` per ``interval`` per server,
+    then a count of the ones skipped. When its parser fails with anything but
+    ValueError or OSError (``GET / HTTP/1`` raises IndexError) pywsgi would also print
+    a traceback straight to stderr, breaking one JSON object per line: such input is
+    a client error like any other."""
 
     def _handle_client_error(self, ex: BaseException):  # pywsgi's hook for bad client input
         if not isinstance(ex, (ValueError, OSError)):
             ex = ValueError(str(ex) or type(ex).__name__)
         return super()._handle_client_error(ex)  # type: ignore[misc]
+
+    def log_error(self, msg: str, *args: Any) -> None:  # pywsgi's only error output
+        server = self.server  # type: ignore[attr-defined]
+        limiter = getattr(server, "gportmap_bad_requests", None)
+        if limiter is None:
+            limiter = server.gportmap_bad_requests = RateLimiter(burst=5, interval=10.0)
+        allowed, suppressed = limiter.allow("bad_request")
+        if not allowed:
+            return
+        try:
+            text = msg % args if args else msg
+        except (TypeError, ValueError):
+            text = msg
+        address = getattr(self, "client_address", None)
+        client = f"{address[0]}:{address[1]}" if isinstance(address, tuple) and len(address) >= 2 else str(address)
+        fields: dict[str, Any] = {"suppressed": suppressed} if suppressed else {}
+        log_event(
+            get_logger("http"),
+            logging.WARNING,
+            "bad_request",
+            "malformed HTTP request answered with 400",
+            client=client,
+            error=text.encode("ascii", "backslashreplace").decode()[:200],
+            **fields,
+        )

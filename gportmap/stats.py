@@ -158,6 +158,8 @@ class StatsRegistry:
         connections index+1, index+1+workers, ... so that ids stay unique across the
         workers without any coordination."""
         self.max_active = max_active
+        #: Connections this process's open-file limit leaves room for (``fd_capacity``).
+        self.fd_cap: int | None = None
         self.active = 0
         self.workers = workers
         self._rules: dict[str, RuleStats] = {}
@@ -177,7 +179,14 @@ class StatsRegistry:
 
     def full(self, stats: RuleStats, rule_limit: int) -> bool:
         """True when one more connection would exceed the rule's or the process's limit."""
-        return stats.active >= self.share(rule_limit) or self.active >= self.share(self.max_active)
+        return stats.active >= self.share(rule_limit) or self.active >= self.process_limit
+
+    @property
+    def process_limit(self) -> int:
+        """All rules together in this process: its share of maxConnections, and no
+        more than its descriptors allow."""
+        limit = self.share(self.max_active)
+        return limit if self.fd_cap is None else min(limit, self.fd_cap)
 
     def share(self, limit: int) -> int:
         """This process's part of a limit: all of it, or a worker's share."""
@@ -217,6 +226,20 @@ class StatsRegistry:
             }
             for conn in self._open.values()
         ]
+
+
+#: Descriptors kept out of the connection budget: listeners, the admin endpoint, the
+#: log, the watcher, gevent's own, a target being connected while a client is refused.
+FD_RESERVE = 64
+
+
+def fd_capacity(open_files: int, listeners: int) -> int:
+    """Connections an open-file limit can carry: two descriptors each (client and
+    target) after a reserve, as HAProxy derives maxconn from ``ulimit -n``. Past it a
+    connection is refused at once, counted as ``limit``, instead of every accept()
+    failing with EMFILE and queued clients waiting. (Splice pipes are extra; when
+    none are left a connection copies instead.)"""
+    return max(1, (open_files - FD_RESERVE - listeners) // 2)
 
 
 def worker_share(limit: int, workers: int) -> int:

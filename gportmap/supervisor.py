@@ -32,7 +32,7 @@ from gportmap.log import RateLimiter, get_logger, log_event
 from gportmap.net import BindRetry, bind_listener
 from gportmap.protocols import ServerContext, create_server
 from gportmap.relay import BufferPool
-from gportmap.stats import StatsRegistry
+from gportmap.stats import StatsRegistry, fd_capacity
 
 logger = get_logger("supervisor")
 
@@ -177,9 +177,17 @@ class Supervisor:
     """Owns every rule server: applies configs, drains retired servers, stops all."""
 
     def __init__(
-        self, stats: StatsRegistry | None = None, splice: bool = False, reuse_port: bool = False
+        self,
+        stats: StatsRegistry | None = None,
+        splice: bool = False,
+        reuse_port: bool = False,
+        open_files: int | None = None,
     ) -> None:
+        """``open_files``: the process's open-file limit, which caps the connections
+        it admits (None: no cap, where the platform has no such limit)."""
         self.stats = stats or StatsRegistry()
+        self.open_files = open_files
+        self._capped_at: tuple[int, int] | None = None
         self.context = ServerContext(
             stats=self.stats,
             buffers=BufferPool(),
@@ -196,6 +204,7 @@ class Supervisor:
         changes = Changes()
         drain = config.settings.drain_timeout
         self.stats.max_active = config.settings.max_connections
+        self._cap_by_open_files(config)
         for rule in config.rules:
             self.stats.rule(rule.name, rule.protocol)  # every rule's series exist from the start
         wanted = {rule.key: rule for rule in config.enabled_rules}
@@ -222,6 +231,27 @@ class Supervisor:
                 self._drain_later(old, drain)
         self.config = config
         return changes
+
+    def _cap_by_open_files(self, config: Config) -> None:
+        """Hold the connection limit within what ``ulimit -n`` allows; say so once."""
+        if self.open_files is None:
+            return
+        cap = fd_capacity(self.open_files, len(config.enabled_rules))
+        self.stats.fd_cap = cap
+        wanted = self.stats.share(config.settings.max_connections)
+        if cap < wanted and self._capped_at != (cap, wanted):
+            log_event(
+                logger,
+                logging.WARNING,
+                "connections_capped",
+                f"the open-file limit ({self.open_files}) leaves room for {cap} connections, fewer than "
+                f"maxConnections ({wanted}): connections past {cap} are refused; raise the limit "
+                "(ulimit -n, LimitNOFILE=, docker --ulimit nofile=) to lift it",
+                open_files=self.open_files,
+                limit=cap,
+                max_connections=wanted,
+            )
+        self._capped_at = (cap, wanted)
 
     def _drain_later(self, runner: RuleRunner, timeout: float) -> None:
         if runner.state is RuleState.DRAINING:

@@ -717,53 +717,110 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
-def test_flood_of_1000_connections_under_ulimit_256_backs_off_and_recovers(
-    start_gportmap, echo_target, monkeypatch
-):
-    """``ulimit -n 256``: every descriptor taken by live connections, then 1,000 more
-    connections queue in the kernel. gportmap backs off on EMFILE instead of retrying
-    accept() in a loop, logs it at a bounded rate, and once descriptors free up every
-    queued connection is either served with its own bytes or refused (counted and
-    logged as connect_failed); none is left hanging, and new connections work."""
+@pytest.fixture
+def ulimit_256(monkeypatch) -> Iterator[Callable[..., object]]:
+    """gportmap started under ``ulimit -n 256``; the test process itself gets 3,000."""
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     need = 3000
     if soft < need:
         if hard != resource.RLIM_INFINITY and hard < need:
             pytest.skip(f"the test itself needs {need} descriptors; the hard limit is {hard}")
         resource.setrlimit(resource.RLIMIT_NOFILE, (need, hard))
-    udp_target = UdpTarget()
-    held: list[socket.socket] = []
-    flood: list[socket.socket] = []
-    try:
-        real_popen = subprocess.Popen
+    real_popen = subprocess.Popen
 
-        def limited(*args, **kwargs):
-            return real_popen(*args, preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_NOFILE, (256, 256)), **kwargs)
+    def limited(*args, **kwargs):
+        return real_popen(*args, preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_NOFILE, (256, 256)), **kwargs)
 
-        port, udp_port = free_port(), free_port(socket.SOCK_DGRAM)
+    def start(starter, rules):
         with monkeypatch.context() as patch:
             patch.setattr(subprocess, "Popen", limited)
-            gp = start_gportmap(
-                [tcp_rule(port, echo_target.port, name="f"), udp_rule(udp_port, udp_target.port, name="u")]
-            )
+            return starter(rules)
+
+    yield start
+
+
+def test_connections_past_what_ulimit_allows_are_refused_at_once(start_gportmap, echo_target, ulimit_256):
+    """``ulimit -n 256`` leaves room for (256 - 64 reserved - 1 listener) / 2 = 95
+    connections: the 96th is accepted and closed at once and counted as ``limit``
+    (as HAProxy derives maxconn from ulimit -n), instead of accept() failing with
+    EMFILE while the kernel queues clients that then wait."""
+    port = free_port()
+    gp = ulimit_256(start_gportmap, [tcp_rule(port, echo_target.port, name="f")])
+    gp.port, gp.rule_name = port, "f"
+    capped = gp.wait_event("connections_capped")[0]
+    assert capped["open_files"] == 256 and capped["limit"] == 95 and capped["max_connections"] == 10000
+    held: list[socket.socket] = []
+    try:
+        for i in range(95):
+            sock = connect(port)
+            sock.sendall(b"%04d" % i)
+            assert recv_exactly(sock, 4) == b"%04d" % i
+            held.append(sock)
+        extra = [connect(port) for _ in range(30)]
+        for sock in extra:
+            assert closed_quickly(sock), "refused at once, not left waiting"
+            sock.close()
+        stats = rule_stats(gp, "f")
+        assert stats["connections"]["active"] == 95
+        assert stats["connections"]["rejected_by_reason"]["limit"] == 30
+        assert not gp.events("internal_error"), "no EMFILE: the cap keeps descriptors in hand"
+        assert gp.open_fds() <= 256 - 30
+        for sock in held[:10]:
+            sock.close()
+        wait_for(lambda: rule_stats(gp, "f")["connections"]["active"] == 85, what="ten connections closed")
+        with connect(port) as sock:
+            sock.sendall(b"again")
+            assert recv_exactly(sock, 5) == b"again"
+    finally:
+        for sock in held:
+            sock.close()
+
+
+def closed_quickly(sock: socket.socket) -> bool:
+    sock.settimeout(5)
+    try:
+        return sock.recv(1) == b""
+    except ConnectionResetError:
+        return True
+    except TimeoutError:
+        return False
+
+
+def test_flood_of_1000_connections_under_ulimit_256_backs_off_and_recovers(start_gportmap, echo_target, ulimit_256):
+    """``ulimit -n 256``, every descriptor taken (by UDP sessions: TCP connections
+    alone stop at the cap above), then 1,000 connections queue in the kernel.
+    gportmap backs off on EMFILE instead of retrying accept() in a loop, logs it at a
+    bounded rate, and once the sessions expire every queued connection is either
+    served with its own bytes or closed (no descriptor left for its target, or past
+    the connection cap: counted, and logged as connect_failed or limit); none is left
+    hanging, none gets another's bytes, and new connections work."""
+    udp_target = UdpTarget()
+    sessions: list[socket.socket] = []
+    flood: list[socket.socket] = []
+    try:
+        port, udp_port = free_port(), free_port(socket.SOCK_DGRAM)
+        gp = ulimit_256(
+            start_gportmap,
+            [
+                tcp_rule(port, echo_target.port, name="f"),
+                udp_rule(udp_port, udp_target.port, name="u", sessionTimeout=3),
+            ],
+        )
         gp.port, gp.rule_name = port, "f"
         warm_baseline(gp, port, b"warm", b"warm")
 
-        # Take every descriptor with live, working connections (two fds each; one
-        # UDP session, one fd, evens it out).
-        while gp.open_fds() <= 254:
-            sock = connect(port)
-            sock.sendall(b"held")
-            assert recv_exactly(sock, 4) == b"held"
-            held.append(sock)
-        if gp.open_fds() == 255:
+        # Take every descriptor with UDP sessions (one connected socket each).
+        while gp.open_fds() < 256:
             probe = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
             probe.settimeout(5)
-            probe.sendto(b"one more fd", (LOOPBACK, udp_port))
-            assert probe.recv(100) == b"one more fd"
-            held.append(probe)
+            sessions.append(probe)
+            probe.sendto(b"session", (LOOPBACK, udp_port))
+            try:
+                probe.recv(100)
+            except TimeoutError:
+                break  # no descriptor left for this session's socket: the datagram is dropped
+            assert len(sessions) < 400, "descriptors did not run out"
         assert gp.open_fds() == 256
-        held_count = [s for s in held if s.type == socket.SOCK_STREAM]
 
         # The flood: queued by the kernel, each with 8 bytes waiting to be relayed.
         cpu_before, wall_before = cpu_seconds(gp.pid), time.monotonic()
@@ -773,8 +830,9 @@ def test_flood_of_1000_connections_under_ulimit_256_backs_off_and_recovers(
             flood.append(sock)
         gp.wait_event("internal_error", timeout=10)  # accept() failed: EMFILE
         # A measurement window while the flood waits (not a synchronisation): a process
-        # retrying accept() at once would burn a whole core here.
-        wait_for(lambda: time.monotonic() - wall_before >= 3 or gp.proc.poll() is not None, timeout=10, interval=0.1)
+        # retrying accept() at once would burn a whole core here. The sessions expire
+        # after 3 s of silence, so the window ends before.
+        wait_for(lambda: time.monotonic() - wall_before >= 2 or gp.proc.poll() is not None, timeout=10, interval=0.1)
         cpu = (cpu_seconds(gp.pid) - cpu_before) / (time.monotonic() - wall_before)
         errors = gp.events("internal_error")
         print(f"flood held: {cpu:.1%} of a core; {len(errors)} internal_error records; fds {gp.open_fds()}")
@@ -783,15 +841,14 @@ def test_flood_of_1000_connections_under_ulimit_256_backs_off_and_recovers(
         assert all("Too many open files" in e["message"] for e in errors)
         assert len(errors) <= 6  # rate-limited: a burst of 5 per 10 s, then a count of the rest
 
-        # The flood ends: the held connections go. Every queued connection is then
-        # either served with its own bytes or, while descriptors are still short
-        # (accepted, but no descriptor left for its target), closed and logged as
-        # connect_failed: never left hanging, never given someone else's bytes.
-        for sock in held:
+        # The sessions go silent and expire, freeing their descriptors. Every queued
+        # connection is then served with its own bytes or closed: never left hanging,
+        # never given someone else's bytes.
+        for sock in sessions:
             sock.close()
-        held.clear()
+        sessions.clear()
         pending = {sock: b"%08d" % i for i, sock in enumerate(flood)}
-        served = refused = 0
+        served = closed = 0
         with selectors.DefaultSelector() as selector:
             for sock in pending:
                 sock.setblocking(False)
@@ -805,21 +862,27 @@ def test_flood_of_1000_connections_under_ulimit_256_backs_off_and_recovers(
                     except ConnectionResetError:
                         got = b""
                     assert got in (b"", pending[sock]), (got, pending[sock])
-                    served, refused = served + bool(got), refused + (not got)
+                    served, closed = served + bool(got), closed + (not got)
                     selector.unregister(sock)
                     del pending[sock]
-                    sock.close()
-        print(f"after the flood: {served} queued connections served, {refused} refused")
+                    sock.close()  # a served connection ends: its slot frees for the queue
+        print(f"after the flood: {served} queued connections served, {closed} closed")
         assert not pending, f"{len(pending)} queued connections left hanging"
-        records = gp.wait_event("connection_closed", rule="f", count=1 + len(held_count) + 1000, timeout=30)
+        stats = wait_for(
+            lambda: (r := rule_stats(gp, "f"))["connections"]["total"] + r["connections"]["rejected"] == 1001 and r,
+            timeout=30,
+            what="every queued connection admitted or rejected",
+        )
+        records = gp.wait_event("connection_closed", rule="f", count=stats["connections"]["total"], timeout=30)
         failed = [r for r in records if r["reason"] == "connect_failed"]
-        assert len(failed) == refused and all("open files" in r["error"] for r in failed)
+        assert all("open files" in r["error"] for r in failed)
+        assert closed == len(failed) + stats["connections"]["rejected_by_reason"]["limit"]
         assert served >= 100, "the queue should be served once descriptors are free"
         with connect(port) as sock:
             sock.sendall(b"normal")
             assert recv_exactly(sock, 6) == b"normal"
         assert gp.admin("/healthz")[0] == 200
     finally:
-        for sock in held + flood:
+        for sock in sessions + flood:
             sock.close()
         udp_target.close()
