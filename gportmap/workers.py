@@ -443,12 +443,8 @@ class WorkerPool:
         worker.state, worker.report = "starting", None
         worker.started_at = time.time()
         gevent.spawn(self._monitor, worker, process)
-        message = {
-            "op": "apply",
-            "raw": encode_raw(self.config.raw),
-            "path": self.config.path,
-            "source": "start",
-        }
+        config = self.config
+        message = {"op": "apply", "raw": encode_raw(config.raw), "path": config.path, "source": "start"}
         answer = worker.request(message, START_TIMEOUT)
         if answer is None or not answer.get("ok"):
             log_event(
@@ -464,6 +460,10 @@ class WorkerPool:
             return None
         if process.returncode is None:
             worker.state = "running"
+        while self.config is not config and worker.state == "running":
+            # Rules applied while it started: apply() skipped it, as it was not running yet.
+            config = self.config
+            worker.request({"op": "apply", "raw": encode_raw(config.raw), "source": "master"}, START_TIMEOUT)
         log_event(
             logger,
             logging.INFO,
