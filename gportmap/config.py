@@ -42,7 +42,7 @@ Problem = tuple[JsonPath, str]
 TOP_LEVEL_PROBLEM = 'the file must be a list of rules or an object with "rules"'
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 # The words that name a value in "... is not a supported <noun>" messages.
-_ENUM_NOUNS = {"protocol": "protocol", "logFormat": "log format"}
+_ENUM_NOUNS = {"protocol": "protocol", "logFormat": "log format", "proxyProtocol": "PROXY protocol version"}
 _PATTERN_HINTS = {
     "name": "1 to 64 letters, digits, '_', '.' or '-'",
     "path": "a URL path: '/' then printable ASCII, no spaces, no '?' or '#'",
@@ -131,6 +131,7 @@ class Rule:
     max_message_size: int = 1048576  # websocket, and tcp tunnels: largest message
     target_protocol: str = "tcp"  # tcp: "websocket" tunnels each connection over a WebSocket
     target_path: str = "/"  # tcp tunnels: the path asked of the target
+    proxy_protocol: str | None = None  # tcp: "v1"/"v2", a PROXY protocol header to the target first
     allow: tuple[str, ...] = ()  # client networks admitted; empty = everyone
     deny: tuple[str, ...] = ()  # client networks refused; wins over allow
     tls: TlsListen | None = None
@@ -405,6 +406,7 @@ _RULE_KEYS: dict[str, tuple[str, Callable[[Any], Any]]] = {
     "maxMessageSize": ("max_message_size", int),
     "targetProtocol": ("target_protocol", str),
     "targetPath": ("target_path", str),
+    "proxyProtocol": ("proxy_protocol", str),
     "allow": ("allow", tuple),
     "deny": ("deny", tuple),
 }
@@ -423,6 +425,7 @@ _PROTOCOL_KEYS: dict[str, tuple[tuple[str, ...], str | None]] = {
     "maxMessageSize": (("websocket", "tcp"), None),
     "targetProtocol": (("tcp",), None),
     "targetPath": (("tcp",), None),
+    "proxyProtocol": (("tcp",), None),
     "tls": (("tcp", "websocket"), None),
     "targetTls": (("tcp", "websocket"), None),
 }

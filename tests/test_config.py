@@ -42,6 +42,7 @@ RULE_KEYS = (
     "maxMessageSize",
     "targetProtocol",
     "targetPath",
+    "proxyProtocol",
     "allow",
     "deny",
     "tls",
@@ -115,7 +116,13 @@ def test_object_form_gives_the_same_rules_as_the_array_form() -> None:
 
 def test_every_key_is_read() -> None:
     data = {
-        "settings": {"maxConnections": 50, "drainTimeout": 0, "logFormat": "json", "logLevel": "debug", "watch": False},
+        "settings": {
+            "maxConnections": 50,
+            "drainTimeout": 0,
+            "logFormat": "json",
+            "logLevel": "debug",
+            "watch": False,
+        },
         "rules": [
             rule(
                 name="db.primary_1",
@@ -337,10 +344,51 @@ def test_unknown_settings_key() -> None:
     )
 
 
-def test_future_keys_are_errors_today() -> None:
+def test_misspelt_proxy_protocol_key_gets_a_suggestion() -> None:
     assert (
-        single_error([rule(proxyProtocol="v2")]) == "rules.json: rules[0].proxyProtocol: unknown key (did you mean 'protocol'?)"
+        single_error([rule(proxyProtocl="v2")])
+        == "rules.json: rules[0].proxyProtocl: unknown key (did you mean 'proxyProtocol'?)"
     )
+
+
+@pytest.mark.parametrize("version", ["v1", "v2"])
+def test_proxy_protocol_is_read(version: str) -> None:
+    with_header, without = parse(json.dumps([rule(proxyProtocol=version), rule(listenPort=8081)]), "r").rules
+    assert with_header.proxy_protocol == version and without.proxy_protocol is None
+    # A reload that adds, changes or drops the key changes the rule.
+    assert dataclasses.replace(with_header, proxy_protocol=None) != with_header
+
+
+@pytest.mark.parametrize(
+    ("value", "shown", "hint"),
+    [
+        ("v3", "'v3'", ""),
+        ("V1", "'V1'", ""),
+        ("1", "'1'", "; did you mean 'v1'?"),
+        (1, "1", ""),
+        (True, "true", ""),
+        (None, "null", ""),
+        (["v1"], '["v1"]', ""),
+    ],
+)
+def test_bad_proxy_protocol_version(value: Any, shown: str, hint: str) -> None:
+    assert single_error([{**rule(), "proxyProtocol": value}]) == (
+        f"rules.json: rules[0].proxyProtocol: {shown} is not a supported PROXY protocol version "
+        f"(expected one of: 'v1', 'v2'{hint})"
+    )
+
+
+def test_proxy_protocol_applies_to_tcp_rules_only() -> None:
+    assert errors_of(
+        [
+            rule(protocol="udp", listenPort=53, proxyProtocol="v1"),
+            rule(protocol="websocket", listenPort=8081, proxyProtocol="v2"),
+            rule(targetProtocol="websocket", proxyProtocol="v2"),  # a tunnel entry is a tcp rule: accepted
+        ]
+    ) == [
+        "rules.json: rules[0].proxyProtocol: applies only to tcp rules",
+        "rules.json: rules[1].proxyProtocol: applies only to tcp rules",
+    ]
 
 
 def test_odd_key_is_quoted_in_the_path() -> None:
@@ -583,7 +631,25 @@ json_values = st.recursive(
 # Random plugin names would import arbitrary modules: plugins are tested on their own.
 rule_keys = st.sampled_from([key for key in RULE_KEYS if key != "plugins"] + ["bogus"])
 rule_values = (
-    st.sampled_from(["tcp", "udp", "websocket", "/", "/ws", "::", "0.0.0.0", "127.0.0.1", "x", "web", 80, 80.0, 0, 70000, True])
+    st.sampled_from(
+        [
+            "tcp",
+            "udp",
+            "websocket",
+            "/",
+            "/ws",
+            "::",
+            "0.0.0.0",
+            "127.0.0.1",
+            "x",
+            "web",
+            80,
+            80.0,
+            0,
+            70000,
+            True,
+        ]
+    )
     | json_values
 )
 plausible_rules = st.lists(st.dictionaries(rule_keys, rule_values, max_size=11), max_size=5)

@@ -21,6 +21,7 @@ import gevent.socket
 from gevent.pool import Pool
 from gevent.server import StreamServer
 
+from gportmap import proxyproto
 from gportmap.config import Rule
 from gportmap.log import get_logger, log_event
 from gportmap.net import bind_listener, connect_error_text, set_nodelay
@@ -252,15 +253,30 @@ class StreamRuleServer:
                 error = exc
         raise error or OSError("the target resolved to no address")
 
-    def connect_target(self) -> socket.socket:
-        """A connection to the rule's target (TLS with ``targetTls``) within
-        ``connectTimeout``; OSError if not, counted as an upstream failure."""
+    def connect_target(self, client: socket.socket | None = None) -> socket.socket:
+        """A connection to the rule's target within ``connectTimeout``: the TCP
+        connect, then (``proxyProtocol``) the PROXY protocol header of ``client``'s
+        addresses, then (``targetTls``) the TLS handshake. The header goes first, as
+        HAProxy's send-proxy does, so that the target reads it before TLS or a
+        tunnel's upgrade. OSError if any step fails, counted as an upstream failure;
+        ClientGone (not counted, no target connection made) if the client reset
+        before its address could be read."""
+        header = None
+        if self.rule.proxy_protocol is not None and client is not None:
+            header = _proxy_header(self.rule.proxy_protocol, client)
         try:
             upstream = self._connect()
         except OSError:
             self.stats.connect_failures += 1
             raise
         set_nodelay(upstream)
+        if header is not None:
+            try:
+                _send_proxy_header(upstream, header)
+            except OSError:
+                upstream.close()
+                self.stats.connect_failures += 1
+                raise
         if self.client_tls is None:
             return upstream
         try:
@@ -272,6 +288,8 @@ class StreamRuleServer:
 
     @staticmethod
     def connect_failed(exc: OSError) -> Outcome:
+        if isinstance(exc, ClientGone):
+            return "client_error", exc.strerror
         return "connect_failed", connect_error_text(exc)
 
     def reject(self, client_text: str, reason: str, error: str | None = None) -> None:
@@ -293,6 +311,35 @@ class StreamRuleServer:
                 reason=reason,
                 **extra,
             )
+
+
+class ClientGone(OSError):
+    """The client's connection ended (a reset) before gportmap could read its address."""
+
+
+def _proxy_header(version: str, client: socket.socket) -> bytes:
+    """The PROXY protocol header for ``client``: its address, and the address it
+    connected to. Read before the target is connected: a client that has already
+    reset has no peer address any more, and its bytes must never reach the target
+    under an UNKNOWN/LOCAL header, which tells the target to trust the connection's
+    own endpoint, gportmap's address."""
+    try:
+        source, destination = client.getpeername(), client.getsockname()
+    except OSError as exc:
+        why = f"the client left before the PROXY protocol header was sent: {exc.strerror}"
+        raise ClientGone(exc.errno, why) from exc
+    return proxyproto.header(version, source, destination)
+
+
+def _send_proxy_header(upstream: socket.socket, header: bytes) -> None:
+    """Send the whole header, bounded by the socket's timeout (still ``connectTimeout``
+    from the connect). These bytes are gportmap's, not the client's: they are not
+    counted in the connection's bytes (HAProxy does not count them either)."""
+    try:
+        upstream.sendall(header)
+    except OSError as exc:
+        reason = "timed out" if isinstance(exc, TimeoutError) else connect_error_text(exc)
+        raise OSError(exc.errno, f"cannot send the PROXY protocol header: {reason}") from exc
 
 
 def _literal_address(host: str, port: int) -> tuple[int, tuple] | None:

@@ -47,7 +47,7 @@ class TcpServer(StreamRuleServer):
     def _forward(self, client: socket.socket, conn: Connection, view: ConnView | None) -> Outcome:
         rule, context = self.rule, self.context
         try:
-            upstream = self.connect_target()
+            upstream = self.connect_target(client)
         except OSError as exc:
             return self.connect_failed(exc)
         try:
