@@ -1,4 +1,6 @@
-"""The byte pump between a client and its target.
+"""The byte pump between a client and its target, for connections that need a
+greenlet: TLS on either side, plugins (whose code may block), WebSocket bridges
+(which reuse the helpers here). Plain TCP goes through ``gportmap.hubrelay``.
 
 Two directions, each in its own greenlet, each a loop of: wait until the source is
 readable (holding no buffer), borrow a buffer from the shared pool, read, write it

@@ -369,3 +369,88 @@ def test_json_logs_carry_the_spec_fields(start_gportmap, echo_target):
         assert key in closed
     assert closed["bytes_received"] == 3 and closed["bytes_sent"] == 3
     assert "abc" not in gp.log_path.read_text()  # no payloads in logs
+
+
+@RELAYS
+def test_idle_timeout_counts_from_the_last_byte_moved(start_gportmap, echo_target, relay):
+    """The idle clock restarts with every byte: a connection that moved something
+    after it opened outlives the first idle period, and a silent one does not."""
+    port = free_port()
+    rule = tcp_rule(port, echo_target.port, name="idle", idleTimeout=0.6)
+    gp = start_gportmap([rule], env={"GPORTMAP_RELAY": relay})
+    silent_started = time.monotonic()
+    silent = connect(port)  # never sends a byte
+    talker = connect(port)
+    time.sleep(0.3)  # the scenario: the talker moves a byte half-way through the first idle period
+    pinged = time.monotonic()
+    talker.sendall(b"ping")
+    assert recv_exactly(talker, 4) == b"ping"
+    assert closed_by_peer(silent, timeout=10)
+    assert time.monotonic() - silent_started >= 0.59
+    assert closed_by_peer(talker, timeout=10)
+    assert time.monotonic() - pinged >= 0.59, "cut by the idle period that began at connect"
+    records = gp.wait_event("connection_closed", count=2, rule="idle")
+    assert [r["reason"] for r in records] == ["idle_timeout", "idle_timeout"]
+    assert sorted(r["bytes_received"] for r in records) == [0, 4]
+    silent.close()
+    talker.close()
+
+
+@RELAYS
+def test_connections_ended_every_way_leave_no_descriptor_behind(start_gportmap, echo_target, relay):
+    """Round trips, a streamed upload with a half-close (the splice path), resets and
+    clients that send nothing: once all are closed, gportmap holds exactly the
+    descriptors it held before, and every byte count is exact."""
+    port = free_port()
+    gp = start_gportmap([tcp_rule(port, echo_target.port, name="fds")], env={"GPORTMAP_RELAY": relay})
+    warm = connect(port)
+    warm.sendall(b"w")
+    assert recv_exactly(warm, 1) == b"w"
+    warm.close()
+    gp.wait_event("connection_closed", rule="fds")
+    baseline = gp.open_fds()
+    bulk = os.urandom(2 * MB)
+    rounds = 25
+    for _ in range(rounds):
+        small = connect(port)
+        small.sendall(b"hello")
+        assert recv_exactly(small, 5) == b"hello"
+        small.close()
+
+        streamed = connect(port)
+        sender = threading.Thread(target=lambda s=streamed: (s.sendall(bulk), s.shutdown(socket.SHUT_WR)))
+        sender.start()
+        assert recv_until_eof(streamed) == bulk
+        sender.join()
+        streamed.close()
+
+        reset = connect(port)
+        reset.sendall(b"bye")
+        assert recv_exactly(reset, 3) == b"bye"
+        reset.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00")
+        reset.close()  # RST
+
+        connect(port).close()  # nothing sent at all
+    records = gp.wait_event("connection_closed", count=1 + 4 * rounds, timeout=60, rule="fds")
+    streamed_records = [r for r in records if r["bytes_received"] == len(bulk)]
+    assert len(streamed_records) == rounds
+    assert all(r["bytes_sent"] == len(bulk) and r["reason"] == "closed" for r in streamed_records)
+    wait_for(lambda: gp.open_fds() == baseline, timeout=10, what=f"descriptors back to {baseline}")
+
+
+@pytest.mark.parametrize("target_host", ["127.0.0.1", "localhost"])
+def test_literal_and_named_targets_relay_alike(start_gportmap, echo_target, target_host):
+    """An IP literal target is connected from the event loop (no greenlet at all); a
+    host name is resolved and connected in a greenlet, then relayed the same way."""
+    port = free_port()
+    rule = tcp_rule(port, echo_target.port, name="named", targetHost=target_host)
+    gp = start_gportmap([rule])
+    payload = os.urandom(300_000)
+    sock = connect(port)
+    sender = threading.Thread(target=lambda: (sock.sendall(payload), sock.shutdown(socket.SHUT_WR)))
+    sender.start()
+    assert recv_until_eof(sock) == payload
+    sender.join()
+    sock.close()
+    (record,) = gp.wait_event("connection_closed", rule="named")
+    assert (record["reason"], record["bytes_received"], record["bytes_sent"]) == ("closed", len(payload), len(payload))

@@ -18,6 +18,7 @@ from collections.abc import Callable
 
 import gevent
 import gevent.socket
+from gevent.event import Event
 from gevent.pool import Pool
 from gevent.server import StreamServer
 
@@ -41,6 +42,10 @@ RESOLVE_TTL = 30.0
 #: What a connection's work returns: the close reason and an error text.
 Outcome = tuple[str, str | None]
 
+#: What a connection's work returns instead when it handed the connection to a relay
+#: that runs without a greenlet (``gportmap.hubrelay``): that relay reports the end.
+DETACHED = ("detached", None)
+
 
 class StreamRuleServer:
     """The supervisor's surface, admission, target connects and the connection log."""
@@ -50,6 +55,11 @@ class StreamRuleServer:
         self.context = context
         self.stats = context.stats.rule(rule.name, rule.protocol)
         self.pool = Pool(rule.max_connections + REJECT_HEADROOM)
+        #: Connections relayed by hub callbacks, not by a greenlet of ``pool``: each
+        #: has an ``abort(reason)``. ``_no_relays`` is set while there are none.
+        self.relays: set = set()
+        self._no_relays = Event()
+        self._no_relays.set()
         self.listener: socket.socket | None = None
         self._server: StreamServer | None = None
         self._target = (rule.target_host, rule.target_port)
@@ -105,13 +115,37 @@ class StreamRuleServer:
 
     @property
     def active(self) -> int:
-        return len(self.pool)
+        return len(self.pool) + len(self.relays)
 
     def join(self, timeout: float | None = None) -> bool:
-        return self.pool.join(timeout=timeout)
+        """Wait for every connection: those with a greenlet, then the hub relays (no
+        greenlet hands a connection over once the pool is empty)."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        if not self.pool.join(timeout=timeout):
+            return False
+        self._no_relays.wait(None if deadline is None else max(0.0, deadline - time.monotonic()))
+        return not self.relays and not self.pool
 
     def kill(self) -> None:
         self.pool.kill(block=True, timeout=5)
+        for relay in list(self.relays):
+            relay.abort("stopped")
+
+    def adopt_relay(self, relay, conn: Connection, view: ConnView | None = None) -> Outcome:
+        """Track a started hub relay as an open connection; when it ends it is
+        accounted and logged like any other. Returns DETACHED for ``account``."""
+
+        def done(reason: str, error: str | None) -> None:
+            self.relays.discard(relay)
+            if not self.relays:
+                self._no_relays.set()
+            self.finish(conn, reason, error, view)
+
+        relay.on_done = done
+        self.relays.add(relay)
+        self._no_relays.clear()
+        relay.start()
+        return DETACHED
 
     # -- per connection -------------------------------------------------------------
 
@@ -189,7 +223,8 @@ class StreamRuleServer:
         return self.context.stats.open(self.stats, client_text, self.rule.target, view.id if view else None)
 
     def account(self, client_text: str, work: Callable[[Connection], Outcome], view: ConnView | None = None) -> None:
-        """Run ``work`` as one admitted connection: counted, and logged when it ends."""
+        """Run ``work`` as one admitted connection: counted, and logged when it ends
+        (by the hub relay, when ``work`` handed the connection to one)."""
         conn = self.open(client_text, view)
         reason, error = "closed", None
         try:
@@ -198,7 +233,8 @@ class StreamRuleServer:
             reason = "stopped"
             raise
         finally:
-            self.finish(conn, reason, error, view)
+            if reason != DETACHED[0]:
+                self.finish(conn, reason, error, view)
 
     def finish(self, conn: Connection, reason: str, error: str | None, view: ConnView | None = None) -> None:
         if view is not None:
@@ -211,11 +247,14 @@ class StreamRuleServer:
             for failure in self.plugins.close(view, summary):
                 log_hook_error(failure, self.rule.name, view.client)
         self.context.stats.close(conn)
-        fields = {"error": error} if error else {}
         failed = reason == "connect_failed"
+        level = logging.WARNING if failed else logging.INFO
+        if not logger.isEnabledFor(level):
+            return  # the common case under load: build no record at all
+        fields = {"error": error} if error else {}
         log_event(
             logger,
-            logging.WARNING if failed else logging.INFO,
+            level,
             "connection_closed",
             f"cannot reach target: {error}" if failed else "connection closed",
             rule=self.rule.name,
