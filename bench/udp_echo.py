@@ -1,17 +1,21 @@
 #!/usr/bin/env python3
-"""UDP datagrams per second: gportmap side by side with socat, on the same traffic.
+"""UDP datagrams per second: gportmap side by side with nginx stream and socat.
 
 64-byte request/reply datagrams to a UDP echo target, directly, through one
-gportmap udp rule, and through ``socat UDP-LISTEN:...,fork,reuseaddr UDP:...``
-(one child process per client address). Each client is a socket with one datagram
-in flight; ``--clients`` of them are driven by one epoll loop, so a run with 8
-clients keeps 8 round trips in the air. Prints medians of ``--runs`` and the ratio
-gportmap / socat, never a pass/fail: the machine is shared (client, proxy and
-target on the same cores).
+gportmap udp rule, through nginx's stream module (``listen ... udp; proxy_pass``,
+one worker process, the anchor issue 8 sets) and through
+``socat UDP-LISTEN:...,fork,reuseaddr UDP:...`` (one child process per client
+address). Each client is a socket with one datagram in flight; ``--clients`` of
+them (each its own source port) are driven by one epoll loop, so a run with 50
+clients keeps 50 round trips in the air. The proxies take turns within each run
+(``--runs`` rounds, each proxy measured once per round), and the medians and the
+ratios gportmap / nginx and gportmap / socat are printed, never a pass/fail: the
+machine is shared (client, proxy and target on the same cores). ``--json PATH``
+also writes every sample.
 
 Traffic stays on 127.0.0.1; every loop is bounded in time and count.
 
-    python bench/udp_echo.py --seconds 3 --runs 3 --clients 1,8
+    python bench/udp_echo.py --seconds 3 --runs 3 --clients 1,50
 """
 
 from __future__ import annotations
@@ -48,8 +52,44 @@ while True:
 """
 
 
+#: nginx with the stream module, one worker, as Debian ships it (libnginx-mod-stream).
+NGINX_STREAM_MODULE = "/usr/lib/nginx/modules/ngx_stream_module.so"
+NGINX_CONF = """
+load_module {module};
+daemon off;
+worker_processes 1;
+pid {workdir}/nginx.pid;
+error_log stderr error;
+events {{ worker_connections 4096; }}
+stream {{
+    server {{
+        listen {host}:{port} udp;
+        proxy_pass {host}:{target};
+        proxy_responses 1;
+        proxy_timeout 30s;
+    }}
+}}
+"""
+
+
+def nginx_available() -> bool:
+    """nginx is installed with its stream module (Debian: nginx + libnginx-mod-stream)."""
+    return shutil.which("nginx") is not None and Path(NGINX_STREAM_MODULE).exists()
+
+
+def nginx_command(port: int, target_port: int, workdir: Path) -> list[str]:
+    """nginx in the foreground, one process, proxying UDP ``port`` to ``target_port``."""
+    conf = workdir / f"nginx-{port}.conf"
+    conf.write_text(
+        NGINX_CONF.format(
+            module=NGINX_STREAM_MODULE, workdir=workdir, host=LOOPBACK, port=port, target=target_port
+        )
+    )
+    return ["nginx", "-e", "stderr", "-p", str(workdir), "-c", str(conf)]
+
+
 class Proxy:
-    """One way of reaching the echo target: direct, gportmap or socat."""
+    """One way of reaching the echo target: direct, gportmap, nginx or socat."""
 
     def __init__(self, kind: str, target_port: int, workdir: Path) -> None:
         self.kind, self.proc = kind, None
@@ -57,7 +97,9 @@ class Proxy:
             self.port = target_port
             return
         self.port = free_port(socket.SOCK_DGRAM)
-        if kind == "socat":
+        if kind == "nginx":
+            cmd = nginx_command(self.port, target_port, workdir)
+        elif kind == "socat":
             cmd = [
                 "socat",
                 "-T",
@@ -161,45 +203,78 @@ def echo_rate(port: int, clients: int, seconds: float, limit: int = 5_000_000) -
             sock.close()
 
 
+def anchors() -> list[str]:
+    """The proxies this machine can run, gportmap first, then the anchors installed."""
+    kinds = ["direct", "gportmap"]
+    if nginx_available():
+        kinds.append("nginx")
+    else:
+        print("nginx with the stream module is not installed: no nginx anchor", file=sys.stderr)
+    if shutil.which("socat"):
+        kinds.append("socat")
+    else:
+        print("socat is not installed: no socat anchor (apt-get install socat)", file=sys.stderr)
+    return kinds
+
+
+def measure(
+    kinds: list[str], target_port: int, workdir: Path, clients: int, seconds: float, runs: int
+) -> tuple[dict[str, list[float]], dict[str, int]]:
+    """Datagrams/s samples per proxy: every proxy runs once per round, in turn, so a
+    neighbour's load spike hits them alike. Each proxy starts afresh per sample."""
+    results: dict[str, list[float]] = {kind: [] for kind in kinds}
+    losses: dict[str, int] = dict.fromkeys(kinds, 0)
+    for _ in range(runs):
+        for kind in kinds:
+            proxy = Proxy(kind, target_port, workdir)
+            try:
+                echo_rate(proxy.port, clients, 0.5)  # warm up: sessions, socat's children
+                rate, lost = echo_rate(proxy.port, clients, seconds)
+                results[kind].append(rate)
+                losses[kind] += lost
+            finally:
+                proxy.close()
+    return results, losses
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--seconds", type=float, default=3.0, help="length of one measurement (max 30)")
-    parser.add_argument("--runs", type=int, default=3, help="measurements per mode, median reported (max 9)")
-    parser.add_argument("--clients", default="1,8", help="comma-separated client counts (each max 256)")
+    parser.add_argument("--runs", type=int, default=3, help="rounds, median reported (max 9)")
+    parser.add_argument("--clients", default="1,50", help="comma-separated client port counts (each max 256)")
+    parser.add_argument("--json", type=Path, help="also write every sample to this file")
     args = parser.parse_args()
     seconds, runs = min(args.seconds, 30.0), min(args.runs, 9)
     client_counts = [min(int(n), 256) for n in args.clients.split(",")]
-    kinds = ["direct", "gportmap"] + (["socat"] if shutil.which("socat") else [])
-    if "socat" not in kinds:
-        print("socat is not installed: no comparison (apt-get install socat)", file=sys.stderr)
+    kinds = anchors()
+    report: dict[str, dict] = {}
     tmp = tempfile.TemporaryDirectory(prefix="gportmap-bench-")
     workdir = Path(tmp.name)
     target = subprocess.Popen([sys.executable, "-c", ECHO], stdout=subprocess.PIPE, text=True)
     try:
         target_port = int(target.stdout.readline())
         for clients in client_counts:
-            results: dict[str, list[float]] = {kind: [] for kind in kinds}
-            losses: dict[str, int] = dict.fromkeys(kinds, 0)
-            for kind in kinds:
-                proxy = Proxy(kind, target_port, workdir)
-                try:
-                    echo_rate(proxy.port, clients, 0.5)  # warm up: sessions, socat's children
-                    for _ in range(runs):
-                        rate, lost = echo_rate(proxy.port, clients, seconds)
-                        results[kind].append(rate)
-                        losses[kind] += lost
-                finally:
-                    proxy.close()
+            results, losses = measure(kinds, target_port, workdir, clients, seconds, runs)
+            medians = {kind: statistics.median(samples) for kind, samples in results.items()}
             print(
-                f"\n{SIZE}-byte request/reply, {clients} client(s) ({seconds:g}s x {runs}, median datagrams/s)"
+                f"\n{SIZE}-byte request/reply, {clients} client port(s) "
+                f"({seconds:g}s x {runs}, median datagrams/s [min-max])"
             )
             for kind in kinds:
-                print(f"  {kind:10s} {statistics.median(results[kind]):10.0f} /s   lost {losses[kind]}")
-            if "socat" in kinds:
-                ratio = statistics.median(results["gportmap"]) / statistics.median(results["socat"])
-                print(f"  gportmap / socat = {ratio:.2f}")
+                low, high = min(results[kind]), max(results[kind])
+                print(f"  {kind:10s} {medians[kind]:10.0f} /s  [{low:.0f}-{high:.0f}]   lost {losses[kind]}")
+            ratios = {
+                f"gportmap/{anchor}": medians["gportmap"] / medians[anchor]
+                for anchor in ("nginx", "socat")
+                if anchor in medians and medians[anchor] > 0
+            }
+            for name, ratio in ratios.items():
+                print(f"  {name} = {ratio:.2f}")
+            report[str(clients)] = {"samples": results, "medians": medians, "lost": losses, "ratios": ratios}
+        if args.json is not None:
+            args.json.write_text(json.dumps({"size": SIZE, "seconds": seconds, "clients": report}, indent=2))
     finally:
         target.kill()
         target.wait()

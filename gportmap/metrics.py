@@ -51,7 +51,8 @@ class GportmapCollector:
         udp_out = CounterMetricFamily("gportmap_udp_packets_sent", "Datagrams sent to clients.", labels=["rule"])
         udp_dropped = CounterMetricFamily(
             "gportmap_udp_packets_dropped",
-            "Datagrams dropped, by reason (sessions, acl, plugin, error).",
+            "Datagrams dropped, by reason (sessions, acl, plugin, error; kernel: dropped by the kernel "
+            "on a full socket receive buffer, Linux only).",
             labels=["rule", "reason"],
         )
         for view in self.service.rule_views():
@@ -70,6 +71,7 @@ class GportmapCollector:
                 udp_sessions.add_metric([view.name], stats.udp_sessions)
                 udp_in.add_metric([view.name], stats.udp_packets_received)
                 udp_out.add_metric([view.name], stats.udp_packets_sent)
+                stats.refresh_kernel_drops()  # read from the sockets now, never per datagram
                 for reason in UDP_DROP_REASONS:
                     udp_dropped.add_metric([view.name, reason], stats.udp_dropped[reason])
         yield from (up, active, total, rejected, failures, received, sent)

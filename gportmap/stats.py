@@ -10,13 +10,17 @@ from __future__ import annotations
 
 import itertools
 import time
+from collections.abc import Callable
 from datetime import UTC, datetime
 from typing import Any
 
 #: Reasons a connection can be refused before it is relayed (SPEC §5).
 REJECT_REASONS = ("acl", "limit", "tls", "plugin")
-#: Reasons a UDP datagram can be dropped (SPEC §5).
-UDP_DROP_REASONS = ("sessions", "acl", "plugin", "error")
+#: Reasons a UDP datagram can be dropped (SPEC §5). ``kernel`` counts what the
+#: kernel dropped on a full socket receive buffer before gportmap could read it: it
+#: is read from the sockets when the figures are read (``refresh_kernel_drops``),
+#: never per datagram.
+UDP_DROP_REASONS = ("sessions", "acl", "plugin", "error", "kernel")
 
 
 class RuleStats:
@@ -57,6 +61,7 @@ class RuleStats:
 
     def counters(self) -> dict[str, Any]:
         """Every figure as plain data: what a worker process reports to its master."""
+        self.refresh_kernel_drops()
         return {
             name: dict(value) if isinstance(value, dict) else value
             for name in self.__slots__[2:]
@@ -76,7 +81,19 @@ class RuleStats:
             else:
                 setattr(self, name, getattr(self, name) + value)
 
+    def refresh_kernel_drops(self) -> None:
+        """Bring ``udp_dropped["kernel"]`` up to date from the live sockets of this
+        rule (see ``KernelDrops``); called by every reader of the figures. A rule
+        with no live socket here (a master's sums, a stopped rule) keeps its value."""
+        kernel = _KERNEL_DROPS.get(self)
+        if kernel is not None:
+            value = kernel.total()
+            if value > self.udp_dropped["kernel"]:  # monotonic, whatever a socket reports
+                self.udp_dropped["kernel"] = value
+
     def snapshot(self) -> dict[str, Any]:
+        if self.protocol == "udp":
+            self.refresh_kernel_drops()
         return {
             "name": self.name,
             "protocol": self.protocol,
@@ -101,6 +118,46 @@ class RuleStats:
             if self.protocol == "udp"
             else None,
         }
+
+
+class KernelDrops:
+    """The kernel's drop counts of one rule's UDP sockets, kept monotonic while the
+    sockets come and go.
+
+    The kernel counts drops per socket, and a rule's sockets (its listener, a
+    socket per session) close all the time, taking their counts along. A server
+    registers a *source* (a callable returning the drops of its live sockets since
+    it took them); before a socket closes, the server moves its count into its own
+    total of closed sockets, and when the server ends, ``retire`` folds its last
+    figure in here. The sum is only computed when someone reads the figures.
+    """
+
+    __slots__ = ("folded", "sources")
+
+    def __init__(self) -> None:
+        self.folded = 0
+        self.sources: list[Callable[[], int]] = []
+
+    def total(self) -> int:
+        return self.folded + sum(source() for source in self.sources)
+
+
+_KERNEL_DROPS: dict[RuleStats, KernelDrops] = {}
+
+
+def watch_kernel_drops(stats: RuleStats, source: Callable[[], int]) -> None:
+    """Count ``source()`` (a server's kernel drops, non-decreasing) in ``stats``."""
+    _KERNEL_DROPS.setdefault(stats, KernelDrops()).sources.append(source)
+
+
+def retire_kernel_drops(stats: RuleStats, source: Callable[[], int]) -> None:
+    """Fold the last value of ``source`` in for good: its server has closed its sockets."""
+    kernel = _KERNEL_DROPS.get(stats)
+    if kernel is None or source not in kernel.sources:
+        return
+    kernel.sources.remove(source)
+    kernel.folded += source()
+    stats.refresh_kernel_drops()
 
 
 class Connection:

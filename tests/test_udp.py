@@ -8,6 +8,7 @@ import os
 import signal
 import socket
 import subprocess
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -318,6 +319,143 @@ def test_flood_of_source_ports_does_not_grow_memory(start_gportmap, udp_echo):
     assert growth < 10, growth
     dropped = gp.wait_event("datagram_dropped", rule="flood", reason="sessions")
     assert "session table full (10 sessions)" in dropped[0]["message"]
+    counters = udp_stats(gp, "flood")
+    assert counters["sessions"] == 10
+    # Every datagram of the flood was read and turned away (none lost unseen).
+    assert counters["dropped_by_reason"]["sessions"] + counters["dropped_by_reason"]["kernel"] == 5000
+
+
+def test_many_sessions_expire_and_every_descriptor_is_released(start_gportmap, udp_echo):
+    port = free_port(socket.SOCK_DGRAM)
+    gp = start_gportmap([udp_rule(port, udp_echo.port, name="churn", sessionTimeout=0.5)])
+    udp_stats(gp, "churn")  # the admin endpoint's first request: what it opens once is open
+    base = gp.open_fds()
+    socks = [client() for _ in range(100)]
+    try:
+        for i, sock in enumerate(socks):
+            assert round_trip(sock, port, b"%d" % i) == b"%d" % i
+        assert udp_stats(gp, "churn")["sessions"] == 100
+        assert gp.open_fds() >= base + 100 - len(gp.events("session_closed"))  # one socket per session
+        closed = gp.wait_event("session_closed", count=100, rule="churn")
+        assert {r["reason"] for r in closed} == {"expired"}
+        assert min(r["duration"] for r in closed) >= 0.5  # never before sessionTimeout
+        wait_for(lambda: gp.open_fds() == base, what="every session socket closed")
+        assert udp_stats(gp, "churn")["sessions"] == 0
+    finally:
+        for sock in socks:
+            sock.close()
+
+
+def test_a_session_with_replies_keeps_living_while_silent_ones_expire(start_gportmap):
+    """A target streaming to one client keeps that session; a client next to it that
+    went quiet expires, on the same rule and the same sweep."""
+    stop_streaming = threading.Event()
+
+    def stream_on_request(sock: socket.socket, data: bytes, address: tuple) -> None:
+        if data != b"stream":
+            sock.sendto(data, address)
+            return
+
+        def send() -> None:
+            seq = 0
+            while not stop_streaming.is_set() and seq < 400:  # bounded: 20 s at most
+                sock.sendto(b"%d" % seq, address)
+                seq += 1
+                stop_streaming.wait(0.05)  # pacing the stream, not synchronisation
+
+        threading.Thread(target=send, daemon=True).start()
+
+    target = UdpTarget(stream_on_request)
+    port = free_port(socket.SOCK_DGRAM)
+    gp = start_gportmap([udp_rule(port, target.port, name="mixed", sessionTimeout=0.3)])
+    try:
+        with client() as streamed, client() as quiet:
+            streamed.sendto(b"stream", (LOOPBACK, port))
+            assert streamed.recvfrom(100)[0] == b"0"
+            assert round_trip(quiet, port, b"once") == b"once"
+            (closed,) = gp.wait_event("session_closed", rule="mixed")
+            assert closed["client"] == f"{LOOPBACK}:{quiet.getsockname()[1]}"
+            assert closed["reason"] == "expired" and closed["duration"] >= 0.3
+            # Many timeouts later the streamed session is still the first one.
+            got = [streamed.recvfrom(100)[0] for _ in range(30)]
+            assert got == [b"%d" % seq for seq in range(1, 31)]
+            assert len(gp.events("session_closed")) == 1
+            assert udp_stats(gp, "mixed")["sessions"] == 1
+            stop_streaming.set()
+            (_, last) = gp.wait_event("session_closed", count=2, rule="mixed")
+            assert last["reason"] == "expired" and last["packets_received"] == 1
+            assert last["packets_sent"] >= 31
+    finally:
+        stop_streaming.set()
+        target.close()
+
+
+# --- kernel drops ----------------------------------------------------------------------
+
+
+def overflowing_count(size: int = 1024) -> int:
+    """Datagrams of ``size`` bytes that surely overflow a default receive buffer
+    (each takes more than ``size`` of it), bounded for machines with huge defaults."""
+    with open("/proc/sys/net/core/rmem_default") as setting:
+        default = int(setting.read())
+    return min(50_000, max(3000, 2 * default // size))
+
+
+def flood_while_stopped(gp, port: int, count: int, size: int = 1024) -> None:
+    """Send ``count`` datagrams while gportmap is stopped (SIGSTOP): its listener's
+    receive buffer fills and the kernel drops the rest."""
+    gp.signal(signal.SIGSTOP)
+    try:
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+            for _ in range(count):
+                sock.sendto(b"k" * size, (LOOPBACK, port))
+    finally:
+        gp.signal(signal.SIGCONT)
+
+
+@pytest.mark.skipif(
+    not sys.platform.startswith("linux"), reason="the kernel's drop count is read on Linux only"
+)
+def test_kernel_drops_on_a_full_receive_buffer_are_counted_and_survive_a_handover(start_gportmap):
+    sink = UdpTarget(lambda sock, data, address: None)  # no replies: only the listener can overflow
+    port = free_port(socket.SOCK_DGRAM)
+    rule = udp_rule(port, sink.port, name="full")
+    gp = start_gportmap({"settings": {"drainTimeout": 1}, "rules": [rule]}, env={"GPORTMAP_WATCHER": "off"})
+    try:
+        assert udp_stats(gp, "full")["dropped_by_reason"]["kernel"] == 0
+        count = overflowing_count()
+
+        def accounted(total: int) -> dict:
+            """The counters once all ``total`` datagrams are either read by gportmap
+            or counted as dropped by the kernel: nothing goes missing unseen."""
+
+            def done() -> dict | None:
+                counters = udp_stats(gp, "full")
+                read, kernel = counters["packets_received"], counters["dropped_by_reason"]["kernel"]
+                return counters if read + kernel == total else None
+
+            return wait_for(done, what=f"{total} datagrams read or counted as kernel drops")
+
+        flood_while_stopped(gp, port, count)
+        counters = accounted(count)
+        first = counters["dropped_by_reason"]["kernel"]
+        assert first > 0 and counters["dropped"] >= first
+        status, body, _ = gp.admin("/metrics")
+        assert status == 200
+        assert f'gportmap_udp_packets_dropped_total{{reason="kernel",rule="full"}} {first}.0' in body.decode()
+
+        # A changed rule takes the listener over: the count neither resets nor doubles...
+        changed = {"settings": {"drainTimeout": 1}, "rules": [{**rule, "sessionTimeout": 5}]}
+        gp.rules_path.write_text(json.dumps(changed))
+        gp.signal(signal.SIGHUP)
+        gp.wait_event("config_reloaded", changed=["full"])
+        gp.wait_event("rule_stopped", rule="full")  # the old server drained and folded its figures
+        assert udp_stats(gp, "full")["dropped_by_reason"]["kernel"] == first
+        # ... and goes on counting on the new server.
+        flood_while_stopped(gp, port, count)
+        assert accounted(2 * count)["dropped_by_reason"]["kernel"] > first
+    finally:
+        sink.close()
 
 
 # --- failures, reloads, stop ---------------------------------------------------------
@@ -514,10 +652,50 @@ def test_rule_stats_count_sessions_packets_and_drops_by_reason():
         assert snapshot["connections"]["total"] == 2 and snapshot["connections"]["counts"] == "sessions"
         assert snapshot["bytes"] == {"received": 5 + 5 + 7 + 4, "sent": 10}
         assert snapshot["udp"]["packets_received"] == 4 and snapshot["udp"]["packets_sent"] == 2
-        assert snapshot["udp"]["dropped_by_reason"] == {"sessions": 1, "acl": 0, "plugin": 0, "error": 1}
+        assert snapshot["udp"]["dropped_by_reason"] == {
+            "sessions": 1,
+            "acl": 0,
+            "plugin": 0,
+            "error": 1,
+            "kernel": 0,
+        }
     finally:
         for sock in socks:
             sock.close()
         supervisor.stop(1.0)
     assert stats.udp_sessions == 0 and stats.active == 0
     assert not supervisor.runners[("udp", LOOPBACK, port)].server.sessions
+
+
+def test_the_sweep_ends_exactly_the_sessions_silent_for_session_timeout():
+    """The expiry rule itself, without waiting on a clock: a session past its deadline
+    ends, one a second short of it stays, and the next sweep is set for that deadline."""
+    echo_server = _Echo(("127.0.0.1", 0))
+    echo_server.start()
+    port = free_port(socket.SOCK_DGRAM)
+    supervisor = Supervisor()
+    supervisor.apply(
+        parse(json.dumps([udp_rule(port, echo_server.server_port, name="s", sessionTimeout=30)]), "r.json")
+    )
+    server = supervisor.runners[("udp", LOOPBACK, port)].server
+    socks = [gevent.socket.socket(socket.AF_INET, socket.SOCK_DGRAM) for _ in range(2)]
+    try:
+        for sock in socks:
+            sock.settimeout(5)
+            sock.sendto(b"hi", (LOOPBACK, port))
+            assert sock.recvfrom(100)[0] == b"hi"
+        old, young = (server.sessions[("127.0.0.1", s.getsockname()[1])] for s in socks)
+        now = time.monotonic()
+        old.last_active = now - 30.001
+        young.last_active = now - 29
+        server._sweep()
+        assert old.closed and old.reason == "expired"
+        assert not young.closed and list(server.sessions.values()) == [young]
+        assert server._sweeper is not None and server._sweeper.active  # one timer, set for young's deadline
+        assert supervisor.stats.rule("s", "udp").udp_sessions == 1
+    finally:
+        for sock in socks:
+            sock.close()
+        supervisor.stop(1.0)
+        echo_server.close()
+    assert server._sweeper is None and not server.sessions
