@@ -48,10 +48,20 @@ def start_bridge(kind: str, target: int, workdir: Path) -> tuple[subprocess.Pope
         cmd = [shutil.which("websockify") or "websockify", f"{LOOPBACK}:{port}", f"{LOOPBACK}:{target}"]
     else:
         rules = workdir / "ws.json"
-        rules.write_text(json.dumps(bench_rules(
-            {"protocol": "websocket", "listenHost": LOOPBACK, "listenPort": port,
-             "targetHost": LOOPBACK, "targetPort": target, "maxMessageSize": 1 << 20}
-        )))
+        rules.write_text(
+            json.dumps(
+                bench_rules(
+                    {
+                        "protocol": "websocket",
+                        "listenHost": LOOPBACK,
+                        "listenPort": port,
+                        "targetHost": LOOPBACK,
+                        "targetPort": target,
+                        "maxMessageSize": 1 << 20,
+                    }
+                )
+            )
+        )
         cmd = [sys.executable, "-m", "gportmap", str(rules)]
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     wait_listening(port)
@@ -88,7 +98,9 @@ def measure(port: int, size: int, seconds: float) -> tuple[float, float]:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--seconds", type=float, default=3.0)
     parser.add_argument("--runs", type=int, default=3)
     args = parser.parse_args()
@@ -110,10 +122,14 @@ def main() -> None:
                     finally:
                         stop(proc)
             base = statistics.median(results["gportmap"])
-            print(f"\n{size}-byte messages ({seconds:g}s x {runs}, median; ratio = gportmap / other)")
+            print(
+                f"\n{size}-byte messages ({seconds:g}s x {runs}, median and range; ratio = gportmap / other)"
+            )
             for kind in kinds:
-                value = statistics.median(results[kind])
-                print(f"  {kind:12s} {value:12.1f} {unit:6s} ratio {base / value:5.2f}")
+                values = results[kind]
+                value = statistics.median(values)
+                spread = f"{min(values):.1f}-{max(values):.1f}"
+                print(f"  {kind:12s} {value:12.1f} {unit:6s} ({spread:>19s})  ratio {base / value:5.2f}")
     finally:
         echo.kill()
         echo.wait()

@@ -10,6 +10,10 @@ target, and we mask. Either way:
 - frames are parsed straight out of pooled receive buffers and their payload is
   forwarded piece by piece, never assembled; ``maxMessageSize`` is enforced from the
   headers, so a 2 GiB announcement is refused (1009) before a byte of it is read;
+- the data payloads found in one read are unmasked in place and written to TCP
+  together, one send per read however many small messages it held (TCP keeps no
+  boundaries, and websockify does the same in the other direction: one frame per
+  TCP read); a read that fills the buffer is followed by another at once;
 - the ends map like a half-close: TCP EOF sends Close(1000) once everything before
   it is out; the peer's Close (or EOF) shuts down the TCP side's write direction,
   and the other way keeps flowing until it ends too; pings are answered;
@@ -44,6 +48,13 @@ from gportmap.stats import Connection
 _HEADROOM = wsframe.MAX_HEADER
 
 
+def _backing(buf: memoryview) -> bytearray | None:
+    """The bytearray a pooled buffer views, when the view covers all of it (so its
+    offsets are the bytearray's), else None and the caller masks through the view."""
+    store = buf.obj
+    return store if type(store) is bytearray and len(store) == len(buf) else None
+
+
 class WsBridge:
     """One bridged connection; ``run()`` returns the close reason like ``Relay.run``."""
 
@@ -60,6 +71,7 @@ class WsBridge:
         transform: Callable[[str, bytes], bytes] | None = None,
     ) -> None:
         self.ws, self.tcp, self.conn = ws, tcp, conn
+        self.ws_fd, self.tcp_fd = ws.fileno(), tcp.fileno()
         self.idle, self.pool, self.max_message = idle_timeout, pool, max_message
         self.client_role = client_role
         self.transform = transform  # the plugins' on_data chain, or None
@@ -105,7 +117,9 @@ class WsBridge:
             self.reason, self.error = reason, error
             if close_code is not None and not self._close_sent and self._lock.acquire(blocking=False):
                 try:  # best effort, never waits: the peer may be the problem
-                    self.ws.send(self._control(wsframe.OP_CLOSE, wsframe.close_payload(close_code, error or "")))
+                    self.ws.send(
+                        self._control(wsframe.OP_CLOSE, wsframe.close_payload(close_code, error or ""))
+                    )
                     self._close_sent = True
                 except OSError:
                     pass
@@ -129,7 +143,7 @@ class WsBridge:
         with self._lock:
             if self._close_sent:
                 return  # after our Close, nothing more may be sent
-            send_all(self.ws, self.ws.fileno(), view, self.ws_side, self.conn, self.idle)
+            send_all(self.ws, self.ws_fd, view, self.ws_side, self.conn, self.idle)
         if payload:
             (self.conn.add_received if self.client_role else self.conn.add_sent)(payload)
 
@@ -137,15 +151,16 @@ class WsBridge:
         frame = self._control(wsframe.OP_CLOSE, wsframe.close_payload(code))
         with self._lock:
             if not self._close_sent:
-                send_all(self.ws, self.ws.fileno(), memoryview(frame), self.ws_side, self.conn, self.idle)
+                send_all(self.ws, self.ws_fd, memoryview(frame), self.ws_side, self.conn, self.idle)
                 self._close_sent = True
 
     # -- TCP -> WebSocket ---------------------------------------------------------------
 
     def _tcp_to_ws(self) -> None:
-        tcp, fd, pool, conn = self.tcp, self.tcp.fileno(), self.pool, self.conn
+        tcp, fd, pool, conn = self.tcp, self.tcp_fd, self.pool, self.conn
+        full = False  # the last read filled the buffer: more is likely waiting
         while True:
-            if not has_pending(tcp):  # a TLS target may hold decrypted bytes already
+            if not full and not has_pending(tcp):  # a TLS target may hold decrypted bytes already
                 wait_readable(fd, conn, self.idle)
             if self.reason is not None:
                 return
@@ -154,6 +169,7 @@ class WsBridge:
                 try:
                     n = tcp.recv_into(buf[_HEADROOM:])
                 except WOULD_BLOCK:
+                    full = False
                     continue
                 except OSError as exc:
                     raise SideError(self.tcp_side, exc) from None
@@ -163,12 +179,17 @@ class WsBridge:
                         shutdown(self.ws, socket.SHUT_WR)
                     return
                 conn.last_active = time.monotonic()
+                full = n == len(buf) - _HEADROOM
                 if self.transform is not None:
                     self._send_transformed(buf[_HEADROOM : _HEADROOM + n])
                     continue
                 mask = os.urandom(4) if self.client_role else None
                 if mask is not None:
-                    wsframe.mask_in_place(buf[_HEADROOM : _HEADROOM + n], mask)
+                    store = _backing(buf)
+                    if store is not None:
+                        wsframe.unmask_range(store, _HEADROOM, _HEADROOM + n, mask)
+                    else:
+                        wsframe.mask_in_place(buf[_HEADROOM : _HEADROOM + n], mask)
                 header = wsframe.encode_header(wsframe.OP_BINARY, n, mask)
                 start = _HEADROOM - len(header)
                 buf[start:_HEADROOM] = header
@@ -202,7 +223,15 @@ class WsBridge:
 
 
 class _FrameReader:
-    """Parses the peer's frames out of pooled buffers and forwards data payloads."""
+    """Parses the peer's frames out of pooled buffers and forwards data payloads.
+
+    Per read, every data payload in the buffer is unmasked in place and slid down
+    against the one before it (a memmove over the headers between them), and the
+    whole run goes to TCP in one write: a burst of small messages costs one send,
+    not one per message. TCP promises no boundaries, so nothing is lost by joining
+    them; a Close, a protocol error or the end of the buffer writes what was joined
+    so far first.
+    """
 
     def __init__(self, bridge: WsBridge) -> None:
         self.b = bridge
@@ -216,7 +245,7 @@ class _FrameReader:
 
     def run(self) -> None:
         b = self.b
-        fd, pool = b.ws.fileno(), b.pool
+        fd, pool = b.ws_fd, b.pool
         while True:
             if not b._pending and not has_pending(b.ws):
                 wait_readable(fd, b.conn, b.idle)  # holding no buffer while the peer is quiet
@@ -224,11 +253,16 @@ class _FrameReader:
                     return
             buf = pool.take()
             try:
-                filled = self._fill(buf)
-                if filled is None:
-                    return  # EOF: treated like a Close without a status
-                if self._consume(buf[:filled]):
-                    return  # a Close frame arrived
+                while True:  # read again at once while reads fill the buffer
+                    filled = self._fill(buf)
+                    if filled is None:
+                        return  # EOF: treated like a Close without a status
+                    if self._consume(buf, filled):
+                        return  # a Close frame arrived
+                    if b.reason is not None:
+                        return
+                    if filled < len(buf) and not b._pending and not has_pending(b.ws):
+                        break  # drained: wait again without holding the buffer
             finally:
                 pool.give(buf)
 
@@ -254,29 +288,97 @@ class _FrameReader:
         b.conn.last_active = time.monotonic()
         return start + n
 
-    def _consume(self, data: memoryview) -> bool:
-        """Process every complete piece of ``data``; True once a Close frame is handled."""
-        pos, end = 0, len(data)
-        while pos < end:
-            if self.header is None:
-                header = wsframe.parse_header(data[pos:end])
+    def _consume(self, buf: memoryview, end: int) -> bool:
+        """Process every complete piece of ``buf[:end]``; True once a Close frame is handled.
+
+        ``run_start:run_end`` is the joined data not yet written to TCP; it only
+        grows downwards of ``pos``, so sliding a payload never overwrites bytes not
+        yet parsed.
+        """
+        store = _backing(buf)
+        view = buf[:end]  # parse_header must not see stale bytes past the read
+        pos = run_start = run_end = 0
+        small_ok = not self.b.client_role  # only clients mask, and the fast path unmasks
+        max_message = self.b.max_message
+        try:
+            while pos < end:
+                header = self.header
+                if header is None and small_ok and not self.in_message:
+                    # Fast path, the bulk of small-message traffic: a whole, final, masked
+                    # text or binary frame of under 126 bytes, entirely in this buffer.
+                    # It passes every check of parse_header and _begin, so it is unmasked
+                    # straight to the end of the joined run in one step.
+                    first, second = view[pos], view[pos + 1] if pos + 1 < end else 0
+                    length = second - 0x80
+                    start = pos + 6
+                    if (first == 0x82 or first == 0x81) and 0 <= length < 126 and start + length <= end:
+                        if length > max_message:
+                            raise wsframe.FrameError(
+                                wsframe.CLOSE_TOO_BIG, f"message of {length} bytes exceeds maxMessageSize"
+                            )
+                        if run_end == run_start:
+                            run_start = run_end = start
+                        stop = start + length
+                        key = bytes(view[pos + 2 : start]) * ((length >> 2) + 1)
+                        view[run_end : run_end + length] = (
+                            int.from_bytes(view[start:stop], "big") ^ int.from_bytes(key[:length], "big")
+                        ).to_bytes(length, "big")
+                        run_end += length
+                        pos = stop
+                        continue
                 if header is None:
-                    self.partial = bytes(data[pos:end])
-                    return False
-                self._begin(header)
-                pos += header.size
-                if self.remaining:
-                    continue
-            else:
-                take = min(self.remaining, end - pos)
-                self._payload(data[pos : pos + take])
-                pos += take
-                self.remaining -= take
-                if self.remaining:
-                    continue
-            if self._finish():
-                return True
+                    header = wsframe.parse_header(view, pos)
+                    if header is None:
+                        self.partial = bytes(view[pos:end])
+                        break
+                    self._begin(header)
+                    pos += header.size
+                    if self.remaining:
+                        continue
+                else:
+                    take = min(self.remaining, end - pos)
+                    if header.mask is None:
+                        pass
+                    elif store is not None:
+                        wsframe.unmask_range(store, pos, pos + take, header.mask, self.offset)
+                    else:
+                        wsframe.mask_in_place(view[pos : pos + take], header.mask, self.offset)
+                    self.offset += take
+                    self.remaining -= take
+                    if header.opcode & 0x8:  # a control frame: at most 125 bytes, kept aside
+                        self.control += view[pos : pos + take]
+                    elif run_end == pos:  # right behind the joined run (or the first piece)
+                        run_end += take
+                    elif run_end == run_start:  # nothing joined yet: start here, no move
+                        run_start, run_end = pos, pos + take
+                    else:
+                        view[run_end : run_end + take] = view[pos : pos + take]
+                        run_end += take
+                    pos += take
+                    if self.remaining:
+                        continue
+                if self._finish():
+                    self._forward(view[run_start:run_end])
+                    return True
+        except wsframe.FrameError:
+            self._forward(view[run_start:run_end])  # what came before the bad frame still counts
+            raise
+        self._forward(view[run_start:run_end])
         return False
+
+    def _forward(self, chunk: memoryview) -> None:
+        """Write joined data payloads to the TCP side."""
+        count = len(chunk)
+        if not count:
+            return
+        b = self.b
+        if b.transform is not None:
+            chunk = memoryview(b.transform(DOWNSTREAM if b.client_role else UPSTREAM, bytes(chunk)))
+        send_all(b.tcp, b.tcp_fd, chunk, b.tcp_side, b.conn, b.idle)
+        if b.client_role:
+            b.conn.add_sent(len(chunk))
+        else:
+            b.conn.add_received(count)
 
     def _begin(self, header: wsframe.Header) -> None:
         b = self.b
@@ -284,33 +386,20 @@ class _FrameReader:
             raise wsframe.FrameError(wsframe.CLOSE_PROTOCOL_ERROR, "a server must not mask its frames")
         if not b.client_role and header.mask is None:
             raise wsframe.FrameError(wsframe.CLOSE_PROTOCOL_ERROR, "a client must mask its frames")
-        if header.opcode in wsframe.DATA_OPCODES:
-            continuation = header.opcode == wsframe.OP_CONTINUATION
+        opcode = header.opcode
+        if opcode < wsframe.OP_CLOSE:  # a data frame
+            continuation = opcode == wsframe.OP_CONTINUATION
             if continuation != self.in_message:
                 raise wsframe.FrameError(wsframe.CLOSE_PROTOCOL_ERROR, "unexpected continuation frame")
-            self.message_size = (self.message_size if continuation else 0) + header.length
+            self.message_size = (self.message_size + header.length) if continuation else header.length
             if self.message_size > b.max_message:
                 raise wsframe.FrameError(
                     wsframe.CLOSE_TOO_BIG, f"message of {self.message_size} bytes exceeds maxMessageSize"
                 )
             self.in_message = not header.fin
+        elif self.control:
+            self.control.clear()
         self.header, self.remaining, self.offset = header, header.length, 0
-        self.control.clear()
-
-    def _payload(self, chunk: memoryview) -> None:
-        header, b = self.header, self.b
-        assert header is not None
-        if header.mask is not None:
-            wsframe.mask_in_place(chunk, header.mask, self.offset)
-        self.offset += len(chunk)
-        if header.opcode in wsframe.CONTROL_OPCODES:
-            self.control += chunk  # at most 125 bytes, checked in parse_header
-            return
-        count = len(chunk)
-        if b.transform is not None:
-            chunk = memoryview(b.transform(DOWNSTREAM if b.client_role else UPSTREAM, bytes(chunk)))
-        send_all(b.tcp, b.tcp.fileno(), chunk, b.tcp_side, b.conn, b.idle)
-        (b.conn.add_sent if b.client_role else b.conn.add_received)(len(chunk) if b.client_role else count)
 
     def _finish(self) -> bool:
         header, b = self.header, self.b

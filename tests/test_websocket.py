@@ -25,12 +25,25 @@ from conftest import (
     tcp_rule,
     wait_for,
 )
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from gportmap import wsframe
+from gportmap.relay import BufferPool
+from gportmap.wsbridge import WsBridge, _FrameReader
 
 MB = 1024 * 1024
 
 
 def ws_rule(port: int, target: int, **extra) -> dict:
-    return {"protocol": "websocket", "listenHost": LOOPBACK, "listenPort": port, "targetHost": LOOPBACK, "targetPort": target, **extra}
+    return {
+        "protocol": "websocket",
+        "listenHost": LOOPBACK,
+        "listenPort": port,
+        "targetHost": LOOPBACK,
+        "targetPort": target,
+        **extra,
+    }
 
 
 def handshake(port: int, path: str = "/", extra: str = "") -> tuple[socket.socket, bytes]:
@@ -52,7 +65,9 @@ def handshake(port: int, path: str = "/", extra: str = "") -> tuple[socket.socke
     return sock, head
 
 
-def frame(opcode: int, payload: bytes, mask: bool = True, fin: bool = True, length: int | None = None) -> bytes:
+def frame(
+    opcode: int, payload: bytes, mask: bool = True, fin: bool = True, length: int | None = None
+) -> bytes:
     length = len(payload) if length is None else length
     first = (0x80 if fin else 0) | opcode
     bit = 0x80 if mask else 0
@@ -115,7 +130,9 @@ def test_websocket_client_bytes_arrive_intact_and_in_order(bridge, size):
     assert closed["bytes_received"] == closed["bytes_sent"] == total  # payload bytes, not framing
 
 
-@pytest.mark.parametrize("offered,chosen", [(["binary"], "binary"), (None, None), (["base64", "binary"], "binary")])
+@pytest.mark.parametrize(
+    "offered,chosen", [(["binary"], "binary"), (None, None), (["base64", "binary"], "binary")]
+)
 def test_subprotocol_is_answered_only_when_offered(bridge, offered, chosen):
     ws = websocket.create_connection(f"ws://127.0.0.1:{bridge.port}/vnc", subprotocols=offered)
     assert ws.subprotocol == chosen
@@ -291,7 +308,11 @@ ws.onerror = () => { document.getElementById("out").textContent = "error"; };
     try:
         chromium.navigate(f"{origin}/#{port}")
         text = "document.getElementById('out')?.textContent"
-        wait_for(lambda: chromium.evaluate(text) == "hello through gportmap", timeout=20, what="the echo on the page")
+        wait_for(
+            lambda: chromium.evaluate(text) == "hello through gportmap",
+            timeout=20,
+            what="the echo on the page",
+        )
         (opened,) = [r for r in gp.admin_json("/stats")["rules"] if r["name"] == "browser"]
         assert opened["connections"]["total"] == 1
     finally:
@@ -341,7 +362,9 @@ def test_200_concurrent_tunnels(tunnel):
         for sock, payload in zip(socks, payloads):
             assert recv_exactly(sock, len(payload)) == payload
         stats = {r["name"]: r for r in tunnel.admin_json("/stats")["rules"]}
-        assert stats["entry"]["connections"]["active"] == 200 and stats["exit"]["connections"]["active"] == 200
+        assert (
+            stats["entry"]["connections"]["active"] == 200 and stats["exit"]["connections"]["active"] == 200
+        )
     finally:
         for sock in socks:
             sock.close()
@@ -350,7 +373,9 @@ def test_200_concurrent_tunnels(tunnel):
 
 def test_tunnel_to_a_target_that_is_no_websocket_fails_cleanly(start_gportmap, echo_target):
     entry = free_port()
-    gp = start_gportmap([tcp_rule(entry, echo_target.port, name="wrong", targetProtocol="websocket", handshakeTimeout=1)])
+    gp = start_gportmap(
+        [tcp_rule(entry, echo_target.port, name="wrong", targetProtocol="websocket", handshakeTimeout=1)]
+    )
     sock = connect(entry)
     assert recv_until_eof(sock) == b""
     sock.close()
@@ -373,7 +398,15 @@ def test_websocket_keys_are_checked_per_protocol(tmp_path):
         'r.json: rules[0].targetPath: applies to tcp rules only with "targetProtocol": "websocket"',
     ]
     with pytest.raises(ConfigError) as info:
-        parse(json.dumps([{**base, "protocol": "websocket", "path": "/a?b"}, {**base, "listenPort": 3, "protocol": "websocket", "origins": []}]), "r.json")
+        parse(
+            json.dumps(
+                [
+                    {**base, "protocol": "websocket", "path": "/a?b"},
+                    {**base, "listenPort": 3, "protocol": "websocket", "origins": []},
+                ]
+            ),
+            "r.json",
+        )
     assert info.value.errors == [
         "r.json: rules[0].path: '/a?b' is not a URL path: '/' then printable ASCII, no spaces, no '?' or '#'",
         "r.json: rules[1].origins: [] should be non-empty",
@@ -417,3 +450,240 @@ def test_a_reader_that_stops_does_not_grow_memory(start_gportmap, stalled):
     finally:
         release.set()
         target.close()
+
+
+# --- the frame reader and the unmasking, in process ----------------------------------
+#
+# WsBridge's reader joins the data payloads of one read into one TCP write, takes a
+# fast path for small whole frames and carries partial headers between reads. These
+# drive the real reader over fake sockets, so every split of a stream can be tried.
+
+
+def reference_mask(data: bytes, mask: bytes, offset: int = 0) -> bytes:
+    return bytes(b ^ mask[(offset + i) % 4] for i, b in enumerate(data))
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    st.binary(max_size=70000) | st.binary(min_size=200, max_size=400),  # around the 256-byte switch too
+    st.binary(min_size=4, max_size=4) | st.just(bytes(4)) | st.just(b"\x07\x07\x07\x07"),
+    st.integers(0, 1 << 40),
+    st.lists(st.integers(0, 70000), max_size=4),
+)
+def test_unmask_range_matches_the_rfc_in_any_number_of_pieces(
+    data: bytes, mask: bytes, offset: int, cuts: list[int]
+) -> None:
+    buf = bytearray(b"<<<" + data + b">>>")  # a range inside a larger buffer, as the reader uses it
+    points = sorted({min(c, len(data)) for c in cuts} | {0, len(data)})
+    for start, end in zip(points, points[1:]):
+        wsframe.unmask_range(buf, 3 + start, 3 + end, mask, offset + start)
+    assert bytes(buf[3:-3]) == reference_mask(data, mask, offset)
+    assert buf[:3] == b"<<<" and buf[-3:] == b">>>"  # nothing outside the range is touched
+    view = memoryview(buf)[3:-3]
+    wsframe.mask_in_place(view, mask, offset)  # the general form agrees, and undoes it
+    assert bytes(view) == data
+
+
+def test_mask_in_place_large_view_leaves_its_neighbours_alone() -> None:
+    data = os.urandom(65536 + 3)
+    buf = bytearray(b"ab" + data + b"cd")
+    wsframe.mask_in_place(memoryview(buf)[2:-2], b"\x01\x80\xfe\x33", 6)
+    assert buf[:2] == b"ab" and buf[-2:] == b"cd"
+    assert bytes(buf[2:-2]) == reference_mask(data, b"\x01\x80\xfe\x33", 6)
+
+
+class _ScriptedSocket:
+    """A non-blocking socket stand-in: recv_into hands out ``chunks`` (one read never
+    crosses a chunk boundary), then EOF; ``pending`` (as on a TLS socket) says a read
+    is due, so the reader never waits on the fake descriptor. What is sent is kept."""
+
+    def __init__(self, chunks: list[bytes]) -> None:
+        self.chunks = [c for c in chunks if c]
+        self.eof_read = False
+        self.sent = bytearray()
+
+    def fileno(self) -> int:
+        return -1
+
+    def pending(self) -> int:
+        return 0 if self.eof_read else 1
+
+    def recv_into(self, view: memoryview) -> int:
+        if not self.chunks:
+            self.eof_read = True
+            return 0
+        chunk = self.chunks[0]
+        n = min(len(view), len(chunk))
+        view[:n] = chunk[:n]
+        self.chunks[0] = chunk[n:]
+        if not self.chunks[0]:
+            self.chunks.pop(0)
+        return n
+
+    def send(self, view: memoryview) -> int:
+        self.sent += view
+        return len(view)
+
+
+class _Counts:
+    def __init__(self) -> None:
+        self.last_active = 0.0
+        self.bytes_received = self.bytes_sent = 0
+
+    def add_received(self, n: int) -> None:
+        self.bytes_received += n
+
+    def add_sent(self, n: int) -> None:
+        self.bytes_sent += n
+
+
+def run_reader(
+    stream: bytes, cuts: list[int], buffer_size: int, max_message: int = 1 << 20, client_role: bool = False
+) -> tuple[bytes, bytes, _Counts, str | None]:
+    """Feed ``stream``, cut at ``cuts``, through a bridge's frame reader: (bytes
+    written to the TCP side, frames written to the WebSocket peer, counters, error)."""
+    points = sorted({c for c in cuts if 0 < c < len(stream)} | {0, len(stream)})
+    ws = _ScriptedSocket([stream[a:b] for a, b in zip(points, points[1:])])
+    tcp = _ScriptedSocket([])
+    counts = _Counts()
+    bridge = WsBridge(ws, b"", tcp, counts, 0, BufferPool(buffer_size), max_message, client_role=client_role)
+    error = None
+    try:
+        _FrameReader(bridge).run()
+    except wsframe.FrameError as exc:
+        error = f"{exc.code} {exc.reason}"
+    return bytes(tcp.sent), bytes(ws.sent), counts, error
+
+
+def masked_frame(
+    opcode: int,
+    payload: bytes,
+    fin: bool = True,
+    mask: bytes | None = None,
+    length_bytes: int | None = None,
+    masked: bool = True,
+) -> bytes:
+    """A client frame (a server frame with ``masked=False``); ``length_bytes`` (2 or 8)
+    forces a longer length encoding than needed."""
+    key = (os.urandom(4) if mask is None else mask) if masked else None
+    first = (0x80 if fin else 0) | opcode
+    bit = 0x80 if masked else 0
+    if length_bytes == 2:
+        head = struct.pack("!BBH", first, bit | 126, len(payload)) + (key or b"")
+    elif length_bytes == 8:
+        head = struct.pack("!BBQ", first, bit | 127, len(payload)) + (key or b"")
+    else:
+        head = wsframe.encode_header(opcode, len(payload), key, fin)
+    return head + (reference_mask(payload, key) if key else payload)
+
+
+def mixed_stream(masked: bool = True) -> tuple[bytes, bytes, list[bytes]]:
+    """(frames, the data they carry, the ping payloads): every path of the reader."""
+    frames, data, pings = [], [], []
+
+    def add(opcode: int, payload: bytes, **kw) -> None:
+        frames.append(masked_frame(opcode, payload, masked=masked, **kw))
+        if opcode in (wsframe.OP_BINARY, wsframe.OP_TEXT, wsframe.OP_CONTINUATION):
+            data.append(payload)
+        elif opcode == wsframe.OP_PING:
+            pings.append(payload)
+
+    for i in range(5):
+        add(wsframe.OP_BINARY, bytes([i]) * 32)  # small whole frames: the fast path
+    add(wsframe.OP_BINARY, b"")
+    add(wsframe.OP_TEXT, b"t" * 125)
+    add(wsframe.OP_BINARY, os.urandom(126))  # 16-bit length
+    add(wsframe.OP_BINARY, os.urandom(300))  # unmasked by translate
+    add(wsframe.OP_BINARY, b"zero mask", mask=bytes(4))
+    add(wsframe.OP_BINARY, b"fragmented ", fin=False)  # a message in three frames ...
+    add(wsframe.OP_PING, b"ping inside a message")  # ... with control frames between them
+    add(wsframe.OP_CONTINUATION, os.urandom(40), fin=False)
+    add(wsframe.OP_PONG, b"unsolicited")
+    add(wsframe.OP_CONTINUATION, b" end", fin=True)
+    add(wsframe.OP_BINARY, b"long form 16", length_bytes=2)  # non-minimal lengths are accepted
+    add(wsframe.OP_BINARY, os.urandom(200), length_bytes=8)
+    add(wsframe.OP_PING, b"")
+    add(wsframe.OP_BINARY, b"last")
+    frames.append(masked_frame(wsframe.OP_CLOSE, struct.pack("!H", 1000), masked=masked))
+    frames.append(masked_frame(wsframe.OP_BINARY, b"after the close: never forwarded", masked=masked))
+    return b"".join(frames), b"".join(data), pings
+
+
+def pongs_of(sent: bytes, masked: bool = False) -> list[bytes]:
+    """The payloads of the pong frames in ``sent`` (masked ones from a tunnel entry)."""
+    pongs, pos = [], 0
+    while pos < len(sent):
+        header = wsframe.parse_header(sent, pos)
+        assert header is not None and (header.mask is not None) == masked and header.opcode == wsframe.OP_PONG
+        payload = sent[pos + header.size : pos + header.size + header.length]
+        pongs.append(reference_mask(payload, header.mask) if masked else payload)
+        pos += header.size + header.length
+    return pongs
+
+
+def test_frames_split_at_every_byte_boundary_arrive_whole() -> None:
+    stream, data, pings = mixed_stream()
+    for cut in range(1, len(stream)):
+        for buffer_size in (
+            wsframe.MAX_HEADER,
+            4096,
+        ):  # the smallest buffer a header fits in, and a roomy one
+            forwarded, sent, counts, error = run_reader(stream, [cut], buffer_size)
+            assert error is None
+            assert forwarded == data, f"cut at {cut}, buffer {buffer_size}"
+            assert pongs_of(sent) == pings
+            assert counts.bytes_received == len(data)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.integers(1, 2000), max_size=20), st.integers(wsframe.MAX_HEADER, 3000))
+def test_frames_split_anywhere_in_any_buffer_size_arrive_whole(cuts: list[int], buffer_size: int) -> None:
+    stream, data, pings = mixed_stream()
+    forwarded, sent, counts, error = run_reader(stream, cuts, buffer_size)
+    assert error is None and forwarded == data and pongs_of(sent) == pings
+    assert counts.bytes_received == len(data)
+
+
+@pytest.mark.parametrize("fast", [True, False], ids=["small-frame", "general"])
+def test_a_bad_frame_still_forwards_what_came_before_it(fast: bool) -> None:
+    good = masked_frame(wsframe.OP_BINARY, b"before")
+    over = b"x" * 100 if fast else os.urandom(300)  # both over maxMessageSize=64
+    stream = good + masked_frame(wsframe.OP_BINARY, over) + masked_frame(wsframe.OP_BINARY, b"after")
+    forwarded, _, _, error = run_reader(stream, [], 4096, max_message=64)
+    assert forwarded == b"before"
+    assert error is not None and error.startswith("1009 ")
+    unmasked = good + wsframe.encode_header(wsframe.OP_BINARY, 5) + b"after"
+    forwarded, _, _, error = run_reader(unmasked, [], 4096)
+    assert forwarded == b"before" and error == "1002 a client must mask its frames"
+
+
+def test_a_continuation_outside_a_message_and_a_new_message_inside_one_are_refused() -> None:
+    for stream in (
+        masked_frame(wsframe.OP_BINARY, b"ok") + masked_frame(wsframe.OP_CONTINUATION, b"stray"),
+        masked_frame(wsframe.OP_BINARY, b"open", fin=False) + masked_frame(wsframe.OP_BINARY, b"x" * 10),
+    ):
+        _, _, _, error = run_reader(stream, [], 4096)
+        assert error == "1002 unexpected continuation frame"
+
+
+def test_many_small_frames_in_one_read_go_to_the_target_in_one_write() -> None:
+    stream = b"".join(masked_frame(wsframe.OP_BINARY, bytes([i % 251]) * 32) for i in range(100))
+    writes = []
+    tcp = _ScriptedSocket([])
+    tcp.send = lambda view: writes.append(bytes(view)) or len(view)
+    bridge = WsBridge(
+        _ScriptedSocket([stream]), b"", tcp, _Counts(), 0, BufferPool(65536), 1 << 20, client_role=False
+    )
+    _FrameReader(bridge).run()
+    assert writes == [b"".join(bytes([i % 251]) * 32 for i in range(100))]
+
+
+def test_a_tunnel_entry_reads_unmasked_frames_split_at_every_byte_boundary() -> None:
+    stream, data, pings = mixed_stream(masked=False)
+    for cut in range(1, len(stream)):
+        forwarded, sent, counts, error = run_reader(stream, [cut], wsframe.MAX_HEADER, client_role=True)
+        assert error is None and forwarded == data, f"cut at {cut}"
+        assert pongs_of(sent, masked=True) == pings  # a client masks even its pongs
+        assert counts.bytes_sent == len(data)
+    _, _, _, error = run_reader(masked_frame(wsframe.OP_BINARY, b"x"), [], 4096, client_role=True)
+    assert error == "1002 a server must not mask its frames"
