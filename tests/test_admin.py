@@ -256,8 +256,8 @@ def test_a_malformed_admin_request_does_not_touch_forwarding(start_gportmap, ech
                     admin.sendall(junk)
                     admin.shutdown(socket.SHUT_WR)
                     recv_until_eof(admin)
-                except ConnectionResetError:
-                    pass  # refusing garbage with a reset is fine; what matters is below
+                except OSError:
+                    pass  # refusing garbage with a reset or closing first is fine; what matters is below
         stream.sendall(b"alive")
         assert recv_exactly(stream, 5) == b"alive"
     assert gp.admin("/healthz")[0] == 200

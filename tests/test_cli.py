@@ -212,6 +212,8 @@ def test_settings_choose_the_log_format_and_flags_override_them(tmp_path: Path, 
     )
     try:
         first = json.loads(proc.stderr.readline())  # JSON from settings.logFormat
+        if first["event"] == "connections_capped":  # a machine whose ulimit -n is under ~20,000
+            first = json.loads(proc.stderr.readline())
         assert first["level"] in ("DEBUG", "INFO")  # DEBUG from the flag beats settings' WARNING
         sock = connect(port)
         sock.sendall(b"x")
@@ -229,6 +231,8 @@ def test_text_log_format_is_one_readable_line_per_event(tmp_path: Path, echo_tar
     proc = subprocess.Popen([sys.executable, "-m", "gportmap", str(path)], stderr=subprocess.PIPE, text=True)
     try:
         started = proc.stderr.readline()
+        if " connections_capped: " in started:  # a machine whose ulimit -n is under ~20,000
+            started = proc.stderr.readline()
         assert re.match(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z INFO rule_started: ", started), started
         assert f"rule=txt protocol=tcp listen=127.0.0.1:{port}" in started
         while " started: " not in (line := proc.stderr.readline()):
