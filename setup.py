@@ -41,6 +41,7 @@ setup(
             "cryptography>=41",  # makes the tests' CAs and certificates
             "supervisor>=4.2",  # tests/test_deploy.py runs deploy/supervisord.conf for real
             "PyYAML>=6.0",  # parses deploy/kubernetes/*.yaml and deploy/docker-compose.yml
+            "websockify>=0.11",  # the anchor of bench/compare.py's WebSocket rows (tests/test_bench.py)
         ],
         "lint": ["ruff>=0.4"],
     },

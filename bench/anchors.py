@@ -1,0 +1,367 @@
+"""The proxies the comparison runs, each started the same way: on a free loopback port,
+in front of one target, in its own process group with its config in a temp dir.
+
+gportmap, socat, HAProxy (with and without ``option splice-auto``), nginx's stream
+module and websockify are configured for forwarding only (no logs, no stats, limits
+high enough for the connection-count workloads), so what is measured is the relay.
+Each is stopped with its whole process group (socat's per-connection children, nginx's
+workers), and ``Processes.stop_all`` runs on every path out of the driver.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import json
+import os
+import resource
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from common import LOOPBACK, free_port
+
+NGINX_STREAM_MODULE = "/usr/lib/nginx/modules/ngx_stream_module.so"
+#: Connection and fd limits written into every proxy's config: past any workload here.
+MAX_CONNECTIONS = 30000
+
+
+def fd_hard_limit() -> int:
+    return resource.getrlimit(resource.RLIMIT_NOFILE)[1]
+
+
+def raise_fd_soft_limit() -> int:
+    """Soft limit up to the hard one, inherited by every process started after this."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < hard:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    return hard
+
+
+def _die_with_parent() -> None:
+    """In the child before exec: SIGKILL when the driver dies, even by SIGKILL, so a
+    killed bench leaves no proxy behind (PR_SET_PDEATHSIG, Linux)."""
+    try:
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)
+    except (OSError, AttributeError):
+        pass
+
+
+class Processes:
+    """Every process the bench starts, each the leader of its own session, so that
+    stopping it stops what it forked too."""
+
+    def __init__(self, logdir: Path) -> None:
+        self.logdir = logdir
+        self.running: list[subprocess.Popen] = []
+
+    def start(self, name: str, cmd: list[str], **kwargs) -> subprocess.Popen:
+        kwargs.setdefault("stdin", subprocess.DEVNULL)
+        kwargs.setdefault("stdout", subprocess.DEVNULL)
+        if "stderr" not in kwargs:
+            kwargs["stderr"] = open(self.log_path(name), "ab")  # noqa: SIM115 - closed below
+        try:
+            proc = subprocess.Popen(cmd, start_new_session=True, preexec_fn=_die_with_parent, **kwargs)
+        finally:
+            if hasattr(kwargs["stderr"], "close"):
+                kwargs["stderr"].close()
+        proc.bench_name = name  # type: ignore[attr-defined]
+        self.running.append(proc)
+        return proc
+
+    def log_path(self, name: str) -> Path:
+        return self.logdir / f"{name}.log"
+
+    def log_tail(self, name: str, chars: int = 400) -> str:
+        try:
+            return self.log_path(name).read_text(errors="replace")[-chars:].strip()
+        except OSError:
+            return ""
+
+    def stop(self, proc: subprocess.Popen) -> None:
+        """SIGTERM to the group, SIGKILL after 5 s, and SIGKILL to whatever of the group
+        outlived its leader (socat children, nginx workers)."""
+        for sig, wait in ((signal.SIGTERM, 5.0), (signal.SIGKILL, 5.0)):
+            try:
+                os.killpg(proc.pid, sig)
+            except ProcessLookupError:
+                break
+            try:
+                proc.wait(wait)
+            except subprocess.TimeoutExpired:
+                continue
+            if sig == signal.SIGTERM:
+                try:
+                    os.killpg(proc.pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+            break
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        for stream in (proc.stdin, proc.stdout):
+            if stream is not None:
+                stream.close()
+        if proc in self.running:
+            self.running.remove(proc)
+
+    def stop_all(self) -> None:
+        for proc in reversed(list(self.running)):
+            self.stop(proc)
+
+
+# --- commands --------------------------------------------------------------------------
+
+
+def _venv_script(name: str) -> str | None:
+    """A console script next to this interpreter (the venv's), else on PATH."""
+    beside = Path(sys.executable).parent / name
+    if beside.exists():
+        return str(beside)
+    return shutil.which(name) or shutil.which(name, path="/usr/sbin:/sbin")
+
+
+def gportmap_command() -> list[str]:
+    script = _venv_script("gportmap")
+    return [script] if script else [sys.executable, "-m", "gportmap"]
+
+
+def gportmap_has_workers() -> bool:
+    """Whether this gportmap's CLI takes ``--workers`` (issue 8 adds it)."""
+    try:
+        out = subprocess.run(
+            [*gportmap_command(), "--help"], capture_output=True, text=True, timeout=30
+        ).stdout
+    except (OSError, subprocess.TimeoutExpired):
+        return False
+    return "--workers" in out
+
+
+def missing_tool(kind: str) -> str | None:
+    """Why the proxy ``kind`` cannot run here, or None."""
+    need = {
+        "socat": ["socat"],
+        "haproxy": ["haproxy"],
+        "haproxy-splice": ["haproxy"],
+        "nginx": ["nginx"],
+        "websockify": ["websockify"],
+    }.get(kind, [])
+    for tool in need:
+        if not _venv_script(tool):
+            return f"skipped: {tool} is not installed (bench/run installs it)"
+    if kind == "nginx" and not Path(NGINX_STREAM_MODULE).exists():
+        return "skipped: nginx has no stream module (apt-get install libnginx-mod-stream)"
+    return None
+
+
+def reachable_connections() -> int:
+    """Connections a proxy can hold here: two descriptors each, under the hard limit,
+    with room for its listeners, logs and (HAProxy with splice) a few pipes."""
+    return max(100, (fd_hard_limit() - 200) // 2)
+
+
+def haproxy_config(port: int, target: int, splice: bool, threads: int) -> str:
+    # maxpipes bounds the pipes splice uses (2 fds each), which HAProxy otherwise
+    # reserves descriptors for (maxconn / 4 pipes) past the hard limit.
+    return f"""global
+    maxconn {reachable_connections()}
+    nbthread {threads}
+{"    maxpipes 64" if splice else ""}
+defaults
+    mode tcp
+    timeout connect 5s
+    timeout client 300s
+    timeout server 300s
+{"    option splice-auto" if splice else ""}
+frontend bench
+    bind {LOOPBACK}:{port}
+    default_backend target
+backend target
+    server target {LOOPBACK}:{target}
+"""
+
+
+def nginx_stream_config(workdir: Path, port: int, target: int, udp: bool, workers: int) -> str:
+    hard = fd_hard_limit()
+    listen = f"{LOOPBACK}:{port}" + (" udp" if udp else "") + (" reuseport" if workers > 1 else "")
+    return f"""load_module {NGINX_STREAM_MODULE};
+daemon off;
+worker_processes {workers};
+worker_rlimit_nofile {hard};
+pid {workdir}/nginx.pid;
+error_log {workdir}/error.log error;
+events {{ worker_connections {max(1024, hard - 100)}; }}
+stream {{
+    server {{
+        listen {listen};
+        proxy_pass {LOOPBACK}:{target};
+        proxy_timeout 300s;
+    }}
+}}
+"""
+
+
+def nginx_http_config(workdir: Path, port: int) -> str:
+    """The HTTP backend of the wrk workloads: one worker, a fixed 64-byte body, no logs,
+    keep-alive connections that last the whole run."""
+    body = "x" * 63
+    temp = "\n".join(
+        f"    {kind}_temp_path {workdir}/{kind};"
+        for kind in ("client_body", "proxy", "fastcgi", "uwsgi", "scgi")
+    )
+    return f"""daemon off;
+worker_processes 1;
+pid {workdir}/nginx.pid;
+error_log {workdir}/error.log error;
+events {{ worker_connections 4096; }}
+http {{
+    access_log off;
+    keepalive_requests 10000000;
+    keepalive_timeout 300s;
+{temp}
+    server {{
+        listen {LOOPBACK}:{port} backlog=4096;
+        location / {{ return 200 "{body}\\n"; }}
+    }}
+}}
+"""
+
+
+@dataclass
+class Proxy:
+    """One way to reach a target; ``proc`` is None for the direct path."""
+
+    kind: str
+    port: int
+    proc: subprocess.Popen | None
+
+
+def start_proxy(
+    procs: Processes,
+    workdir: Path,
+    kind: str,
+    target: int,
+    transport: str = "tcp",
+    workers: int = 1,
+) -> Proxy:
+    """Start ``kind`` forwarding a free loopback port to ``target`` over ``transport``
+    (tcp, udp or websocket) and wait until it answers; raises RuntimeError with the
+    tail of its log when it does not."""
+    if kind == "direct":
+        return Proxy(kind, target, None)
+    port = free_port(socket.SOCK_DGRAM if transport == "udp" else socket.SOCK_STREAM)
+    name = f"{kind}-{transport}-w{workers}-{port}"
+    confdir = workdir / name
+    confdir.mkdir()
+    if kind == "gportmap":
+        rule = {
+            "protocol": transport,
+            "listenHost": LOOPBACK,
+            "listenPort": port,
+            "targetHost": LOOPBACK,
+            "targetPort": target,
+        }
+        if transport != "udp":
+            rule["maxConnections"] = MAX_CONNECTIONS
+        if transport == "websocket":
+            rule["maxMessageSize"] = 1 << 20
+        rules = {
+            "settings": {
+                "admin": False,
+                "watch": False,
+                "statsInterval": 0,
+                "logLevel": "WARNING",
+                "maxConnections": MAX_CONNECTIONS,
+            },
+            "rules": [rule],
+        }
+        path = confdir / "rules.json"
+        path.write_text(json.dumps(rules, indent=2))
+        cmd = [*gportmap_command(), str(path), "--admin", "off", "--log-level", "WARNING"]
+        if workers > 1:
+            cmd += ["--workers", str(workers)]
+    elif kind == "socat":
+        if transport == "udp":
+            cmd = [
+                "socat",
+                "-T",
+                "30",
+                f"UDP-LISTEN:{port},bind={LOOPBACK},fork,reuseaddr",
+                f"UDP:{LOOPBACK}:{target}",
+            ]
+        else:
+            cmd = [
+                "socat",
+                f"TCP-LISTEN:{port},bind={LOOPBACK},fork,reuseaddr,backlog=4096,nodelay",
+                f"TCP:{LOOPBACK}:{target},nodelay",
+            ]
+    elif kind in ("haproxy", "haproxy-splice"):
+        path = confdir / "haproxy.cfg"
+        path.write_text(haproxy_config(port, target, kind == "haproxy-splice", workers))
+        cmd = ["haproxy", "-db", "-f", str(path)]
+    elif kind == "nginx":
+        path = confdir / "nginx.conf"
+        path.write_text(nginx_stream_config(confdir, port, target, transport == "udp", workers))
+        cmd = ["nginx", "-p", str(confdir), "-c", str(path), "-e", str(confdir / "error.log")]
+    elif kind == "websockify":
+        cmd = [_venv_script("websockify") or "websockify", f"{LOOPBACK}:{port}", f"{LOOPBACK}:{target}"]
+    else:
+        raise ValueError(f"unknown proxy {kind!r}")
+    proc = procs.start(name, cmd)
+    try:
+        if transport == "udp":
+            wait_udp_answering(port, proc)
+        else:
+            wait_tcp_listening(port, proc)
+    except RuntimeError as exc:
+        log = procs.log_tail(name, 2000)
+        errlog = confdir / "error.log"
+        if errlog.exists():
+            log += "\n" + errlog.read_text(errors="replace")[-2000:]
+        procs.stop(proc)
+        raise RuntimeError(f"{kind} did not start: {exc}; {log_reason(log)}") from None
+    return Proxy(kind, port, proc)
+
+
+def log_reason(log: str) -> str:
+    """The line of a proxy's log that says why it stopped: its last alert or error."""
+    lines = [line.strip() for line in log.splitlines() if line.strip()]
+    for line in reversed(lines):
+        if any(word in line for word in ("ALERT", "emerg", "rror", "Traceback")):
+            return line[:300]
+    return lines[-1][:300] if lines else "(no log)"
+
+
+def wait_tcp_listening(port: int, proc: subprocess.Popen | None, deadline: float = 20.0) -> None:
+    """Wait until ``port`` accepts a connection, failing early if ``proc`` exited."""
+    end = time.monotonic() + deadline
+    while time.monotonic() < end:
+        if proc is not None and proc.poll() is not None:
+            raise RuntimeError(f"exited with status {proc.returncode}")
+        try:
+            socket.create_connection((LOOPBACK, port), timeout=1).close()
+            return
+        except OSError:
+            time.sleep(0.05)
+    raise RuntimeError(f"nothing listens on {port} after {deadline:g} s")
+
+
+def wait_udp_answering(port: int, proc: subprocess.Popen | None, deadline: float = 20.0) -> None:
+    """Wait until a datagram to ``port`` comes back (the target is an echo)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
+        probe.settimeout(0.2)
+        end = time.monotonic() + deadline
+        while time.monotonic() < end:
+            if proc is not None and proc.poll() is not None:
+                raise RuntimeError(f"exited with status {proc.returncode}")
+            probe.sendto(b"?", (LOOPBACK, port))
+            try:
+                probe.recvfrom(64)
+                return
+            except (TimeoutError, ConnectionRefusedError):
+                continue
+    raise RuntimeError(f"no echo through {port} after {deadline:g} s")

@@ -1,0 +1,596 @@
+#!/usr/bin/env python3
+"""gportmap against the proxies its users would otherwise pick, on the same loopback
+traffic in one run (issue 8): direct (no proxy), socat, HAProxy (mode tcp, with and
+without ``option splice-auto``), nginx stream and websockify.
+
+    bench/run                      # installs the anchors when missing, then this
+    python bench/compare.py --quick --json /tmp/bench.json
+
+Workloads: iperf3 bulk (1 and 8 streams), wrk HTTP keep-alive (req/s, p99) and a new
+connection per request against an nginx backend, connections held (PSS/RSS growth of
+the proxy's process group), UDP 64-byte echo from 1 and 50 client ports, WebSocket
+to TCP echo (64 KiB and 32-byte messages), and 2 workers/threads on the HTTP rates.
+
+The proxies of a workload run side by side and take turns, one measurement each per
+round, the order rotating each round; the median of the rounds is reported with its
+ratio to the row's reference (HAProxy, HAProxy with splice, nginx or websockify).
+Nothing here passes or fails on a number: the machine is shared. A row a proxy cannot
+run says why ("skipped: ...", or "failed: ..." when it broke).
+
+Everything runs on 127.0.0.1 with free ports and configs in a temp dir; every process
+started is stopped with its process group on every path (and dies with the driver).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import anchors  # noqa: E402
+import loads  # noqa: E402
+from anchors import Processes, Proxy, start_proxy  # noqa: E402
+from common import LOOPBACK  # noqa: E402
+
+TCP_PROXIES = ["direct", "gportmap", "socat", "haproxy", "haproxy-splice", "nginx"]
+UDP_PROXIES = ["direct", "gportmap", "socat", "nginx"]
+WS_PROXIES = ["gportmap", "websockify"]
+WORKER_PROXIES = ["gportmap", "haproxy", "nginx"]
+COLUMNS = ["direct", "gportmap", "socat", "haproxy", "haproxy-splice", "nginx", "websockify"]
+HEADINGS = {"haproxy-splice": "HAProxy + splice", "haproxy": "HAProxy", "nginx": "nginx stream"}
+
+#: Keep-alive and new-connection wrk runs use this many connections.
+WRK_CONNECTIONS = 100
+
+
+@dataclass
+class Workload:
+    """One row of the table."""
+
+    key: str
+    title: str
+    unit: str
+    reference: str
+    proxies: list[str]
+    lower_is_better: bool = False
+    results: dict[str, dict[str, Any]] = field(default_factory=dict)
+
+    def add(self, proxy: str, value: float, detail: dict[str, Any] | None = None) -> None:
+        entry = self.results.setdefault(proxy, {"runs": [], "details": []})
+        entry["runs"].append(value)
+        if detail:
+            entry["details"].append(detail)
+
+    def fail(self, proxy: str, why: str) -> None:
+        entry = self.results.setdefault(proxy, {"runs": [], "details": []})
+        entry.setdefault("errors", []).append(why)
+
+    def skip(self, proxy: str, why: str) -> None:
+        self.results[proxy] = {"skip": why if why.startswith("skipped") else f"skipped: {why}"}
+
+    def finish(self) -> None:
+        """Medians and ratios; a proxy whose every run failed gets ``failed: why``."""
+        for proxy in self.proxies:
+            entry = self.results.setdefault(proxy, {"runs": [], "details": []})
+            if "skip" in entry:
+                continue
+            if entry["runs"]:
+                entry["value"] = statistics.median(entry["runs"])
+            else:
+                errors = entry.get("errors") or ["not measured"]
+                entry["failed"] = f"failed: {errors[0]}"
+        ref = self.results.get(self.reference, {}).get("value")
+        for entry in self.results.values():
+            if "value" in entry and ref:
+                entry["ratio"] = entry["value"] / ref
+
+
+class Bench:
+    def __init__(self, args: argparse.Namespace, workdir: Path) -> None:
+        self.args = args
+        self.workdir = workdir
+        self.procs = Processes(workdir)
+        self.rows: list[Workload] = []
+        self.started = time.monotonic()
+        self.gportmap_workers = False
+        self.large_note = ""
+        self.http_backend: int | None = None
+
+    def row(self, *args: Any, **kwargs: Any) -> Workload:
+        workload = Workload(*args, **kwargs)
+        self.rows.append(workload)
+        return workload
+
+    def say(self, text: str) -> None:
+        print(f"[{time.monotonic() - self.started:6.1f}s] {text}", file=sys.stderr, flush=True)
+
+    # --- helpers ---------------------------------------------------------------------
+
+    def start_target(self, name: str, cmd: list[str]) -> tuple[subprocess.Popen, int]:
+        """A target that prints its port on its first stdout line."""
+        proc = self.procs.start(name, cmd, stdout=subprocess.PIPE)
+        line = loads.first_lines([proc], time.monotonic() + 20)[0]
+        if not line.isdigit():
+            raise RuntimeError(f"{name} did not start: {self.procs.log_tail(name)}")
+        return proc, int(line)
+
+    def start_nginx_http(self) -> int:
+        confdir = self.workdir / "http-backend"
+        confdir.mkdir(exist_ok=True)
+        port = anchors.free_port()
+        (confdir / "nginx.conf").write_text(anchors.nginx_http_config(confdir, port))
+        proc = self.procs.start(
+            "http-backend",
+            [
+                "nginx",
+                "-p",
+                str(confdir),
+                "-c",
+                str(confdir / "nginx.conf"),
+                "-e",
+                str(confdir / "error.log"),
+            ],
+        )
+        anchors.wait_tcp_listening(port, proc)
+        return port
+
+    def start_proxies(
+        self, rows: list[Workload], kinds: list[str], target: int, transport: str = "tcp", workers: int = 1
+    ) -> list[Proxy]:
+        """Start every runnable kind; the rows of one that cannot run say why."""
+        started = []
+        for kind in kinds:
+            why = anchors.missing_tool(kind)
+            if why is None and kind == "gportmap" and workers > 1 and not self.gportmap_workers:
+                why = "skipped: gportmap has no --workers"
+            if why is None:
+                try:
+                    started.append(start_proxy(self.procs, self.workdir, kind, target, transport, workers))
+                    continue
+                except RuntimeError as exc:
+                    why = f"failed: {exc}"
+            for row in rows:
+                if why.startswith("skipped"):
+                    row.skip(kind, why)
+                else:
+                    row.results[kind] = {"runs": [], "details": [], "errors": [why[len("failed: ") :]]}
+        return started
+
+    def lacks(self, rows: list[Workload], tools: list[str]) -> bool:
+        """Whether a load generator or target of ``rows`` is missing; if so, every
+        proxy of those rows is skipped with the reason."""
+        for tool in tools:
+            if not (shutil.which(tool) or shutil.which(tool, path="/usr/sbin:/sbin")):
+                for row in rows:
+                    for kind in row.proxies:
+                        row.skip(kind, f"skipped: {tool} is not installed (bench/run installs it)")
+                return True
+        return False
+
+    def stop_proxies(self, proxies: list[Proxy]) -> None:
+        for proxy in proxies:
+            if proxy.proc is not None:
+                self.procs.stop(proxy.proc)
+
+    def rounds(
+        self, proxies: list[Proxy], measure: Callable[[Proxy], None], warmup: Callable[[Proxy], None] | None
+    ) -> None:
+        """Each proxy measured once per round, the order rotating: drift hits all alike."""
+        if warmup is not None:
+            for proxy in proxies:
+                try:
+                    warmup(proxy)
+                except (RuntimeError, OSError) as exc:
+                    self.say(f"warm-up of {proxy.kind} failed: {exc}")
+        for r in range(self.args.runs):
+            order = proxies[r % len(proxies) :] + proxies[: r % len(proxies)] if proxies else []
+            for proxy in order:
+                measure(proxy)
+
+    # --- workloads -------------------------------------------------------------------
+
+    def tcp_bulk(self) -> None:
+        rows = {
+            streams: self.row(
+                f"bulk_{streams}",
+                f"TCP bulk, {streams} stream{'s' if streams > 1 else ''} (iperf3)",
+                "Gbit/s",
+                "haproxy-splice",
+                TCP_PROXIES,
+            )
+            for streams in (1, 8)
+        }
+        if self.lacks(list(rows.values()), ["iperf3"]):
+            return
+        # The proxies first, so that their readiness probes find no iperf3 server to
+        # disturb; then the server, seen listening without a connection.
+        port = anchors.free_port()
+        proxies = self.start_proxies(list(rows.values()), TCP_PROXIES, port)
+        server = self.procs.start("iperf3-server", ["iperf3", "-s", "-B", LOOPBACK, "-p", str(port)])
+        deadline = time.monotonic() + 20
+        while not loads.tcp_listening(port):
+            if server.poll() is not None or time.monotonic() > deadline:
+                self.stop_proxies(proxies)
+                raise RuntimeError(f"iperf3 -s did not listen: {self.procs.log_tail('iperf3-server')}")
+            time.sleep(0.05)
+        seconds = max(1, round(self.args.seconds))
+        try:
+            for streams, row in rows.items():
+                self.say(f"{row.title}: {', '.join(p.kind for p in proxies)}")
+
+                def measure(proxy: Proxy, streams: int = streams, row: Workload = row) -> None:
+                    try:
+                        row.add(proxy.kind, loads.iperf3_gbps(proxy.port, streams, seconds))
+                    except RuntimeError as exc:
+                        row.fail(proxy.kind, str(exc))
+
+                self.rounds(proxies, measure, None)
+        finally:
+            self.stop_proxies(proxies)
+            self.procs.stop(server)
+
+    def http(self, workers: int = 1) -> None:
+        if workers == 1:
+            keepalive = self.row(
+                "http_keepalive",
+                f"HTTP keep-alive (wrk -c{WRK_CONNECTIONS})",
+                "req/s",
+                "haproxy",
+                TCP_PROXIES,
+            )
+            p99 = self.row(
+                "http_keepalive_p99",
+                "HTTP keep-alive, p99 latency",
+                "ms",
+                "haproxy",
+                TCP_PROXIES,
+                lower_is_better=True,
+            )
+            close = self.row("http_close", "HTTP new connection per request", "req/s", "haproxy", TCP_PROXIES)
+            kinds = TCP_PROXIES
+        else:
+            keepalive = self.row(
+                "w2_http_keepalive",
+                f"{workers} workers/threads: HTTP keep-alive",
+                "req/s",
+                "haproxy",
+                WORKER_PROXIES,
+            )
+            p99 = None
+            close = self.row(
+                "w2_http_close",
+                f"{workers} workers/threads: HTTP new connection per request",
+                "req/s",
+                "haproxy",
+                WORKER_PROXIES,
+            )
+            kinds = WORKER_PROXIES
+        rows = [r for r in (keepalive, p99, close) if r is not None]
+        if self.lacks(rows, ["nginx", "wrk"]):
+            return
+        if self.http_backend is None:
+            self.http_backend = self.start_nginx_http()
+        proxies = self.start_proxies(rows, kinds, self.http_backend, "tcp", workers)
+        seconds = max(1, round(self.args.seconds))
+        try:
+            for row, conn_close in ((keepalive, False), (close, True)):
+                self.say(f"{row.title}: {', '.join(p.kind for p in proxies)}")
+
+                def measure(proxy: Proxy, row: Workload = row, conn_close: bool = conn_close) -> None:
+                    try:
+                        result = loads.wrk_http(proxy.port, seconds, WRK_CONNECTIONS, conn_close)
+                    except RuntimeError as exc:
+                        row.fail(proxy.kind, str(exc))
+                        if p99 is not None and not conn_close:
+                            p99.fail(proxy.kind, str(exc))
+                        return
+                    row.add(proxy.kind, result["rate"], result)
+                    if p99 is not None and not conn_close:
+                        p99.add(proxy.kind, result["p99_ms"])
+
+                def warmup(proxy: Proxy, conn_close: bool = conn_close) -> None:
+                    loads.wrk_http(proxy.port, 1, WRK_CONNECTIONS, conn_close)
+
+                self.rounds(proxies, measure, None if self.args.quick else warmup)
+        finally:
+            self.stop_proxies(proxies)
+
+    def held(self, label: str, count: int) -> None:
+        kinds = TCP_PROXIES
+        pss = self.row(
+            f"held_{label}_pss",
+            f"{count} connections held: PSS growth (anonymous)",
+            "MB",
+            "haproxy",
+            kinds,
+            True,
+        )
+        rss = self.row(
+            f"held_{label}_rss", f"{count} connections held: RSS (whole proxy)", "MB", "haproxy", kinds, True
+        )
+        holder, port = self.start_target(f"holder-{label}", [sys.executable, "-c", loads.HOLDER])
+        try:
+            for kind in kinds:
+                if kind == "direct":
+                    for row in (pss, rss):
+                        row.skip(kind, "skipped: no proxy process on the direct path")
+                    continue
+                if kind == "socat" and count > self.args.socat_max_held:
+                    for row in (pss, rss):
+                        row.skip(
+                            kind,
+                            f"skipped: socat forks a process per connection; {count} processes exceed "
+                            f"this run's cap of {self.args.socat_max_held}",
+                        )
+                    continue
+                for _ in range(self.args.memory_runs):
+                    proxies = self.start_proxies([pss, rss], [kind], port)
+                    if not proxies:
+                        break
+                    self.say(f"{count} held connections through {kind}")
+                    try:
+                        result = loads.hold_connections(
+                            self.procs,
+                            proxies[0].proc.pid,
+                            proxies[0].port,
+                            count,
+                            settle=0.2 if self.args.quick else 0.5,
+                        )
+                        pss.add(kind, result["pss_anon_growth_mb"], result)
+                        rss.add(kind, result["rss_mb"])
+                    except RuntimeError as exc:
+                        pss.fail(kind, str(exc))
+                        rss.fail(kind, str(exc))
+                    finally:
+                        self.stop_proxies(proxies)
+        finally:
+            self.procs.stop(holder)
+
+    def udp(self) -> None:
+        import udp_echo
+
+        rows = {
+            clients: self.row(
+                f"udp_{clients}",
+                f"UDP 64-byte echo, {clients} client port{'s' if clients > 1 else ''}",
+                "packets/s",
+                "nginx",
+                UDP_PROXIES,
+            )
+            for clients in (1, 50)
+        }
+        echo, port = self.start_target("udp-echo", [sys.executable, "-c", udp_echo.ECHO])
+        proxies = self.start_proxies(list(rows.values()), UDP_PROXIES, port, "udp")
+        try:
+            for clients, row in rows.items():
+                self.say(f"{row.title}: {', '.join(p.kind for p in proxies)}")
+
+                def measure(proxy: Proxy, clients: int = clients, row: Workload = row) -> None:
+                    try:
+                        rate, lost = udp_echo.echo_rate(proxy.port, clients, self.args.seconds)
+                    except OSError as exc:
+                        row.fail(proxy.kind, repr(exc))
+                        return
+                    if rate > 0:
+                        row.add(proxy.kind, rate, {"lost": lost})
+                    else:
+                        row.fail(proxy.kind, f"no datagram came back ({lost} lost)")
+
+                def warmup(proxy: Proxy, clients: int = clients) -> None:
+                    udp_echo.echo_rate(proxy.port, clients, 0.5)  # sessions, socat's children
+
+                self.rounds(proxies, measure, warmup)
+        finally:
+            self.stop_proxies(proxies)
+            self.procs.stop(echo)
+
+    def websocket(self) -> None:
+        import websocket as wsclient
+        import ws_bench
+
+        wsclient.setdefaulttimeout(15)  # a stalled bridge fails the run instead of hanging it
+        rows = {
+            65536: self.row(
+                "ws_64k", "WebSocket to TCP echo, 64 KiB messages", "MB/s", "websockify", WS_PROXIES
+            ),
+            32: self.row(
+                "ws_32", "WebSocket to TCP echo, 32-byte messages", "msg/s", "websockify", WS_PROXIES
+            ),
+        }
+        echo, port = self.start_target("ws-echo", [sys.executable, "-c", ws_bench.ECHO])
+        proxies = self.start_proxies(list(rows.values()), WS_PROXIES, port, "websocket")
+        try:
+            for size, row in rows.items():
+                self.say(f"{row.title}: {', '.join(p.kind for p in proxies)}")
+
+                def measure(proxy: Proxy, size: int = size, row: Workload = row) -> None:
+                    try:
+                        mbps, mps = ws_bench.measure(proxy.port, size, self.args.seconds)
+                    except (OSError, wsclient.WebSocketException) as exc:
+                        row.fail(proxy.kind, repr(exc))
+                        return
+                    row.add(proxy.kind, mbps if size == 65536 else mps)
+
+                def warmup(proxy: Proxy, size: int = size) -> None:
+                    try:
+                        ws_bench.measure(proxy.port, size, 0.3)
+                    except wsclient.WebSocketException as exc:
+                        raise RuntimeError(repr(exc)) from None
+
+                self.rounds(proxies, measure, warmup)
+        finally:
+            self.stop_proxies(proxies)
+            self.procs.stop(echo)
+
+    def run(self) -> None:
+        self.gportmap_workers = anchors.gportmap_has_workers()
+        hard = anchors.raise_fd_soft_limit()
+        # A proxy holding N connections needs 2N descriptors plus its own few.
+        reachable = anchors.reachable_connections()
+        small, large = (300, 1000) if self.args.quick else (2000, 10000)
+        large_reached = min(large, reachable)
+        self.large_note = (
+            f"{large} requested; {large_reached} reached: the fd hard limit is {hard} and the proxy needs 2 per connection"
+            if large_reached < large
+            else ""
+        )
+        steps: list[tuple[Callable[..., None], tuple]] = [
+            (self.tcp_bulk, ()),
+            (self.http, ()),
+            (self.held, ("small", small)),
+            (self.held, ("large", large_reached)),
+            (self.udp, ()),
+            (self.websocket, ()),
+            (self.http, (2,)),
+        ]
+        for step, step_args in steps:
+            first_row = len(self.rows)
+            try:
+                step(*step_args)
+            except (RuntimeError, OSError, subprocess.SubprocessError) as exc:
+                # A target that would not start: this workload's rows say so, the rest run.
+                self.say(f"{step.__name__} failed: {exc}")
+                for row in self.rows[first_row:]:
+                    for kind in row.proxies:
+                        entry = row.results.get(kind, {})
+                        if not entry.get("runs") and "skip" not in entry:
+                            row.fail(kind, str(exc))
+        for row in self.rows:
+            row.finish()
+
+
+# --- output --------------------------------------------------------------------------
+
+
+def fmt(value: float) -> str:
+    if value >= 1000:
+        return f"{value / 1000:.1f}k"
+    if value >= 100:
+        return f"{value:.0f}"
+    if value >= 10:
+        return f"{value:.1f}"
+    return f"{value:.2f}"
+
+
+def markdown(rows: list[Workload]) -> str:
+    used = [c for c in COLUMNS if any(c in row.proxies for row in rows)]
+    head = ["workload", "unit", *(HEADINGS.get(c, c) for c in used), "ratio to"]
+    lines = ["| " + " | ".join(head) + " |", "|" + " --- |" * len(head)]
+    for row in rows:
+        cells = [row.title, row.unit]
+        for column in used:
+            entry = row.results.get(column)
+            if column not in row.proxies or entry is None:
+                cells.append("")
+            elif "value" in entry:
+                ratio = f" ({entry['ratio']:.2f}x)" if "ratio" in entry else ""
+                cells.append(fmt(entry["value"]) + ratio)
+            elif "skip" in entry:
+                cells.append("skipped")
+            else:
+                cells.append("**failed**")
+        cells.append(HEADINGS.get(row.reference, row.reference))
+        lines.append("| " + " | ".join(cells) + " |")
+    reasons: dict[tuple[str, str], list[str]] = {}
+    for row in rows:
+        for proxy, entry in row.results.items():
+            why = entry.get("skip") or entry.get("failed")
+            if why:
+                reasons.setdefault((proxy, why), []).append(row.title)
+    notes = [
+        f"- {HEADINGS.get(proxy, proxy)}, {'; '.join(titles)}: {why}"
+        for (proxy, why), titles in reasons.items()
+    ]
+    return "\n".join(lines + ([""] + notes if notes else []))
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "--quick", action="store_true", help="1 round of 1 s, 300/1000 held connections (under 2 min)"
+    )
+    parser.add_argument(
+        "--runs", type=int, help="rounds per workload, median reported (default 3, quick 1; max 9)"
+    )
+    parser.add_argument(
+        "--seconds", type=float, help="length of one measurement (default 3, quick 1; max 30)"
+    )
+    parser.add_argument(
+        "--memory-runs", type=int, default=1, help="repeats of each held-connections measurement"
+    )
+    parser.add_argument(
+        "--socat-max-held", type=int, default=2000, help="socat forks per connection: hold at most this many"
+    )
+    parser.add_argument("--json", type=Path, help="also write every run, median and ratio here")
+    args = parser.parse_args()
+    args.runs = min(9, max(1, args.runs or (1 if args.quick else 3)))
+    args.seconds = min(30.0, max(1.0, args.seconds or (1.0 if args.quick else 3.0)))
+    args.memory_runs = min(5, max(1, args.memory_runs))
+
+    def terminate(signum: int, frame: Any) -> None:
+        raise SystemExit(128 + signum)  # unwinds through every finally: processes stopped
+
+    signal.signal(signal.SIGTERM, terminate)
+    signal.signal(signal.SIGHUP, terminate)
+    started, load_before = time.monotonic(), os.getloadavg()
+    with tempfile.TemporaryDirectory(prefix="gportmap-compare-") as tmp:
+        bench = Bench(args, Path(tmp))
+        try:
+            bench.run()
+        finally:
+            bench.procs.stop_all()
+    elapsed, load_after = time.monotonic() - started, os.getloadavg()
+    table = markdown(bench.rows)
+    print(table)
+    header = (
+        f"\n{platform.node()}: {platform.processor() or platform.machine()}, "
+        f"{len(os.sched_getaffinity(0))} cores, Python {platform.python_version()}; "
+        f"{'quick' if args.quick else 'full'} run, {args.runs} round(s) of {args.seconds:g} s, "
+        f"{elapsed:.0f} s in all; load average {load_before[0]:.1f} before, {load_after[0]:.1f} after. "
+        "Ratio = value / the reference column of the row (for MB and ms, lower is better)."
+    )
+    if bench.large_note:
+        header += f" Held connections: {bench.large_note}."
+    print(header)
+    if args.json:
+        document = {
+            "quick": args.quick,
+            "runs": args.runs,
+            "seconds": args.seconds,
+            "elapsed_s": elapsed,
+            "load_average": {"before": load_before, "after": load_after},
+            "host": {"cores": len(os.sched_getaffinity(0)), "socket_hostname": socket.gethostname()},
+            "notes": [bench.large_note] if bench.large_note else [],
+            "workloads": {
+                row.key: {
+                    "title": row.title,
+                    "unit": row.unit,
+                    "reference": row.reference,
+                    "lower_is_better": row.lower_is_better,
+                    "results": row.results,
+                }
+                for row in bench.rows
+            },
+        }
+        args.json.write_text(json.dumps(document, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
