@@ -29,38 +29,9 @@ import time
 from pathlib import Path
 
 from common import LOOPBACK, bench_rules, free_port, stop, wait_listening
+from loads import HOLDER  # the echo target that holds every connection it accepts
 
 MAX_CONNECTIONS = 9000
-
-#: An echo target that holds every connection it accepts (selectors, one thread).
-TARGET = r"""
-import resource, selectors, socket
-soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
-srv = socket.socket(); srv.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-srv.bind(("127.0.0.1", 0)); srv.listen(4096); srv.setblocking(False)
-print(srv.getsockname()[1], flush=True)
-sel = selectors.DefaultSelector(); sel.register(srv, selectors.EVENT_READ)
-while True:
-    for key, _ in sel.select():
-        if key.fileobj is srv:
-            try:
-                conn, _ = srv.accept()
-            except BlockingIOError:
-                continue
-            conn.setblocking(False); sel.register(conn, selectors.EVENT_READ)
-            continue
-        try:
-            data = key.fileobj.recv(4096)
-        except BlockingIOError:
-            continue
-        except OSError:
-            data = b""
-        if data:
-            key.fileobj.send(data)
-        else:
-            sel.unregister(key.fileobj); key.fileobj.close()
-"""
 
 HAPROXY = """global
     maxconn 9500
@@ -126,7 +97,7 @@ def start_proxy(
 
 def measure(kind: str, count: int, pythonpath: str | None) -> dict[str, float]:
     workdir = Path(tempfile.mkdtemp(prefix="gportmap-mem-"))
-    target = subprocess.Popen([sys.executable, "-c", TARGET], stdout=subprocess.PIPE, text=True)
+    target = subprocess.Popen([sys.executable, "-c", HOLDER], stdout=subprocess.PIPE, text=True)
     socks: list[socket.socket] = []
     proxy = None
     try:
