@@ -39,7 +39,10 @@ class RuleStats:
         "udp_packets_received",
         "udp_packets_sent",
         "udp_dropped",
+        "kernel",
     )
+    #: What ``counters()`` reports: every figure (not the name, nor the sockets behind ``kernel``).
+    FIGURES = __slots__[2:-1]
 
     def __init__(self, name: str, protocol: str) -> None:
         self.name = name
@@ -54,6 +57,7 @@ class RuleStats:
         self.udp_packets_received = 0  # datagrams from clients
         self.udp_packets_sent = 0  # datagrams to clients
         self.udp_dropped = dict.fromkeys(UDP_DROP_REASONS, 0)
+        self.kernel: KernelDrops | None = None  # udp: where udp_dropped["kernel"] comes from
 
     #: The attributes that are levels, not running totals: a worker that is gone
     #: takes its levels along, while its totals stay in the sums (``add``).
@@ -64,13 +68,13 @@ class RuleStats:
         self.refresh_kernel_drops()
         return {
             name: dict(value) if isinstance(value, dict) else value
-            for name in self.__slots__[2:]
+            for name in self.FIGURES
             for value in (getattr(self, name),)
         }
 
     def add(self, counters: dict[str, Any], gauges: bool = True) -> None:
         """Add figures from ``counters()`` of another process (the master's sums)."""
-        for name in self.__slots__[2:]:
+        for name in self.FIGURES:
             if name not in counters or (not gauges and name in self.GAUGES):
                 continue
             value = counters[name]
@@ -85,7 +89,7 @@ class RuleStats:
         """Bring ``udp_dropped["kernel"]`` up to date from the live sockets of this
         rule (see ``KernelDrops``); called by every reader of the figures. A rule
         with no live socket here (a master's sums, a stopped rule) keeps its value."""
-        kernel = _KERNEL_DROPS.get(self)
+        kernel = self.kernel
         if kernel is not None:
             value = kernel.total()
             if value > self.udp_dropped["kernel"]:  # monotonic, whatever a socket reports
@@ -142,17 +146,16 @@ class KernelDrops:
         return self.folded + sum(source() for source in self.sources)
 
 
-_KERNEL_DROPS: dict[RuleStats, KernelDrops] = {}
-
-
 def watch_kernel_drops(stats: RuleStats, source: Callable[[], int]) -> None:
     """Count ``source()`` (a server's kernel drops, non-decreasing) in ``stats``."""
-    _KERNEL_DROPS.setdefault(stats, KernelDrops()).sources.append(source)
+    if stats.kernel is None:
+        stats.kernel = KernelDrops()
+    stats.kernel.sources.append(source)
 
 
 def retire_kernel_drops(stats: RuleStats, source: Callable[[], int]) -> None:
     """Fold the last value of ``source`` in for good: its server has closed its sockets."""
-    kernel = _KERNEL_DROPS.get(stats)
+    kernel = stats.kernel
     if kernel is None or source not in kernel.sources:
         return
     kernel.sources.remove(source)
