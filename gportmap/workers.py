@@ -126,14 +126,12 @@ class WorkerLink:
     def __init__(self, channel: Channel, index: int) -> None:
         self.channel = channel
         self.index = index
-        self._first: dict[str, Any] | None = None
 
     def first_config(self) -> tuple[bytes, str]:
         """(rules file bytes, path) the master validated; the worker starts with them."""
         message = self.channel.recv()
         if message is None or message.get("op") != "apply":
             raise ChannelError("the master sent no configuration")
-        self._first = message
         return decode_raw(message["raw"]), message["path"]
 
     def serve(self, service: Service, changes: Changes, stop: Event) -> gevent.Greenlet:
@@ -149,7 +147,7 @@ class WorkerLink:
                 if message is None:
                     break
                 self.channel.send(self._answer(service, message))
-        except (OSError, ChannelError) as exc:
+        except (OSError, ChannelError, ValueError) as exc:
             log_event(logger, logging.ERROR, "worker_channel_error", f"channel to the master broke: {exc}")
         if not stop.is_set():
             log_event(logger, logging.WARNING, "master_gone", "the master process is gone: stopping")
@@ -232,7 +230,6 @@ class AggregateStats:
 
     def __init__(self, pool: WorkerPool) -> None:
         self.pool = pool
-        self.max_active = 0
         self.retired: dict[str, RuleStats] = {}
 
     @property
@@ -283,10 +280,8 @@ class WorkerPool:
     def apply(self, config: Config) -> Changes:
         """Start the workers (first call) or hand them the new rules; the changes are
         those the workers report (they are identical: same rules, same old rules)."""
-        self.stats.max_active = config.settings.max_connections
         first = self.config is None
-        for rule in self.config.rules if self.config else ():
-            self._rules_seen[rule.name] = rule
+        self._remember_rules()
         self.config = config
         if first:
             return self._start_all()
@@ -308,6 +303,15 @@ class WorkerPool:
                     errors=answer.get("errors", []),
                 )
         return changes or Changes()
+
+    def _remember_rules(self) -> None:
+        """Keep the rules of the config being replaced, for /stats to show those that
+        some worker still drains; forget the ones no worker reports any more."""
+        reported = {
+            name for worker in self.live() if worker.report for name, _, _ in worker.report.get("states", [])
+        }
+        self._rules_seen = {name: rule for name, rule in self._rules_seen.items() if name in reported}
+        self._rules_seen.update({rule.name: rule for rule in (self.config.rules if self.config else ())})
 
     def rule_states(self) -> list[tuple[Rule, str, str | None]]:
         """Each rule's state over all workers: failed if any worker cannot serve it

@@ -220,9 +220,7 @@ class UdpServer:
     def kernel_drops(self) -> int:
         """Datagrams the kernel dropped on this server's sockets while it had them
         (a source for ``stats.watch_kernel_drops``, read when the figures are read)."""
-        total = self._kernel_done
-        if self._listener_counted and self._replies is not None:
-            total += max(0, kernel_drops(self._replies) - self._listener_base)
+        total = self._kernel_done + self._listener_drops()
         for session in self.sessions.values():
             total += kernel_drops(session.upstream)
         return total
@@ -233,11 +231,16 @@ class UdpServer:
             self._reader.close()
             self._reader = None
 
+    def _listener_drops(self) -> int:
+        """The listener's kernel drops since this server took it (0 once folded in)."""
+        if not self._listener_counted or self._replies is None:
+            return 0
+        return max(0, kernel_drops(self._replies) - self._listener_base)
+
     def _fold_listener(self) -> None:
         """Move the listener's kernel drops into this server's total before the
         listener closes or goes to a successor (which counts from there on)."""
-        if self._listener_counted and self._replies is not None:
-            self._kernel_done += max(0, kernel_drops(self._replies) - self._listener_base)
+        self._kernel_done += self._listener_drops()
         self._listener_counted = False
 
     def _shut_down(self) -> None:
