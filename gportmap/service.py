@@ -156,15 +156,11 @@ class Service:
         if not force and digest == self._seen_digest:
             return None
         self._seen_digest = digest
-        try:
-            config = parse(data, self.path)
-        except ConfigError as exc:
-            self._fail(source, exc.errors)
-            raise
-        return self._apply(config, source)
+        return self.apply_raw(data, source)
 
     def apply_raw(self, raw: bytes, source: str) -> Changes:
-        """A worker's reload: the rules file's bytes as its master validated them."""
+        """Validate the rules file's bytes and apply them: the end of every reload, and
+        all of a worker's (the bytes its master validated)."""
         try:
             config = parse(raw, self.path)
         except ConfigError as exc:
