@@ -7,10 +7,27 @@ reads and validates the rules file, starts the workers and restarts any that die
 fans reloads out, and serves the admin endpoint and the stats log with the figures
 of all workers summed.
 
-Master and worker talk over a socketpair the worker inherits: length-prefixed JSON
-requests from the master, one answer each (``Channel``). The worker stops, draining
-its connections, when the master's end closes: a master killed with SIGKILL
-leaves no orphan holding the ports.
+The control plane is a socketpair the worker inherits, carrying length-prefixed
+JSON messages (``Channel``) both ways:
+
+- Requests from the master carry an id; the worker answers each with the same id,
+  in any order, and several may be in flight. One reader greenlet at each end
+  hands answers to their waiters by id: an answer that comes after its waiter gave
+  up is dropped, never taken for another's. A slow answer never kills a worker.
+- Every ``WorkerLink.push_interval`` the worker pushes its figures (its rules'
+  counters and states) unasked. The push is also its heartbeat: the master kills and
+  restarts a worker only when nothing at all came from it for
+  ``WorkerPool.heartbeat_timeout``. ``/stats``, ``/metrics`` and ``/healthz`` read the
+  last pushed figures; only ``/connections`` asks the workers, with a timeout.
+- The master numbers every configuration it applies (generation 1, 2, ...). Every
+  message from a worker says which generation it runs; a worker on another one (an
+  apply that failed or timed out, a worker started during a reload) is sent the
+  current rules again, with back-off, and logged as ``worker_resync``.
+- A request that raises in the worker is answered as failed (``internal_error``
+  logged with its traceback); the link goes on serving.
+
+The worker stops, draining its connections, when the master's end closes: a master
+killed with SIGKILL leaves no orphan holding the ports.
 
 ``WorkerPool`` has the surface of ``Supervisor`` that ``Service`` and the run loop
 use (``apply``, ``rule_states``, ``stats``, ``close_listeners``, ``drain``), so the
@@ -20,6 +37,9 @@ admin endpoint, metrics and stats log serve both modes unchanged.
 from __future__ import annotations
 
 import base64
+import binascii
+import enum
+import itertools
 import json
 import logging
 import os
@@ -29,12 +49,14 @@ import struct
 import sys
 import time
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import gevent
 import gevent.subprocess
-from gevent.event import Event
+from gevent.event import AsyncResult, Event
 from gevent.lock import Semaphore
+from gevent.pool import Pool
 
 from gportmap.config import Config, Rule
 from gportmap.errors import ConfigError, GportmapError
@@ -49,37 +71,69 @@ logger = get_logger("workers")
 
 #: A frame larger than this ends the channel: /connections of 10,000 connections
 #: is about 2 MB, so this only stops a corrupted length from allocating gigabytes.
+#: A sender refuses to send a larger message (``FrameTooLarge``) instead.
 MAX_FRAME = 64 << 20
-#: Seconds a worker has to start its rules and answer its first configuration.
-START_TIMEOUT = 30.0
-#: Seconds the master waits for a worker's figures before using its last ones.
-REQUEST_TIMEOUT = 5.0
-#: Seconds between the master's own reads of every worker's counters, so that a
-#: worker that dies takes at most this much of its counting with it.
-POLL_INTERVAL = 2.0
-#: Restart back-off: a worker that dies soon after starting is restarted after
-#: 0.5 s, doubling up to 10 s; one that ran for STABLE seconds starts over at 0.5 s.
-RESTART_FIRST, RESTART_MOST, STABLE = 0.5, 10.0, 30.0
-#: Seconds after the drain deadline before a worker that has not exited is killed.
-STOP_GRACE = 5.0
 
 
 class ChannelError(GportmapError):
-    """The master-worker channel broke (a truncated or oversized frame)."""
+    """The master-worker channel broke (a truncated or oversized frame): nothing more
+    can be read from it."""
+
+
+class MalformedMessage(GportmapError):
+    """One frame arrived whole but is no JSON object; the channel stays usable."""
+
+
+class FrameTooLarge(GportmapError):
+    """A message to send is over ``MAX_FRAME``: it is not sent, the channel stays usable."""
+
+
+class BadRequest(GportmapError):
+    """A request the worker cannot read (no id, an unknown op, a field of the wrong
+    type); answered as failed, with its id when it has one."""
+
+    def __init__(self, message: str, request_id: int | None = None) -> None:
+        super().__init__(message)
+        self.request_id = request_id
+
+
+class Op(enum.Enum):
+    """What a message is: the master's requests, and the worker's unasked push."""
+
+    APPLY = "apply"  #: master -> worker: run these rules (a generation)
+    REPORT = "report"  #: master -> worker: your figures now (with the open connections on demand)
+    PUSH = "push"  #: worker -> master: figures and generation, every push interval; the heartbeat
+
+
+class WorkerState(enum.Enum):
+    STARTING = "starting"
+    RUNNING = "running"
+    EXITED = "exited"
 
 
 class Channel:
-    """Length-prefixed JSON messages over a stream socket."""
+    """Length-prefixed JSON messages over a stream socket.
+
+    Any greenlet may send: a lock keeps frames whole and in order. One greenlet
+    reads (the reader of its end). A frame is never cut by a timeout: callers that
+    must not wait send from a greenlet of their own (``WorkerProcess.request``)."""
 
     def __init__(self, sock: socket.socket) -> None:
         self.sock = sock
+        self._send_lock = Semaphore()
 
     def send(self, message: dict[str, Any]) -> None:
+        """Send one message whole; FrameTooLarge (nothing sent) past ``MAX_FRAME``."""
         body = json.dumps(message, separators=(",", ":")).encode()
-        self.sock.sendall(struct.pack("!I", len(body)) + body)
+        if len(body) > MAX_FRAME:
+            raise FrameTooLarge(f"a message of {len(body)} bytes is over the limit of {MAX_FRAME}")
+        frame = struct.pack("!I", len(body)) + body
+        with self._send_lock:
+            self.sock.sendall(frame)
 
     def recv(self) -> dict[str, Any] | None:
-        """The next message, or None when the other end closed between messages."""
+        """The next message, or None when the other end closed between messages.
+        MalformedMessage: this frame is no JSON object (the next one can be read)."""
         header = self._exactly(4)
         if header is None:
             return None
@@ -89,9 +143,12 @@ class Channel:
         body = self._exactly(size) if size else b""
         if body is None:
             raise ChannelError("the channel closed inside a frame")
-        message = json.loads(body)
+        try:
+            message = json.loads(body)
+        except (ValueError, RecursionError) as exc:  # UnicodeDecodeError is a ValueError
+            raise MalformedMessage(f"a frame of {size} bytes that is no JSON: {str(exc)[:100]}") from None
         if not isinstance(message, dict):
-            raise ChannelError("a frame that is not a JSON object")
+            raise MalformedMessage(f"a frame of {size} bytes that is no JSON object")
         return message
 
     def _exactly(self, size: int) -> bytes | None:
@@ -114,91 +171,365 @@ def encode_raw(raw: bytes) -> str:
 
 
 def decode_raw(text: str) -> bytes:
-    return base64.b64decode(text.encode("ascii"))
+    return base64.b64decode(text.encode("ascii"), validate=True)
+
+
+def _int_field(message: dict[str, Any], name: str) -> int | None:
+    """An integer field of a message, or None (bools are not integers here)."""
+    value = message.get(name)
+    return value if isinstance(value, int) and not isinstance(value, bool) else None
 
 
 # -- the worker's end ------------------------------------------------------------------
 
 
+@dataclass(frozen=True)
+class Request:
+    """A request from the master, as the worker reads it."""
+
+    id: int
+    op: Op
+    #: apply: the configuration's generation, its rules file bytes and path.
+    generation: int = 0
+    raw: bytes = field(default=b"", repr=False)
+    path: str = ""
+    #: report: with the open connections.
+    connections: bool = False
+
+    @classmethod
+    def parse(cls, message: dict[str, Any]) -> Request:
+        """The request in ``message``; BadRequest says what is wrong with it."""
+        request_id = _int_field(message, "id")
+        if request_id is None:
+            raise BadRequest("a request without an integer id")
+        try:
+            op = Op(message.get("op"))
+        except ValueError:
+            raise BadRequest(f"unknown request {str(message.get('op'))[:100]!r}", request_id) from None
+        if op is Op.REPORT:
+            return cls(request_id, op, connections=bool(message.get("connections")))
+        if op is not Op.APPLY:
+            raise BadRequest(f"unknown request {op.value!r}", request_id)
+        generation = _int_field(message, "generation")
+        if generation is None or generation < 1:
+            raise BadRequest("an apply without a generation number", request_id)
+        raw, path = message.get("raw"), message.get("path", "")
+        if not isinstance(raw, str) or not isinstance(path, str):
+            raise BadRequest("an apply whose raw or path is not a string", request_id)
+        try:
+            data = decode_raw(raw)
+        except (binascii.Error, ValueError):
+            raise BadRequest("an apply whose raw is not base64", request_id) from None
+        return cls(request_id, op, generation, data, path)
+
+
 class WorkerLink:
-    """A worker's end of the channel: its first configuration, then requests."""
+    """A worker's end of the channel: its first configuration, then requests, and its
+    figures pushed every ``push_interval``."""
+
+    #: Seconds between two pushes of this worker's figures to the master. The push is
+    #: the heartbeat (``WorkerPool.heartbeat_timeout``), and how fresh the master's
+    #: /stats, /metrics and /healthz are.
+    push_interval = 0.5
+    #: Requests answered at once (an apply waits for the applier); the next ones
+    #: wait in the channel. The master has few in flight: its applies and /connections.
+    max_concurrent = 32
 
     def __init__(self, channel: Channel, index: int) -> None:
         self.channel = channel
         self.index = index
+        #: The generation whose rules run here, and the one being applied (or None).
+        self.applied = 0
+        self.applying: int | None = None
+        #: The newest generation handed to the service: an older one arriving after
+        #: it (a resync that crossed a reload) is not applied over it.
+        self._submitted = 0
+        self._first: Request | None = None
+        self._last_report: dict[str, Any] | None = None
 
     def first_config(self) -> tuple[bytes, str]:
         """(rules file bytes, path) the master validated; the worker starts with them."""
         message = self.channel.recv()
-        if message is None or message.get("op") != "apply":
+        request = Request.parse(message) if message is not None else None
+        if request is None or request.op is not Op.APPLY:
             raise ChannelError("the master sent no configuration")
-        return decode_raw(message["raw"]), message["path"]
+        self._first = request
+        self.applying = self._submitted = request.generation
+        return request.raw, request.path
 
     def serve(self, service: Service, changes: Changes, stop: Event) -> gevent.Greenlet:
-        """Answer the first configuration (the rules are started) and then every
-        request, until the master's end closes: then ``stop`` is set."""
+        """Answer the first configuration (the rules are started), then push the
+        figures and answer every request, until the master's end closes: then
+        ``stop`` is set."""
         return gevent.spawn(self._serve, service, changes, stop)
 
     def _serve(self, service: Service, changes: Changes, stop: Event) -> None:
+        first = self._first
+        assert first is not None, "first_config() comes first"
+        self.applied, self.applying = first.generation, None
+        pusher: gevent.Greenlet | None = None
         try:
-            self.channel.send({"ok": True, "changes": changes.as_fields(), "pid": os.getpid()})
-            while True:
-                message = self.channel.recv()
-                if message is None:
-                    break
-                self.channel.send(self._answer(service, message))
-        except (OSError, ChannelError, ValueError) as exc:
+            self._send_answer(
+                first.id, {"ok": True, "changes": changes.as_fields(), "pid": os.getpid()}, service
+            )
+            pusher = gevent.spawn(self._push_loop, service)
+            self._read_loop(service)
+        except (OSError, ChannelError) as exc:
             log_event(logger, logging.ERROR, "worker_channel_error", f"channel to the master broke: {exc}")
+        finally:
+            if pusher is not None:
+                pusher.kill(block=False)
         if not stop.is_set():
             log_event(logger, logging.WARNING, "master_gone", "the master process is gone: stopping")
             stop.set()
 
-    @staticmethod
-    def _answer(service: Service, message: dict[str, Any]) -> dict[str, Any]:
-        op = message.get("op")
-        if op == "report":
-            return {"ok": True, "report": service.worker_report(bool(message.get("connections")))}
-        if op == "apply":
+    def _read_loop(self, service: Service) -> None:
+        """Hand every request to a greenlet of its own, in arrival order, until the
+        master's end closes."""
+        pool = Pool(self.max_concurrent)
+        while True:
             try:
-                changes = service.apply_raw(decode_raw(message["raw"]), message.get("source", "master"))
-            except ConfigError as exc:
-                return {"ok": False, "errors": exc.errors}
-            return {"ok": True, "changes": changes.as_fields()}
-        return {"ok": False, "errors": [f"unknown request {op!r}"]}
+                message = self.channel.recv()
+            except MalformedMessage as exc:
+                log_event(
+                    logger,
+                    logging.WARNING,
+                    "master_bad_message",
+                    f"a message from the master was dropped: {exc}",
+                )
+                continue
+            if message is None:
+                return
+            pool.spawn(self._handle, service, message)
+
+    def _handle(self, service: Service, message: dict[str, Any]) -> None:
+        """Answer one request, whatever happens while answering it."""
+        request_id = _int_field(message, "id")
+        try:
+            request = Request.parse(message)
+            answer = self._answer(service, request)
+        except BadRequest as exc:
+            log_event(
+                logger, logging.WARNING, "master_bad_message", f"a request from the master was refused: {exc}"
+            )
+            answer = {"ok": False, "errors": [str(exc)]}
+        except Exception as exc:  # a bug: answered and logged, the link goes on
+            logger.exception(
+                "answering the master raised: the request failed, the link goes on",
+                extra={
+                    "event": "internal_error",
+                    "request": str(message.get("op"))[:50],
+                    "error": repr(exc)[:200],
+                },
+            )
+            answer = {"ok": False, "errors": [f"internal error: {exc!r}"[:300]]}
+        try:
+            self._send_answer(request_id, answer)
+        except (OSError, ChannelError):
+            pass  # the channel broke: the reader sees it and stops the worker
+
+    def _answer(self, service: Service, request: Request) -> dict[str, Any]:
+        if request.op is Op.REPORT:
+            return {"ok": True, "report": service.worker_report(request.connections)}
+        return self._apply(service, request)
+
+    def _apply(self, service: Service, request: Request) -> dict[str, Any]:
+        """Apply one generation's rules, unless it runs already or a newer one came
+        first; the answer carries the figures as they are after it."""
+        generation = request.generation
+        if generation <= self.applied:
+            return {"ok": True, "changes": Changes().as_fields()}
+        if generation < self._submitted:
+            return {
+                "ok": False,
+                "errors": [f"generation {generation} is older than {self._submitted}, applied next"],
+            }
+        self._submitted = self.applying = generation
+        try:
+            changes = service.apply_raw(request.raw, "master")
+        except ConfigError as exc:
+            return {"ok": False, "errors": list(exc.errors)}
+        finally:
+            if self.applying == generation:
+                self.applying = None
+        self.applied = max(self.applied, generation)
+        return {"ok": True, "changes": changes.as_fields(), "report": service.worker_report(False)}
+
+    def _send_answer(
+        self, request_id: int | None, answer: dict[str, Any], service: Service | None = None
+    ) -> None:
+        """Send an answer with its id and this worker's generation; one that cannot be
+        sent as it is (a bug, or over MAX_FRAME) is answered as failed instead."""
+        answer = {**answer, "id": request_id, "generation": self.applied}
+        if service is not None:
+            answer["report"] = service.worker_report(False)
+        try:
+            self.channel.send(answer)
+        except (TypeError, ValueError, FrameTooLarge) as exc:
+            log_event(
+                logger,
+                logging.ERROR,
+                "internal_error",
+                f"an answer to the master cannot be sent: {exc!s:.200}",
+                error=repr(exc)[:200],
+            )
+            self.channel.send(
+                {"id": request_id, "generation": self.applied, "ok": False, "errors": [str(exc)[:300]]}
+            )
+
+    def _push_loop(self, service: Service) -> None:
+        """Push the figures (the heartbeat) now and every ``push_interval``; a push
+        whose figures cannot be built still goes, without them."""
+        failing = False
+        while True:
+            try:
+                self._push(service)
+                failing = False
+            except (OSError, ChannelError):
+                return  # the channel broke: the reader sees it too and stops the worker
+            except Exception as exc:  # a bug: logged once per run of failures, the heartbeat goes on
+                if not failing:
+                    logger.exception(
+                        "the figures for the master cannot be built: pushing the heartbeat alone",
+                        extra={"event": "internal_error", "error": repr(exc)[:200]},
+                    )
+                failing = True
+                try:
+                    self.channel.send(self._push_message())
+                except (OSError, ChannelError):
+                    return
+            gevent.sleep(self.push_interval)
+
+    def _push(self, service: Service) -> None:
+        """One push; the figures are left out when they are those sent last."""
+        message = self._push_message()
+        report = service.worker_report(False)
+        if report != self._last_report:
+            message["report"] = report
+        self.channel.send(message)
+        self._last_report = report
+
+    def _push_message(self) -> dict[str, Any]:
+        return {"op": Op.PUSH.value, "generation": self.applied, "applying": self.applying}
 
 
 # -- the master's side -----------------------------------------------------------------
 
 
 class WorkerProcess:
-    """One worker as the master sees it: its process, channel and last figures."""
+    """One worker as the master sees it: its process, channel, requests in flight,
+    last figures and generation."""
 
     def __init__(self, index: int) -> None:
         self.index = index
         self.process: gevent.subprocess.Popen | None = None
         self.channel: Channel | None = None
-        self.state = "starting"  # starting, running, exited
+        self.reader: gevent.Greenlet | None = None
+        self.state = WorkerState.STARTING
         self.pid: int | None = None
         self.started_at = 0.0
         self.restarts = 0
+        #: Its last figures (pushed, or in an answer), without open connections.
         self.report: dict[str, Any] | None = None
-        self.lock = Semaphore()
+        #: The generation it said it runs, and the one it said it applies.
+        self.generation = 0
+        self.applying: int | None = None
+        #: time.monotonic() of the last message from it: the heartbeat.
+        self.heard_at = 0.0
+        self.killed = False
+        #: Applies sent and not answered yet (no resync meanwhile), and the resync back-off.
+        self.applies_in_flight = 0
+        self.resync_at = 0.0
+        self.resync_delay = 0.0
+        self._pending: dict[int, AsyncResult] = {}
+        self._ids = itertools.count(1)
 
-    def request(self, message: dict[str, Any], timeout: float = REQUEST_TIMEOUT) -> dict[str, Any] | None:
-        """Send one request and wait for its answer; None if the worker cannot answer."""
+    def attach(self, process: gevent.subprocess.Popen, channel: Channel) -> None:
+        """A new process for this worker: everything known of the last one is dropped."""
+        self.process, self.pid, self.channel = process, process.pid, channel
+        self.state, self.report, self.killed = WorkerState.STARTING, None, False
+        self.generation, self.applying, self.applies_in_flight = 0, None, 0
+        self.resync_at, self.resync_delay = 0.0, 0.0
+        self.started_at, self.heard_at = time.time(), time.monotonic()
+
+    def detach(self) -> None:
+        """Its process is gone: close the channel, answer every waiter with None."""
+        self.state, self.report = WorkerState.EXITED, None
+        channel, self.channel = self.channel, None
+        if channel is not None:
+            channel.close()
+        pending, self._pending = self._pending, {}
+        for waiter in pending.values():
+            waiter.set(None)
+
+    def request(self, op: Op, fields: dict[str, Any], timeout: float) -> dict[str, Any] | None:
+        """Send one request and wait up to ``timeout`` for its answer; None if none
+        came (logged). A late answer is dropped when it comes; nobody is killed."""
         channel = self.channel
         if channel is None:
             return None
-        with self.lock:
-            try:
-                with gevent.Timeout(timeout):
-                    channel.send(message)
-                    return channel.recv()
-            except (gevent.Timeout, OSError, ChannelError, ValueError):
-                # A late answer would be read as the next request's: the channel is
-                # unusable. Killing the process makes the monitor restart it.
-                self.kill()
-                return None
+        request_id = next(self._ids)
+        waiter = AsyncResult()
+        self._pending[request_id] = waiter
+        # Its own greenlet: the frame goes whole even if this caller stops waiting.
+        gevent.spawn(self._send, channel, {"id": request_id, "op": op.value, **fields}, waiter)
+        try:
+            return waiter.get(timeout=timeout)
+        except gevent.Timeout:
+            log_event(
+                logger,
+                logging.WARNING,
+                "worker_request_late",
+                f"worker {self.index} (pid {self.pid}) did not answer {op.value!r} within {timeout:g}s: "
+                "going on without it",
+                worker=self.index,
+                pid=self.pid,
+                request=op.value,
+                timeout=timeout,
+                **({"generation": fields["generation"]} if "generation" in fields else {}),
+            )
+            return None
+        finally:
+            self._pending.pop(request_id, None)
+
+    @staticmethod
+    def _send(channel: Channel, message: dict[str, Any], waiter: AsyncResult) -> None:
+        try:
+            channel.send(message)
+        except (OSError, ChannelError, FrameTooLarge):
+            if not waiter.ready():
+                waiter.set(None)  # the process is going: its monitor restarts it
+
+    def receive(self, message: dict[str, Any]) -> None:
+        """One message from the worker: note the heartbeat, its generation and
+        figures; hand an answer to its waiter (a late one is dropped)."""
+        self.heard_at = time.monotonic()
+        generation = _int_field(message, "generation")
+        if generation is not None:
+            self.generation = max(self.generation, generation)  # never goes back within one process
+        report = message.get("report")
+        if isinstance(report, dict):
+            self.report = {key: value for key, value in report.items() if key != "connections"}
+        if message.get("op") == Op.PUSH.value:
+            self.applying = _int_field(message, "applying")
+            return
+        request_id = _int_field(message, "id")
+        waiter = self._pending.pop(request_id, None) if request_id is not None else None
+        if waiter is None:
+            log_event(
+                logger,
+                logging.DEBUG,
+                "worker_answer_late",
+                f"worker {self.index} answered request {request_id} after its caller stopped waiting: dropped",
+                worker=self.index,
+                request_id=request_id,
+            )
+            return
+        waiter.set(message)
+
+    def silent_for(self) -> float:
+        """Seconds since the last message from this worker."""
+        return time.monotonic() - self.heard_at
 
     def signal(self, signum: int) -> None:
         if self.process is not None and self.process.returncode is None:
@@ -208,19 +539,33 @@ class WorkerProcess:
                 pass
 
     def kill(self) -> None:
+        self.killed = True
         self.signal(signal.SIGKILL)
 
     def describe(self) -> dict[str, Any]:
         report = self.report or {}
+        running = self.state is WorkerState.RUNNING
         return {
             "index": self.index,
             "pid": self.pid,
-            "state": self.state,
+            "state": self.state.value,
             "restarts": self.restarts,
-            "uptime": round(time.time() - self.started_at, 3) if self.state == "running" else 0.0,
+            "uptime": round(time.time() - self.started_at, 3) if running else 0.0,
+            "generation": self.generation,
+            "silent_for": round(self.silent_for(), 3) if running else None,
             "connections_active": report.get("active", 0),
             "connections_total": sum(rule.get("total", 0) for rule in report.get("rules", {}).values()),
         }
+
+
+def _changes_of(answer: dict[str, Any]) -> Changes | None:
+    """The Changes in a worker's answer to an apply (None if it has none)."""
+    fields = answer.get("changes")
+    if not isinstance(fields, dict):
+        return None
+    return Changes(
+        **{name: list(fields.get(name, [])) for name in ("added", "changed", "removed", "unchanged")}
+    )
 
 
 class AggregateStats:
@@ -265,44 +610,60 @@ class WorkerPool:
     """The master's stand-in for a ``Supervisor``: the same surface, carried out by
     worker processes (see the module docstring)."""
 
+    #: Seconds a worker has to start its rules and answer its first configuration;
+    #: past this it is killed and started again (with the restart back-off).
+    start_timeout = 30.0
+    #: Seconds a reload waits for each worker to confirm the new rules. A worker that
+    #: has not is left to catch up: its later messages say which generation it runs,
+    #: and it is sent the rules again if it is not the current one.
+    apply_timeout = 10.0
+    #: Seconds ``/connections`` waits for each worker's table; a worker that has not
+    #: answered by then is left out of that answer (``worker_request_late``).
+    request_timeout = 5.0
+    #: Seconds without any message from a running worker (it pushes every
+    #: ``WorkerLink.push_interval``) before it is taken as hung, killed (SIGKILL) and
+    #: restarted. A slow answer alone never kills.
+    heartbeat_timeout = 30.0
+    #: Seconds between two looks at every worker's heartbeat.
+    heartbeat_check = 1.0
+    #: Resync back-off: a worker on the wrong generation is sent the current rules at
+    #: once, then after 1 s, doubling up to 30 s while it stays behind.
+    resync_first, resync_most = 1.0, 30.0
+    #: Restart back-off: a worker that dies soon after starting is restarted after
+    #: 0.5 s, doubling up to 10 s; one that ran for ``stable`` seconds starts over at 0.5 s.
+    restart_first, restart_most, stable = 0.5, 10.0, 30.0
+    #: Seconds after the drain deadline before a worker that has not exited is killed.
+    stop_grace = 5.0
+    #: Seconds the monitor of an exited worker waits to read what it sent last.
+    last_words = 1.0
+
     def __init__(self, count: int, command: list[str]) -> None:
         self.count = count
         self.command = command
         self.workers = [WorkerProcess(index) for index in range(count)]
         self.stats = AggregateStats(self)
         self.config: Config | None = None
+        #: The number of the configuration applied last (1 for the first).
+        self.generation = 0
         self.stopping = False
         self._rules_seen: dict[str, Rule] = {}
-        self._poller: gevent.Greenlet | None = None
+        self._watchdog: gevent.Greenlet | None = None
 
     # -- the Supervisor surface ----------------------------------------------------
 
     def apply(self, config: Config) -> Changes:
-        """Start the workers (first call) or hand them the new rules; the changes are
-        those the workers report (they are identical: same rules, same old rules)."""
+        """Start the workers (first call) or hand them the new rules, as the next
+        generation; the changes are those the workers report (they are identical:
+        same rules, same old rules)."""
         first = self.config is None
         self._remember_rules()
         self.config = config
+        self.generation += 1
         if first:
             return self._start_all()
-        message = {"op": "apply", "raw": encode_raw(config.raw), "source": "master"}
-        jobs = [gevent.spawn(worker.request, message, START_TIMEOUT) for worker in self.live()]
+        jobs = [gevent.spawn(self._send_config, worker, "master") for worker in self.live()]
         gevent.joinall(jobs)
-        changes: Changes | None = None
-        for worker, job in zip(self.live(), jobs):
-            answer = job.value
-            if answer and answer.get("ok"):
-                changes = changes or Changes(**answer["changes"])
-            elif answer is not None:
-                log_event(
-                    logger,
-                    logging.ERROR,
-                    "worker_config_invalid",
-                    f"worker {worker.index} could not apply the rules; it keeps its old ones",
-                    worker=worker.index,
-                    errors=answer.get("errors", []),
-                )
-        return changes or Changes()
+        return next((job.value for job in jobs if job.value is not None), Changes())
 
     def _remember_rules(self) -> None:
         """Keep the rules of the config being replaced, for /stats to show those that
@@ -352,8 +713,8 @@ class WorkerPool:
     def close_listeners(self) -> None:
         """Stop: every worker closes its listeners and drains (SIGTERM)."""
         self.stopping = True
-        if self._poller is not None:
-            self._poller.kill()
+        if self._watchdog is not None:
+            self._watchdog.kill(block=False)
         for worker in self.workers:
             worker.signal(signal.SIGTERM)
 
@@ -367,11 +728,11 @@ class WorkerPool:
         if not waiter.ready():
             for worker in self.workers:
                 worker.signal(signal.SIGTERM)  # the second signal: stop now
-            waiter.join(STOP_GRACE)
+            waiter.join(self.stop_grace)
         if not waiter.ready():
             for worker in self.workers:
                 worker.kill()
-            waiter.join(STOP_GRACE)
+            waiter.join(self.stop_grace)
         waiter.kill()
 
     def describe_workers(self) -> list[dict[str, Any]]:
@@ -380,36 +741,106 @@ class WorkerPool:
     # -- figures ---------------------------------------------------------------------
 
     def live(self) -> list[WorkerProcess]:
-        return [worker for worker in self.workers if worker.state == "running"]
+        return [worker for worker in self.workers if worker.state is WorkerState.RUNNING]
 
     def refresh(self) -> None:
-        """Read every running worker's figures now: what an admin request or a stats
-        record shows is then exact as of that request."""
-        self.collect()
+        """Nothing to do: the workers push their figures every
+        ``WorkerLink.push_interval``, and readers use the last ones. (Kept for the
+        readers that call it before reading a ``Supervisor``.)"""
 
     def collect(self, connections: bool = False) -> list[tuple[WorkerProcess, dict[str, Any]]]:
-        """Every running worker's figures, read now. With ``connections`` they carry
-        the open connections (not kept: a busy worker's table is large and stale at once)."""
+        """Every running worker's figures, asked for now (up to ``request_timeout``;
+        a worker that has not answered gives its last pushed ones). With
+        ``connections`` they carry the open connections (not kept: a busy worker's
+        table is large and stale at once)."""
         live = self.live()
-        fresh: dict[int, dict[str, Any]] = {}
-        message = {"op": "report", "connections": connections}
-        jobs = [gevent.spawn(worker.request, message) for worker in live]
+        fields = {"connections": connections}
+        jobs = [gevent.spawn(worker.request, Op.REPORT, fields, self.request_timeout) for worker in live]
         gevent.joinall(jobs)
+        result = []
         for worker, job in zip(live, jobs):
             answer = job.value
-            if answer and answer.get("ok"):
-                report = fresh[worker.index] = answer["report"]
-                worker.report = {key: value for key, value in report.items() if key != "connections"}
-        return [
-            (worker, fresh.get(worker.index, worker.report)) for worker in live if worker.report is not None
-        ]
+            report = answer.get("report") if answer and answer.get("ok") else None
+            if not isinstance(report, dict):
+                report = worker.report
+            if report is not None:
+                result.append((worker, report))
+        return result
+
+    # -- generations -------------------------------------------------------------------
+
+    def _send_config(
+        self, worker: WorkerProcess, source: str, timeout: float | None = None
+    ) -> Changes | None:
+        """Send the current rules to one worker and wait for its answer: the changes
+        it made, or None (it failed them, or has not answered in time; both logged)."""
+        config, generation = self.config, self.generation
+        assert config is not None
+        fields = {
+            "generation": generation,
+            "raw": encode_raw(config.raw),
+            "path": config.path,
+            "source": source,
+        }
+        worker.applies_in_flight += 1
+        try:
+            answer = worker.request(Op.APPLY, fields, timeout or self.apply_timeout)
+        finally:
+            worker.applies_in_flight -= 1
+        if answer is None:
+            return None
+        if not answer.get("ok"):
+            log_event(
+                logger,
+                logging.ERROR,
+                "worker_config_invalid",
+                f"worker {worker.index} could not apply generation {generation}; it keeps its old rules "
+                "and is sent them again later",
+                worker=worker.index,
+                generation=generation,
+                errors=answer.get("errors", []),
+            )
+            return None
+        return _changes_of(answer)
+
+    def _check_generation(self, worker: WorkerProcess) -> None:
+        """A running worker on another generation than the current one, and not
+        busy with it, is sent the current rules again (with back-off)."""
+        if self.stopping or worker.state is not WorkerState.RUNNING:
+            return
+        wanted = self.generation
+        if worker.generation == wanted:
+            worker.resync_at, worker.resync_delay = 0.0, 0.0
+            return
+        now = time.monotonic()
+        if worker.applying == wanted or worker.applies_in_flight or now < worker.resync_at:
+            return
+        worker.resync_delay = (
+            min(worker.resync_delay * 2, self.resync_most) if worker.resync_delay else self.resync_first
+        )
+        worker.resync_at = now + worker.resync_delay
+        log_event(
+            logger,
+            logging.WARNING,
+            "worker_resync",
+            f"worker {worker.index} runs generation {worker.generation}, not {wanted}: sending it the current rules",
+            worker=worker.index,
+            had=worker.generation,
+            wanted=wanted,
+        )
+        worker.applies_in_flight += 1  # until the greenlet takes over: no second resync meanwhile
+        gevent.spawn(self._resync, worker)
+
+    def _resync(self, worker: WorkerProcess) -> None:
+        worker.applies_in_flight -= 1
+        self._send_config(worker, "resync")
 
     # -- processes -----------------------------------------------------------------------
 
     def _start_all(self) -> Changes:
         jobs = [gevent.spawn(self._start, worker) for worker in self.workers]
         gevent.joinall(jobs)
-        self._poller = gevent.spawn(self._poll)
+        self._watchdog = gevent.spawn(self._watch)
         for job in jobs:
             if job.value is not None:
                 return job.value
@@ -439,17 +870,24 @@ class WorkerPool:
             master_end.close()
             worker_end.close()
             log_event(logger, logging.ERROR, "worker_failed", f"cannot start worker {worker.index}: {exc}")
-            gevent.spawn_later(RESTART_MOST, self._restart, worker)
+            gevent.spawn_later(self.restart_most, self._restart, worker)
             return None
         worker_end.close()
-        worker.process, worker.pid = process, process.pid
-        worker.channel = Channel(master_end)
-        worker.state, worker.report = "starting", None
-        worker.started_at = time.time()
+        channel = Channel(master_end)
+        worker.attach(process, channel)
+        worker.reader = gevent.spawn(self._read, worker, channel)
         gevent.spawn(self._monitor, worker, process)
-        config = self.config
-        message = {"op": "apply", "raw": encode_raw(config.raw), "path": config.path, "source": "start"}
-        answer = worker.request(message, START_TIMEOUT)
+        generation = self.generation
+        answer = worker.request(
+            Op.APPLY,
+            {
+                "generation": generation,
+                "raw": encode_raw(self.config.raw),
+                "path": self.config.path,
+                "source": "start",
+            },
+            self.start_timeout,
+        )
         if answer is None or not answer.get("ok"):
             log_event(
                 logger,
@@ -462,12 +900,8 @@ class WorkerPool:
             )
             worker.kill()
             return None
-        if process.returncode is None:
-            worker.state = "running"
-        while self.config is not config and worker.state == "running":
-            # Rules applied while it started: apply() skipped it, as it was not running yet.
-            config = self.config
-            worker.request({"op": "apply", "raw": encode_raw(config.raw), "source": "master"}, START_TIMEOUT)
+        if process.returncode is None and worker.process is process:
+            worker.state = WorkerState.RUNNING
         log_event(
             logger,
             logging.INFO,
@@ -476,18 +910,77 @@ class WorkerPool:
             worker=worker.index,
             pid=process.pid,
             restarts=worker.restarts,
+            generation=generation,
         )
-        return Changes(**answer["changes"])
+        self._check_generation(worker)  # rules applied while it started skipped it
+        return _changes_of(answer) or Changes()
+
+    def _read(self, worker: WorkerProcess, channel: Channel) -> None:
+        """Read everything one worker process sends, until its end closes."""
+        try:
+            while True:
+                try:
+                    message = channel.recv()
+                except MalformedMessage as exc:
+                    log_event(
+                        logger,
+                        logging.WARNING,
+                        "worker_bad_message",
+                        f"a message from worker {worker.index} was dropped: {exc}",
+                        worker=worker.index,
+                    )
+                    continue
+                if message is None:
+                    return  # it exited: its monitor takes over
+                if worker.channel is not channel:
+                    return
+                worker.receive(message)
+                self._check_generation(worker)
+        except (OSError, ChannelError) as exc:
+            if worker.channel is channel and not self.stopping:
+                log_event(
+                    logger,
+                    logging.ERROR,
+                    "worker_channel_error",
+                    f"the channel to worker {worker.index} (pid {worker.pid}) broke: {exc}; killing it",
+                    worker=worker.index,
+                    pid=worker.pid,
+                )
+                worker.kill()
+
+    def _watch(self) -> None:
+        """Kill a running worker that has sent nothing for ``heartbeat_timeout``."""
+        last = time.monotonic()
+        while not self.stopping:
+            gevent.sleep(self.heartbeat_check)
+            now = time.monotonic()
+            paused, last = now - last > 3 * self.heartbeat_check, now
+            if paused:
+                continue  # this process was stopped itself: read what waits first
+            for worker in self.live():
+                if not worker.killed and worker.silent_for() > self.heartbeat_timeout:
+                    self._kill_silent(worker)
+
+    def _kill_silent(self, worker: WorkerProcess) -> None:
+        log_event(
+            logger,
+            logging.ERROR,
+            "worker_unresponsive",
+            f"worker {worker.index} (pid {worker.pid}) sent nothing for {worker.silent_for():.0f}s: killing it",
+            worker=worker.index,
+            pid=worker.pid,
+            silent_for=round(worker.silent_for(), 3),
+        )
+        worker.kill()
 
     def _monitor(self, worker: WorkerProcess, process: gevent.subprocess.Popen) -> None:
         code = process.wait()
         if worker.process is not process:
             return
+        if worker.reader is not None:
+            worker.reader.join(self.last_words)  # its last push, still in the channel, counts
         self.stats.retire(worker.report)
-        worker.state, worker.report = "exited", None
-        if worker.channel is not None:
-            worker.channel.close()
-            worker.channel = None
+        worker.detach()
         if self.stopping:
             log_event(
                 logger,
@@ -500,9 +993,9 @@ class WorkerPool:
             return
         lived = time.time() - worker.started_at
         delay = (
-            RESTART_FIRST
-            if lived >= STABLE
-            else min(RESTART_FIRST * 2 ** min(worker.restarts, 10), RESTART_MOST)
+            self.restart_first
+            if lived >= self.stable
+            else min(self.restart_first * 2 ** min(worker.restarts, 10), self.restart_most)
         )
         how = f"killed by signal {-code}" if code < 0 else f"exit code {code}"
         log_event(
@@ -522,11 +1015,6 @@ class WorkerPool:
             return
         worker.restarts += 1
         self._start(worker)
-
-    def _poll(self) -> None:
-        while not self.stopping:
-            gevent.sleep(POLL_INTERVAL)
-            self.collect()
 
 
 def worker_command(count: int, log_format: str | None, log_level: str | None) -> list[str]:

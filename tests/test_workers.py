@@ -6,11 +6,15 @@ loopback ports, clients and targets in the test process.
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import json
 import os
 import signal
 import socket
+import struct
+import subprocess
+import sys
 
 import psutil
 import pytest
@@ -357,3 +361,464 @@ def test_connection_ids_are_unique_across_workers(start_gportmap, echo_target):
     finally:
         for sock in socks:
             sock.close()
+
+
+# -- the control plane: request ids, pushed figures, heartbeat, generations ----------------
+
+
+def status_of(pid: int) -> str | None:
+    """The process's status (psutil.STATUS_*), or None once it is gone."""
+    try:
+        return psutil.Process(pid).status()
+    except psutil.NoSuchProcess:
+        return None
+
+
+def resume(pid: int) -> None:
+    """SIGCONT, if the process is still there."""
+    try:
+        os.kill(pid, signal.SIGCONT)
+    except ProcessLookupError:
+        pass
+
+
+def worker_entry(gp, index: int) -> dict:
+    return next(w for w in gp.admin_json("/stats")["workers"] if w["index"] == index)
+
+
+def echo_on(sock: socket.socket, payload: bytes) -> bytes:
+    sock.sendall(payload)
+    return recv_exactly(sock, len(payload))
+
+
+def test_a_worker_slow_to_answer_is_not_killed(start_gportmap, echo_target):
+    """A worker that does not answer /connections in time (stopped here, ~5 s) is
+    left out of that answer and keeps running: same pid, its connections intact.
+    Before request ids it was SIGKILLed after 5 s, cutting every connection it held."""
+    port = free_port()
+    gp = start_gportmap(rules(tcp_rule(port, echo_target.port, name="slow")), "--workers", "2")
+    wait_for(lambda: len(running_workers(gp)) == 2, what="two workers")
+    socks = [connect(port) for _ in range(12)]
+    try:
+        for n, sock in enumerate(socks):
+            assert echo_on(sock, b"hello %d" % n) == b"hello %d" % n
+        listed = wait_for(lambda: len(found := gp.admin_json("/connections")) == 12 and found)
+        victim = listed[0]["worker"]
+        pid = worker_entry(gp, victim)["pid"]
+        held = {entry["client"] for entry in listed if entry["worker"] == victim}
+
+        os.kill(pid, signal.SIGSTOP)
+        try:
+            wait_for(lambda: status_of(pid) == psutil.STATUS_STOPPED, what="the worker stopped")
+            partial = gp.admin_json("/connections")  # waits for the stopped worker, then goes on
+            assert status_of(pid) == psutil.STATUS_STOPPED, "the slow worker was killed"
+            assert {entry["worker"] for entry in partial} <= {1 - victim}
+            late = gp.wait_event("worker_request_late", worker=victim)[0]
+            assert late["request"] == "report"
+        finally:
+            resume(pid)
+
+        # it is the same process, it still serves its connections, and the master hears it again
+        assert not gp.events("worker_exited") and not gp.events("worker_unresponsive")
+        for n, sock in enumerate(socks):
+            assert echo_on(sock, b"again %d" % n) == b"again %d" % n
+        relisted = wait_for(lambda: len(listed := gp.admin_json("/connections")) == 12 and listed)
+        assert {entry["client"] for entry in relisted if entry["worker"] == victim} == held
+        entry = worker_entry(gp, victim)
+        assert (entry["pid"], entry["restarts"], entry["state"]) == (pid, 0, "running")
+    finally:
+        for sock in socks:
+            sock.close()
+
+
+def test_scrapes_read_pushed_figures_and_ask_no_worker(start_gportmap, echo_target):
+    """/metrics, /stats and /healthz answer from the figures the workers pushed: with a
+    worker stopped they answer, its last figures stay in the exact sums, and nothing
+    is asked of it (no late request, it is not killed). Before, every scrape asked
+    every worker, waited 5 s for the stopped one and then SIGKILLed it."""
+    port = free_port()
+    gp = start_gportmap(rules(tcp_rule(port, echo_target.port, name="pushed")), "--workers", "2")
+    wait_for(lambda: len(running_workers(gp)) == 2, what="two workers")
+    for n in range(30):
+        assert echo_once(port, b"%d" % n) == b"%d" % n
+
+    def settled():
+        stats = gp.admin_json("/stats")
+        counted = stats["rules"][0]["connections"]
+        per_worker = sum(w["connections_total"] for w in stats["workers"])
+        return counted["total"] == 30 and counted["active"] == 0 and per_worker == 30 and stats
+
+    stats = wait_for(settled, what="30 connections pushed")
+    victim = max(stats["workers"], key=lambda w: w["connections_total"])
+    assert victim["connections_total"] > 0
+    os.kill(victim["pid"], signal.SIGSTOP)
+    try:
+        wait_for(lambda: status_of(victim["pid"]) == psutil.STATUS_STOPPED, what="the worker stopped")
+        for _ in range(3):
+            status, body, _ = gp.admin("/metrics")
+            assert status == 200
+            assert 'gportmap_connections_total{protocol="tcp",rule="pushed"} 30.0' in body.decode()
+            stats = gp.admin_json("/stats")
+            assert stats["rules"][0]["connections"]["total"] == 30
+            stopped = next(w for w in stats["workers"] if w["index"] == victim["index"])
+            assert (stopped["pid"], stopped["state"]) == (victim["pid"], "running")
+            assert stopped["connections_total"] == victim["connections_total"]
+            assert gp.admin("/healthz")[0] == 200
+        assert status_of(victim["pid"]) == psutil.STATUS_STOPPED, "a scrape killed the stopped worker"
+        assert not gp.events("worker_request_late"), "a scrape asked a worker"
+    finally:
+        resume(victim["pid"])
+    # pushes resume: what the worker counts from now on reaches the sums
+    for n in range(10):
+        assert echo_once(port, b"%d" % n) == b"%d" % n
+    wait_for(lambda: gp.admin_json("/stats")["rules"][0]["connections"]["total"] == 40, what="40 counted")
+    assert not gp.events("worker_exited")
+
+
+def test_a_worker_that_missed_a_reload_is_brought_back_to_the_current_generation(
+    start_gportmap, echo_target, tmp_path
+):
+    """Worker 0 misses generation 2 for real: it is stopped while the master validates
+    the new rules, and its certificate is gone by the time it reads them, so its
+    apply fails. Once the file is back, the master's resync brings it to generation 2
+    and it listens on the new rule's port. Before, the failure was logged and the
+    worker served the old rules until it was restarted."""
+    from certs import CA
+
+    pki = tmp_path / "pki"
+    pki.mkdir()
+    server = CA(pki, "ca").issue("server", "127.0.0.1", ips=("127.0.0.1",))
+    plain, secure = free_port(), free_port()
+    first = rules(tcp_rule(plain, echo_target.port, name="plain"), watch=False)
+    gp = start_gportmap(first, "--workers", "2")
+    wait_for(lambda: len(running_workers(gp)) == 2, what="two workers")
+    pids = {w["index"]: w["pid"] for w in running_workers(gp)}
+
+    def accepts(port: int) -> bool:
+        try:
+            connect(port, timeout=2).close()
+        except ConnectionRefusedError:
+            return False
+        return True
+
+    tls = {"certFile": str(server.cert), "keyFile": str(server.key)}
+    second = rules(
+        tcp_rule(plain, echo_target.port, name="plain"),
+        tcp_rule(secure, echo_target.port, name="secure", tls=tls),
+        watch=False,
+    )
+    os.kill(pids[0], signal.SIGSTOP)
+    try:
+        wait_for(lambda: status_of(pids[0]) == psutil.STATUS_STOPPED, what="worker 0 stopped")
+        gp.rules_path.write_text(json.dumps(second))
+        gp.signal(signal.SIGHUP)
+        # worker 1 serves the new rule (worker 0 is stopped): the master has read the certificate
+        wait_for(lambda: accepts(secure), what="worker 1 listening on the new rule's port")
+        pki.rename(tmp_path / "pki.away")
+    finally:
+        resume(pids[0])
+
+    failed = gp.wait_event("worker_config_invalid", worker=0)[0]
+    resync = gp.wait_event("worker_resync", worker=0)[0]
+    assert failed["generation"] == 2
+    assert (resync["had"], resync["wanted"]) == (1, 2)
+    (tmp_path / "pki.away").rename(pki)
+
+    def listening_on_secure() -> bool:
+        return any(
+            c.laddr.port == secure and c.status == psutil.CONN_LISTEN
+            for c in psutil.Process(pids[0]).net_connections(kind="tcp")
+        )
+
+    wait_for(listening_on_secure, timeout=30, what="worker 0 listening on the new rule's port")
+    wait_for(lambda: worker_entry(gp, 0)["generation"] == 2, what="worker 0 on generation 2")
+    assert worker_entry(gp, 1)["generation"] == 2
+    assert {w["index"]: w["pid"] for w in running_workers(gp)} == pids, "no worker was restarted"
+    assert not gp.events("worker_exited")
+    secure_state = next(r for r in gp.admin_json("/stats")["rules"] if r["name"] == "secure")
+    assert secure_state["state"] == "running"
+
+
+class FakeMaster:
+    """The test as a worker's master: a real worker process on the other end of a
+    socketpair, spoken to in the channel's framing."""
+
+    def __init__(self, tmp_path, rules_doc: dict) -> None:
+        self.sock, theirs = socket.socketpair()
+        self.sock.settimeout(15)
+        self.log = open(tmp_path / "worker.log", "wb")
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "gportmap", "--workers", "2", "--worker-fd", str(theirs.fileno()),
+             "--worker-index", "0", "--log-format", "json"],
+            pass_fds=(theirs.fileno(),),
+            stdout=self.log,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            cwd=tmp_path,
+        )
+        theirs.close()
+        self.log_path = tmp_path / "worker.log"
+        self.pushes: list[dict] = []
+        self.answers: list[dict] = []
+        path = tmp_path / "rules.json"
+        raw = json.dumps(rules_doc).encode()
+        path.write_bytes(raw)
+        self.raw, self.path = raw, str(path)
+
+    def send_frame(self, body: bytes) -> None:
+        self.sock.sendall(struct.pack("!I", len(body)) + body)
+
+    def send(self, message: dict) -> None:
+        self.send_frame(json.dumps(message).encode())
+
+    def recv(self) -> dict:
+        (size,) = struct.unpack("!I", recv_exactly(self.sock, 4))
+        return json.loads(recv_exactly(self.sock, size))
+
+    def answer(self, request_id) -> dict:
+        """The answer with this id (None: the answer to a request without an id),
+        read until it comes; what else comes on the way is kept."""
+        while True:
+            found = next((m for m in self.answers if m.get("id") == request_id), None)
+            if found is not None:
+                self.answers.remove(found)
+                return found
+            self._read_one()
+
+    def wait_pushes(self, count: int) -> None:
+        while len(self.pushes) < count:
+            self._read_one()
+
+    def _read_one(self) -> None:
+        message = self.recv()
+        (self.pushes if message.get("op") == "push" else self.answers).append(message)
+
+    def events(self, event: str) -> list[dict]:
+        lines = self.log_path.read_text(errors="replace").splitlines()
+        return [record for record in map(json.loads, lines) if record.get("event") == event]
+
+    def close(self) -> None:
+        self.sock.close()
+        try:
+            self.proc.wait(15)
+        finally:
+            if self.proc.poll() is None:
+                self.proc.kill()
+                self.proc.wait(5)
+            self.log.close()
+
+
+def test_the_worker_link_survives_requests_it_cannot_serve(tmp_path, echo_target):
+    """A real worker, the test as its master: a frame that is no JSON, an unknown op,
+    an apply with a raw that is no base64 text, a request without an id. Each is
+    refused (answered when it has an id) and the link goes on: the next report is
+    answered, pushes keep coming, the rule keeps serving, and the worker still stops
+    when its master's end closes. Before, the apply whose raw was not text raised
+    AttributeError out of the channel greenlet: the worker answered nothing more."""
+    port = free_port()
+    master = FakeMaster(tmp_path, rules(tcp_rule(port, echo_target.port, name="linked")))
+    try:
+        master.send({"id": 1, "op": "apply", "generation": 1, "source": "start",
+                     "raw": base64.b64encode(master.raw).decode(), "path": master.path})
+        first = master.answer(1)
+        assert first["ok"] and first["generation"] == 1 and first["pid"] == master.proc.pid
+        assert echo_once(port, b"up") == b"up"
+
+        master.send_frame(b"\xff not json")
+        master.send({"id": 2, "op": "frobnicate"})
+        master.send({"id": 3, "op": "apply", "generation": 2, "raw": 12, "path": master.path})
+        master.send({"id": 4, "op": "apply", "generation": 2, "raw": "!!! not base64", "path": master.path})
+        master.send({"op": "report"})
+        master.send({"id": 5, "op": "report", "connections": True})
+        for request_id, words in ((2, "unknown request"), (3, "not a string"), (4, "not base64")):
+            refused = master.answer(request_id)
+            assert refused["ok"] is False and words in refused["errors"][0], refused
+            assert refused["generation"] == 1
+        anonymous = master.answer(None)
+        assert anonymous["ok"] is False and "without an integer id" in anonymous["errors"][0]
+        report = master.answer(5)
+        assert report["ok"] and report["report"]["rules"]["linked"]["total"] == 1
+        assert isinstance(report["report"]["connections"], list)
+        master.wait_pushes(len(master.pushes) + 2)  # the heartbeat goes on
+        assert master.pushes[-1]["generation"] == 1
+        assert echo_once(port, b"still") == b"still"
+        assert len(master.events("master_bad_message")) == 5
+        assert not master.events("internal_error")
+    finally:
+        master.close()
+    assert master.proc.returncode == 0
+    assert master.events("master_gone")
+
+
+class RaisingService:
+    """What the link sees of a service with bugs: its figures with connections and
+    its apply raise exceptions that are no ConfigError."""
+
+    def worker_report(self, connections: bool = False) -> dict:
+        if connections:
+            raise RuntimeError("a bug in the figures")
+        return {"pid": os.getpid(), "active": 0, "rules": {}, "states": []}
+
+    def apply_raw(self, raw: bytes, source: str):
+        raise ZeroDivisionError("a bug in apply")
+
+
+def test_a_request_that_raises_is_answered_and_the_link_goes_on(caplog):
+    """In-process, with a service whose calls raise: each such request is answered
+    as failed, logged once as internal_error with its traceback, and the link keeps
+    answering and pushing. Before, the first exception that was no ConfigError ended
+    the channel greenlet: the worker never answered again and its master SIGKILLed it."""
+    import gevent
+    import gevent.socket
+    from gevent.event import Event
+
+    from gportmap.supervisor import Changes
+    from gportmap.workers import Channel, WorkerLink
+
+    ours, theirs = gevent.socket.socketpair()
+    master, link = Channel(ours), WorkerLink(Channel(theirs), 0)
+    link.push_interval = 0.05
+    stop = Event()
+    received: list[dict] = []
+
+    def take(request_id: int | None = None, op: str | None = None) -> dict:
+        """The first message with this id (or this op), read until it comes."""
+        while True:
+            for message in received:
+                if message.get("op") == op if op is not None else message.get("id") == request_id:
+                    received.remove(message)
+                    return message
+            received.append(master.recv())
+
+    raw = base64.b64encode(b"{}").decode()
+    with gevent.Timeout(10):
+        master.send({"id": 1, "op": "apply", "generation": 1, "raw": raw, "path": "rules.json"})
+        assert link.first_config() == (b"{}", "rules.json")
+        link.serve(RaisingService(), Changes(), stop)
+        assert take(1)["ok"]
+        master.send({"id": 2, "op": "report", "connections": True})
+        master.send({"id": 3, "op": "apply", "generation": 2, "raw": raw, "path": "rules.json"})
+        master.send({"id": 4, "op": "report"})
+        broken, failed, fine = take(2), take(3), take(4)
+        assert broken["ok"] is False and "RuntimeError" in broken["errors"][0]
+        assert failed["ok"] is False and "ZeroDivisionError" in failed["errors"][0]
+        assert failed["generation"] == 1 and (link.applied, link.applying) == (1, None)
+        assert fine["ok"] and fine["report"]["active"] == 0
+        received.clear()
+        take(op="push")  # the heartbeat goes on
+        take(op="push")
+        ours.close()
+        stop.wait()  # the master's end closed: the worker stops
+    internal = [r for r in caplog.records if getattr(r, "event", None) == "internal_error"]
+    assert len(internal) == 2 and all(record.exc_info for record in internal)
+
+
+class SlowService:
+    """A service whose applies take a moment (they yield, as binding does) and that
+    remembers the bytes it ran last."""
+
+    def __init__(self) -> None:
+        self.running = b""
+
+    def worker_report(self, connections: bool = False) -> dict:
+        return {"pid": os.getpid(), "active": 0, "rules": {}, "states": []}
+
+    def apply_raw(self, raw: bytes, source: str):
+        import gevent
+
+        from gportmap.supervisor import Changes
+
+        gevent.sleep(0.01)
+        self.running = raw
+        return Changes()
+
+
+def test_an_older_generation_never_replaces_a_newer_one():
+    """Generation 2, then 3, then 2 again (a resync that crossed a reload) reach a
+    worker while 2 is being applied: the late 2 is refused, 3 runs and is what the
+    worker says it runs; a 3 sent once more is answered at once."""
+    import gevent
+    import gevent.socket
+    from gevent.event import Event
+
+    from gportmap.supervisor import Changes
+    from gportmap.workers import Channel, WorkerLink
+
+    ours, theirs = gevent.socket.socketpair()
+    master, link = Channel(ours), WorkerLink(Channel(theirs), 0)
+    service = SlowService()
+    answers: dict[int, dict] = {}
+
+    def answer(request_id: int) -> dict:
+        while request_id not in answers:
+            message = master.recv()
+            if message.get("op") != "push":
+                answers[message["id"]] = message
+        return answers[request_id]
+
+    def apply(request_id: int, generation: int, raw: bytes) -> None:
+        encoded = base64.b64encode(raw).decode()
+        master.send({"id": request_id, "op": "apply", "generation": generation, "raw": encoded, "path": "r"})
+
+    with gevent.Timeout(10):
+        apply(1, 1, b"one")
+        link.first_config()
+        link.serve(service, Changes(), Event())
+        assert answer(1)["generation"] == 1
+        apply(2, 2, b"two")
+        apply(3, 3, b"three")
+        apply(4, 2, b"two")
+        assert answer(2)["ok"] and answer(3)["ok"]
+        late = answer(4)
+        assert late["ok"] is False and "older" in late["errors"][0]
+        assert service.running == b"three" and link.applied == 3
+        apply(5, 3, b"three")
+        assert answer(5)["ok"] and answer(5)["generation"] == 3
+        ours.close()
+
+
+def test_only_a_worker_that_sends_nothing_is_killed():
+    """The heartbeat, in-process with real processes standing in for two workers:
+    one keeps sending (it has a request unanswered, as a slow worker would), the other
+    sends nothing. Only the silent one is killed."""
+    import gevent
+    import gevent.socket
+
+    from gportmap.workers import Channel, Op, WorkerPool, WorkerState
+
+    pool = WorkerPool(2, [])
+    pool.heartbeat_timeout, pool.heartbeat_check = 2.0, 0.05
+    # plain subprocesses: gevent's would install a SIGCHLD handler reaping the
+    # children of the tests that run after this one
+    processes = [subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"]) for _ in range(2)]
+    sockets = [gevent.socket.socketpair() for _ in range(2)]
+    talking, silent = pool.workers
+    for worker, process, (ours, _) in zip(pool.workers, processes, sockets):
+        worker.attach(process, Channel(ours))
+        worker.state = WorkerState.RUNNING
+
+    def talk() -> None:
+        while True:
+            talking.receive({"op": "push", "generation": 1})
+            gevent.sleep(0.05)
+
+    talker = gevent.spawn(talk)
+    unanswered = gevent.spawn(talking.request, Op.REPORT, {"connections": True}, 60)
+    watchdog = gevent.spawn(pool._watch)
+    try:
+        with gevent.Timeout(15):
+            while processes[1].poll() is None:  # the hub runs meanwhile (a deadline, not a wait)
+                gevent.sleep(0.02)
+        assert processes[1].returncode == -signal.SIGKILL
+        assert processes[0].poll() is None and silent.killed and not talking.killed
+        assert not unanswered.ready()
+    finally:
+        pool.stopping = True
+        for greenlet in (talker, unanswered, watchdog):
+            greenlet.kill()
+        for process in processes:
+            process.kill()
+            process.wait()
+        for pair in sockets:
+            for sock in pair:
+                sock.close()
