@@ -24,12 +24,16 @@ setup(
         "gevent-websocket>=0.10.1",
         "jsonschema>=4.18",
         "python-json-logger>=3.1",
-        "pyinotify>=0.9.6",
         # The Prometheus text format and the standard process_* metrics, read
         # through a custom collector at scrape time (see gportmap/metrics.py).
         "prometheus-client>=0.17",
-        # pyinotify imports asyncore, which Python 3.12 removed.
-        'pyasyncore>=1.0.2; python_version >= "3.12"',
+        # Linux only: the rules-file watcher's inotify backend. pyinotify's own
+        # setup refuses to build anywhere but Linux and FreeBSD, and gportmap uses
+        # inotify only on Linux (gportmap.platform.detect); elsewhere the watcher
+        # polls. pyinotify ships no wheel, only a pure-Python sdist.
+        'pyinotify>=0.9.6; sys_platform == "linux"',
+        # pyinotify imports asyncore, which Python 3.12 removed: only pyinotify needs it.
+        'pyasyncore>=1.0.2; python_version >= "3.12" and sys_platform == "linux"',
     ],
     extras_require={
         "test": [
@@ -42,6 +46,7 @@ setup(
             "supervisor>=4.2",  # tests/test_deploy.py runs deploy/supervisord.conf for real
             "PyYAML>=6.0",  # parses deploy/kubernetes/*.yaml and deploy/docker-compose.yml
             "websockify>=0.11",  # the anchor of bench/compare.py's WebSocket rows (tests/test_bench.py)
+            "packaging>=23",  # tests/test_packaging.py evaluates the dependency markers per platform
         ],
         "lint": ["ruff>=0.4"],
     },
@@ -60,7 +65,9 @@ setup(
     },
     classifiers=[
         "Programming Language :: Python :: 3",
-        "Operating System :: OS Independent",
+        "Operating System :: POSIX :: Linux",
+        "Operating System :: MacOS",
+        "Operating System :: Microsoft :: Windows",
         "Topic :: System :: Networking",
         "Framework :: gevent",
     ],

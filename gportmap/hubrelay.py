@@ -26,7 +26,10 @@ runs its accept handler on the hub too (``spawn=None``).
 
 Watchers are stopped and closed before their sockets are: closing a socket does not
 stop a libev watcher, and a reused descriptor number would wake the wrong
-connection. TLS connections and rules with plugins keep the greenlet relay
+connection. No callback lets an exception reach the hub: the hub would stop that
+watcher and the connection would hang, counted open, with nobody to end it. An
+unexpected one (a bug) ends its connection with ``internal_error`` instead,
+counted and logged with its traceback (``gportmap.failures``). TLS connections and rules with plugins keep the greenlet relay
 (``gportmap.relay.Relay``): they may block in ways a hub callback must not.
 """
 
@@ -41,6 +44,7 @@ from collections.abc import Callable
 
 from gevent import get_hub
 
+from gportmap.failures import INTERNAL_ERROR, report_internal_error
 from gportmap.net import connect_error_text
 from gportmap.relay import BUFFER_SIZE, SPLICE_FLAGS, SideError, close_fd, make_pipe, shutdown
 from gportmap.stats import Connection
@@ -120,6 +124,12 @@ class HubRelay:
     def fail(self, exc: SideError) -> None:
         self.abort(f"{exc.side}_error", exc.error.strerror or str(exc.error))
 
+    def crash(self, exc: Exception) -> None:
+        """An unexpected exception in one of this connection's callbacks: counted,
+        logged once with its traceback, and this connection (only) ends."""
+        conn = self.conn
+        self.abort(INTERNAL_ERROR, report_internal_error(conn.stats, conn.client, conn.target, exc))
+
     def direction_ended(self) -> None:
         if self.up.done and self.down.done:
             self._finish("closed", None)
@@ -129,12 +139,15 @@ class HubRelay:
         self.timer.start(self._on_timer)
 
     def _on_timer(self) -> None:
-        remaining = self.conn.last_active + self.idle - _monotonic()
-        self.timer.close()
-        if remaining > 0:
-            self._arm(remaining)
-        else:
-            self.abort("idle_timeout")
+        try:
+            remaining = self.conn.last_active + self.idle - _monotonic()
+            self.timer.close()
+            if remaining > 0:
+                self._arm(remaining)
+            else:
+                self.abort("idle_timeout")
+        except Exception as exc:  # noqa: BLE001 - a bug: see the module docstring
+            self.crash(exc)
 
     def _finish(self, reason: str, error: str | None) -> None:
         """Stop every watcher, then close: the order matters (see the module doc)."""
@@ -212,6 +225,8 @@ class _Direction:
                 self._copy_in()
         except SideError as exc:
             self.relay.fail(exc)
+        except Exception as exc:  # noqa: BLE001 - a bug: see the module docstring
+            self.relay.crash(exc)
 
     def _on_writable(self) -> None:
         try:
@@ -221,6 +236,8 @@ class _Direction:
                 self._flush_tail()
         except SideError as exc:
             self.relay.fail(exc)
+        except Exception as exc:  # noqa: BLE001 - a bug: see the module docstring
+            self.relay.crash(exc)
 
     # -- copying ------------------------------------------------------------------
 
@@ -368,7 +385,8 @@ class HubConnect:
     """A non-blocking connect to the first address of ``addresses`` that answers,
     each tried within ``timeout`` seconds, driven by a write watcher and a timer on
     the hub. Calls ``on_connected(sock)`` or ``on_failed(error)`` exactly once,
-    unless cancelled first."""
+    unless cancelled first. An unexpected exception in its callbacks goes to
+    ``on_crash`` (the connection then ends as ``internal_error``)."""
 
     __slots__ = (
         "addresses",
@@ -376,6 +394,7 @@ class HubConnect:
         "timeout",
         "on_connected",
         "on_failed",
+        "on_crash",
         "sock",
         "watcher",
         "timer",
@@ -388,6 +407,7 @@ class HubConnect:
         timeout: float,
         on_connected: Callable[[_socket.socket], None],
         on_failed: Callable[[OSError], None],
+        on_crash: Callable[[Exception], None] | None = None,
     ) -> None:
         self.loop = get_hub().loop
         self.addresses = addresses
@@ -395,6 +415,7 @@ class HubConnect:
         self.timeout = timeout
         self.on_connected = on_connected
         self.on_failed = on_failed
+        self.on_crash = on_crash
         self.sock: _socket.socket | None = None
         self.watcher = None
         self.timer = None
@@ -446,32 +467,55 @@ class HubConnect:
             self.timer = None
 
     def _on_writable(self) -> None:
-        self._stop()
-        sock, self.sock = self.sock, None
         try:
-            err = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
-        except OSError as exc:
-            err = exc.errno or errno.EBADF
-        if not err:
-            self.on_connected(sock)
-            return
-        sock.close()
-        self._next(OSError(err, os.strerror(err)))
+            self._stop()
+            sock, self.sock = self.sock, None
+            try:
+                err = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+            except OSError as exc:
+                err = exc.errno or errno.EBADF
+            if not err:
+                self.on_connected(sock)
+                return
+            sock.close()
+            self._next(OSError(err, os.strerror(err)))
+        except Exception as exc:  # noqa: BLE001 - a bug: never to the hub (module docstring)
+            self._crash(exc)
 
     def _on_timeout(self) -> None:
-        self._stop()
-        sock, self.sock = self.sock, None
-        sock.close()
-        self._next(TimeoutError("timed out"))
+        try:
+            self._stop()
+            sock, self.sock = self.sock, None
+            sock.close()
+            self._next(TimeoutError("timed out"))
+        except Exception as exc:  # noqa: BLE001 - a bug: never to the hub (module docstring)
+            self._crash(exc)
+
+    def _crash(self, exc: Exception) -> None:
+        self.cancel()
+        if self.on_crash is None:
+            raise exc
+        self.on_crash(exc)
 
 
 class LeanConnection:
     """A plain TCP connection that never has a greenlet: it is accepted in the hub,
     connects to the target with ``HubConnect`` and is relayed by ``HubRelay``.
     ``on_done(reason, error)`` (set before ``start``) is called once at the end,
-    ``connect_failed`` included; ``on_connect_failed()`` counts that failure."""
+    ``connect_failed`` and ``internal_error`` included; ``on_connect_failed()``
+    counts that failure."""
 
-    __slots__ = ("client", "conn", "idle", "zero_copy", "connecting", "relay", "on_done", "on_connect_failed")
+    __slots__ = (
+        "client",
+        "conn",
+        "idle",
+        "zero_copy",
+        "connecting",
+        "relay",
+        "on_done",
+        "on_connect_failed",
+        "finished",
+    )
 
     def __init__(
         self,
@@ -490,34 +534,51 @@ class LeanConnection:
         self.on_connect_failed = on_connect_failed
         self.on_done: Callable[[str, str | None], None] | None = None
         self.relay: HubRelay | None = None
+        self.finished = False  # on_done was called (before a relay took over)
         self.connecting: HubConnect | None = HubConnect(
-            addresses, connect_timeout, self._connected, self._failed
+            addresses, connect_timeout, self._connected, self._failed, self.crash
         )
 
     def start(self) -> None:
         self.connecting.start()
 
     def abort(self, reason: str, error: str | None = None) -> None:
+        """End the connection now, whatever stage it is in; on_done once."""
         if self.relay is not None:
             self.relay.abort(reason, error)
-        elif self.connecting is not None:
+            return
+        if self.finished:
+            return
+        self.finished = True
+        if self.connecting is not None:
             self.connecting.cancel()
             self.connecting = None
-            self.client.close()
-            self.on_done(reason, error)
+        self.client.close()
+        self.on_done(reason, error)
+
+    def crash(self, exc: Exception) -> None:
+        """An unexpected exception while connecting or handing over to the relay."""
+        conn = self.conn
+        self.abort(INTERNAL_ERROR, report_internal_error(conn.stats, conn.client, conn.target, exc))
 
     def _connected(self, target: _socket.socket) -> None:
         self.connecting = None
-        for sock in (self.client, target):  # a relay must not add latency to small writes
-            try:
-                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            except OSError:
-                pass  # already reset: the relay will see it
-        self.relay = HubRelay(self.client, target, self.conn, self.idle, self.zero_copy, on_done=self.on_done)
-        self.relay.start()
+        try:
+            for sock in (self.client, target):  # a relay must not add latency to small writes
+                try:
+                    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+                except OSError:
+                    pass  # already reset: the relay will see it
+            self.relay = HubRelay(self.client, target, self.conn, self.idle, self.zero_copy, on_done=self.on_done)
+            self.relay.start()
+        except Exception as exc:  # noqa: BLE001 - a bug: never to the hub (module docstring)
+            if self.relay is None:
+                target.close()  # the relay that would own it does not exist
+            self.crash(exc)
 
     def _failed(self, error: OSError) -> None:
         self.connecting = None
+        self.finished = True
         self.client.close()
         self.on_connect_failed()
         self.on_done("connect_failed", connect_error_text(error))

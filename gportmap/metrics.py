@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING
 from prometheus_client import CollectorRegistry, PlatformCollector, ProcessCollector, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 
-from gportmap.stats import REJECT_REASONS, UDP_DROP_REASONS
+from gportmap.stats import ERROR_REASONS, REJECT_REASONS, UDP_DROP_REASONS
 
 if TYPE_CHECKING:
     from gportmap.service import Service
@@ -44,6 +44,12 @@ class GportmapCollector:
             "Target connects that were refused, timed out or failed their TLS handshake.",
             labels=rule_labels,
         )
+        errors = CounterMetricFamily(
+            "gportmap_connection_errors",
+            "Connections (udp: sessions) ended by gportmap's own fault, by reason (internal_error: an "
+            "unexpected exception, logged with its traceback as event internal_error).",
+            labels=[*rule_labels, "reason"],
+        )
         received = CounterMetricFamily("gportmap_received_bytes", "Bytes received from clients.", labels=rule_labels)
         sent = CounterMetricFamily("gportmap_sent_bytes", "Bytes sent to clients.", labels=rule_labels)
         udp_sessions = GaugeMetricFamily("gportmap_udp_sessions_active", "Open UDP sessions.", labels=["rule"])
@@ -65,6 +71,8 @@ class GportmapCollector:
             for reason in REJECT_REASONS:
                 rejected.add_metric([*labels, reason], stats.rejected[reason])
             failures.add_metric(labels, stats.connect_failures)
+            for reason in ERROR_REASONS:
+                errors.add_metric([*labels, reason], stats.errors[reason])
             received.add_metric(labels, stats.bytes_received)
             sent.add_metric(labels, stats.bytes_sent)
             if view.protocol == "udp":
@@ -74,7 +82,7 @@ class GportmapCollector:
                 stats.refresh_kernel_drops()  # read from the sockets now, never per datagram
                 for reason in UDP_DROP_REASONS:
                     udp_dropped.add_metric([view.name, reason], stats.udp_dropped[reason])
-        yield from (up, active, total, rejected, failures, received, sent)
+        yield from (up, active, total, rejected, failures, errors, received, sent)
         yield from (udp_sessions, udp_in, udp_out, udp_dropped)
 
         reloads = CounterMetricFamily("gportmap_config_reloads", "Rules file reloads, by result.", labels=["result"])

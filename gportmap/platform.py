@@ -7,13 +7,26 @@ fallbacks are exercised on the one platform the test suite runs on.
 
 from __future__ import annotations
 
+import logging
 import os
 import signal
 import socket
 import sys
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 
+from gportmap.log import get_logger, log_event
 from gportmap.relay import splice_available
+
+logger = get_logger("platform")
+
+#: The soft open-file limit aimed for when the hard limit is unlimited: every
+#: connection costs two descriptors, so this carries about half a million.
+UNLIMITED_FD_TARGET = 1 << 20
+#: macOS ``OPEN_MAX`` (<sys/syslimits.h>): setrlimit(RLIMIT_NOFILE) refuses a soft
+#: limit above ``kern.maxfilesperproc``, and this is the value that always passes
+#: (the hard limit there is usually "unlimited", which is never accepted as such).
+MACOS_OPEN_MAX = 10240
 
 
 @dataclass(frozen=True)
@@ -59,3 +72,71 @@ def detect() -> Features:
         splice=relay != "copy" and sys.platform.startswith("linux") and splice_available(),
         reuse_port=sys.platform.startswith("linux") and hasattr(socket, "SO_REUSEPORT"),
     )
+
+
+def raise_fd_limit() -> int | None:
+    """Lift the soft open-file limit as far as the platform allows; return the soft
+    limit now in force (None: unlimited, or no ``resource`` module as on Windows).
+
+    Every connection costs two descriptors, and the usual soft limit (1024 on
+    Linux, 256 on macOS) would cap a proxy at a few hundred clients. The hard limit
+    is tried first; where the kernel refuses it (macOS above
+    ``kern.maxfilesperproc``, Linux above ``fs.nr_open`` when the hard limit is
+    unlimited) the platform's maximum is tried, then halves of the target, so the
+    result is the most the kernel grants rather than the low default. The hard
+    limit is left as it is, and the soft limit is never lowered."""
+    try:
+        import resource
+    except ImportError:
+        return None
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft == resource.RLIM_INFINITY:
+        return None
+    target = UNLIMITED_FD_TARGET if hard == resource.RLIM_INFINITY else hard
+    for candidate in _fd_limit_candidates(soft, target):
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (candidate, hard))
+        except (ValueError, OSError):  # CPython raises ValueError for EINVAL and EPERM
+            continue
+        if candidate < target:
+            log_event(
+                logger,
+                logging.INFO,
+                "fd_limit_capped",
+                f"open-file limit raised to {candidate}: the kernel refused {target}",
+                open_files=candidate,
+                wanted=target,
+            )
+        return candidate
+    return soft
+
+
+def _fd_limit_candidates(soft: int, target: int) -> Iterator[int]:
+    """Soft limits to try, highest first, each above ``soft``: the target, halves
+    of it, and on macOS the platform's own maxima (``kern.maxfilesperproc``,
+    ``OPEN_MAX``), which are usually what the kernel accepts there."""
+    candidates = {target}
+    if sys.platform == "darwin":
+        per_process = macos_max_files_per_proc()
+        if per_process:
+            candidates.add(min(target, per_process))
+        candidates.add(min(target, MACOS_OPEN_MAX))
+    step = target // 2
+    while step > soft:
+        candidates.add(step)
+        step //= 2
+    yield from sorted((c for c in candidates if c > soft), reverse=True)
+
+
+def macos_max_files_per_proc() -> int | None:
+    """``kern.maxfilesperproc`` through libc's sysctlbyname (no process spawned);
+    None where it cannot be read."""
+    import ctypes
+
+    try:
+        libc = ctypes.CDLL(None)
+        value, size = ctypes.c_int(0), ctypes.c_size_t(ctypes.sizeof(ctypes.c_int))
+        failed = libc.sysctlbyname(b"kern.maxfilesperproc", ctypes.byref(value), ctypes.byref(size), None, 0)
+    except (OSError, AttributeError):
+        return None
+    return value.value if failed == 0 and value.value > 0 else None

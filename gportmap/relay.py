@@ -35,6 +35,7 @@ import gevent
 from gevent.monkey import get_original
 from gevent.socket import wait_read, wait_write
 
+from gportmap.failures import INTERNAL_ERROR, report_internal_error
 from gportmap.plugins import DOWNSTREAM, UPSTREAM, HookError, Reject, log_hook_error
 from gportmap.stats import Connection
 
@@ -216,8 +217,9 @@ class Relay:
     """Relays one connection until both directions have ended or one has failed.
 
     ``run()`` returns the close reason: ``closed`` (both sides finished),
-    ``idle_timeout``, ``client_error`` or ``target_error``; ``error`` then holds the
-    OS error text.
+    ``idle_timeout``, ``client_error``, ``target_error``, ``plugin_error`` or
+    ``internal_error`` (an unexpected exception in either direction, already
+    counted and logged with its traceback); ``error`` then holds the error text.
     """
 
     __slots__ = ("client", "target", "conn", "idle", "pool", "reason", "error", "transform", "zero_copy")
@@ -273,6 +275,9 @@ class Relay:
             if isinstance(exc, HookError):
                 log_hook_error(exc, self.conn.stats.name, self.conn.client)
             self._abort("plugin_error", str(exc))
+        except Exception as exc:  # noqa: BLE001 - a bug: end this connection, not the other direction's wait
+            conn = self.conn
+            self._abort(INTERNAL_ERROR, report_internal_error(conn.stats, conn.client, conn.target, exc))
 
     def _abort(self, reason: str, error: str | None) -> None:
         """Record the first failure and wake the other direction by shutting both sockets."""

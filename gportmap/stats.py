@@ -21,6 +21,10 @@ REJECT_REASONS = ("acl", "limit", "tls", "plugin")
 #: is read from the sockets when the figures are read (``refresh_kernel_drops``),
 #: never per datagram.
 UDP_DROP_REASONS = ("sessions", "acl", "plugin", "error", "kernel")
+#: Connection ends that are gportmap's fault, counted per rule (``gportmap.failures``):
+#: ``internal_error`` is an unexpected exception in a connection's (or a UDP
+#: session's) code, which closed that connection only.
+ERROR_REASONS = ("internal_error",)
 
 
 class RuleStats:
@@ -39,6 +43,7 @@ class RuleStats:
         "udp_packets_received",
         "udp_packets_sent",
         "udp_dropped",
+        "errors",
         "kernel",
     )
     #: What ``counters()`` reports: every figure (not the name, nor the sockets behind ``kernel``).
@@ -57,6 +62,7 @@ class RuleStats:
         self.udp_packets_received = 0  # datagrams from clients
         self.udp_packets_sent = 0  # datagrams to clients
         self.udp_dropped = dict.fromkeys(UDP_DROP_REASONS, 0)
+        self.errors = dict.fromkeys(ERROR_REASONS, 0)  # connections ended by gportmap's fault
         self.kernel: KernelDrops | None = None  # udp: where udp_dropped["kernel"] comes from
 
     #: The attributes that are levels, not running totals: a worker that is gone
@@ -106,6 +112,9 @@ class RuleStats:
                 "total": self.total,
                 "rejected": sum(self.rejected.values()),
                 "rejected_by_reason": dict(self.rejected),
+                # connections (udp: sessions) ended by an unexpected exception: a bug
+                "errors": sum(self.errors.values()),
+                "errors_by_reason": dict(self.errors),
                 # a udp rule's connections are its sessions: active == udp.sessions,
                 # total counts sessions created
                 "counts": "sessions" if self.protocol == "udp" else "connections",

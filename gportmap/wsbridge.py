@@ -32,6 +32,7 @@ import gevent
 from gevent.lock import Semaphore
 
 from gportmap import wsframe
+from gportmap.failures import INTERNAL_ERROR, report_internal_error
 from gportmap.plugins import DOWNSTREAM, UPSTREAM, HookError, Reject, log_hook_error
 from gportmap.relay import (
     WOULD_BLOCK,
@@ -111,15 +112,20 @@ class WsBridge:
             if isinstance(exc, HookError):
                 log_hook_error(exc, self.conn.stats.name, self.conn.client)
             self._abort("plugin_error", str(exc), wsframe.CLOSE_INTERNAL_ERROR)
+        except Exception as exc:  # noqa: BLE001 - a bug: this connection ends (1011), counted and logged
+            conn = self.conn
+            text = report_internal_error(conn.stats, conn.client, conn.target, exc)
+            self._abort(INTERNAL_ERROR, text, wsframe.CLOSE_INTERNAL_ERROR, told="internal error")  # no details out
 
-    def _abort(self, reason: str, error: str | None, close_code: int | None) -> None:
+    def _abort(self, reason: str, error: str | None, close_code: int | None, told: str | None = None) -> None:
+        """End both directions; the WebSocket peer gets a Close with ``close_code``
+        and ``told`` (default: the error text) as its reason."""
         if self.reason is None:
             self.reason, self.error = reason, error
             if close_code is not None and not self._close_sent and self._lock.acquire(blocking=False):
+                told = (error or "") if told is None else told
                 try:  # best effort, never waits: the peer may be the problem
-                    self.ws.send(
-                        self._control(wsframe.OP_CLOSE, wsframe.close_payload(close_code, error or ""))
-                    )
+                    self.ws.send(self._control(wsframe.OP_CLOSE, wsframe.close_payload(close_code, told)))
                     self._close_sent = True
                 except OSError:
                     pass

@@ -1,10 +1,13 @@
-"""Plugins the tests name by dotted path (tests/ is put on the subprocess's PYTHONPATH)."""
+"""Plugins the tests name by dotted path (tests/ is put on the subprocess's PYTHONPATH),
+and a protocol server class that tests register by entry point."""
 
 from __future__ import annotations
 
+import socket
 from typing import Any
 
 from gportmap.plugins import ConnView, Plugin
+from gportmap.protocols.tcp import TcpServer
 
 
 class Boom(Plugin):
@@ -30,3 +33,16 @@ class BrokenInit(Plugin):
 
 class NotAPlugin:
     pass
+
+
+class BuggyTcp(TcpServer):
+    """A protocol of a plugin package with a bug: a client whose first bytes are
+    ``crash`` sends its connection down a code path that raises AttributeError
+    (registered as protocol ``buggy`` by tests/test_internal_errors.py)."""
+
+    def _forward(self, client: socket.socket, conn, view):
+        first = client.recv(64, socket.MSG_PEEK)
+        if first.startswith(b"crash"):
+            settings = None
+            return settings.greeting  # the bug: AttributeError on None
+        return super()._forward(client, conn, view)

@@ -24,6 +24,7 @@ from gevent.server import StreamServer
 
 from gportmap import proxyproto
 from gportmap.config import Rule
+from gportmap.failures import INTERNAL_ERROR, report_internal_error
 from gportmap.log import get_logger, log_event
 from gportmap.net import bind_listener, connect_error_text, set_nodelay
 from gportmap.plugins import ConnView, HookError, PluginChain, Reject, log_hook_error
@@ -224,17 +225,27 @@ class StreamRuleServer:
 
     def account(self, client_text: str, work: Callable[[Connection], Outcome], view: ConnView | None = None) -> None:
         """Run ``work`` as one admitted connection: counted, and logged when it ends
-        (by the hub relay, when ``work`` handed the connection to one)."""
+        (by the hub relay, when ``work`` handed the connection to one). An
+        unexpected exception (a bug here or in a plugin package's protocol) ends
+        this connection only, as ``internal_error``; it is not passed on to the
+        hub, which would log it a second time without the rule or the client."""
         conn = self.open(client_text, view)
-        reason, error = "closed", None
+        reason, error = INTERNAL_ERROR, None  # whatever escapes below is not a clean close
         try:
             reason, error = work(conn)
         except gevent.GreenletExit:
             reason = "stopped"
             raise
+        except (Exception, gevent.Timeout) as exc:  # noqa: BLE001 - contained: see the docstring
+            reason, error = INTERNAL_ERROR, self.internal_error(exc, client_text)
         finally:
             if reason != DETACHED[0]:
                 self.finish(conn, reason, error, view)
+
+    def internal_error(self, exc: BaseException, client_text: str) -> str:
+        """Count and log (with its traceback) an unexpected exception in one of this
+        rule's connections; the caller ends that connection with INTERNAL_ERROR."""
+        return report_internal_error(self.stats, client_text, self.rule.target, exc)
 
     def finish(self, conn: Connection, reason: str, error: str | None, view: ConnView | None = None) -> None:
         if view is not None:
@@ -248,7 +259,7 @@ class StreamRuleServer:
                 log_hook_error(failure, self.rule.name, view.client)
         self.context.stats.close(conn)
         failed = reason == "connect_failed"
-        level = logging.WARNING if failed else logging.INFO
+        level = logging.WARNING if failed or reason == INTERNAL_ERROR else logging.INFO
         if not logger.isEnabledFor(level):
             return  # the common case under load: build no record at all
         fields = {"error": error} if error else {}

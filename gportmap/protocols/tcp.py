@@ -14,6 +14,7 @@ import socket
 import gevent.socket
 from gevent.server import StreamServer
 
+from gportmap.failures import INTERNAL_ERROR
 from gportmap.hubrelay import HubRelay, LeanConnection, adopt
 from gportmap.net import peer_text, set_nodelay
 from gportmap.plugins import ConnView
@@ -59,37 +60,52 @@ class TcpServer(StreamRuleServer):
         return self.lean and self._literal is not None and getattr(self.rule, "proxy_protocol", None) is None
 
     def _handle_in_hub(self, raw: _socket.socket, address: tuple) -> None:
-        """Runs on the hub (``spawn=None``): it must never block."""
+        """Runs on the hub (``spawn=None``): it must never block, nor raise. An
+        unexpected exception raised to the accept loop would be logged without the
+        rule, stop accepting for a while and leave the connection counted open; it
+        ends this connection only, as ``internal_error``."""
         client_text = peer_text(address)
-        if not self.admit(address, client_text):
-            return  # StreamServer closes the client socket
-        conn = self.open(client_text)
-        lean = LeanConnection(
-            adopt(raw),
-            conn,
-            [self._literal],
-            self.rule.connect_timeout,
-            self.rule.idle_timeout,
-            self.context.splice,
-            self._count_connect_failure,
-        )
-        self.adopt_relay(lean, conn)
+        conn = lean = None
+        try:
+            if not self.admit(address, client_text):
+                return  # StreamServer closes the client socket
+            conn = self.open(client_text)
+            lean = LeanConnection(
+                adopt(raw),
+                conn,
+                [self._literal],
+                self.rule.connect_timeout,
+                self.rule.idle_timeout,
+                self.context.splice,
+                self._count_connect_failure,
+            )
+            self.adopt_relay(lean, conn)
+        except Exception as exc:  # noqa: BLE001 - a bug: contained to this connection
+            text = self.internal_error(exc, client_text)
+            if lean is not None and lean.on_done is not None:
+                lean.abort(INTERNAL_ERROR, text)  # reports the end through adopt_relay
+            elif conn is not None:
+                self.finish(conn, INTERNAL_ERROR, text)
 
     def _count_connect_failure(self) -> None:
         self.stats.connect_failures += 1
 
     def _handle(self, raw: socket.socket | _socket.socket, address: tuple) -> None:
         client_text = peer_text(address)
-        if not self.admit(address, client_text):
-            return  # StreamServer closes the client socket
-        if self.lean:
-            self._serve(raw, client_text)
-            return
-        client = gevent.socket.socket(fileno=raw.detach())  # TLS, plugins, tunnels wait on it
         try:
-            self._serve(client, client_text)
-        finally:
-            client.close()
+            if not self.admit(address, client_text):
+                return  # StreamServer closes the client socket
+            if self.lean:
+                self._serve(raw, client_text)
+                return
+            client = gevent.socket.socket(fileno=raw.detach())  # TLS, plugins, tunnels wait on it
+            try:
+                self._serve(client, client_text)
+            finally:
+                client.close()
+        except Exception as exc:  # noqa: BLE001 - a bug before the connection was admitted
+            # (``account`` contains what comes after): logged with the rule, not by the hub.
+            self.internal_error(exc, client_text)
 
     @functools.cached_property
     def lean(self) -> bool:

@@ -26,8 +26,15 @@ sockets are made.
 - A send that would block (a full socket buffer) drops that datagram and counts it
   as ``error``: nothing is buffered and the hub never waits.
 - An ICMP port unreachable from a dead target surfaces as ECONNREFUSED on the
-  connected socket; it is counted as a dropped datagram and the session goes on, so
-  replies flow again as soon as the target is back.
+  connected socket (Windows: WSAECONNRESET, a "reset"); it is counted as a dropped
+  datagram and the session goes on, so replies flow again as soon as the target is
+  back. Windows also reports the ICMP error of a reply to a client that has gone
+  on the next read of the *listening* socket: nothing was read, the listener goes
+  on reading (logged at DEBUG only).
+- An unexpected exception while forwarding (a bug) ends only the session it
+  concerns, with the close reason ``internal_error``: counted, and logged once
+  with its traceback (``gportmap.failures``). It never reaches the hub, which would
+  stop the watcher of the listening socket for good.
 - What the kernel drops on a full receive buffer (listener or session socket) is
   read from the sockets (``SO_MEMINFO``, Linux) only when the figures are read, and
   counted as ``kernel``; a socket's count is folded into the rule's total before it
@@ -50,6 +57,7 @@ import gevent.socket
 from gevent.event import Event
 
 from gportmap.config import Rule
+from gportmap.failures import INTERNAL_ERROR, report_internal_error
 from gportmap.log import get_logger, log_event
 from gportmap.net import bind_listener, peer_text
 from gportmap.plugins import DOWNSTREAM, UPSTREAM, ConnView, HookError, PluginChain, Reject, log_hook_error
@@ -71,10 +79,20 @@ LISTEN_BURST = 64
 REPLY_BURST = 1
 #: Seconds a resolved target host name is reused for new sessions.
 RESOLVE_TTL = 30.0
-#: Errors an ICMP message reports on a connected UDP socket: one datagram was lost,
-#: the session and its socket stay usable.
+#: Errors an ICMP message reports on the next read of a UDP socket: one datagram was
+#: lost, the socket stays usable. Linux says ECONNREFUSED for a port unreachable (and
+#: only on a connected socket); Windows says WSAECONNRESET (Python's
+#: ``errno.ECONNRESET`` there), on connected and listening sockets alike.
 TRANSIENT_ERRORS = frozenset(
-    {errno.ECONNREFUSED, errno.EHOSTUNREACH, errno.ENETUNREACH, errno.EHOSTDOWN, errno.EMSGSIZE}
+    {
+        errno.ECONNREFUSED,
+        errno.ECONNRESET,
+        getattr(errno, "WSAECONNRESET", errno.ECONNRESET),
+        errno.EHOSTUNREACH,
+        errno.ENETUNREACH,
+        errno.EHOSTDOWN,
+        errno.EMSGSIZE,
+    }
 )
 #: Linux ``SO_MEMINFO`` (since 4.6): nine u32 counters of a socket; the ninth,
 #: SK_MEMINFO_DROPS, is what ``/proc/net/udp`` shows as ``drops``.
@@ -280,32 +298,64 @@ class UdpServer:
                     break
                 except OSError as exc:
                     if exc.errno in TRANSIENT_ERRORS:
-                        continue  # an ICMP error queued on the listener; nothing was read
+                        self._icmp_on_listener(exc)  # nothing was read: read on
+                        continue
                     self._listener_failed(exc)
                     break
                 size = len(data)
                 received += 1
                 received_bytes += size
-                session = sessions.get(address)
-                if session is None:
-                    session = self._open(address, now)
-                    if session is None:
-                        continue
-                session.last_active = now
-                session.packets_received += 1
-                session.bytes_received += size
-                if session.view is not None and self.plugins.transforms:
-                    data = self._through_plugins(session, UPSTREAM, data)
-                    if not data:
-                        continue
                 try:
-                    session.upstream.send(data)
-                except OSError as exc:  # a reported ICMP error, a full send buffer, EMSGSIZE
-                    self._drop("error", session.client, f"cannot send to the target: {_error_text(exc)}")
+                    session = sessions.get(address)
+                    if session is None:
+                        session = self._open(address, now)
+                        if session is None:
+                            continue
+                    session.last_active = now
+                    session.packets_received += 1
+                    session.bytes_received += size
+                    if session.view is not None and self.plugins.transforms:
+                        data = self._through_plugins(session, UPSTREAM, data)
+                        if not data:
+                            continue
+                    try:
+                        session.upstream.send(data)
+                    except OSError as exc:  # a reported ICMP error, a full send buffer, EMSGSIZE
+                        self._drop("error", session.client, f"cannot send to the target: {_error_text(exc)}")
+                except Exception as exc:  # noqa: BLE001 - a bug: only this client's session ends
+                    self._internal_error(address, exc, sessions.get(address))
         finally:
             stats = self.stats
             stats.udp_packets_received += received
             stats.bytes_received += received_bytes
+
+    def _icmp_on_listener(self, exc: OSError) -> None:
+        """An ICMP error reported on the listening socket (Windows, after a reply to
+        a client that is gone): that client's problem, not the listener's. DEBUG only:
+        a client that leaves is no event, and the reply was counted as sent."""
+        if not logger.isEnabledFor(logging.DEBUG):
+            return
+        allowed, suppressed = self.context.rejections.allow((self.rule.name, "udp", "icmp"))
+        if allowed:
+            extra = {"suppressed": suppressed} if suppressed else {}
+            log_event(
+                logger,
+                logging.DEBUG,
+                "udp_icmp_error",
+                f"the listening socket reported: {_error_text(exc)}",
+                rule=self.rule.name,
+                listen=self.rule.listen,
+                **extra,
+            )
+
+    def _internal_error(self, address: tuple, exc: Exception, session: Session | None) -> None:
+        """An unexpected exception while serving ``address``: counted and logged with
+        its traceback, and that client's ``session`` (if it has one) ends. The
+        datagram is lost; the listener and the other sessions go on."""
+        text = report_internal_error(self.stats, peer_text(address), self.rule.target, exc)
+        if session is not None:
+            session.error = text
+            self._end_sessions([session], INTERNAL_ERROR)
 
     def _listener_failed(self, exc: OSError) -> None:
         """A read error on the listening socket other than a queued ICMP report: ENOMEM
@@ -447,6 +497,8 @@ class UdpServer:
                     continue
                 sent += 1
                 sent_bytes += len(data)
+        except Exception as exc:  # noqa: BLE001 - a bug: this session ends, the rule goes on
+            self._internal_error(address, exc, session)
         finally:
             if read:  # a reply, even one dropped on the way, is life
                 session.last_active = time.monotonic()
@@ -519,7 +571,7 @@ class UdpServer:
         fields = {"error": session.error} if session.error else {}
         log_event(
             logger,
-            logging.WARNING if session.reason == "error" else logging.INFO,
+            logging.WARNING if session.reason in ("error", INTERNAL_ERROR) else logging.INFO,
             "session_closed",
             f"session closed ({session.reason})",
             rule=self.rule.name,
@@ -604,4 +656,6 @@ def _numeric_address(host: str, port: int) -> tuple[int, tuple] | None:
 def _error_text(exc: OSError) -> str:
     if isinstance(exc, ConnectionRefusedError):
         return "connection refused (port unreachable)"
+    if isinstance(exc, ConnectionResetError):
+        return "connection reset (Windows' report of a port unreachable)"
     return exc.strerror or str(exc)

@@ -14,7 +14,10 @@ module overrides the two places where gevent-websocket falls short for a proxy:
   frames into memory and unmasks byte by byte) the bytes go through ``WsBridge``.
   Nothing per connection is stored on the shared server object.
 
-The upgrade request must arrive within ``handshakeTimeout``.
+The upgrade request must arrive within ``handshakeTimeout``. An unexpected
+exception (a bug) in a connection's handling ends that connection as
+``internal_error`` (``handle_error``): counted and logged once with its
+traceback, instead of pywsgi passing it to the hub without the rule or client.
 """
 
 from __future__ import annotations
@@ -24,10 +27,12 @@ import binascii
 import socket
 
 import gevent
+from gevent import GreenletExit
 from gevent.pywsgi import WSGIServer
 from geventwebsocket.handler import WebSocketHandler
 
 from gportmap import wsframe
+from gportmap.failures import INTERNAL_ERROR
 from gportmap.log import ClientErrorsAsLog, get_logger
 from gportmap.net import peer_text, set_nodelay
 from gportmap.protocols.stream import StreamRuleServer
@@ -42,10 +47,23 @@ class WebSocketServer(StreamRuleServer):
 
     def _make_server(self, listener: socket.socket) -> WSGIServer:
         server = _RuleWSGIServer(
-            listener, _not_an_upgrade, handler_class=_BridgeHandler, spawn=self.pool, log=None, error_log=logger
+            listener,
+            _not_an_upgrade,
+            handler_class=_BridgeHandler,
+            spawn=self.pool,
+            log=None,
+            error_log=logger,
+            environ=self._server_environ(listener),
         )
         server.rule_server = self  # read-only from the handlers
         return server
+
+    def _server_environ(self, listener: socket.socket) -> dict[str, str]:
+        """SERVER_NAME and SERVER_PORT from the rule and the socket. Without them
+        pywsgi's ``start()`` asks the resolver for the listen address's name
+        (``socket.getfqdn``), which yields to the hub: the supervisor's handover of
+        a listening socket from an old server to a new one must not yield."""
+        return {"SERVER_NAME": self.rule.listen_host, "SERVER_PORT": str(listener.getsockname()[1])}
 
 
 class _RuleWSGIServer(WSGIServer):
@@ -56,18 +74,21 @@ class _RuleWSGIServer(WSGIServer):
     def handle(self, sock: socket.socket, address: tuple) -> None:
         owner = self.rule_server
         client_text = peer_text(address)
-        if not owner.admit(address, client_text):
-            return
-        if owner.server_tls is None:
-            super().handle(sock, address)
-            return
-        tls = owner.tls_accept(sock, client_text)
-        if tls is None:
-            return
         try:
-            super().handle(tls, address)
-        finally:
-            tls.close()
+            if not owner.admit(address, client_text):
+                return
+            if owner.server_tls is None:
+                super().handle(sock, address)
+                return
+            tls = owner.tls_accept(sock, client_text)
+            if tls is None:
+                return
+            try:
+                super().handle(tls, address)
+            finally:
+                tls.close()
+        except Exception as exc:  # noqa: BLE001 - a bug outside pywsgi's request handling
+            owner.internal_error(exc, client_text)
 
 
 def _not_an_upgrade(environ: dict, start_response) -> list[bytes]:
@@ -116,6 +137,21 @@ class _BridgeHandler(ClientErrorsAsLog, WebSocketHandler):
     @property
     def logger(self):  # gevent-websocket's own logger would add a handler of its own
         return logger
+
+    def handle_error(self, exc_type: type, exc: BaseException, tb) -> None:
+        """pywsgi's hook for an unexpected exception while handling the request (a
+        bug, not bad client input): the connection ends as ``internal_error``,
+        counted and logged here with its traceback, and gets a 500 if nothing was
+        answered yet. Socket errors and a greenlet's kill keep pywsgi's handling."""
+        if isinstance(exc, (OSError, GreenletExit)) or not isinstance(exc, Exception):
+            super().handle_error(exc_type, exc, tb)
+            return
+        text = self.owner.internal_error(exc, self.client_text)
+        if self.conn is not None:
+            self.outcome = (INTERNAL_ERROR, text)
+        self.close_connection = True
+        if getattr(self, "websocket", None) is not True:  # after the 101 no HTTP answer is left to give
+            self._send_error_response_if_possible(500)
 
     def log_request(self) -> None:
         pass  # one record per connection comes from connection_closed
