@@ -8,6 +8,11 @@ dataclasses. Nothing downstream ever reads the raw JSON.
 Every problem is collected and raised together in one ``ConfigError``, each as
 ``<file>: <json path>: <problem>`` and in document order, so that a user fixes the
 whole file in one pass instead of one error per restart.
+
+Everything here is bounded by the input's size, never worse (issue 15): the file is
+read only if it is a regular file of at most ``MAX_RULES_FILE_BYTES``, at most
+``MAX_ERRORS`` errors are listed (then one line says how many more), checking stops
+after ``MAX_PROBLEMS`` problems, and every message is clipped to ``MAX_ERROR_CHARS``.
 """
 
 from __future__ import annotations
@@ -22,7 +27,8 @@ import os
 import re
 import socket
 import ssl
-from collections.abc import Callable, Iterable
+import stat
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field, replace
 from importlib import resources
 from typing import Any
@@ -37,7 +43,28 @@ from gportmap.protocols import registered as registered_protocols
 from gportmap.security import client_context, parse_network, parse_target_allow, server_context
 
 JsonPath = tuple[str | int, ...]
-Problem = tuple[JsonPath, str]
+Problem = tuple[JsonPath, "str | _UnknownKey"]
+
+#: The largest rules file read, in bytes. A rule with most of its keys set is 250 to
+#: 330 bytes pretty-printed, so 10,000 rules are 2.5-3.3 MB: 16 MiB leaves room for
+#: about 50,000. A larger file is refused unread, so a runaway one (a symlink to
+#: /dev/zero, a log written to the wrong path) costs neither memory (a full 16 MiB
+#: file holds about 7 times its size while parsed) nor minutes of checking (the
+#: checks run at about 1 MB/s, so a full 16 MiB file already takes some 15 s).
+MAX_RULES_FILE_BYTES = 16 * 1024 * 1024
+#: The largest certificate, key or CA file read for ``tls``/``targetTls``, in bytes:
+#: a full CA bundle is well under 1 MiB.
+MAX_TLS_FILE_BYTES = 4 * 1024 * 1024
+#: At most this many errors are listed; a last line says how many more were found.
+MAX_ERRORS = 100
+#: Checking stops after finding this many problems, and the last line says "at
+#: least": a file this broken is not worth more time (a 1 MB array of numbers has
+#: 400,000 problems, and the schema check spends 50-150 microseconds on each).
+MAX_PROBLEMS = 1_000
+#: The longest error line, in characters; longer ones are cut ("...").
+MAX_ERROR_CHARS = 1000
+#: The longest object key shown in a JSON path, in characters.
+MAX_KEY_CHARS = 64
 
 TOP_LEVEL_PROBLEM = 'the file must be a list of rules or an object with "rules"'
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
@@ -180,13 +207,116 @@ def format_address(host: str, port: int) -> str:
 
 
 def load(path: str | os.PathLike[str]) -> Config:
-    """Read and validate the rules file at ``path``."""
+    """Read (``read_rules_file``) and validate the rules file at ``path``."""
+    return parse(read_rules_file(path), path)
+
+
+# --- reading files ----------------------------------------------------------------
+
+#: Never wait: opening a FIFO without O_NONBLOCK blocks until a writer comes, and
+#: O_NOCTTY keeps a terminal device from becoming the process's controlling terminal.
+_OPEN_FLAGS = (
+    os.O_RDONLY
+    | getattr(os, "O_NONBLOCK", 0)
+    | getattr(os, "O_NOCTTY", 0)
+    | getattr(os, "O_CLOEXEC", 0)
+    | getattr(os, "O_BINARY", 0)
+)
+_READ_CHUNK = 1024 * 1024
+_FILE_KINDS = (
+    (stat.S_ISDIR, "a directory"),
+    (stat.S_ISFIFO, "a FIFO (named pipe)"),
+    (stat.S_ISCHR, "a character device"),
+    (stat.S_ISBLK, "a block device"),
+    (stat.S_ISSOCK, "a socket"),
+)
+
+
+class _Unreadable(Exception):
+    """Why a file was not read, worded to follow "cannot read ...: "."""
+
+
+def read_rules_file(path: str | os.PathLike[str]) -> bytes:
+    """The bytes of the rules file at ``path``, or ConfigError with one message naming it.
+
+    Only a regular file of at most ``MAX_RULES_FILE_BYTES`` is read: a FIFO, a device
+    (``rules.json -> /dev/zero``), a directory or an oversized file is refused at once,
+    without blocking and without reading it. Thread-safe and free of gevent: the
+    reload path runs it in a thread pool.
+    """
+    shown = os.fsdecode(path)
     try:
-        with open(path, "rb") as file:
-            data = file.read()
+        return _read_regular_file(path, MAX_RULES_FILE_BYTES)
+    except _Unreadable as exc:
+        raise ConfigError([f"{shown}: cannot read: {exc}"]) from None
+
+
+def _read_regular_file(path: str | os.PathLike[str], limit: int) -> bytes:
+    """At most ``limit`` bytes of the regular file at ``path``, else _Unreadable.
+
+    The path is stat()ed before it is opened, because opening some devices acts (a
+    tape rewinds, a modem line hangs up), and the descriptor is fstat()ed after, since
+    a rename in between may have put something else there.
+    """
+    try:
+        mode = os.stat(path).st_mode
+        if _file_kind(mode) is not None:
+            raise _Unreadable(_not_regular(path, mode))
+        fd = os.open(path, _OPEN_FLAGS)
     except OSError as exc:
-        raise ConfigError([f"{os.fsdecode(path)}: cannot read: {exc.strerror or exc}"]) from exc
-    return parse(data, path)
+        raise _Unreadable(exc.strerror or str(exc)) from None
+    except ValueError as exc:  # a NUL byte in the name
+        raise _Unreadable(str(exc)) from None
+    try:
+        info = os.fstat(fd)
+        if _file_kind(info.st_mode) is not None:
+            raise _Unreadable(_not_regular(path, info.st_mode))
+        if info.st_size > limit:
+            raise _Unreadable(_too_large(info.st_size, limit))
+        data = _read_up_to(fd, limit + 1)
+    except OSError as exc:
+        raise _Unreadable(exc.strerror or str(exc)) from None
+    finally:
+        os.close(fd)
+    if len(data) > limit:  # it grew since the fstat, or st_size is not its size (/proc)
+        raise _Unreadable(_too_large(None, limit))
+    return data
+
+
+def _read_up_to(fd: int, count: int) -> bytes:
+    """Read until end of file or ``count`` bytes, whichever comes first."""
+    chunks = []
+    left = count
+    while left > 0:
+        chunk = os.read(fd, min(left, _READ_CHUNK))
+        if not chunk:
+            break
+        chunks.append(chunk)
+        left -= len(chunk)
+    return b"".join(chunks)
+
+
+def _file_kind(mode: int) -> str | None:
+    """What a file that is not a regular file is ("a FIFO (named pipe)"), or None."""
+    if stat.S_ISREG(mode):
+        return None
+    return next((kind for test, kind in _FILE_KINDS if test(mode)), "not a regular file")
+
+
+def _not_regular(path: str | os.PathLike[str], mode: int) -> str:
+    """``it is a FIFO (named pipe), not a regular file``, naming where a symlink leads."""
+    kind = _file_kind(mode)
+    real = os.path.realpath(path)
+    if os.path.normcase(real) != os.path.normcase(os.path.abspath(path)):
+        return f"it leads to {_clip(real, 200)}, {kind}, not a regular file"
+    return f"it is {kind}, not a regular file"
+
+
+def _too_large(size: int | None, limit: int) -> str:
+    limit_text = f"{limit:,} bytes" + (f" ({limit / 1048576:g} MiB)" if limit >= 1048576 else "")
+    if size is None:
+        return f"the file is larger than the limit of {limit_text}"
+    return f"the file is {size:,} bytes, larger than the limit of {limit_text}"
 
 
 def parse(data: bytes | str, path: str | os.PathLike[str]) -> Config:
@@ -199,20 +329,10 @@ def parse(data: bytes | str, path: str | os.PathLike[str]) -> Config:
     elif not isinstance(document, dict):
         raise ConfigError([f"{shown}: {TOP_LEVEL_PROBLEM} (found {_kind(document)})"])
 
-    problems = _scan(document)
-    schema_problems, invalid_rules = _schema_problems(document)
-    problems += schema_problems
-    rules = _build_rules(document, invalid_rules)
-    problems += _check_rules(rules, document.get("rules", []))
-    problems += _check_settings(document.get("settings"))
-    rules, tls_problems = _attach_tls(rules, document.get("rules", []), os.path.dirname(os.path.abspath(shown)))
-    problems += tls_problems
-    rules, plugin_problems = _attach_plugins(rules, document.get("rules", []))
-    problems += plugin_problems
-    problems += _check_targets(rules, document.get("settings"))
-    if problems:
-        problems.sort(key=lambda problem: _position(document, problem[0]))
-        raise ConfigError([_message(shown, where, what) for where, what in problems])
+    found = _Found(MAX_PROBLEMS)
+    rules = _check(document, os.path.dirname(os.path.abspath(shown)), found)
+    if found.problems:
+        raise _config_error(shown, document, found)
     return Config(
         path=os.path.abspath(shown),
         rules=tuple(rules),
@@ -220,6 +340,65 @@ def parse(data: bytes | str, path: str | os.PathLike[str]) -> Config:
         digest=hashlib.sha256(raw).hexdigest(),
         raw=raw,
     )
+
+
+def _check(document: dict[str, Any], base: str, found: _Found) -> list[Rule]:
+    """Every check, in turn, into ``found``; the rules built from what passed the schema.
+
+    The scan and the schema check stop when ``found`` is full; the checks after them
+    need every schema error known, so they are skipped then (the file is hopeless anyway).
+    """
+    found.extend(_scan(document))
+    invalid_rules: set[int] = set()
+    found.extend(_schema_problems(document, invalid_rules))
+    if found.full:
+        return []
+    items = document.get("rules", [])
+    rules = _build_rules(document, invalid_rules)
+    found.extend(_check_rules(rules, items))
+    found.extend(_check_settings(document.get("settings")))
+    rules, tls_problems = _attach_tls(rules, items, base)
+    found.extend(tls_problems)
+    rules, plugin_problems = _attach_plugins(rules, items)
+    found.extend(plugin_problems)
+    found.extend(_check_targets(rules, document.get("settings")))
+    return rules
+
+
+@dataclass
+class _Found:
+    """The problems found so far, up to ``limit``: past it a check's problems are not
+    even generated (the checks are generators where a file can make them many)."""
+
+    limit: int
+    problems: list[Problem] = field(default_factory=list)
+
+    @property
+    def full(self) -> bool:
+        return len(self.problems) >= self.limit
+
+    def extend(self, problems: Iterable[Problem]) -> None:
+        if self.full:
+            return
+        for problem in problems:
+            self.problems.append(problem)
+            if self.full:
+                return
+
+
+def _config_error(shown: str, document: dict[str, Any], found: _Found) -> ConfigError:
+    """The first ``MAX_ERRORS`` problems in document order, then a line counting the rest."""
+    problems = sorted(found.problems, key=_Positions(document).of)
+    listed = [_message(shown, where, str(what)) for where, what in problems[:MAX_ERRORS]]
+    more = len(problems) - len(listed)
+    if more:
+        at_least = "at least " if found.full else ""
+        stopped = f"checking stopped after {len(problems):,}; " if found.full else ""
+        listed.append(
+            f"{shown}: ... and {at_least}{more:,} more error{'s' if more != 1 else ''} "
+            f"({stopped}only the first {len(listed)} are listed)"
+        )
+    return ConfigError(listed, found=len(problems), complete=not found.full)
 
 
 # --- JSON -------------------------------------------------------------------------
@@ -302,21 +481,28 @@ def _read_json(data: bytes | str, shown: str) -> Any:
         raise ConfigError([f"{shown}: invalid JSON: nested too deeply"]) from None
 
 
-def _scan(document: Any) -> list[Problem]:
-    """Report duplicate keys and bad numbers, which the JSON parser meets before it knows their path."""
-    problems: list[Problem] = []
+_SCANNED = (dict, list, _BadNumber)
+
+
+def _scan(document: Any) -> Iterator[Problem]:
+    """Duplicate keys and bad numbers, which the JSON parser meets before it knows their
+    path, in document order. Only containers and bad numbers get a path built: a file
+    of a million plain numbers costs one isinstance each."""
     stack: list[tuple[JsonPath, Any]] = [((), document)]
     while stack:  # no recursion: json.loads accepts nesting deeper than Python's stack
         path, value = stack.pop()
         if isinstance(value, _BadNumber):
-            problems.append((path, value.problem))
+            yield path, value.problem
         elif isinstance(value, dict):
             for key in getattr(value, "duplicates", ()):
-                problems.append(((*path, key), "duplicate key (a key may appear only once in an object)"))
-            stack.extend(((*path, key), item) for key, item in value.items())
+                yield (*path, key), "duplicate key (a key may appear only once in an object)"
+            stack.extend(((*path, key), item) for key, item in reversed(value.items()) if isinstance(item, _SCANNED))
         elif isinstance(value, list):
-            stack.extend(((*path, index), item) for index, item in enumerate(value))
-    return problems
+            stack.extend(
+                ((*path, index), value[index])
+                for index in range(len(value) - 1, -1, -1)
+                if isinstance(value[index], _SCANNED)
+            )
 
 
 # --- schema -----------------------------------------------------------------------
@@ -329,14 +515,42 @@ def _validator() -> jsonschema.Draft202012Validator:
     schema = json.loads(text)
     # Protocols are whatever is registered: the built-ins and any plugin package's.
     schema["$defs"]["rule"]["properties"]["protocol"]["enum"] = list(registered_protocols())
-    jsonschema.Draft202012Validator.check_schema(schema)
-    return jsonschema.Draft202012Validator(schema)
+    validator_class = jsonschema.validators.extend(
+        jsonschema.Draft202012Validator, validators={"uniqueItems": _unique_items}
+    )
+    validator_class.check_schema(schema)
+    return validator_class(schema)
 
 
-def _schema_problems(document: dict[str, Any]) -> tuple[list[Problem], set[int]]:
-    """Schema errors in readable words, and the indices of the rules that have any."""
-    problems: list[Problem] = []
-    invalid_rules: set[int] = set()
+def _unique_items(validator: Any, unique: bool, instance: Any, schema: dict[str, Any]) -> Iterator[jsonschema.ValidationError]:
+    """``uniqueItems`` in linear time: jsonschema's own falls back to comparing every
+    pair when the items do not sort (strings and one object), minutes for a long list."""
+    if not unique or not validator.is_type(instance, "array"):
+        return
+    try:
+        keys = [_json_key(item) for item in instance]
+    except RecursionError:
+        return  # items nested this deep fail their own type check
+    if len(set(keys)) != len(keys):
+        yield jsonschema.ValidationError("has non-unique elements")  # worded by _describe
+
+
+def _json_key(value: Any) -> Any:
+    """A hashable stand-in equal for equal JSON values (1 == 1.0, but true != 1)."""
+    if isinstance(value, bool):
+        return ("boolean", value)
+    if isinstance(value, (int, float)):
+        return ("number", value)
+    if isinstance(value, list):
+        return ("array", tuple(_json_key(item) for item in value))
+    if isinstance(value, dict):
+        return ("object", frozenset((key, _json_key(item)) for key, item in value.items()))
+    return (type(value).__name__, value)  # str, None, _BadNumber: hashable as they are
+
+
+def _schema_problems(document: dict[str, Any], invalid_rules: set[int]) -> Iterator[Problem]:
+    """Schema errors in readable words, one at a time (the caller stops when it has
+    enough); the index of every rule with an error is added to ``invalid_rules``."""
     missing_seen: set[tuple[JsonPath, str]] = set()
     for error in _validator().iter_errors(document):
         path: JsonPath = tuple(error.absolute_path)
@@ -345,21 +559,17 @@ def _schema_problems(document: dict[str, Any]) -> tuple[list[Problem], set[int]]
         if isinstance(error.instance, _BadNumber):
             continue  # _scan reported it
         if error.validator == "additionalProperties":
-            allowed = list(error.schema.get("properties", {}))
-            problems += [
-                ((*path, key), _unknown_key(key, allowed)) for key in error.instance if key not in allowed
-            ]
+            allowed = tuple(error.schema.get("properties", {}))
+            known = frozenset(allowed)
+            yield from (((*path, key), _UnknownKey(key, allowed)) for key in error.instance if key not in known)
         elif error.validator == "required":
             # jsonschema yields one error per missing key without naming it separately.
             for key in error.validator_value:
                 if key not in error.instance and (path, key) not in missing_seen:
                     missing_seen.add((path, key))
-                    problems.append(
-                        (path, TOP_LEVEL_PROBLEM if not path else f"missing required key {key!r}")
-                    )
+                    yield path, TOP_LEVEL_PROBLEM if not path else f"missing required key {key!r}"
         else:
-            problems.append((path, _describe(error, path)))
-    return problems, invalid_rules
+            yield path, _describe(error, path)
 
 
 def _describe(error: jsonschema.ValidationError, path: JsonPath) -> str:
@@ -382,7 +592,18 @@ def _describe(error: jsonschema.ValidationError, path: JsonPath) -> str:
             return f"{shown} must be greater than {limit}"
         case "pattern" if key in _PATTERN_HINTS:
             return f"{shown} is not a valid {key} ({_PATTERN_HINTS[str(key)]})"
-    return str(error.message)
+        # jsonschema's own words for these quote the whole value, however long.
+        case "pattern":
+            return f"{shown} does not match {_clip(repr(limit))}"
+        case "maxLength":
+            return f"{shown} is too long (at most {limit} characters)"
+        case "maxItems":
+            return f"{shown} is too long (at most {limit} items)"
+        case "uniqueItems":
+            return f"{shown} has non-unique elements"
+        case "oneOf":
+            return f"{shown} is not valid under any of the given schemas"
+    return str(error.message)  # clipped with the rest of the line by _message
 
 
 # --- semantic checks and building -------------------------------------------------
@@ -536,6 +757,7 @@ def _check_rules(rules: list[Rule], items: list[Any]) -> list[Problem]:
     problems += _check_listen(
         rule for rule in rules if rule.enabled and host_problem(rule.listen_host) is None
     )
+    problems += _check_self_loops(rules)
     return problems
 
 
@@ -594,11 +816,10 @@ def _read_file(base: str, path: str, where: JsonPath, problems: list[Problem]) -
     """(absolute path, content) of a file named relative to the rules file's folder."""
     full = os.path.normpath(os.path.join(base, os.path.expanduser(path)))
     try:
-        with open(full, "rb") as file:
-            return full, file.read()
-    except (OSError, ValueError) as exc:  # ValueError: a NUL byte in the name
+        return full, _read_regular_file(full, MAX_TLS_FILE_BYTES)
+    except _Unreadable as exc:
         shown = full if full.isprintable() else _show(full)  # one printable line per error
-        problems.append((where, f"cannot read {shown}: {getattr(exc, 'strerror', None) or exc}"))
+        problems.append((where, f"cannot read {shown}: {exc}"))
         return None
 
 
@@ -681,6 +902,8 @@ def _check_targets(rules: list[Rule], settings: Any) -> list[Problem]:
     if problems:
         return problems
     for rule in rules:
+        if host_problem(rule.target_host) is not None:
+            continue  # reported already; getaddrinfo would raise UnicodeError on some ("a..b")
         try:
             addresses = {
                 info[4][0].split("%", 1)[0]
@@ -688,7 +911,7 @@ def _check_targets(rules: list[Rule], settings: Any) -> list[Problem]:
             }
         except OSError as exc:
             problems.append(
-                (("rules", rule.index, "targetHost"), f"cannot resolve {rule.target_host!r} to check allowTargets: {exc}")
+                (("rules", rule.index, "targetHost"), f"cannot resolve {_show(rule.target_host)} to check allowTargets: {exc}")
             )
             continue
         outside = sorted(a for a in addresses if not any(e.covers(ipaddress.ip_address(a), rule.target_port) for e in allowed))
@@ -696,7 +919,7 @@ def _check_targets(rules: list[Rule], settings: Any) -> list[Problem]:
             problems.append(
                 (
                     ("rules", rule.index),
-                    f"rule {rule.name!r}: target {rule.target} ({', '.join(outside)}) is outside settings.allowTargets",
+                    f"rule {_show(rule.name)}: target {rule.target} ({', '.join(outside)}) is outside settings.allowTargets",
                 )
             )
     return problems
@@ -715,14 +938,14 @@ def _check_names(rules: list[Rule], items: list[Any]) -> list[Problem]:
             problems.append(
                 (
                     ("rules", rule.index, "name"),
-                    f"{rule.name!r} is already used by rules[{earlier.index}]{whose}",
+                    f"{_show(rule.name)} is already used by rules[{earlier.index}]{whose}",
                 )
             )
         else:
             problems.append(
                 (
                     ("rules", rule.index),
-                    f"the default name {rule.name!r} is already used by rules[{earlier.index}]{whose}; "
+                    f"the default name {_show(rule.name)} is already used by rules[{earlier.index}]{whose}; "
                     'set "name" to tell the rules apart',
                 )
             )
@@ -730,27 +953,124 @@ def _check_names(rules: list[Rule], items: list[Any]) -> list[Problem]:
 
 
 def _check_listen(enabled: Iterable[Rule]) -> list[Problem]:
-    """Two enabled rules whose listening sockets would collide at bind time."""
+    """Two enabled rules whose listening sockets would collide at bind time; each rule
+    is reported against the first earlier one it collides with."""
     problems: list[Problem] = []
-    by_port: dict[tuple[str, int], list[Rule]] = {}
+    by_port: dict[tuple[str, int], _PortListeners] = {}
     for rule in enabled:
-        group = by_port.setdefault((rule.transport, rule.listen_port), [])
-        for earlier in group:
-            why = _overlap(earlier.listen_host, rule.listen_host)
-            if why is None:
-                continue
-            other = f"rules[{earlier.index}] ({earlier.name!r})"
-            if why:
-                problem = f"listen address {rule.listen} overlaps {earlier.listen} of {other}: {why}"
-            else:
-                problem = (
-                    f"listen address {rule.listen} is already used by {other}; "
-                    f"two enabled {rule.transport} rules cannot listen on the same address and port"
-                )
-            problems.append((("rules", rule.index), problem))
-            break
-        group.append(rule)
+        listeners = by_port.setdefault((rule.transport, rule.listen_port), _PortListeners())
+        host = _normal_host(rule.listen_host)
+        earlier = listeners.first_collision(host)
+        listeners.add(rule, host)
+        if earlier is None:
+            continue
+        why = _overlap(earlier.listen_host, rule.listen_host)
+        other = f"rules[{earlier.index}] ({_show(earlier.name)})"
+        if why:
+            problem = f"listen address {rule.listen} overlaps {earlier.listen} of {other}: {why}"
+        else:
+            problem = (
+                f"listen address {rule.listen} is already used by {other}; "
+                f"two enabled {rule.transport} rules cannot listen on the same address and port"
+            )
+        problems.append((("rules", rule.index), problem))
     return problems
+
+
+@dataclass
+class _PortListeners:
+    """The enabled rules seen so far on one transport and port, indexed by what a later
+    host collides with (as ``_overlap`` decides), so that checking a rule costs the same
+    however many rules share its port."""
+
+    by_host: dict[Any, Rule] = field(default_factory=dict)  # the first rule per normal host
+    first: Rule | None = None  # collides with a later '::'
+    first_ipv4: Rule | None = None  # the first on an IPv4 address: collides with a later '0.0.0.0'
+    ipv4_wildcard: Rule | None = None  # the first on '0.0.0.0': collides with later IPv4 addresses
+    ipv6_wildcard: Rule | None = None  # the first on '::': collides with everything later
+
+    def first_collision(self, host: Any) -> Rule | None:
+        """The earliest rule so far that a rule listening on ``host`` collides with."""
+        candidates = [self.by_host.get(host), self.ipv6_wildcard]
+        if isinstance(host, ipaddress.IPv4Address):
+            candidates.append(self.ipv4_wildcard)
+            if host.is_unspecified:
+                candidates.append(self.first_ipv4)
+        elif isinstance(host, ipaddress.IPv6Address) and host.is_unspecified:
+            candidates.append(self.first)
+        return min((rule for rule in candidates if rule is not None), key=lambda rule: rule.index, default=None)
+
+    def add(self, rule: Rule, host: Any) -> None:
+        self.by_host.setdefault(host, rule)
+        self.first = self.first or rule
+        if isinstance(host, ipaddress.IPv4Address):
+            self.first_ipv4 = self.first_ipv4 or rule
+            if host.is_unspecified:
+                self.ipv4_wildcard = self.ipv4_wildcard or rule
+        elif isinstance(host, ipaddress.IPv6Address) and host.is_unspecified:
+            self.ipv6_wildcard = self.ipv6_wildcard or rule
+
+
+def _check_self_loops(rules: list[Rule]) -> list[Problem]:
+    """A rule whose target is its own listening address: each connection it makes to
+    the target arrives at its own listener and makes another, until maxConnections (or
+    maxSessions, or the open-file limit) is used up. Only literal hosts and the name
+    "localhost" are compared: no name is looked up. Plugin protocols are left alone
+    (what their target means is theirs to say)."""
+    problems: list[Problem] = []
+    for rule in rules:
+        if (
+            rule.protocol not in BUILTIN_PROTOCOLS
+            or rule.target_port != rule.listen_port
+            or _target_transport(rule) != rule.transport
+            or host_problem(rule.listen_host) is not None  # reported already
+            or host_problem(rule.target_host) is not None
+            or not _reaches(rule.target_host, rule.listen_host)
+        ):
+            continue
+        what = (
+            "every datagram would loop back into it, a new session each time, until maxSessions is used up"
+            if rule.transport == "udp"
+            else "every connection would loop back into it until maxConnections or the open-file limit is used up"
+        )
+        problems.append(
+            (
+                ("rules", rule.index),
+                f"forwards to its own listening address (target {rule.target}, listening on {rule.listen}): {what}",
+            )
+        )
+    return problems
+
+
+def _target_transport(rule: Rule) -> str:
+    """How a rule reaches its target: a tunnel (``targetProtocol: "websocket"``) over
+    TCP, any other rule over its listener's transport."""
+    return "tcp" if rule.target_protocol == "websocket" else rule.transport
+
+
+def _reaches(target_host: str, listen_host: str) -> bool:
+    """Whether connecting to ``target_host`` reaches a listener on ``listen_host`` (same
+    port and transport), judged from the literals: the same host, or a wildcard
+    listener and a target that is this host by a loopback or "any" address or by the
+    name "localhost" (``::`` takes IPv4 too, as ``_overlap`` assumes)."""
+    target, listen = _unmapped(_normal_host(target_host)), _unmapped(_normal_host(listen_host))
+    if target == listen:
+        return True
+    if not isinstance(listen, (ipaddress.IPv4Address, ipaddress.IPv6Address)) or not listen.is_unspecified:
+        return False
+    if target == "localhost":
+        return True
+    if not isinstance(target, (ipaddress.IPv4Address, ipaddress.IPv6Address)):
+        return False
+    this_host = target.is_loopback or target.is_unspecified
+    return this_host and (isinstance(listen, ipaddress.IPv6Address) or isinstance(target, ipaddress.IPv4Address))
+
+
+def _unmapped(host: Any) -> Any:
+    """``::ffff:127.0.0.1`` as ``127.0.0.1``: the same IPv4 address."""
+    if isinstance(host, ipaddress.IPv6Address) and host.ipv4_mapped is not None:
+        return host.ipv4_mapped
+    return host
 
 
 def _overlap(a: str, b: str) -> str | None:
@@ -802,52 +1122,93 @@ def host_problem(host: str) -> str | None:
 
 
 def _message(shown: str, path: JsonPath, problem: str) -> str:
-    return f"{shown}: {format_path(path)}: {problem}" if path else f"{shown}: {problem}"
+    """One error line, clipped to ``MAX_ERROR_CHARS`` whatever the file put in it."""
+    text = f"{shown}: {format_path(path)}: {problem}" if path else f"{shown}: {problem}"
+    return _clip(text, MAX_ERROR_CHARS)
 
 
 def format_path(path: JsonPath) -> str:
-    """``rules[2].listenPort``; a key that is no identifier is written ``["a b"]``."""
+    """``rules[2].listenPort``; a key that is no identifier is written ``["a b"]``, and
+    one longer than ``MAX_KEY_CHARS`` is cut (``["aaaa..."]``)."""
     text = ""
     for step in path:
         if isinstance(step, int):
             text += f"[{step}]"
-        elif _IDENTIFIER.fullmatch(step):
+        elif len(step) <= MAX_KEY_CHARS and _IDENTIFIER.fullmatch(step):
             text += f".{step}" if text else step
         else:
-            text += f"[{json.dumps(step)}]"
+            text += f"[{json.dumps(_clip(step, MAX_KEY_CHARS))}]"
     return text
 
 
-def _position(document: dict[str, Any], path: JsonPath) -> tuple[float, ...]:
-    """Sort key: top-level problems, then settings, then rule by rule, each in document order."""
-    position: list[float] = [{"settings": 1, "rules": 2}.get(str(path[0]), 0) if path else -1]
-    node: Any = document
-    for step in path:
-        if isinstance(node, dict) and step in node:
-            position.append(list(node).index(step))
-        elif isinstance(node, list) and isinstance(step, int) and step < len(node):
-            position.append(step)
-        else:
-            position.append(math.inf)
-            break
-        node = node[step]
-    return tuple(position)
+class _Positions:
+    """Sort keys that put problems in document order: top-level problems, then
+    settings, then rule by rule. Each object's key order is worked out once, not per
+    problem (``list(node).index(key)`` per problem made 40,000 unknown keys quadratic)."""
+
+    def __init__(self, document: dict[str, Any]) -> None:
+        self.document = document  # keeps every node alive, so their id()s stay theirs
+        self._orders: dict[int, dict[Any, int]] = {}
+
+    def of(self, problem: Problem) -> tuple[float, ...]:
+        path = problem[0]
+        position: list[float] = [{"settings": 1, "rules": 2}.get(str(path[0]), 0) if path else -1]
+        node: Any = self.document
+        for step in path:
+            if isinstance(node, dict) and step in node:
+                position.append(self._order(node)[step])
+            elif isinstance(node, list) and isinstance(step, int) and step < len(node):
+                position.append(step)
+            else:
+                position.append(math.inf)
+                break
+            node = node[step]
+        return tuple(position)
+
+    def _order(self, node: dict[str, Any]) -> dict[Any, int]:
+        order = self._orders.get(id(node))
+        if order is None:
+            order = self._orders[id(node)] = {key: index for index, key in enumerate(node)}
+        return order
 
 
-def _unknown_key(key: str, allowed: list[str]) -> str:
-    match = difflib.get_close_matches(key.lower(), [name.lower() for name in allowed], n=1)
-    if not match:
+@dataclass(frozen=True)
+class _UnknownKey:
+    """An unknown key's problem, worded only if it is listed: the "did you mean" costs
+    difflib about 100 µs a key, and a hostile object has tens of thousands of keys."""
+
+    key: str
+    allowed: tuple[str, ...]
+
+    def __str__(self) -> str:
+        return _unknown_key(self.key, self.allowed)
+
+
+def _unknown_key(key: str, allowed: Iterable[str]) -> str:
+    allowed = list(allowed)
+    match = _close_match(key.lower(), [name.lower() for name in allowed])
+    if match is None:
         return "unknown key"
-    suggestion = next(name for name in allowed if name.lower() == match[0])
+    suggestion = next(name for name in allowed if name.lower() == match)
     return f"unknown key (did you mean {suggestion!r}?)"
+
+
+def _close_match(word: str, options: list[str]) -> str | None:
+    """difflib's closest option, skipping words too long to match any: a ratio of 0.6
+    needs the word under 7/3 of the option's length, and difflib indexes every
+    character of the word first (seconds and gigabytes for a 50 MB key)."""
+    if len(word) * 3 > 7 * max((len(option) for option in options), default=0):
+        return None
+    matches = difflib.get_close_matches(word, options, n=1)
+    return matches[0] if matches else None
 
 
 def _choices(value: Any, options: Any) -> str:
     listed = ", ".join(repr(option) for option in options)
-    match = difflib.get_close_matches(value, [str(o) for o in options], n=1) if isinstance(value, str) else []
+    match = _close_match(value, [str(o) for o in options]) if isinstance(value, str) else None
     return (
-        f" (expected one of: {listed}; did you mean {match[0]!r}?)"
-        if match
+        f" (expected one of: {listed}; did you mean {match!r}?)"
+        if match is not None
         else f" (expected one of: {listed})"
     )
 

@@ -18,9 +18,20 @@ class ConfigError(GportmapError):
     ``rules.json: rules[2].listenPort: 70000 is greater than the maximum of 65535``.
     """
 
-    def __init__(self, errors: list[str]) -> None:
+    def __init__(self, errors: list[str], found: int | None = None, complete: bool = True) -> None:
         self.errors = list(errors)
+        #: How many problems were found: more than ``len(errors)`` when the list was
+        #: cut at ``config.MAX_ERRORS`` (its last line then says how many more).
+        self.found = len(self.errors) if found is None else found
+        #: False when checking stopped early (``config.MAX_PROBLEMS``): ``found`` is
+        #: then a lower bound.
+        self.complete = complete
         super().__init__("\n".join(self.errors))
+
+    @property
+    def count(self) -> str:
+        """The number of errors for a summary line: "3 error(s)", "at least 10,000 errors"."""
+        return f"{self.found:,} error(s)" if self.complete else f"at least {self.found:,} errors"
 
 
 class BindError(GportmapError):

@@ -608,7 +608,7 @@ def test_load_missing_file(tmp_path: Path) -> None:
     assert info.value.errors == [f"{missing}: cannot read: No such file or directory"]
     with pytest.raises(ConfigError) as info:
         load(tmp_path)
-    assert info.value.errors == [f"{tmp_path}: cannot read: Is a directory"]
+    assert info.value.errors == [f"{tmp_path}: cannot read: it is a directory, not a regular file"]
 
 
 def test_load_reports_file_errors(tmp_path: Path) -> None:
