@@ -20,8 +20,9 @@ from urllib.parse import parse_qs
 import gevent
 from gevent.pywsgi import WSGIHandler, WSGIServer
 
+from gportmap.applier import OutcomeStatus, ReloadSource
 from gportmap.config import AdminSettings
-from gportmap.errors import BindError, ConfigError
+from gportmap.errors import BindError
 from gportmap.log import ClientErrorsAsLog, get_logger, log_event
 from gportmap.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from gportmap.metrics import build_registry, render
@@ -39,7 +40,15 @@ _STATUS = {
     401: "401 Unauthorized",
     404: "404 Not Found",
     405: "405 Method Not Allowed",
+    500: "500 Internal Server Error",
     503: "503 Service Unavailable",
+}
+_RELOAD_STATUS = {
+    OutcomeStatus.APPLIED: 200,
+    OutcomeStatus.UNCHANGED: 200,
+    OutcomeStatus.INVALID: 400,
+    OutcomeStatus.FAILED: 500,
+    OutcomeStatus.REFUSED: 503,
 }
 
 
@@ -211,12 +220,18 @@ class AdminServer:
         return 200, _json(self.service.open_connections()), "application/json"
 
     def _reload(self, environ: dict) -> tuple[int, bytes, str]:
-        try:
-            changes = self.service.reload("admin")
-        except ConfigError as exc:
-            return 400, _json({"status": "invalid", "errors": exc.errors}), "application/json"
-        assert changes is not None  # a forced reload always applies
-        return 200, _json({"status": "reloaded", **changes.as_fields()}), "application/json"
+        """Queue a reload and answer once the applier served it (with the others that
+        queued meanwhile: ``coalesced`` says how many one apply served)."""
+        outcome = self.service.request_reload(ReloadSource.ADMIN, force=True, wait=True)
+        assert outcome is not None
+        status = _RELOAD_STATUS[outcome.status]
+        body: dict[str, Any] = {"status": "reloaded" if status == 200 else outcome.status.value}
+        if outcome.changes is not None:
+            body.update(outcome.changes.as_fields())
+        if outcome.errors:
+            body["errors"] = list(outcome.errors)
+        body["coalesced"] = outcome.served
+        return status, _json(body), "application/json"
 
     def _page(self, environ: dict) -> tuple[int, bytes, str]:
         return 200, self._dashboard, "text/html; charset=utf-8"

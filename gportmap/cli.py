@@ -18,10 +18,11 @@ import gevent
 from gevent.event import Event
 
 from gportmap import __version__
+from gportmap.applier import ReloadSource
 from gportmap.config import Config, load, parse, parse_listen
 from gportmap.errors import ConfigError, GportmapError
 from gportmap.log import LEVELS, get_logger, log_event, route_gevent_errors, setup_logging
-from gportmap.platform import Features, detect
+from gportmap.platform import Features, detect, raise_fd_limit
 from gportmap.service import Overrides, Service
 from gportmap.stats import StatsRegistry
 from gportmap.supervisor import Supervisor
@@ -33,6 +34,10 @@ logger = get_logger()
 EXIT_OK, EXIT_FATAL, EXIT_USAGE = 0, 1, 2
 MAX_WORKERS = 256
 DEFAULT_RULES = os.path.join("rules", "rules.json")
+#: Seconds a stop waits for a reload in progress before closing the listeners (the
+#: supervisor starts nothing more once they are closed, so this only keeps a reload
+#: from being cut mid-way in the usual case).
+STOP_RELOAD_WAIT = 5.0
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -142,7 +147,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             logger,
             logging.ERROR,
             "config_invalid",
-            f"{path}: the rules file is invalid ({len(exc.errors)} error(s)); nothing started",
+            f"{path}: the rules file is invalid ({exc.count}); nothing started",
             path=path,
             errors=exc.errors,
         )
@@ -221,10 +226,16 @@ def run(
         service.stats_log.log_now("signal")
 
     def on_reload_signal(signum: int) -> None:
-        try:
-            service.reload("signal")
-        except ConfigError:
-            pass  # logged and counted; the running rules stay
+        if link is not None:
+            log_event(
+                logger,
+                logging.WARNING,
+                "reload_ignored",
+                "SIGHUP to a worker is ignored: its master owns the rules file (send SIGHUP to the master)",
+                signal=signum,
+            )
+            return
+        service.request_reload(ReloadSource.SIGNAL)  # queued: the applier logs the outcome
 
     open_files = open_file_limit() if features.fd_limit else None
     if link is not None:
@@ -263,7 +274,7 @@ def run(
         )
     stop.wait()
 
-    service.stop_watching()
+    service.stop_reloading(STOP_RELOAD_WAIT)
     service.stats_log.stop()
     supervisor = service.supervisor
     drain = service.config.settings.drain_timeout
@@ -297,18 +308,3 @@ def open_file_limit() -> int | None:
 
     soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
     return None if soft == resource.RLIM_INFINITY else soft
-
-
-def raise_fd_limit() -> None:
-    """Lift the soft open-file limit to the hard one: every connection costs two
-    descriptors, and the usual soft limit of 1024 would cap a proxy at ~500 clients."""
-    import resource
-
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    if hard == resource.RLIM_INFINITY:
-        hard = max(soft, 1 << 20)
-    if soft < hard:
-        try:
-            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
-        except (ValueError, OSError):
-            pass  # keep the soft limit; EMFILE is handled by the accept back-off

@@ -113,9 +113,17 @@ class BindRetry:
     """When a listener cannot bind (port in use, permission), try again later: after
     ``first`` seconds, doubling up to ``most``. Rules and the admin endpoint share it."""
 
-    def __init__(self, first: float = 1.0, most: float = 30.0) -> None:
-        self.first, self.most = first, most
-        self.delay = first  # what the next schedule() will wait: logged as retry_in
+    #: Seconds before the first retry.
+    first = 1.0
+    #: Seconds between retries at most.
+    most = 30.0
+
+    def __init__(self, first: float | None = None, most: float | None = None) -> None:
+        if first is not None:
+            self.first = first
+        if most is not None:
+            self.most = most
+        self.delay = self.first  # what the next schedule() will wait: logged as retry_in
 
     def schedule(self, attempt):  # -> gevent.Greenlet
         greenlet = gevent.spawn_later(self.delay, attempt)

@@ -1,8 +1,10 @@
 """The running gportmap: one rules file, its supervisor, its watcher, and reloads.
 
-Every way of reloading (the file watcher, SIGHUP, and later ``POST /reload``) goes
-through ``Service.reload``: read the file, validate it, and only then hand it to the
-supervisor. An invalid file changes nothing; the old rules keep serving.
+Every way of reloading (the file watcher, SIGHUP, ``POST /reload``, a worker's
+master) queues into the service's one ``Applier``, which applies one version at a
+time: read the file (bounded, in the thread pool), validate it, and only then hand
+it to the supervisor. An invalid file changes nothing; the old rules keep serving.
+Once gportmap stops, reloads are refused.
 """
 
 from __future__ import annotations
@@ -14,9 +16,12 @@ import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+import gevent
+
 from gportmap import __version__
 from gportmap.admin import AdminServer
-from gportmap.config import AdminSettings, Config, Rule, Settings, parse
+from gportmap.applier import Applier, OutcomeStatus, ReloadOutcome, ReloadRequest, ReloadSource
+from gportmap.config import AdminSettings, Config, Rule, Settings, parse, read_rules_file
 from gportmap.errors import ConfigError, WatcherError
 from gportmap.log import get_logger, log_event, setup_logging
 from gportmap.stats import RuleStats, iso_time
@@ -110,10 +115,16 @@ class Service:
         self.started_at = time.time()
         self.supervisor = backend if backend is not None else Supervisor(splice=splice)
         self.reloads = {"success": 0, "failure": 0}
+        #: The number of the rules version running: 1 at start, +1 per applied reload
+        #: (with workers, the generation each worker acknowledges).
+        self.generation = 1
         self.last_error: list[str] | None = None
         self.loaded_at = time.time()
         self.last_success_at: float | None = None
         self._seen_digest = config.digest
+        #: Every reload goes through here, one at a time (started once the first
+        #: config runs: a SIGHUP during start-up is queued and served after it).
+        self.applier = Applier(self._serve_reload)
         self._watcher: PollWatcher | InotifyWatcher | None = None
         self.admin = AdminServer(self)
         self.stats_log = StatsLogger(self)
@@ -122,6 +133,7 @@ class Service:
         changes = self.supervisor.apply(self.config)
         self._update_watcher()
         self._apply_services()
+        self.applier.start()
         return changes
 
     def _apply_services(self) -> None:
@@ -136,42 +148,57 @@ class Service:
         self.stats_log.stop()
         self.admin.stop()
 
-    def reload(self, source: str, force: bool = True) -> Changes | None:
-        """Load the rules file and apply it. Returns the changes, or None when the
-        content is the one already seen and ``force`` is off (a touch, a no-op save).
-        Raises ConfigError (after logging and counting it) when the file is invalid."""
-        try:
-            with open(self.path, "rb") as file:
-                data = file.read()
-        except OSError as exc:
-            digest = f"unreadable:{exc.errno}"
-            if not force and digest == self._seen_digest:
-                return None
-            self._seen_digest = digest
-            self._fail(
-                source, [f"{self.path}: cannot read: {exc.strerror or exc}; keeping the current rules"]
-            )
-            raise ConfigError(self.last_error or []) from None
-        digest = hashlib.sha256(data).hexdigest()
-        if not force and digest == self._seen_digest:
-            return None
-        self._seen_digest = digest
-        return self.apply_raw(data, source)
+    def request_reload(self, source: ReloadSource, force: bool = True, wait: bool = False) -> ReloadOutcome | None:
+        """Queue a reload of the rules file; with ``wait``, block this greenlet until it
+        is served and return the outcome. ``force`` off (the watcher) skips content
+        already seen."""
+        return self.applier.submit(ReloadRequest(source, force), wait=wait)
 
-    def apply_raw(self, raw: bytes, source: str) -> Changes:
-        """Validate the rules file's bytes and apply them: the end of every reload, and
-        all of a worker's (the bytes its master validated)."""
+    def reload(self, source: ReloadSource = ReloadSource.ADMIN) -> Changes:
+        """Reload now and wait: the changes made, or ConfigError with the errors
+        (invalid rules, or the reload refused because gportmap stops)."""
+        outcome = self.request_reload(source, force=True, wait=True)
+        assert outcome is not None
+        return _changes_or_raise(outcome)
+
+    def apply_raw(self, raw: bytes, source: str = "master") -> Changes:
+        """Apply the rules file's bytes a worker's master validated, through the
+        applier, and wait: the changes, or ConfigError with the errors."""
+        outcome = self.applier.submit(ReloadRequest(ReloadSource.MASTER, True, raw), wait=True)
+        assert outcome is not None
+        return _changes_or_raise(outcome)
+
+    def _serve_reload(self, request: ReloadRequest) -> ReloadOutcome:
+        """The applier's work for one (coalesced) request: read, validate, apply."""
+        source = request.source.value
+        raw = request.raw
+        if raw is None:
+            try:
+                raw = gevent.get_hub().threadpool.apply(read_rules_file, (self.path,))
+            except ConfigError as exc:
+                digest = "unreadable:" + "\n".join(exc.errors)
+                if not request.force and digest == self._seen_digest:
+                    return ReloadOutcome(OutcomeStatus.UNCHANGED)
+                self._seen_digest = digest
+                errors = [f"{error}; keeping the current rules" for error in exc.errors]
+                self._fail(source, errors)
+                return ReloadOutcome(OutcomeStatus.INVALID, errors=tuple(errors))
+        digest = hashlib.sha256(raw).hexdigest()
+        if not request.force and digest == self._seen_digest:
+            return ReloadOutcome(OutcomeStatus.UNCHANGED)
+        self._seen_digest = digest
         try:
             config = parse(raw, self.path)
         except ConfigError as exc:
-            self._fail(source, exc.errors)
-            raise
-        return self._apply(config, source)
+            self._fail(source, exc.errors, exc.count)
+            return ReloadOutcome(OutcomeStatus.INVALID, errors=tuple(exc.errors))
+        return ReloadOutcome(OutcomeStatus.APPLIED, self._apply(config, source))
 
     def _apply(self, config: Config, source: str) -> Changes:
         old_settings = self.config.settings
         changes = self.supervisor.apply(config)
         self.config = config
+        self.generation += 1
         self.reloads["success"] += 1
         self.last_error = None
         self.loaded_at = self.last_success_at = time.time()
@@ -204,25 +231,38 @@ class Service:
         )
         return changes
 
-    def _fail(self, source: str, errors: list[str]) -> None:
+    def _fail(self, source: str, errors: list[str], count: str | None = None) -> None:
+        """Count and log an invalid version; ``count`` words the number of errors when
+        the list is clipped ("at least 1,000 errors")."""
         self.reloads["failure"] += 1
         self.last_error = list(errors)
         log_event(
             logger,
             logging.ERROR,
             "config_invalid",
-            f"{self.path}: new rules rejected ({source}), the running rules stay: {len(errors)} error(s)",
+            f"{self.path}: new rules rejected ({source}), the running rules stay: {count or f'{len(errors)} error(s)'}",
             path=self.path,
             source=source,
             errors=list(errors),
         )
 
     def file_changed(self) -> None:
-        """The watcher's callback: reload if the content differs from what was last seen."""
-        try:
-            self.reload("watcher", force=False)
-        except ConfigError:
-            pass  # logged and counted by reload(); the old rules keep serving
+        """The watcher's callback: queue a reload (never waits, never applies in the
+        watcher's greenlet); the applier skips content already seen."""
+        self.request_reload(ReloadSource.WATCHER, force=False)
+
+    def stop_reloading(self, timeout: float) -> None:
+        """SIGTERM/SIGINT: refuse reloads from now on, and wait (up to ``timeout``) for
+        one in progress, so that nothing opens a listener after the stop closes them."""
+        self.stop_watching()
+        self.applier.close()
+        if not self.applier.join(timeout):
+            log_event(
+                logger,
+                logging.WARNING,
+                "reload_abandoned",
+                f"a reload still in progress after {timeout:g}s is left unfinished: nothing more of it starts",
+            )
 
     def _update_watcher(self) -> None:
         """Start or stop watching as ``settings.watch`` says."""
@@ -267,8 +307,13 @@ class Service:
                 "path": self.path,
                 "loaded_at": iso_time(self.loaded_at),
                 "reloads": dict(self.reloads),
+                "generation": self.generation,
+                "applies": self.applier.applies,
+                "reloading": "refused" if self.applier.closed else "on",
                 "last_error": self.last_error,
-                "watching": self.watch_mode if self._watcher is not None else "off",
+                # "off" also while the watcher restarts after a failure: no watch is in place
+                "watching": self.watch_mode if self._watcher is not None and self._watcher.alive else "off",
+                "watcher_restarts": self._watcher.restarts if self._watcher is not None else 0,
             },
             "connections": {
                 "active": self.supervisor.stats.active,
@@ -299,3 +344,11 @@ class Service:
         if self._watcher is not None:
             self._watcher.stop()
             self._watcher = None
+
+
+def _changes_or_raise(outcome: ReloadOutcome) -> Changes:
+    if outcome.status is OutcomeStatus.APPLIED and outcome.changes is not None:
+        return outcome.changes
+    if outcome.status is OutcomeStatus.UNCHANGED:
+        return Changes()
+    raise ConfigError(list(outcome.errors))

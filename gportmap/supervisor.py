@@ -9,7 +9,12 @@ turns the running set into the one a config asks for, matching rules by
 - a changed rule gets a new server on the *same* listening socket, handed over
   without closing it, so no connection attempt is refused; the old server drains;
 - removed or disabled rules close their listener and drain;
-- added rules start; a rule that cannot bind is retried with back-off.
+- added rules start; a rule that cannot start (bind error, or any exception of
+  its server or plugins) fails alone, is reported and retried with back-off.
+
+A rule's life is one state table (``RuleState``, ``RuleEvent``, ``_TABLE``): every
+step is listed, anything else raises ``StateError``. Applies never overlap: the
+service's ``Applier`` serialises them, and ``apply`` refuses to be entered twice.
 
 Draining servers finish their connections for up to ``drainTimeout`` seconds and are
 then cut. A failure of one rule never touches the others.
@@ -38,20 +43,53 @@ logger = get_logger("supervisor")
 
 
 class RuleState(enum.Enum):
-    STARTING = "starting"
-    RUNNING = "running"
-    FAILED = "failed"
-    DRAINING = "draining"
-    STOPPED = "stopped"
+    """Where one enabled rule's server is in its life (``/stats`` ``state``)."""
+
+    STARTING = "starting"  #: binding its listener (may yield: addresses resolve in a thread pool)
+    RUNNING = "running"  #: accepting
+    FAILED = "failed"  #: could not start; a retry is scheduled
+    DRAINING = "draining"  #: not accepting; its open connections finish (up to drainTimeout)
+    STOPPING = "stopping"  #: retired while starting: whatever the start binds is closed at once
+    STOPPED = "stopped"  #: nothing left: no listener, no connection, no retry
 
 
-_TRANSITIONS: dict[RuleState, frozenset[RuleState]] = {
-    RuleState.STARTING: frozenset({RuleState.RUNNING, RuleState.FAILED}),
-    RuleState.RUNNING: frozenset({RuleState.DRAINING}),
-    RuleState.FAILED: frozenset({RuleState.STARTING, RuleState.STOPPED}),
-    RuleState.DRAINING: frozenset({RuleState.STOPPED}),
-    RuleState.STOPPED: frozenset(),
+class RuleEvent(enum.Enum):
+    """What can happen to a rule's server; ``_TABLE`` says what each does in each state."""
+
+    BOUND = "bound"  #: the start succeeded: the server listens
+    START_FAILED = "start_failed"  #: the start raised (a bind error, or a bug in a server or plugin)
+    RETRY = "retry"  #: the retry back-off ran out: start again
+    RETIRE = "retire"  #: a reload removed or changed the rule, or gportmap stops
+    DRAINED = "drained"  #: its connections finished or the drain deadline passed: the rest is cut
+
+
+#: The complete life cycle, in the manner of h11's ``_state.py``: every (state, event)
+#: pair listed here has one outcome; any other pair is a bug and raises StateError,
+#: loudly, instead of leaving a rule in a state nobody tracks. Retiring is defined in
+#: every state: a rule removed while it is starting (its bind still resolving) ends
+#: in STOPPING, and the start that completes then closes what it bound.
+_TABLE: dict[tuple[RuleState, RuleEvent], RuleState] = {
+    (RuleState.STARTING, RuleEvent.BOUND): RuleState.RUNNING,
+    (RuleState.STARTING, RuleEvent.START_FAILED): RuleState.FAILED,
+    (RuleState.STARTING, RuleEvent.RETIRE): RuleState.STOPPING,
+    (RuleState.RUNNING, RuleEvent.RETIRE): RuleState.DRAINING,
+    (RuleState.FAILED, RuleEvent.RETRY): RuleState.STARTING,
+    (RuleState.FAILED, RuleEvent.RETIRE): RuleState.STOPPED,
+    (RuleState.DRAINING, RuleEvent.RETIRE): RuleState.DRAINING,
+    (RuleState.DRAINING, RuleEvent.DRAINED): RuleState.STOPPED,
+    (RuleState.STOPPING, RuleEvent.BOUND): RuleState.STOPPED,
+    (RuleState.STOPPING, RuleEvent.START_FAILED): RuleState.STOPPED,
+    (RuleState.STOPPING, RuleEvent.RETIRE): RuleState.STOPPING,
+    (RuleState.STOPPED, RuleEvent.RETIRE): RuleState.STOPPED,
 }
+
+
+def next_state(state: RuleState, event: RuleEvent) -> RuleState:
+    """The state after ``event`` in ``state``; StateError if the life cycle has no such step."""
+    try:
+        return _TABLE[(state, event)]
+    except KeyError:
+        raise StateError(f"a rule that is {state.value} cannot take the event {event.value}") from None
 
 
 class StateError(GportmapError):
@@ -77,49 +115,48 @@ class Changes:
 
 
 class RuleRunner:
-    """One enabled rule's server: its state, its retries, its drain."""
+    """One enabled rule's server: its state, its retries, its drain.
+
+    Its server is built at each start, not before: a server whose construction
+    raises (a plugin failing when built for real) fails this rule's start like a
+    bind error does, and is built again at the retry."""
 
     def __init__(self, rule: Rule, context: ServerContext) -> None:
         self.rule = rule
         self.context = context
         self.state = RuleState.STARTING
         self.error: str | None = None
-        self.server = create_server(rule, context)
+        self.server = None  # a protocol server while starting, running or draining
         self._retry: gevent.Greenlet | None = None
         self._backoff = BindRetry()
 
-    def _move(self, new: RuleState) -> None:
-        if new not in _TRANSITIONS[self.state]:
-            raise StateError(f"rule {self.rule.name}: cannot go from {self.state.value} to {new.value}")
-        self.state = new
+    def _on(self, event: RuleEvent) -> RuleState:
+        self.state = next_state(self.state, event)
+        return self.state
 
     def start(self, listener: socket.socket | None = None) -> bool:
-        """Serve on ``listener`` (handed over) or a new socket; on a bind failure
-        report it and schedule a retry."""
+        """Serve on ``listener`` (handed over) or a new socket. Any failure (a bind
+        error, or any exception of the server or its plugins: a bug) fails this rule
+        alone, is reported and retried; a handed-over listener is then closed, so
+        attempts are refused rather than left queueing where nobody accepts."""
         rule = self.rule
         handover = listener is not None
         try:
+            self.server = create_server(rule, self.context)
             if listener is None and self.context.reuse_port:
                 # one of several workers: the socket shares the port with the others
                 sock_type = socket.SOCK_DGRAM if rule.transport == "udp" else socket.SOCK_STREAM
                 listener = bind_listener(rule.listen_host, rule.listen_port, sock_type, reuse_port=True)
             self.server.start(listener)
-        except BindError as exc:
-            self._move(RuleState.FAILED)
-            self.error = str(exc)
-            log_event(
-                logger,
-                logging.ERROR,
-                "rule_failed",
-                f"rule {rule.name} cannot start: {exc}",
-                rule=rule.name,
-                listen=rule.listen,
-                error=self.error,
-                retry_in=self._backoff.delay,
-            )
-            self._retry = self._backoff.schedule(self._try_again)
+        except Exception as exc:  # noqa: BLE001 - contained: one rule fails, never the reload
+            self._discard(listener)
+            if self._on(RuleEvent.START_FAILED) is RuleState.FAILED:
+                self._report_failure(exc)
             return False
-        self._move(RuleState.RUNNING)
+        if self._on(RuleEvent.BOUND) is RuleState.STOPPED:
+            self.server.close()  # retired while it was binding: it never serves
+            self.server = None
+            return False
         self.error = None
         log_event(
             logger,
@@ -134,22 +171,45 @@ class RuleRunner:
         )
         return True
 
+    def _discard(self, listener: socket.socket | None) -> None:
+        """After a failed start: close what the start opened or was handed."""
+        server, self.server = self.server, None
+        if server is not None:
+            try:
+                server.close()
+            except Exception:  # noqa: BLE001 - a half-built server; its socket is closed below
+                pass
+        if listener is not None:
+            listener.close()
+
+    def _report_failure(self, exc: Exception) -> None:
+        rule = self.rule
+        internal = not isinstance(exc, BindError)
+        self.error = f"internal error: {exc!r}"[:300] if internal else str(exc)
+        fields = dict(rule=rule.name, listen=rule.listen, error=self.error, retry_in=self._backoff.delay)
+        message = f"rule {rule.name} cannot start: {self.error}"
+        if internal:  # a bug: its traceback, once
+            logger.error(message, exc_info=exc, extra={"event": "rule_failed", **fields})
+        else:
+            log_event(logger, logging.ERROR, "rule_failed", message, **fields)
+        self._retry = self._backoff.schedule(self._try_again)
+
     def _try_again(self) -> None:
         self._retry = None
-        self._move(RuleState.STARTING)
+        self._on(RuleEvent.RETRY)
         self.start()
 
     def retire(self, keep_listener: bool) -> socket.socket | None:
         """Stop accepting. With ``keep_listener`` the open listening socket is
-        returned for a successor; otherwise it is closed (attempts are refused)."""
+        returned for a successor; otherwise it is closed (attempts are refused).
+        Defined in every state (see ``_TABLE``)."""
         if self._retry is not None:
             self._retry.kill()
             self._retry = None
-        if self.state is not RuleState.RUNNING:
-            if self.state is RuleState.FAILED:
-                self._move(RuleState.STOPPED)
+        was = self.state
+        self._on(RuleEvent.RETIRE)
+        if was is not RuleState.RUNNING:
             return None
-        self._move(RuleState.DRAINING)
         if keep_listener:
             return self.server.release_listener()
         self.server.close()
@@ -161,7 +221,7 @@ class RuleRunner:
             return
         left = self.server.active
         self.server.kill()
-        self._move(RuleState.STOPPED)
+        self._on(RuleEvent.DRAINED)
         log_event(
             logger,
             logging.INFO,
@@ -198,9 +258,27 @@ class Supervisor:
         self.runners: dict[tuple[str, str, int], RuleRunner] = {}
         self.draining: dict[RuleRunner, gevent.Greenlet] = {}
         self.config: Config | None = None
+        #: Set by ``close_listeners``: gportmap stops, no listener opens again.
+        self.closed = False
+        self._applying = False
 
     def apply(self, config: Config) -> Changes:
-        """Make the running rules those of ``config``; see the module docstring."""
+        """Make the running rules those of ``config``; see the module docstring.
+
+        One apply at a time: the service's ``Applier`` serialises every reload, and
+        a second apply entering while one yields is a bug, refused loudly. After
+        ``close_listeners`` (gportmap stops) nothing starts again."""
+        if self.closed:
+            raise StateError("gportmap is stopping: no rule starts again")
+        if self._applying:
+            raise StateError("apply entered twice: reloads must go through the one applier")
+        self._applying = True
+        try:
+            return self._apply(config)
+        finally:
+            self._applying = False
+
+    def _apply(self, config: Config) -> Changes:
         changes = Changes()
         drain = config.settings.drain_timeout
         self.stats.max_active = config.settings.max_connections
@@ -219,18 +297,26 @@ class Supervisor:
             if old is not None and old.rule == rule:
                 changes.unchanged.append(rule.name)
                 continue
+            if self.closed:  # a stop arrived while this apply yielded: start nothing more
+                raise StateError("gportmap is stopping: the rest of this reload is not applied")
             runner = RuleRunner(rule, self.context)
             self.runners[key] = runner
             if old is None:
                 changes.added.append(rule.name)
-                runner.start()
+                runner.start()  # may yield (the bind resolves its address in a thread pool)
             else:
                 changes.changed.append(rule.name)
-                listener = old.retire(keep_listener=True)
-                runner.start(listener)  # same greenlet, no yield: the socket never closes
+                self.hand_over(old, runner)
                 self._drain_later(old, drain)
         self.config = config
         return changes
+
+    def hand_over(self, old: RuleRunner, new: RuleRunner) -> None:
+        """A changed rule: the old server stops accepting and the new one serves on
+        the same open socket, in one go without yielding, so that no connection
+        attempt is refused (they wait in the kernel's backlog for the instant between)."""
+        listener = old.retire(keep_listener=True)
+        new.start(listener)
 
     def _cap_by_open_files(self, config: Config) -> None:
         """Hold the connection limit within what ``ulimit -n`` allows; say so once."""
@@ -292,7 +378,9 @@ class Supervisor:
         return []
 
     def close_listeners(self) -> None:
-        """Stop accepting on every rule at once: new connection attempts are refused."""
+        """Stop accepting on every rule at once: new connection attempts are refused,
+        and from now on nothing starts again (retries included)."""
+        self.closed = True
         for runner in self.runners.values():
             runner.retire(keep_listener=False)
 

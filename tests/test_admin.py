@@ -178,7 +178,7 @@ def test_reload_endpoint_applies_or_reports_errors(start_gportmap, echo_target):
     extra = tcp_rule(free_port(), echo_target.port, name="extra")
     gp.rules_path.write_text(json.dumps({"settings": {"watch": False}, "rules": rules + [extra]}))
     result = gp.admin_json("/reload", "POST")
-    assert result == {"status": "reloaded", "added": ["extra"], "changed": [], "removed": [], "unchanged": ["web"]}
+    assert result == {"status": "reloaded", "added": ["extra"], "changed": [], "removed": [], "unchanged": ["web"], "coalesced": 1}
     gp.rules_path.write_text('{"rules": [{"protocol": "tcp"}]}')
     status, body, _ = gp.admin("/reload", "POST")
     assert status == 400

@@ -12,7 +12,7 @@ from conftest import free_port, tcp_rule
 from gevent.server import StreamServer
 
 from gportmap.config import parse
-from gportmap.supervisor import RuleRunner, RuleState, StateError, Supervisor
+from gportmap.supervisor import RuleEvent, RuleRunner, RuleState, StateError, Supervisor
 
 
 def _echo(sock, _address) -> None:
@@ -99,14 +99,14 @@ def test_the_life_cycle_rejects_impossible_transitions(echo_server):
     config = config_of(tcp_rule(free_port(), echo_server.server_port, name="web"))
     runner = RuleRunner(config.rules[0], Supervisor().context)
     assert runner.state is RuleState.STARTING
-    with pytest.raises(StateError, match="cannot go from starting to draining"):
-        runner._move(RuleState.DRAINING)
+    with pytest.raises(StateError, match="starting cannot take the event drained"):
+        runner._on(RuleEvent.DRAINED)
     assert runner.start()
-    with pytest.raises(StateError, match="cannot go from running to starting"):
-        runner._move(RuleState.STARTING)
+    with pytest.raises(StateError, match="running cannot take the event retry"):
+        runner._on(RuleEvent.RETRY)
     runner.retire(keep_listener=False)
     assert runner.state is RuleState.DRAINING
     runner.finish()
     assert runner.state is RuleState.STOPPED
     with pytest.raises(StateError):
-        runner._move(RuleState.RUNNING)
+        runner._on(RuleEvent.BOUND)
