@@ -4,15 +4,26 @@ Every record carries an ``event`` name (``connection_closed``, ``rule_started``.
 and its fields as ``extra``; the formatters only decide how they look. Warnings and
 gevent's hub errors are routed through here so that, in JSON mode, every line on
 stderr is one JSON object.
+
+Nothing here writes to stderr from the hub: a record is formatted where it is logged
+and handed to a bounded queue that one native thread writes out (``StderrQueue``).
+A stderr that nobody reads (a full pipe) then costs log lines, counted and reported
+as ``log_records_dropped``, never the forwarding itself.
 """
 
 from __future__ import annotations
 
+import atexit
+import copy
 import logging
+import os
+import select
 import sys
 import time
+from collections import deque
 from typing import Any
 
+from gevent import monkey
 from pythonjsonlogger.json import JsonFormatter
 
 LOGGER_NAME = "gportmap"
@@ -104,11 +115,16 @@ class EventJsonFormatter(JsonFormatter):
 
 def setup_logging(log_format: str = "text", level: str = "INFO", worker: int | None = None) -> None:
     """(Re)configure the root handler; called again once the rules file's settings are
-    known. In a worker process every record carries ``worker`` (its index)."""
-    handler = logging.StreamHandler(sys.stderr)
+    known. In a worker process every record carries ``worker`` (its index).
+
+    Records go through the process's one ``StderrQueue`` whatever the format, so a
+    change of format on reload keeps the queue, its writer and its drop count."""
+    queue = stderr_queue()
+    handler = StderrQueueHandler(queue)
     handler.setFormatter(EventJsonFormatter() if log_format == "json" else TextFormatter())
     if worker is not None:
         handler.addFilter(_WorkerField(worker))
+    queue.report_with(handler)
     root = logging.getLogger()
     for old in list(root.handlers):
         root.removeHandler(old)
@@ -117,6 +133,254 @@ def setup_logging(log_format: str = "text", level: str = "INFO", worker: int | N
     root.setLevel(level.upper())
     logging.captureWarnings(True)
     logging.getLogger("py.warnings").propagate = True
+
+
+_start_native_thread = monkey.get_original("_thread", "start_new_thread")
+_native_select = monkey.get_original("select", "select")
+DROP_EVENT = "log_records_dropped"
+
+
+class StderrQueue:
+    """A bounded queue of formatted log lines and the one native thread that writes
+    them to the stderr descriptor.
+
+    Why a native thread: a write to a pipe nobody reads blocks, and on the hub it
+    blocks every connection of the process. The hub side (``put``) only appends to a
+    ``deque`` (atomic in CPython) and, when the writer sleeps, writes one byte to a
+    non-blocking wake-up pipe; it never takes a lock the writer holds and never waits.
+    When the queue is full the line is dropped and counted; once the writer has
+    written every line queued before the drops it writes one ``log_records_dropped``
+    record, in the current format, so the gap shows where it happened.
+
+    Each counter has one owner thread (``_bytes_in``/``_dropped`` the producers,
+    which ``logging.Handler.handle`` already serialises under the handler's lock;
+    ``_bytes_out``/``_written``/``_lost``/``_reported`` the writer), so no
+    read-modify-write is ever shared between threads.
+
+    The writer is started with the thread function gevent saved before patching
+    (``gevent.monkey.get_original``), as gevent's own thread pool does: with the
+    process monkeypatched, ``threading.Thread`` would start a greenlet.
+    """
+
+    #: Most lines waiting for the writer; a record beyond is dropped (and counted).
+    max_lines: int = 10_000
+    #: Most bytes (encoded lines) waiting for the writer; a record beyond is dropped.
+    max_bytes: int = 8 * 1024 * 1024
+    #: Bytes per write(2): whole lines up to PIPE_BUF, so that a write to a pipe that
+    #: worker processes share is atomic (a longer line is written on its own).
+    write_size: int = getattr(select, "PIPE_BUF", 512)
+    #: Seconds the exit flush (atexit) waits for the writer: a stderr that nobody
+    #: reads delays the exit by at most this much.
+    exit_flush_timeout: float = 5.0
+    #: Seconds between two looks at the queue while a flush waits for the writer.
+    flush_poll_interval: float = 0.005
+
+    def __init__(self, fd: int, encoding: str = "utf-8") -> None:
+        self.fd = fd
+        self.encoding = encoding
+        self._lines: deque[bytes] = deque()
+        self._bytes_in = self._bytes_out = 0
+        self._dropped = self._lost = self._reported = self._written = 0
+        self._report_after: int | None = None
+        self._reporter: tuple[logging.Formatter, logging.LogRecord] = (
+            TextFormatter(),
+            _drop_record_template(logging.Filterer()),
+        )
+        self._busy = self._stopping = False
+        self._wake_pending = False
+        self._wake_read, self._wake_write = os.pipe()
+        os.set_blocking(self._wake_write, False)
+        _start_native_thread(self._run, ())
+
+    # -- the producers' side (the hub): never blocks ---------------------------------
+
+    def put(self, line: bytes) -> bool:
+        """Queue one encoded line; False (and counted) if the queue is full."""
+        queued = self._bytes_in - self._bytes_out
+        if len(self._lines) >= self.max_lines or queued + len(line) > self.max_bytes:
+            self.count_dropped()
+            return False
+        self._bytes_in += len(line)
+        self._lines.append(line)
+        self._wake()
+        return True
+
+    def count_dropped(self) -> None:
+        """Count a record that will not be written (full queue, unformattable)."""
+        self._dropped += 1
+        self._wake()  # an idle writer reports it
+
+    def _wake(self) -> None:
+        if self._wake_pending or self._stopping:
+            return
+        self._wake_pending = True
+        try:
+            os.write(self._wake_write, b"\0")
+        except BlockingIOError:
+            pass  # wake-ups already pending: the writer will look
+
+    def report_with(self, handler: logging.Handler) -> None:
+        """Format later drop records as ``handler`` formats (its format, its filters:
+        the ``worker`` field)."""
+        self._reporter = (handler.formatter or TextFormatter(), _drop_record_template(handler))
+
+    def dropped(self) -> int:
+        """Records dropped so far: queue full, unformattable, or a failed write."""
+        return self._dropped + self._lost
+
+    def idle(self) -> bool:
+        """Every queued line written and every drop reported (or given up on)."""
+        return not self._lines and not self._busy and self.dropped() == self._reported
+
+    def flush(self, timeout: float) -> bool:
+        """Wait up to ``timeout`` seconds for the writer to drain; True if it did.
+
+        Polls with ``time.sleep`` (gevent's when patched): the hub keeps running."""
+        deadline = time.monotonic() + timeout
+        self._wake()
+        while not self.idle():
+            if time.monotonic() >= deadline:
+                return False
+            time.sleep(self.flush_poll_interval)
+        return True
+
+    def close(self) -> None:
+        """Let the writer end once the queue is drained; nothing may be put after.
+        (The process's own queue is never closed: it writes until exit.)"""
+        self._stopping = True
+        os.close(self._wake_write)  # the writer reads end-of-file, drains and ends
+
+    # -- the writer's side (a native thread): blocking writes ------------------------
+
+    def _run(self) -> None:
+        while True:
+            woken = os.read(self._wake_read, 512)  # sleeps until a producer wakes it
+            self._wake_pending = False
+            self._drain()
+            if not woken:  # close()
+                os.close(self._wake_read)
+                return
+
+    def _drain(self) -> None:
+        self._busy = True
+        try:
+            while self._lines:
+                self._write_batch()
+                self._report_drops()
+            self._report_drops()
+        finally:
+            self._busy = False
+
+    def _write_batch(self) -> None:
+        batch = [self._lines.popleft()]
+        size = len(batch[0])
+        while self._lines and size + len(self._lines[0]) <= self.write_size:
+            line = self._lines.popleft()
+            batch.append(line)
+            size += len(line)
+        self._bytes_out += size
+        try:
+            self._write_all(b"".join(batch))
+        except OSError:
+            self._lost += len(batch)  # stderr closed or broken: counted, not retried
+        self._written += len(batch)
+
+    def _write_all(self, data: bytes) -> None:
+        view = memoryview(data)
+        while view:
+            try:
+                view = view[os.write(self.fd, view) :]
+            except BlockingIOError:  # someone made the descriptor non-blocking
+                _native_select((), (self.fd,), ())
+
+    def _report_drops(self) -> None:
+        """Write one drop record once every line queued before the drops is out."""
+        dropped = self.dropped()
+        if dropped == self._reported:
+            return
+        if self._report_after is None:
+            self._report_after = self._written + len(self._lines)
+        if self._written < self._report_after:
+            return
+        self._report_after = None
+        count, self._reported = dropped - self._reported, dropped
+        try:
+            self._write_all(self._drop_line(count, dropped))
+        except Exception:  # a writer that died here would end all logging
+            pass  # the report is lost, the counter (and the metric) still count
+
+    def _drop_line(self, count: int, total: int) -> bytes:
+        formatter, template = self._reporter
+        record = copy.copy(template)  # no LogRecord.__init__ in this thread
+        record.created = time.time()
+        record.msecs = record.created % 1 * 1000
+        record.msg = f"{count} log record(s) dropped: stderr was not read fast enough"
+        record.dropped = count
+        record.dropped_total = total
+        return (formatter.format(record) + "\n").encode(self.encoding, "backslashreplace")
+
+
+def _drop_record_template(filters: logging.Filterer) -> logging.LogRecord:
+    """The record a drop report copies, passed through ``filters`` (a handler).
+
+    Built on the caller's side: the writer thread never creates a LogRecord, whose
+    constructor asks the (monkeypatched) ``threading`` module who is running."""
+    record = logging.LogRecord(get_logger("log").name, logging.WARNING, __file__, 0, "", (), None)
+    record.event = DROP_EVENT
+    filters.filter(record)
+    return record
+
+
+class StderrQueueHandler(logging.Handler):
+    """Formats a record where it is logged (cheap, no I/O) and hands the line to a
+    ``StderrQueue``: emitting never blocks, whatever stderr's reader does."""
+
+    def __init__(self, queue: StderrQueue) -> None:
+        super().__init__()
+        self.queue = queue
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            line = (self.format(record) + "\n").encode(self.queue.encoding, "backslashreplace")
+        except Exception:  # a field that cannot be shown: counted, never a stderr traceback
+            self.queue.count_dropped()
+            return
+        self.queue.put(line)
+
+    def flush(self) -> None:
+        """Nothing: ``flush_logs`` waits for the writer, once, with a bound (called
+        at exit); ``logging.shutdown`` calling this per handler must not wait again."""
+
+
+_queue: StderrQueue | None = None
+
+
+def stderr_queue() -> StderrQueue:
+    """The process's queue to stderr, started on first use; flushed at exit."""
+    global _queue
+    if _queue is None:
+        try:
+            sys.stderr.flush()  # what was printed before goes out first
+            fd = sys.stderr.fileno()
+        except (AttributeError, ValueError, OSError):
+            fd = 2
+        _queue = StderrQueue(fd, getattr(sys.stderr, "encoding", None) or "utf-8")
+        atexit.register(flush_logs)
+    return _queue
+
+
+def flush_logs(timeout: float | None = None) -> bool:
+    """Wait (at most ``timeout`` seconds, default ``StderrQueue.exit_flush_timeout``)
+    until every record logged so far is written; True if it was. Runs at exit on
+    its own (atexit), so a fatal error before the run loop still shows."""
+    if _queue is None:
+        return True
+    return _queue.flush(_queue.exit_flush_timeout if timeout is None else timeout)
+
+
+def dropped_records() -> int:
+    """Log records dropped since start (stderr not read fast enough): for metrics."""
+    return _queue.dropped() if _queue is not None else 0
 
 
 class _WorkerField(logging.Filter):
