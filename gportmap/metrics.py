@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING
 from prometheus_client import CollectorRegistry, PlatformCollector, ProcessCollector, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 
+from gportmap.log import dropped_records
 from gportmap.stats import ERROR_REASONS, REJECT_REASONS, UDP_DROP_REASONS
 
 if TYPE_CHECKING:
@@ -94,6 +95,11 @@ class GportmapCollector:
             "gportmap_config_last_reload_success_timestamp_seconds",
             "Unix time of the last successful load of the rules file.",
             value=last if last is not None else self.service.started_at,
+        )
+        yield CounterMetricFamily(
+            "gportmap_log_records_dropped",
+            "Log records this process dropped because stderr was not read fast enough.",
+            value=dropped_records(),
         )
 
 
