@@ -27,13 +27,10 @@ setup(
         # The Prometheus text format and the standard process_* metrics, read
         # through a custom collector at scrape time (see gportmap/metrics.py).
         "prometheus-client>=0.17",
-        # Linux only: the rules-file watcher's inotify backend. pyinotify's own
-        # setup refuses to build anywhere but Linux and FreeBSD, and gportmap uses
-        # inotify only on Linux (gportmap.platform.detect); elsewhere the watcher
-        # polls. pyinotify ships no wheel, only a pure-Python sdist.
-        'pyinotify>=0.9.6; sys_platform == "linux"',
-        # pyinotify imports asyncore, which Python 3.12 removed: only pyinotify needs it.
-        'pyasyncore>=1.0.2; python_version >= "3.12" and sys_platform == "linux"',
+        # Nothing platform-specific: the rules-file watcher reads inotify through
+        # ctypes over libc (gportmap/inotify.py) and polls where there is none, so
+        # every dependency installs from a wheel on Linux, macOS and Windows
+        # (tests/test_packaging.py resolves them for each).
     ],
     extras_require={
         "test": [

@@ -15,6 +15,7 @@ import sys
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 
+from gportmap import inotify
 from gportmap.log import get_logger, log_event
 from gportmap.relay import splice_available
 
@@ -35,7 +36,9 @@ class Features:
     posix_signals: bool
     #: The open-file limit can be raised (``resource``): POSIX only.
     fd_limit: bool
-    #: inotify can watch the rules folder (pyinotify imports): Linux only.
+    #: The kernel offers inotify for the rules-file watcher (``gportmap.inotify.available``:
+    #: Linux, libc has it, an instance can be made): Linux only. Elsewhere, and where
+    #: the watch cannot be set up when it starts, the watcher polls.
     inotify: bool
     #: splice(2) moves TCP bytes without copying them through Python: Linux only.
     #: ``GPORTMAP_RELAY=copy`` turns it off, ``splice`` insists on it.
@@ -55,7 +58,7 @@ def portable_mode() -> bool:
 def _can_import(module: str) -> bool:
     try:
         __import__(module)
-    except Exception:  # noqa: BLE001 - any import failure means "not here" (pyinotify raises its own)
+    except ImportError:
         return False
     return True
 
@@ -68,7 +71,7 @@ def detect() -> Features:
     return Features(
         posix_signals=hasattr(signal, "SIGHUP") and hasattr(signal, "SIGUSR1"),
         fd_limit=_can_import("resource"),
-        inotify=sys.platform.startswith("linux") and _can_import("pyinotify"),
+        inotify=inotify.available(),
         splice=relay != "copy" and sys.platform.startswith("linux") and splice_available(),
         reuse_port=sys.platform.startswith("linux") and hasattr(socket, "SO_REUSEPORT"),
     )

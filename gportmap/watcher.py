@@ -20,8 +20,12 @@ and move its watches (``watcher_rearmed``). As a backstop for what no event repo
 and passed on; the callback compares content digests, so a spurious call costs a
 read and changes nothing.
 
-Where inotify is not available (not Linux), or when ``GPORTMAP_WATCHER=poll`` forces
-it, a polling watcher compares (mtime, size, inode, device) twice a second.
+inotify itself is a small ctypes binding over libc (gportmap.inotify). Where it is
+not available (not Linux, a kernel or sandbox without it: ``Features.inotify``),
+where it cannot be set up when the watch starts (the instance or watch limit
+reached: ``InotifyWatcher`` raises WatcherError, the caller logs
+``watcher_fallback``), or when ``GPORTMAP_WATCHER=poll`` forces it, a polling
+watcher compares (mtime, size, inode, device) twice a second.
 ``GPORTMAP_WATCHER=off`` disables watching.
 
 Both watchers contain their failures: an exception out of the callback is logged as
@@ -33,15 +37,12 @@ file. ``alive`` says whether a watch is in place right now.
 
 from __future__ import annotations
 
-import ctypes
 import enum
-import functools
 import logging
 import os
 import stat
-import struct
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import gevent
@@ -49,6 +50,7 @@ from gevent import getcurrent
 from gevent.socket import wait_read
 
 from gportmap.errors import WatcherError
+from gportmap.inotify import Inotify, InotifyEvent, Mask
 from gportmap.log import get_logger, log_event
 from gportmap.platform import Features
 
@@ -225,26 +227,7 @@ class PollWatcher(_SelfRestarting):
         pass
 
 
-# -- inotify: a thin binding, and what to watch ---------------------------------------
-
-
-class Mask(enum.IntFlag):
-    """inotify(7) event and flag bits (the kernel's ABI)."""
-
-    MODIFY = 0x2
-    ATTRIB = 0x4
-    CLOSE_WRITE = 0x8
-    MOVED_FROM = 0x40
-    MOVED_TO = 0x80
-    CREATE = 0x100
-    DELETE = 0x200
-    DELETE_SELF = 0x400
-    MOVE_SELF = 0x800
-    UNMOUNT = 0x2000
-    Q_OVERFLOW = 0x4000
-    IGNORED = 0x8000
-    ONLYDIR = 0x01000000
-    DONT_FOLLOW = 0x02000000
+# -- what to watch ----------------------------------------------------------------------
 
 
 #: A folder entry appeared, went, or was renamed over: what replacing a symlink or a
@@ -258,99 +241,6 @@ SELF_EVENTS = Mask.DELETE_SELF | Mask.MOVE_SELF
 #: After any of these the watch no longer follows the path (IGNORED and UNMOUNT
 #: come without asking).
 GONE_EVENTS = SELF_EVENTS | Mask.UNMOUNT | Mask.IGNORED
-
-
-@dataclass(frozen=True)
-class InotifyEvent:
-    """One event as the kernel reports it: the watch, what happened, and the entry
-    of the watched folder it names ("" for the folder itself)."""
-
-    wd: int
-    mask: int
-    name: str
-
-
-_EVENT_HEADER = struct.Struct("iIII")  # struct inotify_event: wd, mask, cookie, len
-
-
-def parse_events(data: bytes) -> Iterator[InotifyEvent]:
-    """The events in one ``read`` of an inotify descriptor. Names are decoded as the
-    os module does (undecodable bytes kept as surrogates), so no file name can make
-    this raise."""
-    offset = 0
-    while offset + _EVENT_HEADER.size <= len(data):
-        wd, mask, _cookie, length = _EVENT_HEADER.unpack_from(data, offset)
-        start = offset + _EVENT_HEADER.size
-        name = data[start : start + length].split(b"\0", 1)[0]
-        offset = start + length
-        yield InotifyEvent(wd, mask, os.fsdecode(name))
-
-
-@functools.cache
-def _libc() -> ctypes.CDLL:
-    libc = ctypes.CDLL(None, use_errno=True)
-    libc.inotify_init1.argtypes = [ctypes.c_int]
-    libc.inotify_init1.restype = ctypes.c_int
-    libc.inotify_add_watch.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_uint32]
-    libc.inotify_add_watch.restype = ctypes.c_int
-    libc.inotify_rm_watch.argtypes = [ctypes.c_int, ctypes.c_int]
-    libc.inotify_rm_watch.restype = ctypes.c_int
-    return libc
-
-
-def _errno_error(what: str, path: str | None = None) -> OSError:
-    code = ctypes.get_errno()
-    if path is None:
-        return OSError(code, f"{what}: {os.strerror(code)}")
-    return OSError(code, os.strerror(code), path)
-
-
-class Inotify:
-    """One inotify instance: a non-blocking, close-on-exec descriptor and its watches.
-
-    A few lines of ctypes over libc, read by the watcher itself. pyinotify's Notifier
-    is not used for this: it writes plain-text lines to stderr on its own (breaking
-    one JSON object per line), decodes names strictly (a file with a Latin-1 name in
-    the rules folder raised UnicodeDecodeError and ended the watch), and rewrites
-    watch paths behind its user's back on IN_MOVE_SELF."""
-
-    #: Bytes asked for per read: room for hundreds of events (16 bytes + the name each).
-    read_size = 65536
-
-    def __init__(self) -> None:
-        try:
-            libc = _libc()
-        except (OSError, AttributeError) as exc:  # no libc inotify (not Linux)
-            raise OSError(f"no inotify here: {exc}") from None
-        fd = libc.inotify_init1(os.O_NONBLOCK | os.O_CLOEXEC)
-        if fd < 0:
-            raise _errno_error("inotify_init1")
-        self.fd = fd
-        self._libc = libc
-
-    def add(self, path: str, mask: int) -> int:
-        """Watch ``path``; returns the watch descriptor or raises OSError."""
-        wd = self._libc.inotify_add_watch(self.fd, os.fsencode(path), mask)
-        if wd < 0:
-            raise _errno_error("inotify_add_watch", path)
-        return wd
-
-    def remove(self, wd: int) -> None:
-        """Stop a watch; one the kernel already ended (its folder deleted) is no error."""
-        self._libc.inotify_rm_watch(self.fd, wd)
-
-    def read(self) -> list[InotifyEvent]:
-        try:
-            data = os.read(self.fd, self.read_size)
-        except BlockingIOError:
-            return []
-        return list(parse_events(data))
-
-    def close(self) -> None:
-        try:
-            os.close(self.fd)
-        except OSError:
-            pass
 
 
 #: Symlinks followed while resolving the path before it counts as unresolvable

@@ -3,6 +3,7 @@ forwards and stops cleanly: the fallbacks other platforms use are tested here.""
 
 from __future__ import annotations
 
+import ctypes
 import errno
 import json
 import logging
@@ -16,6 +17,7 @@ import types
 import pytest
 from conftest import connect, free_port, recv_until_eof, tcp_rule
 
+import gportmap.inotify
 import gportmap.platform
 from gportmap.platform import raise_fd_limit
 
@@ -119,25 +121,60 @@ def test_an_unlimited_soft_limit_is_reported_as_none(nofile) -> None:
     assert raise_fd_limit() is None and fake.tried == []
 
 
-# -- without pyinotify (macOS, Windows: not installed there) the watcher polls ------------
+# -- inotify: probed, not assumed; the watcher polls wherever it is missing or fails ------
+
+#: A sitecustomize.py (found first on PYTHONPATH, run by Python at start-up) that
+#: replaces libc as ``gportmap.inotify`` sees it, so that the subprocess meets a
+#: system without inotify, or without instances left. Test-only: the product has no
+#: switch for this; the probe and the watcher run their real code on the fake libc.
+LIBC_SHADOW = """
+import ctypes
+import errno
+import types
+
+import gportmap.inotify
 
 
-def test_without_pyinotify_the_rules_file_is_polled(start_gportmap, echo_target, tmp_path) -> None:
-    """pyinotify is a Linux-only dependency (setup.py's markers): where it is not
-    installed gportmap starts, reports no inotify, and still follows the rules file
-    by polling. A ``pyinotify`` module that fails to import stands in for the
-    missing package."""
-    shadow = tmp_path / "no_pyinotify"
+def _init1_failing(flags):
+    ctypes.set_errno(errno.{code})
+    return -1
+
+
+def _libc():
+    {body}
+
+
+gportmap.inotify._libc = _libc
+"""
+
+#: The fake libc per simulated system: (the errno its inotify_init1 fails with, where
+#: it has one; the body of ``_libc``).
+FAKE_LIBCS = {
+    # macOS, or a libc without the symbol: what ctypes raises for a missing one.
+    "no_symbol": ("ENOSYS", 'raise AttributeError("libc.so.6: undefined symbol: inotify_init1")'),
+    # A kernel built without inotify, or a seccomp filter refusing it.
+    "enosys": ("ENOSYS", "return types.SimpleNamespace(inotify_init1=_init1_failing)"),
+    # fs.inotify.max_user_instances reached (by other processes of the same user).
+    "emfile": ("EMFILE", "return types.SimpleNamespace(inotify_init1=_init1_failing)"),
+}
+
+
+def shadowed_libc(tmp_path, kind: str) -> dict[str, str]:
+    """The environment for a gportmap that sees the fake libc ``kind``."""
+    shadow = tmp_path / f"libc_{kind}"
     shadow.mkdir()
-    (shadow / "pyinotify.py").write_text('raise ImportError("pyinotify is not installed on this platform")\n')
-    env = {"PYTHONPATH": str(shadow) + os.pathsep + os.environ.get("PYTHONPATH", ""), "GPORTMAP_WATCHER": ""}
-    first, second = free_port(), free_port()
-    gp = start_gportmap([tcp_rule(first, echo_target.port, name="first")], env=env)
-    (started,) = gp.events("started")
-    assert "inotify" not in started["features"] and "posix_signals" in started["features"]
+    code, body = FAKE_LIBCS[kind]
+    (shadow / "sitecustomize.py").write_text(LIBC_SHADOW.format(code=code, body=body))
+    return {"PYTHONPATH": os.pathsep.join(filter(None, [str(shadow), os.environ.get("PYTHONPATH")]))}
+
+
+def assert_polls_and_applies_an_edit(gp, echo_target) -> None:
+    """``/stats`` says poll, and a rule added to the file starts forwarding."""
     assert gp.admin_json("/stats")["config"]["watching"] == "poll"
-    rules = [tcp_rule(first, echo_target.port, name="first"), tcp_rule(second, echo_target.port, name="second")]
-    gp.rules_path.write_text(json.dumps(rules))
+    gp.wait_event("watching", mode="poll")
+    (first,) = json.loads(gp.rules_path.read_text())
+    second = free_port()
+    gp.rules_path.write_text(json.dumps([first, tcp_rule(second, echo_target.port, name="second")]))
     (reloaded,) = gp.wait_event("config_reloaded")
     assert reloaded["added"] == ["second"]
     with connect(second) as sock:
@@ -146,11 +183,100 @@ def test_without_pyinotify_the_rules_file_is_polled(start_gportmap, echo_target,
         assert recv_until_eof(sock) == b"polled"
 
 
-def test_with_pyinotify_linux_watches_with_inotify(start_gportmap, echo_target) -> None:
+@pytest.mark.parametrize("absent", ["portable", "no_symbol", "enosys"])
+def test_without_inotify_the_rules_file_is_polled(start_gportmap, echo_target, tmp_path, absent) -> None:
+    """Where the system offers no inotify, gportmap starts, reports no inotify, and
+    follows the rules file by polling, as planned rather than as a failed watch (no
+    ``watcher_fallback``). Before, ``Features.inotify`` only said whether pyinotify
+    imported, which the watcher no longer uses: a kernel without inotify was
+    reported as having it."""
+    env = {"GPORTMAP_PORTABLE": "1"} if absent == "portable" else shadowed_libc(tmp_path, absent)
+    gp = start_gportmap([tcp_rule(free_port(), echo_target.port, name="first")], env={**env, "GPORTMAP_WATCHER": ""})
+    (started,) = gp.events("started")
+    assert "inotify" not in started["features"]
+    assert ("posix_signals" in started["features"]) == (absent != "portable")
+    assert_polls_and_applies_an_edit(gp, echo_target)
+    assert not gp.events("watcher_fallback")
+
+
+def test_no_inotify_instance_left_when_the_watch_starts_falls_back_to_polling(
+    start_gportmap, echo_target, tmp_path
+) -> None:
+    """inotify_init1 failing with EMFILE (the per-user instance limit, which cannot
+    be lowered safely on a shared machine, so libc is faked): inotify is there, so
+    the feature is reported, and the watch that cannot start says why
+    (``watcher_fallback``) and polls."""
+    env = {**shadowed_libc(tmp_path, "emfile"), "GPORTMAP_WATCHER": ""}
+    gp = start_gportmap([tcp_rule(free_port(), echo_target.port, name="first")], env=env)
+    (started,) = gp.events("started")
+    assert "inotify" in started["features"]
+    (fallback,) = gp.events("watcher_fallback")
+    assert os.strerror(errno.EMFILE) in fallback["message"], fallback
+    assert_polls_and_applies_an_edit(gp, echo_target)
+
+
+def test_linux_watches_with_inotify(start_gportmap, echo_target) -> None:
     gp = start_gportmap([tcp_rule(free_port(), echo_target.port)], env={"GPORTMAP_WATCHER": ""})
     (started,) = gp.events("started")
     assert "inotify" in started["features"]
     assert gp.admin_json("/stats")["config"]["watching"] == "inotify"
+    assert not gp.events("watcher_fallback")
+
+
+def inotify_fds() -> int:
+    """inotify instances open in this process."""
+    count = 0
+    for fd in os.listdir("/proc/self/fd"):
+        try:
+            count += os.readlink(f"/proc/self/fd/{fd}") == "anon_inode:inotify"
+        except OSError:  # the listing's own descriptor, closed by now
+            pass
+    return count
+
+
+def test_the_probe_finds_inotify_here_and_leaves_no_instance_open() -> None:
+    before = inotify_fds()
+    assert gportmap.inotify.available()
+    assert inotify_fds() == before
+
+
+class FakeLibc:
+    """libc whose inotify_init1 fails with ``code``, setting errno as libc does."""
+
+    def __init__(self, code: int) -> None:
+        self.code = code
+
+    def inotify_init1(self, flags: int) -> int:
+        ctypes.set_errno(self.code)
+        return -1
+
+
+@pytest.mark.parametrize(
+    "code, expected",
+    [
+        (errno.ENOSYS, False),  # no inotify in the kernel, or seccomp says so
+        (errno.EPERM, False),  # a sandbox refusing it
+        (errno.EINVAL, False),
+        (errno.EMFILE, True),  # instances used up: there, but none left now
+        (errno.ENFILE, True),
+        (errno.ENOMEM, True),
+    ],
+    ids=lambda value: str(value) if isinstance(value, bool) else errno.errorcode[value],
+)
+def test_the_probe_tells_absence_from_exhaustion(monkeypatch, code, expected) -> None:
+    monkeypatch.setattr(gportmap.inotify, "_libc", lambda: FakeLibc(code))
+    assert gportmap.inotify.available() is expected
+
+
+def test_the_probe_says_no_without_the_symbol_or_off_linux(monkeypatch) -> None:
+    def no_symbol():
+        raise AttributeError("undefined symbol: inotify_init1")
+
+    monkeypatch.setattr(gportmap.inotify, "_libc", no_symbol)
+    assert gportmap.inotify.available() is False
+    monkeypatch.undo()
+    monkeypatch.setattr(sys, "platform", "darwin")
+    assert gportmap.inotify.available() is False
 
 
 # -- Windows: an ICMP port unreachable arrives as a connection reset on UDP sockets -------
