@@ -4,6 +4,9 @@ in front of one target, in its own process group with its config in a temp dir.
 gportmap, socat, HAProxy (with and without ``option splice-auto``), nginx's stream
 module and websockify are configured for forwarding only (no logs, no stats, limits
 high enough for the connection-count workloads), so what is measured is the relay.
+The ``tls`` transport terminates TLS on the listener and forwards plain TCP to the
+target: a gportmap ``tcp`` rule with ``tls``, HAProxy ``bind ... ssl crt`` in mode
+tcp, nginx stream ``listen ... ssl``, all with the same certificate.
 Each is stopped with its whole process group (socat's per-connection children, nginx's
 workers), and ``Processes.stop_all`` runs on every path out of the driver.
 """
@@ -11,19 +14,21 @@ workers), and ``Processes.stop_all`` runs on every path out of the driver.
 from __future__ import annotations
 
 import ctypes
+import functools
 import json
 import os
 import resource
 import shutil
 import signal
 import socket
+import ssl
 import subprocess
 import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from common import LOOPBACK, free_port
+from common import LOOPBACK, TlsFiles, free_port, tls_client_context
 
 NGINX_STREAM_MODULE = "/usr/lib/nginx/modules/ngx_stream_module.so"
 #: Connection and fd limits written into every proxy's config: past any workload here.
@@ -141,8 +146,34 @@ def gportmap_has_workers() -> bool:
     return "--workers" in out
 
 
-def missing_tool(kind: str) -> str | None:
-    """Why the proxy ``kind`` cannot run here, or None."""
+@functools.cache
+def _build_options(tool: str, flag: str) -> str:
+    """What ``tool flag`` prints about its build (nginx -V, haproxy -vv), or ""."""
+    path = _venv_script(tool)
+    if path is None:
+        return ""
+    try:
+        done = subprocess.run([path, flag], capture_output=True, text=True, timeout=30)
+    except (OSError, subprocess.TimeoutExpired):
+        return ""
+    return done.stdout + done.stderr
+
+
+def missing_tls(kind: str) -> str | None:
+    """Why ``kind`` cannot terminate TLS here, or None: HAProxy built without OpenSSL,
+    nginx without its stream SSL module, websockify (not a TLS terminator here)."""
+    haproxy_build = _build_options("haproxy", "-vv") if kind == "haproxy" else ""
+    if kind == "haproxy" and "USE_OPENSSL=1" not in haproxy_build and "+OPENSSL" not in haproxy_build:
+        return "skipped: this HAProxy is built without OpenSSL (no bind ... ssl)"
+    if kind == "nginx" and "--with-stream_ssl_module" not in _build_options("nginx", "-V"):
+        return "skipped: this nginx has no stream SSL module (--with-stream_ssl_module)"
+    if kind not in ("gportmap", "haproxy", "nginx"):
+        return f"skipped: {kind} is not compared on TLS termination"
+    return None
+
+
+def missing_tool(kind: str, transport: str = "tcp") -> str | None:
+    """Why the proxy ``kind`` cannot run here over ``transport``, or None."""
     need = {
         "socat": ["socat"],
         "haproxy": ["haproxy"],
@@ -155,6 +186,8 @@ def missing_tool(kind: str) -> str | None:
             return f"skipped: {tool} is not installed (bench/run installs it)"
     if kind == "nginx" and not Path(NGINX_STREAM_MODULE).exists():
         return "skipped: nginx has no stream module (apt-get install libnginx-mod-stream)"
+    if transport == "tls":
+        return missing_tls(kind)
     return None
 
 
@@ -164,9 +197,12 @@ def reachable_connections() -> int:
     return max(100, (fd_hard_limit() - 200) // 2)
 
 
-def haproxy_config(port: int, target: int, splice: bool, threads: int) -> str:
+def haproxy_config(port: int, target: int, splice: bool, threads: int, tls: TlsFiles | None = None) -> str:
     # maxpipes bounds the pipes splice uses (2 fds each), which HAProxy otherwise
-    # reserves descriptors for (maxconn / 4 pipes) past the hard limit.
+    # reserves descriptors for (maxconn / 4 pipes) past the hard limit. With ``tls``,
+    # the listener terminates TLS (HAProxy's defaults: TLS 1.2+, its session cache and
+    # tickets) and the backend stays plain.
+    bind = f"{LOOPBACK}:{port}" + (f" ssl crt {tls.combined}" if tls else "")
     return f"""global
     maxconn {reachable_connections()}
     nbthread {threads}
@@ -178,16 +214,33 @@ defaults
     timeout server 300s
 {"    option splice-auto" if splice else ""}
 frontend bench
-    bind {LOOPBACK}:{port}
+    bind {bind}
     default_backend target
 backend target
     server target {LOOPBACK}:{target}
 """
 
 
-def nginx_stream_config(workdir: Path, port: int, target: int, udp: bool, workers: int) -> str:
+def nginx_stream_config(
+    workdir: Path, port: int, target: int, udp: bool, workers: int, tls: TlsFiles | None = None
+) -> str:
+    """nginx stream in front of ``target``; with ``tls``, ``listen ... ssl``, TLS 1.2
+    and 1.3 as gportmap and HAProxy offer (nginx before 1.23.4 leaves 1.3 out of its
+    default and would be measured on TLS 1.2), its defaults otherwise (tickets on, no
+    shared session cache)."""
     hard = fd_hard_limit()
-    listen = f"{LOOPBACK}:{port}" + (" udp" if udp else "") + (" reuseport" if workers > 1 else "")
+    listen = (
+        f"{LOOPBACK}:{port}"
+        + (" udp" if udp else "")
+        + (" ssl" if tls else "")
+        + (" reuseport" if workers > 1 else "")
+    )
+    certificate = (
+        f"\n        ssl_certificate {tls.cert};\n        ssl_certificate_key {tls.key};"
+        "\n        ssl_protocols TLSv1.2 TLSv1.3;"
+        if tls
+        else ""
+    )
     return f"""load_module {NGINX_STREAM_MODULE};
 daemon off;
 worker_processes {workers};
@@ -197,7 +250,7 @@ error_log {workdir}/error.log error;
 events {{ worker_connections {max(1024, hard - 100)}; }}
 stream {{
     server {{
-        listen {listen};
+        listen {listen};{certificate}
         proxy_pass {LOOPBACK}:{target};
         proxy_timeout 300s;
     }}
@@ -233,11 +286,15 @@ http {{
 
 @dataclass
 class Proxy:
-    """One way to reach a target; ``proc`` is None for the direct path."""
+    """One way to reach a target; ``proc`` is None for the direct path. ``session`` is
+    what a TLS listener negotiated with the readiness probe ("TLSv1.3
+    TLS_AES_256_GCM_SHA384 (resumes sessions)"), so a run can show that every proxy
+    served the same."""
 
     kind: str
     port: int
     proc: subprocess.Popen | None
+    session: str = ""
 
 
 def start_proxy(
@@ -247,19 +304,23 @@ def start_proxy(
     target: int,
     transport: str = "tcp",
     workers: int = 1,
+    tls: TlsFiles | None = None,
 ) -> Proxy:
     """Start ``kind`` forwarding a free loopback port to ``target`` over ``transport``
-    (tcp, udp or websocket) and wait until it answers; raises RuntimeError with the
-    tail of its log when it does not."""
+    (tcp, udp, websocket, or tls: TLS terminated on the listener with the certificate
+    ``tls``, plain TCP to the target) and wait until it answers (a TLS handshake for
+    tls); raises RuntimeError with the tail of its log when it does not."""
     if kind == "direct":
         return Proxy(kind, target, None)
+    if (transport == "tls") != (tls is not None):
+        raise ValueError("the tls transport, and only it, takes a certificate")
     port = free_port(socket.SOCK_DGRAM if transport == "udp" else socket.SOCK_STREAM)
     name = f"{kind}-{transport}-w{workers}-{port}"
     confdir = workdir / name
     confdir.mkdir()
     if kind == "gportmap":
-        rule = {
-            "protocol": transport,
+        rule: dict[str, object] = {
+            "protocol": "tcp" if transport == "tls" else transport,
             "listenHost": LOOPBACK,
             "listenPort": port,
             "targetHost": LOOPBACK,
@@ -269,6 +330,8 @@ def start_proxy(
             rule["maxConnections"] = MAX_CONNECTIONS
         if transport == "websocket":
             rule["maxMessageSize"] = 1 << 20
+        if tls is not None:
+            rule["tls"] = {"certFile": str(tls.cert), "keyFile": str(tls.key)}
         rules = {
             "settings": {
                 "admin": False,
@@ -301,20 +364,23 @@ def start_proxy(
             ]
     elif kind in ("haproxy", "haproxy-splice"):
         path = confdir / "haproxy.cfg"
-        path.write_text(haproxy_config(port, target, kind == "haproxy-splice", workers))
+        path.write_text(haproxy_config(port, target, kind == "haproxy-splice", workers, tls))
         cmd = ["haproxy", "-db", "-f", str(path)]
     elif kind == "nginx":
         path = confdir / "nginx.conf"
-        path.write_text(nginx_stream_config(confdir, port, target, transport == "udp", workers))
+        path.write_text(nginx_stream_config(confdir, port, target, transport == "udp", workers, tls))
         cmd = ["nginx", "-p", str(confdir), "-c", str(path), "-e", str(confdir / "error.log")]
     elif kind == "websockify":
         cmd = [_venv_script("websockify") or "websockify", f"{LOOPBACK}:{port}", f"{LOOPBACK}:{target}"]
     else:
         raise ValueError(f"unknown proxy {kind!r}")
     proc = procs.start(name, cmd)
+    session = ""
     try:
         if transport == "udp":
             wait_udp_answering(port, proc)
+        elif transport == "tls":
+            session = wait_tls_answering(port, proc)
         else:
             wait_tcp_listening(port, proc)
     except RuntimeError as exc:
@@ -324,7 +390,7 @@ def start_proxy(
             log += "\n" + errlog.read_text(errors="replace")[-2000:]
         procs.stop(proc)
         raise RuntimeError(f"{kind} did not start: {exc}; {log_reason(log)}") from None
-    return Proxy(kind, port, proc)
+    return Proxy(kind, port, proc, session)
 
 
 def log_reason(log: str) -> str:
@@ -348,6 +414,50 @@ def wait_tcp_listening(port: int, proc: subprocess.Popen | None, deadline: float
         except OSError:
             time.sleep(0.05)
     raise RuntimeError(f"nothing listens on {port} after {deadline:g} s")
+
+
+def wait_tls_answering(port: int, proc: subprocess.Popen | None, deadline: float = 20.0) -> str:
+    """Wait until a TLS handshake on ``port`` completes; return the protocol version
+    and cipher it negotiated with the bench clients' OpenSSL defaults, and whether the
+    listener resumes a session (wrk does resume: the new-connection rows are resumed
+    handshakes wherever the listener allows it)."""
+    context = tls_client_context()
+    end = time.monotonic() + deadline
+    last = "no answer"
+    while time.monotonic() < end:
+        if proc is not None and proc.poll() is not None:
+            raise RuntimeError(f"exited with status {proc.returncode}")
+        try:
+            version, session = _tls_handshake(context, port, None)
+            _, again = _tls_handshake(context, port, session)
+            return f"{version} ({'resumes sessions' if again is session else 'no resumption'})"
+        except (OSError, ssl.SSLError) as exc:
+            last = repr(exc)
+            time.sleep(0.05)
+    raise RuntimeError(f"no TLS handshake on {port} after {deadline:g} s ({last})")
+
+
+#: How long a probe waits for the session tickets a TLS 1.3 server sends after its
+#: handshake (the targets behind the proxies send nothing unasked).
+TICKET_WAIT = 0.3
+
+
+def _tls_handshake(
+    context: ssl.SSLContext, port: int, session: ssl.SSLSession | None
+) -> tuple[str, ssl.SSLSession | None]:
+    """One handshake offering ``session``: ("TLSv1.3 CIPHER", the session to offer
+    next), the second being ``session`` itself when the server resumed it."""
+    with socket.create_connection((LOOPBACK, port), timeout=2) as raw:
+        with context.wrap_socket(raw, session=session) as sock:
+            if session is not None and sock.session_reused:
+                return "", session
+            sock.settimeout(TICKET_WAIT)
+            try:
+                sock.recv(1)  # reads the tickets, then times out: nothing else comes
+            except (TimeoutError, ssl.SSLError, OSError):
+                pass
+            cipher = sock.cipher()
+            return f"{sock.version()} {cipher[0] if cipher else '?'}", sock.session
 
 
 def wait_udp_answering(port: int, proc: subprocess.Popen | None, deadline: float = 20.0) -> None:

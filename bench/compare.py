@@ -5,11 +5,14 @@ without ``option splice-auto``), nginx stream and websockify.
 
     bench/run                      # installs the anchors when missing, then this
     python bench/compare.py --quick --json /tmp/bench.json
+    bench/run --only tls,held-tls,held-ws   # some workloads only (their rows)
 
 Workloads: iperf3 bulk (1 and 8 streams), wrk HTTP keep-alive (req/s, p99) and a new
-connection per request against an nginx backend, connections held (PSS/RSS growth of
-the proxy's process group), UDP 64-byte echo from 1 and 50 client ports, WebSocket
-to TCP echo (64 KiB and 32-byte messages), and 2 workers/threads on the HTTP rates.
+connection per request against an nginx backend, the same two over TLS terminated by
+the proxy (req/s and the proxy's CPU time per request), connections held (PSS/RSS
+growth of the proxy's process group; plain, then TLS and WebSocket per connection),
+UDP 64-byte echo from 1 and 50 client ports, WebSocket to TCP echo (64 KiB and
+32-byte messages), and 2 workers/threads on the HTTP rates.
 
 The proxies of a workload run side by side and take turns, one measurement each per
 round, the order rotating each round; the median of the rounds is reported with its
@@ -44,17 +47,21 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import anchors  # noqa: E402
 import loads  # noqa: E402
 from anchors import Processes, Proxy, start_proxy  # noqa: E402
-from common import LOOPBACK  # noqa: E402
+from common import LOOPBACK, TlsFiles, make_certificate  # noqa: E402
 
 TCP_PROXIES = ["direct", "gportmap", "socat", "haproxy", "haproxy-splice", "nginx"]
 UDP_PROXIES = ["direct", "gportmap", "socat", "nginx"]
 WS_PROXIES = ["gportmap", "websockify"]
 WORKER_PROXIES = ["gportmap", "haproxy", "nginx"]
+#: TLS terminated on the listener, plain TCP to the target.
+TLS_PROXIES = ["gportmap", "haproxy", "nginx"]
 COLUMNS = ["direct", "gportmap", "socat", "haproxy", "haproxy-splice", "nginx", "websockify"]
 HEADINGS = {"haproxy-splice": "HAProxy + splice", "haproxy": "HAProxy", "nginx": "nginx stream"}
 
 #: Keep-alive and new-connection wrk runs use this many connections.
 WRK_CONNECTIONS = 100
+#: The workloads ``--only`` can pick, in the order they run.
+STEPS = ("bulk", "http", "tls", "held", "held-tls", "held-ws", "udp", "websocket", "workers")
 
 
 @dataclass
@@ -108,7 +115,10 @@ class Bench:
         self.started = time.monotonic()
         self.gportmap_workers = False
         self.large_note = ""
+        self.notes: list[str] = []
         self.http_backend: int | None = None
+        self.tls_files: TlsFiles | None = None
+        self.tls_sessions: dict[str, set[str]] = {}
 
     def row(self, *args: Any, **kwargs: Any) -> Workload:
         workload = Workload(*args, **kwargs)
@@ -148,18 +158,34 @@ class Bench:
         anchors.wait_tcp_listening(port, proc)
         return port
 
+    def certificate(self) -> TlsFiles:
+        """The one certificate every TLS listener of this run serves (made once)."""
+        if self.tls_files is None:
+            self.tls_files = make_certificate(self.workdir / "tls")
+        return self.tls_files
+
     def start_proxies(
         self, rows: list[Workload], kinds: list[str], target: int, transport: str = "tcp", workers: int = 1
     ) -> list[Proxy]:
         """Start every runnable kind; the rows of one that cannot run say why."""
-        started = []
+        started: list[Proxy] = []
+        try:
+            tls = self.certificate() if transport == "tls" else None
+        except RuntimeError as exc:
+            for row in rows:
+                for kind in kinds:
+                    row.skip(kind, f"skipped: {exc}")
+            return started
         for kind in kinds:
-            why = anchors.missing_tool(kind)
+            why = anchors.missing_tool(kind, transport)
             if why is None and kind == "gportmap" and workers > 1 and not self.gportmap_workers:
                 why = "skipped: gportmap has no --workers"
             if why is None:
                 try:
-                    started.append(start_proxy(self.procs, self.workdir, kind, target, transport, workers))
+                    proxy = start_proxy(self.procs, self.workdir, kind, target, transport, workers, tls)
+                    started.append(proxy)
+                    if proxy.session:
+                        self.tls_sessions.setdefault(proxy.kind, set()).add(proxy.session)
                     continue
                 except RuntimeError as exc:
                     why = f"failed: {exc}"
@@ -360,6 +386,139 @@ class Bench:
         finally:
             self.procs.stop(holder)
 
+    def tls_http(self) -> None:
+        """wrk over https to each proxy terminating TLS in front of the HTTP backend:
+        req/s, and the proxy's CPU time per request (what the user pays for it)."""
+        rows = {}
+        for conn_close, key, title in (
+            (False, "tls_keepalive", f"TLS termination, HTTP keep-alive (wrk -c{WRK_CONNECTIONS})"),
+            (True, "tls_close", "TLS termination, new connection per request"),
+        ):
+            rate = self.row(key, title, "req/s", "haproxy", TLS_PROXIES)
+            cpu = self.row(
+                f"{key}_cpu", f"{title}: proxy CPU per request", "µs", "haproxy", TLS_PROXIES, True
+            )
+            rows[conn_close] = (rate, cpu)
+        every = [row for pair in rows.values() for row in pair]
+        if self.lacks(every, ["nginx", "wrk"]):
+            return
+        if self.http_backend is None:
+            self.http_backend = self.start_nginx_http()
+        proxies = self.start_proxies(every, TLS_PROXIES, self.http_backend, "tls")
+        seconds = max(1, round(self.args.seconds))
+        try:
+            for conn_close, (rate, cpu) in rows.items():
+                self.say(f"{rate.title}: {', '.join(p.kind for p in proxies)}")
+
+                def measure(
+                    proxy: Proxy, rate: Workload = rate, cpu: Workload = cpu, conn_close: bool = conn_close
+                ) -> None:
+                    try:
+                        result = loads.wrk_http(
+                            proxy.port,
+                            seconds,
+                            WRK_CONNECTIONS,
+                            conn_close,
+                            tls=True,
+                            cpu_pgid=proxy.proc.pid,
+                        )
+                    except RuntimeError as exc:
+                        rate.fail(proxy.kind, str(exc))
+                        cpu.fail(proxy.kind, str(exc))
+                        return
+                    rate.add(proxy.kind, result["rate"], result)
+                    cpu.add(proxy.kind, result["cpu_us_per_request"])
+
+                def warmup(proxy: Proxy, conn_close: bool = conn_close) -> None:
+                    loads.wrk_http(proxy.port, 1, WRK_CONNECTIONS, conn_close, tls=True)
+
+                self.rounds(proxies, measure, None if self.args.quick else warmup)
+        finally:
+            self.stop_proxies(proxies)
+
+    def held_per_connection(self, mode: str, count: int) -> None:
+        """``count`` TLS (handshake done) or WebSocket (upgraded) connections held idle
+        through a fresh proxy each: PSS and RSS growth per connection, next to HAProxy
+        and nginx terminating TLS, or websockify (a process per connection, so it holds
+        at most ``--websockify-max-held``)."""
+        label, kinds, reference, transport = {
+            "tls": ("TLS", TLS_PROXIES, "haproxy", "tls"),
+            "websocket": ("WebSocket", WS_PROXIES, "websockify", "websocket"),
+        }[mode]
+        pss = self.row(
+            f"held_{mode}_pss",
+            f"{count} {label} connections held: PSS growth (anonymous) per connection",
+            "KB",
+            reference,
+            kinds,
+            True,
+        )
+        rss = self.row(
+            f"held_{mode}_rss",
+            f"{count} {label} connections held: RSS growth per connection",
+            "KB",
+            reference,
+            kinds,
+            True,
+        )
+        holder, port = self.start_target(f"holder-{mode}", [sys.executable, "-c", loads.HOLDER])
+        try:
+            for kind in kinds:
+                held = count
+                if kind == "websockify" and count > self.args.websockify_max_held:
+                    held = self.args.websockify_max_held
+                    self.notes.append(
+                        "WebSocket connections held: websockify forks a process per connection, so it "
+                        f"held {held} (--websockify-max-held), not {count}; its figures are per "
+                        "connection all the same"
+                    )
+                for _ in range(self.args.memory_runs):
+                    proxies = self.start_proxies([pss, rss], [kind], port, transport)
+                    if not proxies:
+                        break
+                    self.say(f"{held} held {label} connections through {kind}")
+                    try:
+                        result = loads.hold_connections(
+                            self.procs,
+                            proxies[0].proc.pid,
+                            proxies[0].port,
+                            held,
+                            settle=0.2 if self.args.quick else 0.5,
+                            mode=mode,
+                        )
+                        pss.add(kind, result["pss_anon_per_connection_kb"], result)
+                        rss.add(kind, result["rss_per_connection_kb"])
+                    except RuntimeError as exc:
+                        pss.fail(kind, str(exc))
+                        rss.fail(kind, str(exc))
+                    finally:
+                        self.stop_proxies(proxies)
+        finally:
+            self.procs.stop(holder)
+
+    def tls_note(self) -> str:
+        """Whether every TLS listener negotiated the same protocol and cipher with the
+        bench's client (the readiness probe's handshake, OpenSSL's defaults)."""
+        seen = {session for sessions in self.tls_sessions.values() for session in sessions}
+        if not seen:
+            return ""
+        if len(seen) == 1:
+            session = seen.pop()
+            handshakes = (
+                "resumed handshakes (wrk offers the session of its previous connection)"
+                if "resumes sessions" in session
+                else "full handshakes"
+            )
+            return (
+                f"TLS rows: every proxy served the same ECDSA P-256 certificate and negotiated {session}; "
+                f"the new-connection row is {handshakes}"
+            )
+        listed = "; ".join(
+            f"{HEADINGS.get(kind, kind)} {', '.join(sorted(sessions))}"
+            for kind, sessions in sorted(self.tls_sessions.items())
+        )
+        return f"TLS rows: the proxies negotiated different sessions ({listed}): compare with care"
+
     def udp(self) -> None:
         import udp_echo
 
@@ -442,22 +601,30 @@ class Bench:
         # A proxy holding N connections needs 2N descriptors plus its own few.
         reachable = anchors.reachable_connections()
         small, large = (300, 1000) if self.args.quick else (2000, 10000)
+        handshaking = min(300 if self.args.quick else 2000, reachable)
         large_reached = min(large, reachable)
         self.large_note = (
             f"{large} requested; {large_reached} reached: the fd hard limit is {hard} and the proxy needs 2 per connection"
             if large_reached < large
             else ""
         )
-        steps: list[tuple[Callable[..., None], tuple]] = [
-            (self.tcp_bulk, ()),
-            (self.http, ()),
-            (self.held, ("small", small)),
-            (self.held, ("large", large_reached)),
-            (self.udp, ()),
-            (self.websocket, ()),
-            (self.http, (2,)),
+        steps: list[tuple[str, Callable[..., None], tuple]] = [
+            ("bulk", self.tcp_bulk, ()),
+            ("http", self.http, ()),
+            ("tls", self.tls_http, ()),
+            ("held", self.held, ("small", small)),
+            ("held", self.held, ("large", large_reached)),
+            ("held-tls", self.held_per_connection, ("tls", handshaking)),
+            ("held-ws", self.held_per_connection, ("websocket", handshaking)),
+            ("udp", self.udp, ()),
+            ("websocket", self.websocket, ()),
+            ("workers", self.http, (2,)),
         ]
-        for step, step_args in steps:
+        if "held" not in self.args.only:
+            self.large_note = ""
+        for name, step, step_args in steps:
+            if name not in self.args.only:
+                continue
             first_row = len(self.rows)
             try:
                 step(*step_args)
@@ -471,6 +638,8 @@ class Bench:
                             row.fail(kind, str(exc))
         for row in self.rows:
             row.finish()
+        self.notes.insert(0, self.tls_note())
+        self.notes = list(dict.fromkeys(note for note in self.notes if note))
 
 
 # --- output --------------------------------------------------------------------------
@@ -523,7 +692,9 @@ def main() -> int:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument(
-        "--quick", action="store_true", help="1 round of 1 s, 300/1000 held connections (under 2 min)"
+        "--quick",
+        action="store_true",
+        help="1 round of 1 s, 300/1000 held connections, 300 TLS/WebSocket ones (about 2 min)",
     )
     parser.add_argument(
         "--runs", type=int, help="rounds per workload, median reported (default 3, quick 1; max 9)"
@@ -537,8 +708,23 @@ def main() -> int:
     parser.add_argument(
         "--socat-max-held", type=int, default=2000, help="socat forks per connection: hold at most this many"
     )
+    parser.add_argument(
+        "--websockify-max-held",
+        type=int,
+        default=200,
+        help="websockify forks per connection: hold at most this many WebSocket connections",
+    )
+    parser.add_argument(
+        "--only",
+        default=",".join(STEPS),
+        help=f"comma-separated workloads to run, of: {', '.join(STEPS)} (default: all)",
+    )
     parser.add_argument("--json", type=Path, help="also write every run, median and ratio here")
     args = parser.parse_args()
+    args.only = [name.strip() for name in args.only.split(",") if name.strip()]
+    unknown = sorted(set(args.only) - set(STEPS))
+    if unknown:
+        parser.error(f"--only: unknown workload(s) {', '.join(unknown)}; known: {', '.join(STEPS)}")
     args.runs = min(9, max(1, args.runs or (1 if args.quick else 3)))
     args.seconds = min(30.0, max(1.0, args.seconds or (1.0 if args.quick else 3.0)))
     args.memory_runs = min(5, max(1, args.memory_runs))
@@ -563,10 +749,12 @@ def main() -> int:
         f"{len(os.sched_getaffinity(0))} cores, Python {platform.python_version()}; "
         f"{'quick' if args.quick else 'full'} run, {args.runs} round(s) of {args.seconds:g} s, "
         f"{elapsed:.0f} s in all; load average {load_before[0]:.1f} before, {load_after[0]:.1f} after. "
-        "Ratio = value / the reference column of the row (for MB and ms, lower is better)."
+        "Ratio = value / the reference column of the row (for MB, KB, ms and µs, lower is better)."
     )
     if bench.large_note:
         header += f" Held connections: {bench.large_note}."
+    for note in bench.notes:
+        header += f" {note}."
     print(header)
     if args.json:
         document = {
@@ -574,9 +762,10 @@ def main() -> int:
             "runs": args.runs,
             "seconds": args.seconds,
             "elapsed_s": elapsed,
+            "only": args.only,
             "load_average": {"before": load_before, "after": load_after},
             "host": {"cores": len(os.sched_getaffinity(0)), "socket_hostname": socket.gethostname()},
-            "notes": [bench.large_note] if bench.large_note else [],
+            "notes": ([bench.large_note] if bench.large_note else []) + bench.notes,
             "workloads": {
                 row.key: {
                     "title": row.title,

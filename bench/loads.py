@@ -1,7 +1,8 @@
-"""The traffic of the comparison: iperf3 bulk streams, wrk HTTP, held connections and
-the memory they cost. Each function measures one proxy port once, bounded in time,
-and raises RuntimeError with the tool's own words when the run did not measure.
-UDP and WebSocket traffic come from udp_echo.py and ws_bench.py."""
+"""The traffic of the comparison: iperf3 bulk streams, wrk HTTP (plain or over TLS),
+held connections (plain, TLS or WebSocket) and the memory they cost, and the CPU time
+a proxy spends on a measurement. Each function measures one proxy port once, bounded
+in time, and raises RuntimeError with the tool's own words when the run did not
+measure. UDP and WebSocket traffic come from udp_echo.py and ws_bench.py."""
 
 from __future__ import annotations
 
@@ -56,34 +57,73 @@ def tcp_listening(port: int) -> bool:
 _UNITS = {"us": 1e-3, "ms": 1.0, "s": 1e3, "m": 60e3}
 
 
-def wrk_http(port: int, seconds: int, connections: int, close: bool) -> dict[str, float]:
+def wrk_http(
+    port: int, seconds: int, connections: int, close: bool, tls: bool = False, cpu_pgid: int | None = None
+) -> dict[str, float]:
     """wrk, one thread, ``connections`` connections, for ``seconds``: requests/s, p99 in
     ms, and the errors wrk counted. ``close`` sends ``Connection: close`` (a new
-    connection per request)."""
+    connection per request); ``tls`` speaks https (wrk does not verify the certificate,
+    and resumes the session of its previous connection where the server allows it).
+    With ``cpu_pgid``, also the CPU time that process group (the proxy) spent while wrk
+    ran, in all and per request."""
     cmd = ["wrk", "-t1", f"-c{connections}", f"-d{seconds}s", "--timeout", "5s", "--latency"]
     if close:
         cmd += ["-H", "Connection: close"]
-    cmd.append(f"http://{LOOPBACK}:{port}/")
+    cmd.append(f"{'https' if tls else 'http'}://{LOOPBACK}:{port}/")
+    cpu_before = group_cpu_seconds(cpu_pgid) if cpu_pgid is not None else 0.0
     try:
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=seconds + 30)
     except subprocess.TimeoutExpired:
         raise RuntimeError(f"wrk ran past {seconds + 30} s") from None
+    cpu = group_cpu_seconds(cpu_pgid) - cpu_before if cpu_pgid is not None else None
     out = proc.stdout
     rate = re.search(r"Requests/sec:\s+([\d.]+)", out)
     p99 = re.search(r"^\s+99%\s+([\d.]+)(us|ms|s|m)\s*$", out, re.MULTILINE)
-    if proc.returncode != 0 or not rate or not p99:
+    done = re.search(r"^\s*(\d+) requests in ([\d.]+)(us|ms|s|m)\b", out, re.MULTILINE)
+    if proc.returncode != 0 or not rate or not p99 or not done:
         raise RuntimeError(f"wrk failed ({proc.returncode}): {(out + proc.stderr)[-300:]!r}")
     errors = re.search(r"Socket errors: connect (\d+), read (\d+), write (\d+), timeout (\d+)", out)
     non2xx = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
     result = {
         "rate": float(rate.group(1)),
         "p99_ms": float(p99.group(1)) * _UNITS[p99.group(2)],
+        "requests": int(done.group(1)),
+        "duration_s": float(done.group(2)) * _UNITS[done.group(3)] / 1e3,
         "socket_errors": sum(int(n) for n in errors.groups()) if errors else 0,
         "non_2xx": int(non2xx.group(1)) if non2xx else 0,
     }
-    if result["rate"] <= 0:
+    if result["rate"] <= 0 or result["requests"] <= 0:
         raise RuntimeError(f"wrk completed no request: {out[-300:]!r}")
+    if cpu is not None:
+        result["proxy_cpu_s"] = cpu
+        result["cpu_us_per_request"] = cpu * 1e6 / result["requests"]
     return result
+
+
+#: Clock ticks per second of the utime/stime fields of /proc/PID/stat.
+CLOCK_TICKS = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
+
+
+def group_cpu_seconds(pgid: int) -> float:
+    """User + system CPU seconds of every process in process group ``pgid`` (a proxy
+    and what it forked: nginx's workers, socat's children), with the children each
+    has reaped. A figure to subtract from a later one over the same group: the
+    ticks of /proc/PID/stat are 1/CLOCK_TICKS s, so a window of a second or more
+    keeps the rounding under 1 %."""
+    ticks = 0
+    for entry in os.scandir("/proc"):
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = Path(entry.path, "stat").read_text()
+        except OSError:
+            continue  # exited meanwhile
+        fields = stat[stat.rindex(")") + 2 :].split()
+        # After the command: state ppid pgrp ...; utime stime cutime cstime are the
+        # 14th-17th fields of the line, 11th-14th after the command.
+        if int(fields[2]) == pgid:
+            ticks += sum(int(n) for n in fields[11:15])
+    return ticks / CLOCK_TICKS
 
 
 # --- held connections ------------------------------------------------------------------
@@ -123,24 +163,84 @@ while True:
 
 #: Opens COUNT connections to PORT one after another, a 16-byte round trip on each (so
 #: the proxy has connected upstream and relayed both ways), prints "ok N" or
-#: "error N why", and holds them until its stdin closes.
+#: "error N why", and holds them until its stdin closes. MODE: tcp (plain bytes), tls
+#: (a full handshake, no verification, then the bytes over TLS) or websocket (an
+#: upgrade offering the "binary" subprotocol, then one masked binary frame; the echo
+#: comes back as the payload of the bridge's frames).
 CLIENT = r"""
-import resource, socket, sys
+import base64, os, resource, socket, ssl, sys
 port, count = int(sys.argv[1]), int(sys.argv[2])
+mode = sys.argv[3] if len(sys.argv) > 3 else "tcp"
+GREETING = b"held-connection!"
 soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
 resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+context.check_hostname = False
+context.verify_mode = ssl.CERT_NONE
+
+def read_exactly(s, n):
+    got = b""
+    while len(got) < n:
+        chunk = s.recv(n - len(got))
+        if not chunk:
+            raise ConnectionError("closed before the echo came back")
+        got += chunk
+    return got
+
+def upgrade(s):
+    key = base64.b64encode(os.urandom(16)).decode()
+    s.sendall((
+        f"GET / HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nUpgrade: websocket\r\n"
+        f"Connection: Upgrade\r\nSec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n"
+        "Sec-WebSocket-Protocol: binary\r\n\r\n"
+    ).encode())
+    head = b""
+    while b"\r\n\r\n" not in head:  # a server sends nothing after its 101 unprompted
+        chunk = s.recv(4096)
+        if not chunk:
+            raise ConnectionError("closed during the upgrade")
+        head += chunk
+    status = head.split(b"\r\n", 1)[0]
+    if status.split()[1:2] != [b"101"]:
+        raise ConnectionError(f"upgrade refused: {status[:100]!r}")
+
+def frame_payload(s):
+    first, second = read_exactly(s, 2)
+    size = second & 0x7F
+    if size == 126:
+        size = int.from_bytes(read_exactly(s, 2), "big")
+    elif size == 127:
+        size = int.from_bytes(read_exactly(s, 8), "big")
+    mask = read_exactly(s, 4) if second & 0x80 else None
+    data = read_exactly(s, size)
+    if mask:
+        data = bytes(b ^ mask[i % 4] for i, b in enumerate(data))
+    if first & 0x0F == 0x8:
+        raise ConnectionError(f"closed by the bridge: {data[:60]!r}")
+    return data if first & 0x0F in (0x0, 0x1, 0x2) else b""  # pings and pongs: nothing
+
+def round_trip(s):
+    if mode != "websocket":
+        s.sendall(GREETING)
+        read_exactly(s, len(GREETING))
+        return
+    mask = os.urandom(4)
+    masked = bytes(b ^ mask[i % 4] for i, b in enumerate(GREETING))
+    s.sendall(bytes([0x82, 0x80 | len(GREETING)]) + mask + masked)
+    got = b""
+    while len(got) < len(GREETING):
+        got += frame_payload(s)
+
 held = []
 try:
     for _ in range(count):
         s = socket.create_connection(("127.0.0.1", port), timeout=15)
+        if mode == "tls":
+            s = context.wrap_socket(s)
         held.append(s)
-        s.sendall(b"held-connection!")
-        got = b""
-        while len(got) < 16:
-            chunk = s.recv(16 - len(got))
-            if not chunk:
-                raise ConnectionError("closed before the echo came back")
-            got += chunk
+        if mode == "websocket":
+            upgrade(s)
+        round_trip(s)
     print("ok", len(held), flush=True)
 except OSError as exc:
     print("error", len(held), repr(exc), flush=True)
@@ -150,6 +250,9 @@ sys.stdin.read()
 #: Connections per client process: few enough processes for 2 cores, each far from
 #: the descriptor limit.
 PER_CLIENT = 2500
+#: The same for TLS and WebSocket, whose handshakes cost the client CPU too: more
+#: processes, so that both cores make handshakes.
+PER_CLIENT_HANDSHAKING = 500
 
 
 def group_memory_kib(pgid: int) -> dict[str, int]:
@@ -176,6 +279,21 @@ def group_memory_kib(pgid: int) -> dict[str, int]:
     return totals
 
 
+def group_fds(pgid: int) -> int:
+    """Open descriptors over every process in process group ``pgid``."""
+    total = 0
+    for entry in os.scandir("/proc"):
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = Path(entry.path, "stat").read_text()
+            if int(stat[stat.rindex(")") + 2 :].split()[2]) == pgid:
+                total += len(os.listdir(Path(entry.path, "fd")))
+        except (OSError, ValueError, IndexError):
+            continue  # exited meanwhile
+    return total
+
+
 def first_lines(procs: list[subprocess.Popen], deadline: float) -> list[str]:
     """The first stdout line of each process, waiting at most until ``deadline``."""
     lines: dict[int, str] = {}
@@ -192,13 +310,21 @@ def first_lines(procs: list[subprocess.Popen], deadline: float) -> list[str]:
 
 
 def hold_connections(
-    processes: Processes, proxy_pgid: int, port: int, count: int, settle: float = 0.5, timeout: float = 120.0
+    processes: Processes,
+    proxy_pgid: int,
+    port: int,
+    count: int,
+    settle: float = 0.5,
+    timeout: float = 120.0,
+    mode: str = "tcp",
 ) -> dict[str, float]:
-    """Open ``count`` connections through the proxy at ``port`` (a round trip on each)
-    and hold them; return how the proxy group's PSS and RSS grew with them held."""
+    """Open ``count`` connections through the proxy at ``port`` (a round trip on each,
+    after a TLS handshake or a WebSocket upgrade for ``mode`` tls or websocket) and
+    hold them idle; return how the proxy group's PSS and RSS grew with them held."""
+    per_client = PER_CLIENT if mode == "tcp" else PER_CLIENT_HANDSHAKING
     warm = processes.start(
         "held-warmup",
-        [sys.executable, "-c", CLIENT, str(port), "20"],
+        [sys.executable, "-c", CLIENT, str(port), "20", mode],
         stdout=subprocess.PIPE,
         stdin=subprocess.PIPE,
     )
@@ -214,11 +340,11 @@ def hold_connections(
     try:
         remaining, index = count, 0
         while remaining > 0:
-            n = min(PER_CLIENT, remaining)
+            n = min(per_client, remaining)
             clients.append(
                 processes.start(
                     f"held-client-{index}",
-                    [sys.executable, "-c", CLIENT, str(port), str(n)],
+                    [sys.executable, "-c", CLIENT, str(port), str(n), mode],
                     stdout=subprocess.PIPE,
                     stdin=subprocess.PIPE,
                 )
@@ -232,6 +358,7 @@ def hold_connections(
             raise RuntimeError(f"held {held} of {count}: {failures[0][:200]}")
         time.sleep(settle)
         held_mem = group_memory_kib(proxy_pgid)
+        fds = group_fds(proxy_pgid)
     finally:
         for client in clients:
             processes.stop(client)
@@ -243,4 +370,7 @@ def hold_connections(
         "rss_mb": held_mem["rss"] / 1024,
         "rss_growth_mb": (held_mem["rss"] - before["rss"]) / 1024,
         "pss_anon_per_connection_kb": (held_mem["pss_anon"] - before["pss_anon"]) * 1.024 / count,
+        "pss_per_connection_kb": (held_mem["pss"] - before["pss"]) * 1.024 / count,
+        "rss_per_connection_kb": (held_mem["rss"] - before["rss"]) * 1.024 / count,
+        "proxy_fds": fds,
     }
