@@ -17,7 +17,7 @@ setup(
     license="MIT",
     python_requires=">=3.11",
     packages=find_packages(include=["gportmap", "gportmap.*"]),
-    package_data={"gportmap": ["schema/*.json", "static/*.html"]},
+    package_data={"gportmap.config": ["schema/*.json"], "gportmap.admin": ["static/*.html"]},
     include_package_data=True,
     install_requires=[
         "gevent>=23.9",
@@ -25,7 +25,7 @@ setup(
         "jsonschema>=4.18",
         "python-json-logger>=3.1",
         # The Prometheus text format and the standard process_* metrics, read
-        # through a custom collector at scrape time (see gportmap/metrics.py).
+        # through a custom collector at scrape time (see gportmap/admin/metrics.py).
         "prometheus-client>=0.17",
         # Nothing platform-specific: the rules-file watcher reads inotify through
         # ctypes over libc (gportmap/inotify.py) and polls where there is none, so

@@ -18,16 +18,18 @@ import gevent
 from gevent.event import Event
 
 from gportmap import __version__
-from gportmap.applier import ReloadSource
+from gportmap.admin import AdminPlane
 from gportmap.config import Config, load, parse, parse_listen
 from gportmap.errors import ConfigError, GportmapError
 from gportmap.log import LEVELS, get_logger, log_event, route_gevent_errors, setup_logging
 from gportmap.platform import Features, detect, raise_fd_limit
-from gportmap.service import Overrides, Service
+from gportmap.runtime.applier import ReloadSource
+from gportmap.runtime.backend import RulesBackend
+from gportmap.runtime.service import Overrides, Service
+from gportmap.runtime.supervisor import Supervisor
+from gportmap.runtime.watcher import choose_mode
+from gportmap.runtime.workers import Channel, WorkerLink, WorkerPool, resolve_workers, worker_command
 from gportmap.stats import StatsRegistry
-from gportmap.supervisor import Supervisor
-from gportmap.watcher import choose_mode
-from gportmap.workers import Channel, WorkerLink, WorkerPool, resolve_workers, worker_command
 
 logger = get_logger()
 
@@ -223,7 +225,7 @@ def run(
             stop.set()
 
     def on_stats_signal(signum: int) -> None:
-        service.stats_log.log_now("signal")
+        plane.stats_log.log_now("signal")
 
     def on_reload_signal(signum: int) -> None:
         if link is not None:
@@ -241,12 +243,15 @@ def run(
     if link is not None:
         workers = resolve_workers(overrides.workers if overrides else None)
         stats = StatsRegistry(workers=workers, index=link.index)
-        backend_here: Supervisor | WorkerPool = Supervisor(
+        backend_here: RulesBackend = Supervisor(
             stats, splice=features.splice, reuse_port=True, open_files=open_files
         )
     else:
         backend_here = backend or Supervisor(splice=features.splice, open_files=open_files)
     service = Service(config, choose_mode(features), overrides, backend=backend_here, worker=link is not None)
+    plane = AdminPlane(service)  # a worker's master serves the endpoint and the stats log
+    if link is None:
+        service.on_applied.append(plane.apply)
     # Handlers before the first rule starts: a signal during start-up is handled too.
     for name in ("SIGTERM", "SIGINT"):
         if hasattr(signal, name):
@@ -275,7 +280,7 @@ def run(
     stop.wait()
 
     service.stop_reloading(STOP_RELOAD_WAIT)
-    service.stats_log.stop()
+    plane.stats_log.stop()
     supervisor = service.supervisor
     drain = service.config.settings.drain_timeout
     supervisor.close_listeners()
@@ -288,7 +293,8 @@ def run(
         active=supervisor.stats.active,
     )
     supervisor.drain(drain, force)
-    service.stop_services()
+    service.stop_watching()
+    plane.stop()
     log_event(logger, logging.INFO, "stopped", "stopped")
     return EXIT_OK
 

@@ -2,7 +2,7 @@
 
 One job: give the rules-file watcher a non-blocking inotify descriptor it can wait on
 with gevent and the events read from it. What to watch and what an event means for
-the rules file is the watcher's business (gportmap.watcher), not this module's.
+the rules file is the watcher's business (gportmap.runtime.watcher), not this module's.
 
 Why not pyinotify: its Notifier wrote plain-text lines to stderr on its own (breaking
 one JSON object per line), decoded names strictly (a file with a Latin-1 name in the

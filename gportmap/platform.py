@@ -17,7 +17,6 @@ from dataclasses import asdict, dataclass
 
 from gportmap import inotify
 from gportmap.log import get_logger, log_event
-from gportmap.relay import splice_available
 
 logger = get_logger("platform")
 
@@ -61,6 +60,11 @@ def _can_import(module: str) -> bool:
     except ImportError:
         return False
     return True
+
+
+def splice_available() -> bool:
+    """os.splice exists with non-blocking moves (Linux, Python 3.10+)."""
+    return hasattr(os, "splice") and hasattr(os, "SPLICE_F_NONBLOCK")
 
 
 def detect() -> Features:

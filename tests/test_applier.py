@@ -23,10 +23,10 @@ from conftest import free_port, tcp_rule
 from gevent.event import Event
 from gevent.server import StreamServer
 
-from gportmap.applier import Applier, OutcomeStatus, ReloadOutcome, ReloadRequest, ReloadSource
 from gportmap.config import parse
-from gportmap.service import Overrides, Service
-from gportmap.supervisor import RuleEvent, RuleRunner, RuleState, StateError, Supervisor, next_state
+from gportmap.runtime.applier import Applier, OutcomeStatus, ReloadOutcome, ReloadRequest, ReloadSource
+from gportmap.runtime.service import Overrides, Service
+from gportmap.runtime.supervisor import RuleEvent, RuleState, StateError, Supervisor, next_state
 
 
 def _echo(sock, _address) -> None:
@@ -139,7 +139,7 @@ def test_a_rule_whose_server_raises_fails_alone_and_is_retried(echo_server, monk
     built for real, a bug in a server) used to escape apply(): the apply was left half
     done, and the watcher greenlet that ran it died."""
     good, bad = free_port(), free_port()
-    import gportmap.supervisor as supervisor_module
+    import gportmap.runtime.supervisor as supervisor_module
 
     real_create = supervisor_module.create_server
     failures = {"left": 1}

@@ -17,10 +17,10 @@ from hypothesis import strategies as st
 
 from gportmap.config import Config, Rule, Settings, load, parse
 from gportmap.errors import ConfigError
-from gportmap.protocols import registered
+from gportmap.plugins.registry import registered_protocols
 
 #: Every registered protocol as messages list them: the built-ins and installed plugins'.
-PROTOCOLS = ", ".join(repr(name) for name in registered())
+PROTOCOLS = ", ".join(repr(name) for name in registered_protocols())
 
 #: Every key a rule accepts today; the schema must close each rule object on exactly these.
 RULE_KEYS = (
@@ -219,7 +219,7 @@ def test_wildcards_of_other_families_and_other_ports_do_not_conflict() -> None:
 
 
 def test_schema_is_valid_and_closes_every_object() -> None:
-    schema = json.loads(resources.files("gportmap").joinpath("schema", "rules.schema.json").read_text())
+    schema = json.loads(resources.files("gportmap.config").joinpath("schema", "rules.schema.json").read_text())
     jsonschema.Draft202012Validator.check_schema(schema)
     objects = [schema, schema["$defs"]["rule"], schema["$defs"]["settings"]]
     assert all(obj["additionalProperties"] is False for obj in objects)

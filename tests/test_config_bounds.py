@@ -25,8 +25,15 @@ from typing import Any
 
 import pytest
 
-from gportmap import config
-from gportmap.config import MAX_ERROR_CHARS, MAX_ERRORS, MAX_PROBLEMS, MAX_RULES_FILE_BYTES, parse, read_rules_file
+from gportmap.config import (
+    MAX_ERROR_CHARS,
+    MAX_ERRORS,
+    MAX_PROBLEMS,
+    MAX_RULES_FILE_BYTES,
+    parse,
+    read_rules_file,
+)
+from gportmap.config import loader as config_load
 from gportmap.errors import ConfigError
 
 #: Seconds a subprocess gets: generous for a loaded machine, finite for a hang.
@@ -126,7 +133,7 @@ def test_a_fifo_as_certificate_file_is_refused_without_blocking(tmp_path: Path) 
 
 
 def test_read_rules_file_reads_up_to_the_limit_and_no_further(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(config, "MAX_RULES_FILE_BYTES", 10)
+    monkeypatch.setattr(config_load, "MAX_RULES_FILE_BYTES", 10)
     path = tmp_path / "rules.json"
     path.write_bytes(b"[        ]")
     assert read_rules_file(path) == b"[        ]"
@@ -138,7 +145,7 @@ def test_read_rules_file_reads_up_to_the_limit_and_no_further(tmp_path: Path, mo
 
 def test_a_file_whose_size_is_not_its_length_is_still_cut_at_the_limit(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """/proc files say 0 bytes and have more: the read itself stops at the limit."""
-    monkeypatch.setattr(config, "MAX_RULES_FILE_BYTES", 10)
+    monkeypatch.setattr(config_load, "MAX_RULES_FILE_BYTES", 10)
     link = tmp_path / "rules.json"
     link.symlink_to("/proc/self/status")
     with pytest.raises(ConfigError) as info:
@@ -206,7 +213,7 @@ LONG_LINES = {
     # a duplicate key deep down: the path alone was thousands of characters
     "deep_path": '{"rules": [], "settings": ' + nested(900, '{"b": 1, "b": 2}') + "}",
     # a long key, twice in one object: the duplicate and the unknown key named it whole
-    "duplicate_long_key": '{"rules": [], "settings": {"%s": 1, "%s": 2}}' % (HUGE, HUGE),
+    "duplicate_long_key": f'{{"rules": [], "settings": {{"{HUGE}": 1, "{HUGE}": 2}}}}',
     # jsonschema's own words ("... is too long") quote the whole value
     "long_list": [rule(protocol="websocket", origins=[f"http://o{i}" for i in range(20_000)])],
     "long_string": [rule(tls={"certFile": HUGE, "keyFile": "key.pem"})],

@@ -1,6 +1,6 @@
 """Hostile input, fuzzed with hypothesis (issue 11).
 
-- the WebSocket frame parser (``gportmap.wsframe``): arbitrary bytes give a header,
+- the WebSocket frame parser (``gportmap.engine.wsframe``): arbitrary bytes give a header,
   "need more bytes" or a FrameError, never another exception; encode -> parse is
   exact; unmasking is its own inverse and the same in any number of pieces;
 - the bridge's frame reader, over a real websocket rule: arbitrary byte streams
@@ -10,7 +10,7 @@
   ``/healthz`` keeps answering;
 - the rules loader, where ``tests/test_config.py`` stops: nested ``tls``/``targetTls``
   objects with hostile file names and server names, and plausible ``settings``.
-- the PROXY protocol writer (``gportmap.proxyproto``): any IPv4, IPv6 or
+- the PROXY protocol writer (``gportmap.engine.proxyproto``): any IPv4, IPv6 or
   IPv4-mapped addresses and ports read back the same through a reference reader,
   v1 stays within 107 bytes, and any odd address shape gives UNKNOWN / LOCAL
   instead of an exception.
@@ -33,8 +33,8 @@ from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 from test_websocket import handshake, ws_rule
 
-from gportmap import proxyproto, wsframe
 from gportmap.config import Config, parse
+from gportmap.engine import proxyproto, wsframe
 from gportmap.errors import ConfigError
 
 # Examples that drive a live gportmap: a function-scoped fixture outside @given is
@@ -414,7 +414,7 @@ def test_nested_tls_and_settings_give_a_config_or_a_config_error(document: dict)
                 pass  # the SNI name is encoded here, as gportmap does it for every connection
 
 
-# --- the PROXY protocol writer (gportmap.proxyproto) ------------------------------
+# --- the PROXY protocol writer (gportmap.engine.proxyproto) ------------------------------
 
 
 def parse_proxy_header(data: bytes) -> tuple[str, str | None, tuple | None, int]:

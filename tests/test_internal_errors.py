@@ -28,16 +28,16 @@ import pytest
 from conftest import LOOPBACK, closed_by_peer, connect, free_port, recv_until_eof, tcp_rule
 from gevent.server import DatagramServer, StreamServer
 
-from gportmap import hubrelay, wsframe
 from gportmap.config import Rule
+from gportmap.engine import hubrelay, wsframe
+from gportmap.engine.relay import BufferPool, Relay
+from gportmap.engine.wsbridge import WsBridge
 from gportmap.log import RateLimiter
 from gportmap.protocols import ServerContext
 from gportmap.protocols import udp as udp_module
 from gportmap.protocols.tcp import TcpServer
 from gportmap.protocols.websocket import WebSocketServer
-from gportmap.relay import BufferPool, Relay
 from gportmap.stats import Connection, RuleStats, StatsRegistry
-from gportmap.wsbridge import WsBridge
 
 TESTS = str(Path(__file__).resolve().parent)
 

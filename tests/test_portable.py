@@ -329,10 +329,10 @@ def test_udp_treats_windows_connection_resets_as_transient(monkeypatch, caplog) 
     from gevent.server import DatagramServer
 
     from gportmap.config import Rule
+    from gportmap.engine.relay import BufferPool
     from gportmap.log import RateLimiter
     from gportmap.protocols import ServerContext
     from gportmap.protocols import udp as udp_module
-    from gportmap.relay import BufferPool
     from gportmap.stats import StatsRegistry
 
     target = DatagramServer(("127.0.0.1", 0), lambda data, address: target.sendto(data, address))

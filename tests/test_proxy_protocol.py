@@ -41,13 +41,13 @@ from conftest import (
     wait_for,
 )
 
-from gportmap import proxyproto
 from gportmap.config import Rule
+from gportmap.engine import proxyproto
+from gportmap.engine.relay import BufferPool
 from gportmap.log import RateLimiter
 from gportmap.protocols import ServerContext
 from gportmap.protocols.stream import ClientGone
 from gportmap.protocols.tcp import TcpServer
-from gportmap.relay import BufferPool
 from gportmap.stats import StatsRegistry
 
 NGINX_STREAM_MODULE = Path("/usr/lib/nginx/modules/ngx_stream_module.so")

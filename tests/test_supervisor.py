@@ -12,7 +12,7 @@ from conftest import free_port, tcp_rule
 from gevent.server import StreamServer
 
 from gportmap.config import parse
-from gportmap.supervisor import RuleEvent, RuleRunner, RuleState, StateError, Supervisor
+from gportmap.runtime.supervisor import RuleEvent, RuleRunner, RuleState, StateError, Supervisor
 
 
 def _echo(sock, _address) -> None:

@@ -22,7 +22,7 @@ from conftest import LOOPBACK, free_port, require_tool, wait_for
 from gevent.server import DatagramServer
 
 from gportmap.config import parse
-from gportmap.supervisor import Supervisor
+from gportmap.runtime.supervisor import Supervisor
 
 Handler = Callable[[socket.socket, bytes, tuple], None]
 

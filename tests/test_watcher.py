@@ -24,8 +24,8 @@ import gevent
 import pytest
 from conftest import connect, free_port, recv_exactly, tcp_rule
 
-import gportmap.watcher as watcher_module
-from gportmap.watcher import create_watcher
+import gportmap.runtime.watcher as watcher_module
+from gportmap.runtime.watcher import create_watcher
 
 WATCHERS = ["inotify", "poll"]
 

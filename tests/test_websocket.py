@@ -28,9 +28,9 @@ from conftest import (
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from gportmap import wsframe
-from gportmap.relay import BufferPool
-from gportmap.wsbridge import WsBridge, _FrameReader
+from gportmap.engine import wsframe
+from gportmap.engine.relay import BufferPool
+from gportmap.engine.wsbridge import WsBridge, _FrameReader
 
 MB = 1024 * 1024
 

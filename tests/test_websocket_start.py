@@ -10,11 +10,11 @@ import greenlet
 from conftest import LOOPBACK, free_port
 
 from gportmap.config import Rule
+from gportmap.engine.net import bind_listener
+from gportmap.engine.relay import BufferPool
 from gportmap.log import RateLimiter
-from gportmap.net import bind_listener
 from gportmap.protocols import ServerContext
 from gportmap.protocols.websocket import WebSocketServer
-from gportmap.relay import BufferPool
 from gportmap.stats import StatsRegistry
 
 

@@ -672,8 +672,8 @@ def test_a_request_that_raises_is_answered_and_the_link_goes_on(caplog):
     import gevent.socket
     from gevent.event import Event
 
-    from gportmap.supervisor import Changes
-    from gportmap.workers import Channel, WorkerLink
+    from gportmap.runtime.supervisor import Changes
+    from gportmap.runtime.workers import Channel, WorkerLink
 
     ours, theirs = gevent.socket.socketpair()
     master, link = Channel(ours), WorkerLink(Channel(theirs), 0)
@@ -726,7 +726,7 @@ class SlowService:
     def apply_raw(self, raw: bytes, source: str):
         import gevent
 
-        from gportmap.supervisor import Changes
+        from gportmap.runtime.supervisor import Changes
 
         gevent.sleep(0.01)
         self.running = raw
@@ -741,8 +741,8 @@ def test_an_older_generation_never_replaces_a_newer_one():
     import gevent.socket
     from gevent.event import Event
 
-    from gportmap.supervisor import Changes
-    from gportmap.workers import Channel, WorkerLink
+    from gportmap.runtime.supervisor import Changes
+    from gportmap.runtime.workers import Channel, WorkerLink
 
     ours, theirs = gevent.socket.socketpair()
     master, link = Channel(ours), WorkerLink(Channel(theirs), 0)
@@ -784,7 +784,7 @@ def test_only_a_worker_that_sends_nothing_is_killed():
     import gevent
     import gevent.socket
 
-    from gportmap.workers import Channel, Op, WorkerPool, WorkerState
+    from gportmap.runtime.workers import Channel, Op, WorkerPool, WorkerState
 
     pool = WorkerPool(2, [])
     pool.heartbeat_timeout, pool.heartbeat_check = 2.0, 0.05

@@ -13,13 +13,13 @@ installed metadata, the built-ins are still found.
 
 from __future__ import annotations
 
-import functools
 from dataclasses import dataclass
-from importlib.metadata import entry_points
 from typing import TYPE_CHECKING
 
+from gportmap.engine.relay import BufferPool
 from gportmap.log import RateLimiter
-from gportmap.relay import BufferPool
+from gportmap.plugins import find_class
+from gportmap.plugins.registry import registered_protocols
 from gportmap.stats import StatsRegistry
 
 if TYPE_CHECKING:
@@ -39,29 +39,9 @@ class ServerContext:
     reuse_port: bool = False
 
 
-BUILTIN = {
-    "tcp": "gportmap.protocols.tcp:TcpServer",
-    "udp": "gportmap.protocols.udp:UdpServer",
-    "websocket": "gportmap.protocols.websocket:WebSocketServer",
-}
-PROTOCOL_GROUP = "gportmap.protocols"
-
-
-@functools.cache
-def registered() -> dict[str, str]:
-    """Protocol name -> ``module:Class``, from entry points (read once: they do not
-    change while the process runs)."""
-    found = dict(BUILTIN)
-    for ep in entry_points(group=PROTOCOL_GROUP):
-        found[ep.name] = ep.value
-    return found
-
-
 def server_class(protocol: str) -> type:
     """The server class for a protocol name (validated by the config already)."""
-    from gportmap.plugins import find_class
-
-    return find_class(registered()[protocol])
+    return find_class(registered_protocols()[protocol])
 
 
 def create_server(rule: Rule, context: ServerContext):  # -> a protocol server

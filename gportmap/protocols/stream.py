@@ -22,11 +22,11 @@ from gevent.event import Event
 from gevent.pool import Pool
 from gevent.server import StreamServer
 
-from gportmap import proxyproto
 from gportmap.config import Rule
+from gportmap.engine import proxyproto
+from gportmap.engine.net import bind_listener, connect_error_text, set_nodelay
 from gportmap.failures import INTERNAL_ERROR, report_internal_error
 from gportmap.log import get_logger, log_event
-from gportmap.net import bind_listener, connect_error_text, set_nodelay
 from gportmap.plugins import ConnView, HookError, PluginChain, Reject, log_hook_error
 from gportmap.protocols import ServerContext
 from gportmap.security import Admission, client_context, server_context
@@ -44,7 +44,7 @@ RESOLVE_TTL = 30.0
 Outcome = tuple[str, str | None]
 
 #: What a connection's work returns instead when it handed the connection to a relay
-#: that runs without a greenlet (``gportmap.hubrelay``): that relay reports the end.
+#: that runs without a greenlet (``gportmap.engine.hubrelay``): that relay reports the end.
 DETACHED = ("detached", None)
 
 

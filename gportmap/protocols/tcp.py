@@ -2,7 +2,7 @@
 
 With ``targetProtocol: "websocket"`` the rule is the entry of a tunnel: each
 accepted connection is carried over a WebSocket to a ``websocket`` rule elsewhere
-(see ``gportmap.wstunnel``).
+(see ``gportmap.engine.wstunnel``).
 """
 
 from __future__ import annotations
@@ -14,15 +14,15 @@ import socket
 import gevent.socket
 from gevent.server import StreamServer
 
+from gportmap.engine.hubrelay import HubRelay, LeanConnection, adopt
+from gportmap.engine.net import peer_text, set_nodelay
+from gportmap.engine.relay import Relay
+from gportmap.engine.wsbridge import WsBridge
+from gportmap.engine.wstunnel import HandshakeError, open_tunnel
 from gportmap.failures import INTERNAL_ERROR
-from gportmap.hubrelay import HubRelay, LeanConnection, adopt
-from gportmap.net import peer_text, set_nodelay
 from gportmap.plugins import ConnView
 from gportmap.protocols.stream import Outcome, StreamRuleServer
-from gportmap.relay import Relay
 from gportmap.stats import Connection
-from gportmap.wsbridge import WsBridge
-from gportmap.wstunnel import HandshakeError, open_tunnel
 
 
 class RawAcceptServer(StreamServer):
@@ -109,7 +109,7 @@ class TcpServer(StreamRuleServer):
 
     @functools.cached_property
     def lean(self) -> bool:
-        """Plain TCP without plugins: relayed by hub callbacks (``gportmap.hubrelay``).
+        """Plain TCP without plugins: relayed by hub callbacks (``gportmap.engine.hubrelay``).
         Not for a protocol derived from this class (a plugin package's): its hooks
         (``_forward``...) expect gevent sockets and a greenlet they may block."""
         rule = self.rule

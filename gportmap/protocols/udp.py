@@ -57,9 +57,9 @@ import gevent.socket
 from gevent.event import Event
 
 from gportmap.config import Rule
+from gportmap.engine.net import bind_listener, peer_text
 from gportmap.failures import INTERNAL_ERROR, report_internal_error
 from gportmap.log import get_logger, log_event
-from gportmap.net import bind_listener, peer_text
 from gportmap.plugins import DOWNSTREAM, UPSTREAM, ConnView, HookError, PluginChain, Reject, log_hook_error
 from gportmap.protocols import ServerContext
 from gportmap.security import Admission

@@ -31,13 +31,13 @@ from gevent import GreenletExit
 from gevent.pywsgi import WSGIServer
 from geventwebsocket.handler import WebSocketHandler
 
-from gportmap import wsframe
+from gportmap.engine import wsframe
+from gportmap.engine.net import peer_text, set_nodelay
+from gportmap.engine.wsbridge import WsBridge
 from gportmap.failures import INTERNAL_ERROR
 from gportmap.log import ClientErrorsAsLog, get_logger
-from gportmap.net import peer_text, set_nodelay
 from gportmap.protocols.stream import StreamRuleServer
 from gportmap.stats import Connection
-from gportmap.wsbridge import WsBridge
 
 logger = get_logger("websocket")
 

@@ -31,10 +31,8 @@ from collections.abc import Callable
 import gevent
 from gevent.lock import Semaphore
 
-from gportmap import wsframe
-from gportmap.failures import INTERNAL_ERROR, report_internal_error
-from gportmap.plugins import DOWNSTREAM, UPSTREAM, HookError, Reject, log_hook_error
-from gportmap.relay import (
+from gportmap.engine import wsframe
+from gportmap.engine.relay import (
     WOULD_BLOCK,
     BufferPool,
     IdleTimeout,
@@ -44,6 +42,8 @@ from gportmap.relay import (
     shutdown,
     wait_readable,
 )
+from gportmap.failures import INTERNAL_ERROR, report_internal_error
+from gportmap.plugins import DOWNSTREAM, UPSTREAM, HookError, Reject, log_hook_error
 from gportmap.stats import Connection
 
 _HEADROOM = wsframe.MAX_HEADER

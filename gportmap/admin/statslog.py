@@ -15,7 +15,7 @@ import gevent
 from gportmap.log import get_logger, log_event
 
 if TYPE_CHECKING:
-    from gportmap.service import Service
+    from gportmap.runtime.service import Service
 
 logger = get_logger("stats")
 
@@ -43,7 +43,6 @@ class StatsLogger:
 
     def log_now(self, source: str = "signal") -> None:
         rules: list[dict[str, Any]] = []
-        self.service.supervisor.refresh()
         for view in self.service.rule_views():
             stats = view.stats
             before = self._previous.get(view.name, (0, 0))

@@ -16,8 +16,8 @@ import socket
 
 import gevent
 
-from gportmap import wsframe
 from gportmap.config import Rule, format_address
+from gportmap.engine import wsframe
 from gportmap.errors import GportmapError
 
 #: Upper bound of the response head we are willing to read.

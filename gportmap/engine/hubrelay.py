@@ -30,7 +30,7 @@ connection. No callback lets an exception reach the hub: the hub would stop that
 watcher and the connection would hang, counted open, with nobody to end it. An
 unexpected one (a bug) ends its connection with ``internal_error`` instead,
 counted and logged with its traceback (``gportmap.failures``). TLS connections and rules with plugins keep the greenlet relay
-(``gportmap.relay.Relay``): they may block in ways a hub callback must not.
+(``gportmap.engine.relay.Relay``): they may block in ways a hub callback must not.
 """
 
 from __future__ import annotations
@@ -44,9 +44,9 @@ from collections.abc import Callable
 
 from gevent import get_hub
 
+from gportmap.engine.net import connect_error_text
+from gportmap.engine.relay import BUFFER_SIZE, SPLICE_FLAGS, SideError, close_fd, make_pipe, shutdown
 from gportmap.failures import INTERNAL_ERROR, report_internal_error
-from gportmap.net import connect_error_text
-from gportmap.relay import BUFFER_SIZE, SPLICE_FLAGS, SideError, close_fd, make_pipe, shutdown
 from gportmap.stats import Connection
 
 #: libev event masks.

@@ -1,7 +1,7 @@
 """Load and validate the rules file (SPEC §3).
 
 The pipeline is: bytes -> JSON (strict: no NaN/Infinity, no duplicate keys) -> JSON
-Schema (``gportmap/schema/rules.schema.json``, Draft 2020-12) -> the checks a schema
+Schema (``gportmap/config/schema/rules.schema.json``, Draft 2020-12) -> the checks a schema
 cannot express (host syntax, unique names, overlapping listen addresses) -> frozen
 dataclasses. Nothing downstream ever reads the raw JSON.
 
@@ -35,11 +35,11 @@ from typing import Any
 
 import jsonschema
 
+from gportmap.config.model import AdminSettings, Config, Rule, Settings, TlsListen, TlsTarget
 from gportmap.errors import ConfigError, PluginError
-from gportmap.plugins import PluginSpec
 from gportmap.plugins import resolve as resolve_plugin
-from gportmap.protocols import BUILTIN as BUILTIN_PROTOCOLS
-from gportmap.protocols import registered as registered_protocols
+from gportmap.plugins.registry import BUILTIN as BUILTIN_PROTOCOLS
+from gportmap.plugins.registry import registered_protocols
 from gportmap.security import client_context, network_span, parse_target_allow, server_context
 
 JsonPath = tuple[str | int, ...]
@@ -81,129 +81,6 @@ _NAME = re.compile(r"[A-Za-z0-9_.-]{1,64}")
 _URL_PATH = re.compile(r"/[\x21-\x7e]{0,1023}")  # goes into a request line: no CR/LF, no spaces
 _LABEL = re.compile(r"[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?")
 _IDENTIFIER = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
-
-
-@dataclass(frozen=True)
-class AdminSettings:
-    """``settings.admin``: where the admin HTTP endpoint listens, and its bearer token."""
-
-    host: str = "127.0.0.1"
-    port: int = 9900
-    token: str | None = None
-
-    @property
-    def listen(self) -> str:
-        return format_address(self.host, self.port)
-
-
-@dataclass(frozen=True)
-class TlsListen:
-    """``tls`` of a rule: absolute file paths, and a digest of their content so that a
-    renewed certificate makes the rule differ (and reload) even with the same paths."""
-
-    cert_file: str
-    key_file: str
-    client_ca_file: str | None
-    digest: str
-
-
-@dataclass(frozen=True)
-class TlsTarget:
-    """``targetTls`` of a rule; ``server_name`` None means the target host."""
-
-    ca_file: str | None
-    server_name: str | None
-    verify: bool
-    digest: str
-
-
-@dataclass(frozen=True)
-class Settings:
-    """The file's ``settings`` object; every key is optional."""
-
-    max_connections: int = 10000
-    drain_timeout: float = 30.0
-    log_format: str = "text"
-    log_level: str = "INFO"
-    watch: bool = True
-    admin: AdminSettings | None = AdminSettings()  # None: the admin endpoint is off
-    stats_interval: float = 60.0  # 0: no periodic stats records
-    allow_targets: tuple[str, ...] = ()  # empty: any target
-    workers: int | str = 1  # processes sharing the ports; "auto": one per core
-
-
-@dataclass(frozen=True)
-class Rule:
-    """One forwarding rule with every default filled in.
-
-    ``index`` (the rule's position in the file) only serves messages: it is left out
-    of ``==`` so that a hot reload sees a rule that merely moved as unchanged.
-    """
-
-    name: str
-    protocol: str
-    listen_host: str
-    listen_port: int
-    target_host: str
-    target_port: int
-    enabled: bool = True
-    max_connections: int = 1000
-    connect_timeout: float = 5.0
-    idle_timeout: float = 300.0
-    session_timeout: float = 60.0
-    max_sessions: int = 1000
-    handshake_timeout: float = 10.0
-    path: str = "/"  # websocket: the listener's path
-    origins: tuple[str, ...] = ()  # websocket: allowed Origin values; empty = any
-    max_message_size: int = 1048576  # websocket, and tcp tunnels: largest message
-    target_protocol: str = "tcp"  # tcp: "websocket" tunnels each connection over a WebSocket
-    target_path: str = "/"  # tcp tunnels: the path asked of the target
-    proxy_protocol: str | None = None  # tcp: "v1"/"v2", a PROXY protocol header to the target first
-    allow: tuple[str, ...] = ()  # client networks admitted; empty = everyone
-    deny: tuple[str, ...] = ()  # client networks refused; wins over allow
-    tls: TlsListen | None = None
-    target_tls: TlsTarget | None = None
-    plugins: tuple[PluginSpec, ...] = ()
-    index: int = field(default=0, compare=False)
-
-    @property
-    def transport(self) -> str:
-        """The socket type the listener binds: websocket rules share TCP ports."""
-        return "udp" if self.protocol == "udp" else "tcp"
-
-    @property
-    def key(self) -> tuple[str, str, int]:
-        """What identifies a rule across reloads (SPEC §4)."""
-        return (self.transport, self.listen_host, self.listen_port)
-
-    @property
-    def listen(self) -> str:
-        return format_address(self.listen_host, self.listen_port)
-
-    @property
-    def target(self) -> str:
-        return format_address(self.target_host, self.target_port)
-
-
-@dataclass(frozen=True)
-class Config:
-    """A validated rules file; ``digest`` lets a watcher skip unchanged content."""
-
-    path: str
-    rules: tuple[Rule, ...]
-    settings: Settings
-    digest: str
-    #: The file's bytes as validated: worker processes apply exactly this version.
-    raw: bytes = field(default=b"", compare=False, repr=False)
-
-    @property
-    def enabled_rules(self) -> tuple[Rule, ...]:
-        return tuple(rule for rule in self.rules if rule.enabled)
-
-
-def format_address(host: str, port: int) -> str:
-    """``host:port``, with an IPv6 host in brackets as URLs and logs expect."""
-    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
 def load(path: str | os.PathLike[str]) -> Config:
@@ -511,7 +388,7 @@ def _scan(document: Any) -> Iterator[Problem]:
 @functools.cache
 def _validator() -> jsonschema.Draft202012Validator:
     """The validator for the schema shipped in the package (built once: it never changes)."""
-    text = resources.files("gportmap").joinpath("schema", "rules.schema.json").read_text("utf-8")
+    text = resources.files("gportmap.config").joinpath("schema", "rules.schema.json").read_text("utf-8")
     schema = json.loads(text)
     # Protocols are whatever is registered: the built-ins and any plugin package's.
     schema["$defs"]["rule"]["properties"]["protocol"]["enum"] = list(registered_protocols())

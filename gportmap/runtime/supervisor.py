@@ -32,11 +32,11 @@ import gevent
 from gevent.event import Event
 
 from gportmap.config import Config, Rule
+from gportmap.engine.net import BindRetry, bind_listener
+from gportmap.engine.relay import BufferPool
 from gportmap.errors import BindError, GportmapError
 from gportmap.log import RateLimiter, get_logger, log_event
-from gportmap.net import BindRetry, bind_listener
 from gportmap.protocols import ServerContext, create_server
-from gportmap.relay import BufferPool
 from gportmap.stats import StatsRegistry, fd_capacity
 
 logger = get_logger("supervisor")
@@ -369,9 +369,6 @@ class Supervisor:
                 names.add(runner.rule.name)
                 states.append((runner.rule, runner.state.value, None))
         return states
-
-    def refresh(self) -> None:
-        """The figures are this process's own, always current (``WorkerPool`` reads its workers')."""
 
     def describe_workers(self) -> list[dict]:
         """One process, no workers (``WorkerPool`` lists its own)."""

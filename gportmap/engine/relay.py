@@ -1,6 +1,6 @@
 """The byte pump between a client and its target, for connections that need a
 greenlet: TLS on either side, plugins (whose code may block), WebSocket bridges
-(which reuse the helpers here). Plain TCP goes through ``gportmap.hubrelay``.
+(which reuse the helpers here). Plain TCP goes through ``gportmap.engine.hubrelay``.
 
 Two directions, each in its own greenlet, each a loop of: wait until the source is
 readable (holding no buffer), borrow a buffer from the shared pool, read, write it
@@ -52,10 +52,6 @@ SPLICE_FLAGS = getattr(os, "SPLICE_F_MOVE", 0) | getattr(os, "SPLICE_F_NONBLOCK"
 #: pipes of a finished connection stayed open. No watcher ever waits on these pipes
 #: (only on the sockets), so closing them at once is safe.
 close_fd = get_original("os", "close")
-
-
-def splice_available() -> bool:
-    return hasattr(os, "splice") and hasattr(os, "SPLICE_F_NONBLOCK")
 
 
 def make_pipe() -> tuple[int, int, int] | None:

@@ -20,16 +20,16 @@ from urllib.parse import parse_qs
 import gevent
 from gevent.pywsgi import WSGIHandler, WSGIServer
 
-from gportmap.applier import OutcomeStatus, ReloadSource
+from gportmap.admin.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
+from gportmap.admin.metrics import build_registry, render
 from gportmap.config import AdminSettings
+from gportmap.engine.net import BindRetry, bind_listener
 from gportmap.errors import BindError
 from gportmap.log import ClientErrorsAsLog, get_logger, log_event
-from gportmap.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
-from gportmap.metrics import build_registry, render
-from gportmap.net import BindRetry, bind_listener
+from gportmap.runtime.applier import OutcomeStatus, ReloadSource
 
 if TYPE_CHECKING:
-    from gportmap.service import Service
+    from gportmap.runtime.service import Service
 
 logger = get_logger("admin")
 
@@ -63,7 +63,7 @@ class AdminServer:
         self._retry: gevent.Greenlet | None = None
         self._backoff = BindRetry()
         self._registry = build_registry(service)
-        self._dashboard = resources.files("gportmap").joinpath("static", "dashboard.html").read_bytes()
+        self._dashboard = resources.files("gportmap.admin").joinpath("static", "dashboard.html").read_bytes()
         self._routes: dict[str, dict[str, Callable[[dict], tuple[int, bytes, str]]]] = {
             "/metrics": {"GET": self._metrics},
             "/stats": {"GET": self._stats},
@@ -138,8 +138,6 @@ class AdminServer:
 
     def __call__(self, environ: dict, start_response: StartResponse) -> Iterable[bytes]:
         method, path = environ["REQUEST_METHOD"], environ.get("PATH_INFO", "/")
-        if path in ("/healthz", "/metrics", "/stats") and method in ("GET", "HEAD"):
-            self.service.supervisor.refresh()  # with workers: their figures as of now
         if path == "/healthz" and method in ("GET", "HEAD"):
             return self._respond(start_response, *self._health(environ))
         if not self._authorized(environ):

@@ -30,7 +30,7 @@ import gevent
 from gevent.event import AsyncResult, Event
 
 from gportmap.log import get_logger, log_event
-from gportmap.supervisor import Changes
+from gportmap.runtime.supervisor import Changes
 
 logger = get_logger("applier")
 

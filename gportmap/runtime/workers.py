@@ -61,11 +61,11 @@ from gevent.pool import Pool
 from gportmap.config import Config, Rule
 from gportmap.errors import ConfigError, GportmapError
 from gportmap.log import get_logger, log_event
+from gportmap.runtime.supervisor import Changes
 from gportmap.stats import RuleStats
-from gportmap.supervisor import Changes
 
 if TYPE_CHECKING:
-    from gportmap.service import Service
+    from gportmap.runtime.service import Service
 
 logger = get_logger("workers")
 
@@ -742,11 +742,6 @@ class WorkerPool:
 
     def live(self) -> list[WorkerProcess]:
         return [worker for worker in self.workers if worker.state is WorkerState.RUNNING]
-
-    def refresh(self) -> None:
-        """Nothing to do: the workers push their figures every
-        ``WorkerLink.push_interval``, and readers use the last ones. (Kept for the
-        readers that call it before reading a ``Supervisor``.)"""
 
     def collect(self, connections: bool = False) -> list[tuple[WorkerProcess, dict[str, Any]]]:
         """Every running worker's figures, asked for now (up to ``request_timeout``;

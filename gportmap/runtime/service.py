@@ -13,24 +13,23 @@ import hashlib
 import logging
 import os
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import gevent
 
 from gportmap import __version__
-from gportmap.admin import AdminServer
-from gportmap.applier import Applier, OutcomeStatus, ReloadOutcome, ReloadRequest, ReloadSource
 from gportmap.config import AdminSettings, Config, Rule, Settings, parse, read_rules_file
 from gportmap.errors import ConfigError, WatcherError
 from gportmap.log import get_logger, log_event, setup_logging
+from gportmap.runtime.applier import Applier, OutcomeStatus, ReloadOutcome, ReloadRequest, ReloadSource
+from gportmap.runtime.supervisor import Changes, Supervisor
+from gportmap.runtime.watcher import InotifyWatcher, PollWatcher, create_watcher
 from gportmap.stats import RuleStats, iso_time
-from gportmap.statslog import StatsLogger
-from gportmap.supervisor import Changes, Supervisor
-from gportmap.watcher import InotifyWatcher, PollWatcher, create_watcher
 
 if TYPE_CHECKING:
-    from gportmap.workers import WorkerPool
+    from gportmap.runtime.backend import RulesBackend
 
 logger = get_logger()
 
@@ -101,7 +100,7 @@ class Service:
         watch_mode: str,
         overrides: Overrides | None = None,
         splice: bool = False,
-        backend: Supervisor | WorkerPool | None = None,
+        backend: RulesBackend | None = None,
         worker: bool = False,
     ) -> None:
         """``backend`` runs the rules: this process's own ``Supervisor`` (the
@@ -113,7 +112,7 @@ class Service:
         self.watch_mode = "off" if worker else watch_mode
         self.overrides = overrides or Overrides()
         self.started_at = time.time()
-        self.supervisor = backend if backend is not None else Supervisor(splice=splice)
+        self.supervisor: RulesBackend = backend if backend is not None else Supervisor(splice=splice)
         self.reloads = {"success": 0, "failure": 0}
         #: The number of the rules version running: 1 at start, +1 per applied reload
         #: (with workers, the generation each worker acknowledges).
@@ -126,8 +125,10 @@ class Service:
         #: config runs: a SIGHUP during start-up is queued and served after it).
         self.applier = Applier(self._serve_reload)
         self._watcher: PollWatcher | InotifyWatcher | None = None
-        self.admin = AdminServer(self)
-        self.stats_log = StatsLogger(self)
+        #: Called with the config after the start and after every applied reload:
+        #: what follows the settings above the runtime (the admin endpoint and the
+        #: stats log, wired by the command line) without the runtime importing it.
+        self.on_applied: list[Callable[[Config], None]] = []
 
     def start(self) -> Changes:
         changes = self.supervisor.apply(self.config)
@@ -137,16 +138,8 @@ class Service:
         return changes
 
     def _apply_services(self) -> None:
-        """Settings that drive the admin endpoint and the stats log."""
-        if self.worker:
-            return
-        self.admin.apply(self.overrides.admin_settings(self.config.settings))
-        self.stats_log.apply(self.config.settings.stats_interval)
-
-    def stop_services(self) -> None:
-        self.stop_watching()
-        self.stats_log.stop()
-        self.admin.stop()
+        for listener in self.on_applied:
+            listener(self.config)
 
     def request_reload(self, source: ReloadSource, force: bool = True, wait: bool = False) -> ReloadOutcome | None:
         """Queue a reload of the rules file; with ``wait``, block this greenlet until it

@@ -19,7 +19,7 @@ from gportmap.log import dropped_records
 from gportmap.stats import ERROR_REASONS, REJECT_REASONS, UDP_DROP_REASONS
 
 if TYPE_CHECKING:
-    from gportmap.service import Service
+    from gportmap.runtime.service import Service
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 

@@ -1,0 +1,135 @@
+"""The rules file as the rest of gportmap sees it: frozen dataclasses, every default
+filled in, built only by ``gportmap.config.load`` from a validated file. Nothing
+downstream reads the raw JSON.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from gportmap.plugins import PluginSpec
+
+
+@dataclass(frozen=True)
+class AdminSettings:
+    """``settings.admin``: where the admin HTTP endpoint listens, and its bearer token."""
+
+    host: str = "127.0.0.1"
+    port: int = 9900
+    token: str | None = None
+
+    @property
+    def listen(self) -> str:
+        return format_address(self.host, self.port)
+
+
+@dataclass(frozen=True)
+class TlsListen:
+    """``tls`` of a rule: absolute file paths, and a digest of their content so that a
+    renewed certificate makes the rule differ (and reload) even with the same paths."""
+
+    cert_file: str
+    key_file: str
+    client_ca_file: str | None
+    digest: str
+
+
+@dataclass(frozen=True)
+class TlsTarget:
+    """``targetTls`` of a rule; ``server_name`` None means the target host."""
+
+    ca_file: str | None
+    server_name: str | None
+    verify: bool
+    digest: str
+
+
+@dataclass(frozen=True)
+class Settings:
+    """The file's ``settings`` object; every key is optional."""
+
+    max_connections: int = 10000
+    drain_timeout: float = 30.0
+    log_format: str = "text"
+    log_level: str = "INFO"
+    watch: bool = True
+    admin: AdminSettings | None = AdminSettings()  # None: the admin endpoint is off
+    stats_interval: float = 60.0  # 0: no periodic stats records
+    allow_targets: tuple[str, ...] = ()  # empty: any target
+    workers: int | str = 1  # processes sharing the ports; "auto": one per core
+
+
+@dataclass(frozen=True)
+class Rule:
+    """One forwarding rule with every default filled in.
+
+    ``index`` (the rule's position in the file) only serves messages: it is left out
+    of ``==`` so that a hot reload sees a rule that merely moved as unchanged.
+    """
+
+    name: str
+    protocol: str
+    listen_host: str
+    listen_port: int
+    target_host: str
+    target_port: int
+    enabled: bool = True
+    max_connections: int = 1000
+    connect_timeout: float = 5.0
+    idle_timeout: float = 300.0
+    session_timeout: float = 60.0
+    max_sessions: int = 1000
+    handshake_timeout: float = 10.0
+    path: str = "/"  # websocket: the listener's path
+    origins: tuple[str, ...] = ()  # websocket: allowed Origin values; empty = any
+    max_message_size: int = 1048576  # websocket, and tcp tunnels: largest message
+    target_protocol: str = "tcp"  # tcp: "websocket" tunnels each connection over a WebSocket
+    target_path: str = "/"  # tcp tunnels: the path asked of the target
+    proxy_protocol: str | None = None  # tcp: "v1"/"v2", a PROXY protocol header to the target first
+    allow: tuple[str, ...] = ()  # client networks admitted; empty = everyone
+    deny: tuple[str, ...] = ()  # client networks refused; wins over allow
+    tls: TlsListen | None = None
+    target_tls: TlsTarget | None = None
+    plugins: tuple[PluginSpec, ...] = ()
+    index: int = field(default=0, compare=False)
+
+    @property
+    def transport(self) -> str:
+        """The socket type the listener binds: websocket rules share TCP ports."""
+        return "udp" if self.protocol == "udp" else "tcp"
+
+    @property
+    def key(self) -> tuple[str, str, int]:
+        """What identifies a rule across reloads (SPEC §4)."""
+        return (self.transport, self.listen_host, self.listen_port)
+
+    @property
+    def listen(self) -> str:
+        return format_address(self.listen_host, self.listen_port)
+
+    @property
+    def target(self) -> str:
+        return format_address(self.target_host, self.target_port)
+
+
+@dataclass(frozen=True)
+class Config:
+    """A validated rules file; ``digest`` lets a watcher skip unchanged content."""
+
+    path: str
+    rules: tuple[Rule, ...]
+    settings: Settings
+    digest: str
+    #: The file's bytes as validated: worker processes apply exactly this version.
+    raw: bytes = field(default=b"", compare=False, repr=False)
+
+    @property
+    def enabled_rules(self) -> tuple[Rule, ...]:
+        return tuple(rule for rule in self.rules if rule.enabled)
+
+
+def format_address(host: str, port: int) -> str:
+    """``host:port``, with an IPv6 host in brackets as URLs and logs expect."""
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
