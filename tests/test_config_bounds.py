@@ -33,7 +33,7 @@ from gportmap.config import (
     parse,
     read_rules_file,
 )
-from gportmap.config import loader as config_load
+from gportmap.config import reading as config_reading
 from gportmap.errors import ConfigError
 
 #: Seconds a subprocess gets: generous for a loaded machine, finite for a hang.
@@ -133,7 +133,7 @@ def test_a_fifo_as_certificate_file_is_refused_without_blocking(tmp_path: Path) 
 
 
 def test_read_rules_file_reads_up_to_the_limit_and_no_further(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(config_load, "MAX_RULES_FILE_BYTES", 10)
+    monkeypatch.setattr(config_reading, "MAX_RULES_FILE_BYTES", 10)
     path = tmp_path / "rules.json"
     path.write_bytes(b"[        ]")
     assert read_rules_file(path) == b"[        ]"
@@ -145,7 +145,7 @@ def test_read_rules_file_reads_up_to_the_limit_and_no_further(tmp_path: Path, mo
 
 def test_a_file_whose_size_is_not_its_length_is_still_cut_at_the_limit(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """/proc files say 0 bytes and have more: the read itself stops at the limit."""
-    monkeypatch.setattr(config_load, "MAX_RULES_FILE_BYTES", 10)
+    monkeypatch.setattr(config_reading, "MAX_RULES_FILE_BYTES", 10)
     link = tmp_path / "rules.json"
     link.symlink_to("/proc/self/status")
     with pytest.raises(ConfigError) as info:

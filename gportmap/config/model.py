@@ -133,3 +133,6 @@ class Config:
 def format_address(host: str, port: int) -> str:
     """``host:port``, with an IPv6 host in brackets as URLs and logs expect."""
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
