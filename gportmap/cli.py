@@ -46,7 +46,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="gportmap",
         description="Forward TCP ports according to a JSON rules file.",
-        epilog="The rules file is RULES, else -c, else $CONFIG_PATH, else rules/rules.json.",
+        epilog="The rules file is RULES, else -c, else $CONFIG_PATH, else rules/rules.json. "
+        "'gportmap ctl --help': the command-line client of a running gportmap.",
     )
     parser.add_argument("rules", nargs="?", metavar="RULES", help="path of the rules file")
     parser.add_argument("-c", "--config", metavar="RULES", help="path of the rules file")
@@ -131,6 +132,11 @@ def check(path: str) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["ctl"]:  # the client (a rules file named ctl: give it as ./ctl)
+        from gportmap.ctl import main as ctl_main
+
+        return ctl_main(argv[1:])
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.rules and args.config and args.rules != args.config:

@@ -10,7 +10,7 @@ Layers, lowest first; a module may import its own layer and those below:
 4. protocols the protocol servers (tcp, udp, websocket)
 5. runtime   service, applier, supervisor, watcher, workers
 6. admin     the admin endpoint, metrics, stats log, dashboard
-7. cli       the command line (and ``__main__``)
+7. cli       the command line, its ``ctl`` client (and ``__main__``)
 
 Every import counts, including those inside functions and under TYPE_CHECKING: a
 type that points upwards is a dependency that points upwards. Module-level imports
@@ -33,7 +33,7 @@ LAYERS = [
     {"protocols"},
     {"runtime"},
     {"admin"},
-    {"cli", "__main__"},
+    {"cli", "ctl", "__main__"},
 ]
 
 

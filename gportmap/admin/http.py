@@ -1,5 +1,5 @@
 """The admin HTTP endpoint (SPEC §5): health, metrics, stats, open connections,
-reload, and the dashboard page.
+reload, the dashboard page, and the rule API (SPEC §10: ``/rules``).
 
 A gevent pywsgi server in the same hub as the data path. It only reads the plain
 counters the relay maintains, at request time; a request, however malformed, is
@@ -10,6 +10,7 @@ be bound, gportmap logs it, keeps forwarding, and retries with back-off.
 from __future__ import annotations
 
 import hmac
+import ipaddress
 import json
 import logging
 from collections.abc import Callable, Iterable
@@ -23,10 +24,12 @@ from gevent.pywsgi import WSGIHandler, WSGIServer
 from gportmap.admin.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from gportmap.admin.metrics import build_registry, render
 from gportmap.config import AdminSettings
-from gportmap.engine.net import BindRetry, bind_listener
+from gportmap.config.edit import EditOp, RuleEdit, read_json
+from gportmap.engine.net import BindRetry, bind_listener, peer_text
 from gportmap.errors import BindError
 from gportmap.log import ClientErrorsAsLog, get_logger, log_event
-from gportmap.runtime.applier import OutcomeStatus, ReloadSource
+from gportmap.runtime.applier import OutcomeStatus, ReloadOutcome, ReloadSource
+from gportmap.runtime.transaction import Transaction, TxOutcome, TxStatus, parse_if_match
 
 if TYPE_CHECKING:
     from gportmap.runtime.service import Service
@@ -34,12 +37,19 @@ if TYPE_CHECKING:
 logger = get_logger("admin")
 
 StartResponse = Callable[..., Any]
+#: What a handler returns: status, body, content type, and extra headers.
+Answer = tuple[int, bytes, str, list[tuple[str, str]]]
 _STATUS = {
     200: "200 OK",
+    201: "201 Created",
     400: "400 Bad Request",
     401: "401 Unauthorized",
+    403: "403 Forbidden",
     404: "404 Not Found",
     405: "405 Method Not Allowed",
+    409: "409 Conflict",
+    412: "412 Precondition Failed",
+    413: "413 Content Too Large",
     500: "500 Internal Server Error",
     503: "503 Service Unavailable",
 }
@@ -50,10 +60,40 @@ _RELOAD_STATUS = {
     OutcomeStatus.FAILED: 500,
     OutcomeStatus.REFUSED: 503,
 }
+_TX_STATUS = {
+    TxStatus.DONE: 200,
+    TxStatus.CREATED: 201,
+    TxStatus.PLANNED: 200,
+    TxStatus.INVALID: 400,
+    TxStatus.NOT_FOUND: 404,
+    TxStatus.EXISTS: 409,
+    TxStatus.NOT_WRITABLE: 409,
+    TxStatus.STALE: 412,
+}
+_WRITES = {"POST": EditOp.ADD, "PUT": EditOp.PUT, "PATCH": EditOp.PATCH, "DELETE": EditOp.DELETE}
+_COLLECTION_METHODS = ("GET", "HEAD", "POST")
+_RULE_METHODS = ("GET", "HEAD", "PUT", "PATCH", "DELETE")
+_FLAGS = {
+    **dict.fromkeys(("1", "true", "yes", "on"), True),
+    **dict.fromkeys(("0", "false", "no", "off"), False),
+}
+
+
+class _Refused(Exception):
+    """A request refused before it reaches the service (its body, its parameters)."""
+
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status
 
 
 class AdminServer:
     """Serves the admin endpoint for one ``Service``; ``apply`` follows settings changes."""
+
+    #: The largest request body read, in bytes (one rule, or a merge patch); a larger
+    #: one is answered 413 without being parsed. A rule with an allow list of 100,000
+    #: networks is about 2 MB.
+    max_body = 4 * 1024 * 1024
 
     def __init__(self, service: Service) -> None:
         self.service = service
@@ -148,6 +188,8 @@ class AdminServer:
                 "application/json",
                 [("WWW-Authenticate", 'Bearer realm="gportmap"')],
             )
+        if path == "/rules" or path.startswith("/rules/"):
+            return self._respond(start_response, *self._rules(environ, path))
         methods = self._routes.get(path)
         if methods is None:
             return self._respond(
@@ -219,7 +261,17 @@ class AdminServer:
 
     def _reload(self, environ: dict) -> tuple[int, bytes, str]:
         """Queue a reload and answer once the applier served it (with the others that
-        queued meanwhile: ``coalesced`` says how many one apply served)."""
+        queued meanwhile: ``coalesced`` says how many one apply served); with
+        ``?dry_run=1``, what it would do, changing nothing."""
+        try:
+            dry_run = _dry_run(environ)
+        except _Refused as exc:
+            return exc.status, _json({"error": str(exc)}), "application/json"
+        if dry_run:
+            status, body, content_type, _ = self._transaction_answer(
+                self.service.transact(Transaction(None, dry_run=True, client=_client(environ), method="POST"))
+            )
+            return status, body, content_type
         outcome = self.service.request_reload(ReloadSource.ADMIN, force=True, wait=True)
         assert outcome is not None
         status = _RELOAD_STATUS[outcome.status]
@@ -231,6 +283,93 @@ class AdminServer:
         body["coalesced"] = outcome.served
         return status, _json(body), "application/json"
 
+    # -- the rule API (SPEC §10) ----------------------------------------------------------
+
+    def _rules(self, environ: dict, path: str) -> Answer:
+        """``/rules`` and ``/rules/NAME``: read, or one write through the applier."""
+        name = path[len("/rules/") :] if path != "/rules" else None
+        if name == "":
+            return _error(404, "no rule name after /rules/")
+        method = environ["REQUEST_METHOD"]
+        allowed = _COLLECTION_METHODS if name is None else _RULE_METHODS
+        if method not in allowed:
+            return _error(405, f"use {', '.join(allowed)}", [("Allow", ", ".join(allowed))])
+        if method in ("GET", "HEAD"):
+            return self._read_rules(name, allowed)
+        refusal = self._write_refusal()
+        if refusal is not None:
+            return _error(403, refusal)
+        try:
+            body = self._read_body(environ) if method != "DELETE" else None
+            dry_run = _dry_run(environ)
+        except _Refused as exc:
+            return _error(exc.status, str(exc), [("Connection", "close")] if exc.status == 413 else None)
+        transaction = Transaction(
+            RuleEdit(_WRITES[method], name, body),
+            if_match=parse_if_match(environ.get("HTTP_IF_MATCH")),
+            dry_run=dry_run,
+            client=_client(environ),
+            method=method,
+        )
+        return self._transaction_answer(self.service.transact(transaction))
+
+    def _read_rules(self, name: str | None, allowed: tuple[str, ...]) -> Answer:
+        """The rules as written in the file that runs, with its version as ETag; Allow
+        lists the writes this endpoint accepts (the dashboard reads it)."""
+        digest, text = self.service.rules_document()
+        writable = self._write_refusal() is None
+        methods = [method for method in allowed if writable or method in ("GET", "HEAD")]
+        headers = [("ETag", f'"{digest}"'), ("Allow", ", ".join(methods))]
+        if name is None:
+            return 200, _json({"settings": text.settings, "rules": text.rules}), "application/json", headers
+        index = text.index_of(name)
+        if index is None:
+            return _error(404, f"no rule named {name!r}")
+        return 200, _json(text.rules[index]), "application/json", headers
+
+    def _write_refusal(self) -> str | None:
+        """Why writes are refused here (SPEC §10), or None: with a token every request
+        carries it already; without one, only a loopback endpoint takes writes."""
+        settings = self.settings
+        if settings is None or settings.token is not None or _loopback(settings.host):
+            return None
+        return (
+            f"writes need a token: the admin endpoint listens on {settings.listen}, which is not a loopback "
+            "address; set settings.admin.token and send 'Authorization: Bearer <token>'"
+        )
+
+    def _read_body(self, environ: dict) -> Any:
+        """The request's JSON body, at most ``max_body`` bytes, else _Refused."""
+        length = environ.get("CONTENT_LENGTH") or ""
+        if length:
+            try:
+                declared = int(length)
+            except ValueError:
+                raise _Refused(400, f"Content-Length {length[:40]!r} is not a number") from None
+            if declared > self.max_body:
+                raise _Refused(413, f"the body is {declared:,} bytes, over the limit of {self.max_body:,}")
+        data = environ["wsgi.input"].read(self.max_body + 1)
+        if len(data) > self.max_body:
+            raise _Refused(413, f"the body is more than the limit of {self.max_body:,} bytes")
+        if not data.strip():
+            raise _Refused(400, "the request has no body: send a JSON object")
+        try:
+            return read_json(data.decode("utf-8"))
+        except UnicodeDecodeError as exc:
+            raise _Refused(400, f"the body is not UTF-8 text (byte {exc.start})") from None
+        except (ValueError, RecursionError) as exc:
+            raise _Refused(400, f"the body is not valid JSON: {str(exc)[:200]}") from None
+
+    def _transaction_answer(self, outcome: ReloadOutcome) -> Answer:
+        result = outcome.result
+        if result is None:  # refused (gportmap stops) or failed (a bug)
+            return _error(_RELOAD_STATUS[outcome.status], "; ".join(outcome.errors) or outcome.status.value)
+        status = _TX_STATUS[result.status]
+        headers = [("ETag", f'"{result.etag}"')] if result.etag and status in (200, 201, 412) else []
+        if result.status is TxStatus.CREATED and result.name:
+            headers.append(("Location", f"/rules/{result.name}"))
+        return status, _json(_transaction_body(result)), "application/json", headers
+
     def _page(self, environ: dict) -> tuple[int, bytes, str]:
         return 200, self._dashboard, "text/html; charset=utf-8"
 
@@ -241,3 +380,55 @@ class _Handler(ClientErrorsAsLog, WSGIHandler):
 
 def _json(data: Any) -> bytes:
     return json.dumps(data, indent=1).encode() + b"\n"
+
+
+def _error(status: int, message: str, headers: list[tuple[str, str]] | None = None) -> Answer:
+    return status, _json({"error": message}), "application/json", headers or []
+
+
+def _transaction_body(result: TxOutcome) -> dict[str, Any]:
+    """SPEC §10: ``{"changes", "etag"}`` after a write, ``{"dry_run", "changes",
+    "impact"}`` for a dry run, ``{"errors"}`` when invalid, ``{"error"}`` otherwise."""
+    if result.status is TxStatus.INVALID:
+        return {"errors": list(result.errors)}
+    if result.status in (TxStatus.DONE, TxStatus.CREATED, TxStatus.PLANNED):
+        body: dict[str, Any] = {}
+        if result.status is TxStatus.PLANNED:
+            body["dry_run"] = True
+        body["changes"] = result.changes.as_fields() if result.changes is not None else None
+        if result.impact is not None:
+            body["impact"] = result.impact.as_dict()
+        body["etag"] = result.etag
+        if result.name is not None:
+            body["name"] = result.name
+        if result.rule is not None:
+            body["rule"] = result.rule
+        return body
+    body = {"error": " ".join(result.errors)}
+    if result.status is TxStatus.STALE:
+        body["etag"] = result.etag
+    return body
+
+
+def _dry_run(environ: dict) -> bool:
+    """``?dry_run=1`` (or true/yes/on; 0/false/no/off)."""
+    values = parse_qs(environ.get("QUERY_STRING", ""), keep_blank_values=True).get("dry_run")
+    if not values:
+        return False
+    flag = _FLAGS.get(values[-1].strip().lower() or "1")
+    if flag is None:
+        raise _Refused(400, f"dry_run must be 1 or 0, not {values[-1][:40]!r}")
+    return flag
+
+
+def _client(environ: dict) -> str:
+    return peer_text((environ.get("REMOTE_ADDR", ""), int(environ.get("REMOTE_PORT") or 0)))
+
+
+def _loopback(host: str) -> bool:
+    if host.lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False

@@ -12,6 +12,10 @@ the manner of HAProxy's master and nginx's reload:
 - Requests that queue up while a version is being applied are coalesced: the next
   apply serves all of them at once, with the newest content (the file is read after
   they queued; of bytes handed in, the newest wins). Every waiter gets that outcome.
+- A write of the rule API (or a dry run) is a ``Transaction``: served alone, in its
+  turn, never coalesced, with its own outcome, because it reads the file, checks
+  its version, writes and applies as one step that nothing may come between.
+  Reloads queued before and after it are coalesced among themselves, never across it.
 - ``close`` (on SIGTERM/SIGINT) refuses every request from then on, answers those
   still queued as refused, and ``join`` waits for an apply in progress to end, so
   that nothing opens a listener after the stop has closed them.
@@ -31,6 +35,7 @@ from gevent.event import AsyncResult, Event
 
 from gportmap.log import get_logger, log_event
 from gportmap.runtime.supervisor import Changes
+from gportmap.runtime.transaction import Transaction, TxOutcome
 
 logger = get_logger("applier")
 
@@ -42,6 +47,7 @@ class ReloadSource(enum.Enum):
     SIGNAL = "signal"
     ADMIN = "admin"
     MASTER = "master"
+    API = "api"  #: a write of the rule API (/rules)
 
 
 class OutcomeStatus(enum.Enum):
@@ -61,16 +67,25 @@ class ReloadOutcome:
     errors: tuple[str, ...] = ()
     #: How many requests this one apply served (1 when nothing queued behind another).
     served: int = 1
+    #: A transaction's own answer (None for a reload, and when it was refused or failed).
+    result: TxOutcome | None = None
 
 
 @dataclass(frozen=True)
 class ReloadRequest:
     """One queued request: ``raw`` bytes to apply (a worker's master sends them), or
-    None to read the rules file; ``force`` applies even unchanged content."""
+    None to read the rules file; ``force`` applies even unchanged content. A request
+    with a ``transaction`` is a write of the rule API or a dry run: served alone."""
 
     source: ReloadSource
     force: bool = True
     raw: bytes | None = field(default=None, repr=False)
+    transaction: Transaction | None = None
+
+    @property
+    def applies(self) -> bool:
+        """Whether serving it applies a version (a dry run changes nothing)."""
+        return self.transaction is None or not self.transaction.dry_run
 
 
 class Applier:
@@ -127,7 +142,7 @@ class Applier:
         serve both at once anyway), so a SIGHUP loop or a busy watcher queues one entry,
         however long an apply takes."""
         for index, (queued, waiter) in enumerate(self._queue):
-            if waiter is None:
+            if waiter is None and queued.transaction is None:
                 del self._queue[index]
                 return ReloadRequest(
                     request.source,
@@ -160,26 +175,42 @@ class Applier:
         while True:
             self._wake.wait()
             self._wake.clear()
+            while self._queue and not self._closed:
+                batch = self._take()
+                self._idle.clear()
+                try:
+                    outcome = self._serve(batch)
+                finally:
+                    self._idle.set()
+                for _, waiter in batch:
+                    if waiter is not None:
+                        waiter.set(outcome)
             if self._closed:
                 return
-            if not self._queue:
-                continue
-            batch, self._queue, self._waiting = self._queue, [], 0
-            self._idle.clear()
-            try:
-                outcome = self._serve(batch)
-            finally:
-                self._idle.set()
-            for _, waiter in batch:
-                if waiter is not None:
-                    waiter.set(outcome)
+
+    def _take(self) -> list[tuple[ReloadRequest, AsyncResult | None]]:
+        """The next batch: a transaction alone, or every reload queued before the next
+        transaction (they are served together, the newest content winning)."""
+        if self._queue[0][0].transaction is not None:
+            end = 1
+        else:
+            end = next(
+                (i for i, (request, _) in enumerate(self._queue) if request.transaction is not None),
+                len(self._queue),
+            )
+        batch, self._queue = self._queue[:end], self._queue[end:]
+        self._waiting -= sum(waiter is not None for _, waiter in batch)
+        return batch
 
     def _serve(self, batch: list[tuple[ReloadRequest, AsyncResult | None]]) -> ReloadOutcome:
         newest = batch[-1][0]
-        raw = next((request.raw for request, _ in reversed(batch) if request.raw is not None), None)
-        force = any(request.force for request, _ in batch)
-        request = ReloadRequest(newest.source, force, raw)
-        self.applies += 1
+        if newest.transaction is not None:
+            request = newest
+        else:
+            raw = next((request.raw for request, _ in reversed(batch) if request.raw is not None), None)
+            force = any(request.force for request, _ in batch)
+            request = ReloadRequest(newest.source, force, raw)
+        self.applies += request.applies
         try:
             outcome = self._apply(request)
         except Exception as exc:  # a bug: contained, the next request is served

@@ -5,6 +5,11 @@ master) queues into the service's one ``Applier``, which applies one version at 
 time: read the file (bounded, in the thread pool), validate it, and only then hand
 it to the supervisor. An invalid file changes nothing; the old rules keep serving.
 Once gportmap stops, reloads are refused.
+
+Writes of the rule API and dry runs queue there too, as transactions
+(``gportmap.runtime.transaction``): read, check the version, edit, validate, write,
+apply, as one step. The digest of what a write put in the file is recorded as seen,
+so the watcher's event for that write applies nothing a second time.
 """
 
 from __future__ import annotations
@@ -21,10 +26,20 @@ import gevent
 
 from gportmap import __version__
 from gportmap.config import AdminSettings, Config, Rule, Settings, parse, read_rules_file
+from gportmap.config.edit import (
+    EditError,
+    NotWritable,
+    RulesText,
+    edit_rules,
+    read_rules_text,
+    write_atomically,
+)
 from gportmap.errors import ConfigError, WatcherError
 from gportmap.log import get_logger, log_event, setup_logging
 from gportmap.runtime.applier import Applier, OutcomeStatus, ReloadOutcome, ReloadRequest, ReloadSource
+from gportmap.runtime.impact import assess
 from gportmap.runtime.supervisor import Changes, Supervisor
+from gportmap.runtime.transaction import EDIT_STATUS, Transaction, TxOutcome, TxStatus, etag_matches
 from gportmap.runtime.watcher import InotifyWatcher, PollWatcher, create_watcher
 from gportmap.stats import RuleStats, iso_time
 
@@ -121,6 +136,7 @@ class Service:
         self.loaded_at = time.time()
         self.last_success_at: float | None = None
         self._seen_digest = config.digest
+        self._document: tuple[str, RulesText] | None = None  # (digest, the applied file read for /rules)
         #: Every reload goes through here, one at a time (started once the first
         #: config runs: a SIGHUP during start-up is queued and served after it).
         self.applier = Applier(self._serve_reload)
@@ -161,8 +177,23 @@ class Service:
         assert outcome is not None
         return _changes_or_raise(outcome)
 
+    def transact(self, transaction: Transaction) -> ReloadOutcome:
+        """Queue a write of the rule API (or a dry run) and wait for its outcome: its
+        ``result``, or REFUSED (gportmap stops) or FAILED (a bug) without one."""
+        source = ReloadSource.API if transaction.edit is not None else ReloadSource.ADMIN
+        outcome = self.applier.submit(ReloadRequest(source, True, None, transaction), wait=True)
+        assert outcome is not None
+        return outcome
+
     def _serve_reload(self, request: ReloadRequest) -> ReloadOutcome:
-        """The applier's work for one (coalesced) request: read, validate, apply."""
+        """The applier's work for one (coalesced) request: read, validate, apply; or
+        one transaction (a write of the rule API, a dry run), served alone."""
+        if request.transaction is not None:
+            result = self._serve_transaction(request.transaction)
+            status = {TxStatus.DONE: OutcomeStatus.APPLIED, TxStatus.CREATED: OutcomeStatus.APPLIED}
+            return ReloadOutcome(
+                status.get(result.status, OutcomeStatus.INVALID), result.changes, result.errors, result=result
+            )
         source = request.source.value
         raw = request.raw
         if raw is None:
@@ -186,6 +217,69 @@ class Service:
             self._fail(source, exc.errors, exc.count)
             return ReloadOutcome(OutcomeStatus.INVALID, errors=tuple(exc.errors))
         return ReloadOutcome(OutcomeStatus.APPLIED, self._apply(config, source))
+
+    def _serve_transaction(self, tx: Transaction) -> TxOutcome:
+        """One write or dry run, in the applier's turn: nothing else reloads meanwhile,
+        so the file read here is the file the write replaces."""
+        try:
+            raw = gevent.get_hub().threadpool.apply(read_rules_file, (self.path,))
+        except ConfigError as exc:
+            status = TxStatus.NOT_WRITABLE if tx.edit is not None else TxStatus.INVALID
+            return TxOutcome(status, errors=tuple(exc.errors))
+        digest = hashlib.sha256(raw).hexdigest()
+        if not etag_matches(tx.if_match, digest):
+            return TxOutcome(
+                TxStatus.STALE,
+                etag=digest,
+                errors=(f"the rules file is at version {digest}, not the one named by If-Match",),
+            )
+        new_raw, name, rule, created = raw, None, None, False
+        if tx.edit is not None:
+            try:
+                edited = edit_rules(raw, tx.edit, self.path)
+            except EditError as exc:
+                return TxOutcome(EDIT_STATUS[exc.problem], etag=digest, errors=tuple(exc.errors))
+            new_raw, name, rule, created = edited.raw, edited.name, edited.rule, edited.created
+        try:
+            config = parse(new_raw, self.path)
+        except ConfigError as exc:
+            return TxOutcome(TxStatus.INVALID, etag=digest, errors=tuple(exc.errors), name=name)
+        if tx.dry_run:
+            changes, impact = assess(self.config, config, self.supervisor.stats)
+            return TxOutcome(TxStatus.PLANNED, etag=digest, changes=changes, impact=impact, name=name, rule=rule)
+        if new_raw != raw:
+            try:
+                gevent.get_hub().threadpool.apply(write_atomically, (self.path, new_raw))
+            except NotWritable as exc:
+                return TxOutcome(TxStatus.NOT_WRITABLE, etag=digest, errors=(str(exc),), name=name)
+        self._seen_digest = config.digest  # the watcher's event for this write is a no-op
+        changes = self._apply(config, ReloadSource.API.value)
+        self._log_write(tx, name, changes, config.digest)
+        status = TxStatus.CREATED if created else TxStatus.DONE
+        return TxOutcome(status, etag=config.digest, changes=changes, name=name, rule=rule)
+
+    def _log_write(self, tx: Transaction, name: str | None, changes: Changes, etag: str) -> None:
+        fields = changes.as_fields()
+        del fields["unchanged"]  # config_reloaded lists them; here: what this write did
+        log_event(
+            logger,
+            logging.INFO,
+            "rules_changed",
+            f"{tx.method} of rule {name} by {tx.client}: {len(changes.added)} added, "
+            f"{len(changes.changed)} changed, {len(changes.removed)} removed",
+            client=tx.client,
+            method=tx.method,
+            rule=name,
+            changes=fields,
+            etag=etag,
+        )
+
+    def rules_document(self) -> tuple[str, RulesText]:
+        """(digest, text) of the rules file that runs, as written: ``GET /rules``."""
+        config = self.config
+        if self._document is None or self._document[0] != config.digest:
+            self._document = (config.digest, read_rules_text(config.raw))
+        return self._document
 
     def _apply(self, config: Config, source: str) -> Changes:
         old_settings = self.config.settings
