@@ -14,8 +14,11 @@ from collections.abc import Callable
 from datetime import UTC, datetime
 from typing import Any
 
-#: Reasons a connection can be refused before it is relayed (SPEC §5).
-REJECT_REASONS = ("acl", "limit", "tls", "plugin")
+#: Reasons a connection can be refused before it is relayed (SPEC §5). ``handshake``:
+#: a WebSocket client whose upgrade request failed (none within handshakeTimeout,
+#: not an upgrade, a wrong path, version or key, a malformed request, or the client
+#: left first), as ``tls`` counts a failed TLS handshake.
+REJECT_REASONS = ("acl", "limit", "tls", "plugin", "handshake")
 #: Reasons a UDP datagram can be dropped (SPEC §5). ``kernel`` counts what the
 #: kernel dropped on a full socket receive buffer before gportmap could read it: it
 #: is read from the sockets when the figures are read (``refresh_kernel_drops``),
@@ -44,6 +47,7 @@ class RuleStats:
         "udp_packets_sent",
         "udp_dropped",
         "errors",
+        "handshaking",
         "kernel",
     )
     #: What ``counters()`` reports: every figure (not the name, nor the sockets behind ``kernel``).
@@ -63,11 +67,12 @@ class RuleStats:
         self.udp_packets_sent = 0  # datagrams to clients
         self.udp_dropped = dict.fromkeys(UDP_DROP_REASONS, 0)
         self.errors = dict.fromkeys(ERROR_REASONS, 0)  # connections ended by gportmap's fault
+        self.handshaking = 0  # admitted, holding a Slot, not yet open (TLS handshake, WebSocket upgrade)
         self.kernel: KernelDrops | None = None  # udp: where udp_dropped["kernel"] comes from
 
     #: The attributes that are levels, not running totals: a worker that is gone
     #: takes its levels along, while its totals stay in the sums (``add``).
-    GAUGES = ("active", "udp_sessions")
+    GAUGES = ("active", "udp_sessions", "handshaking")
 
     def counters(self) -> dict[str, Any]:
         """Every figure as plain data: what a worker process reports to its master."""
@@ -109,6 +114,8 @@ class RuleStats:
             "protocol": self.protocol,
             "connections": {
                 "active": self.active,
+                # admitted, holding a place under maxConnections, still in their handshake
+                "handshaking": self.handshaking,
                 "total": self.total,
                 "rejected": sum(self.rejected.values()),
                 "rejected_by_reason": dict(self.rejected),
@@ -214,6 +221,34 @@ class Connection:
         return time.monotonic() - self.started_mono
 
 
+class Slot:
+    """A connection's place under its rule's and the process's ``maxConnections``,
+    taken at admission, before any handshake.
+
+    A limit checked at admission but counted only once a handshake (TLS, a WebSocket
+    upgrade) is done lets any number of clients be mid-handshake at once, and more
+    than the limit through when they finish together. A slot is counted from the
+    moment it is taken (``RuleStats.handshaking``): ``StatsRegistry.open`` turns it
+    into the open connection, ``release`` gives it back when the handshake fails.
+    Each is done once; later calls do nothing, so a ``finally: slot.release()``
+    is always safe.
+    """
+
+    __slots__ = ("_registry", "stats", "held")
+
+    def __init__(self, registry: StatsRegistry, stats: RuleStats) -> None:
+        self._registry = registry
+        self.stats = stats
+        self.held = True  # counted in handshaking: neither opened nor released yet
+
+    def release(self) -> None:
+        """Give the place back (the handshake failed, the client left, a refusal)."""
+        if self.held:
+            self.held = False
+            self.stats.handshaking -= 1
+            self._registry.handshaking -= 1
+
+
 class StatsRegistry:
     """All rules' counters, the process-wide connection limit and open connections.
 
@@ -230,6 +265,7 @@ class StatsRegistry:
         #: Connections this process's open-file limit leaves room for (``fd_capacity``).
         self.fd_cap: int | None = None
         self.active = 0
+        self.handshaking = 0  # Slots held by connections not yet open, all rules together
         self.workers = workers
         self._rules: dict[str, RuleStats] = {}
         self._open: dict[int, Connection] = {}
@@ -247,8 +283,21 @@ class StatsRegistry:
         return list(self._rules.values())
 
     def full(self, stats: RuleStats, rule_limit: int) -> bool:
-        """True when one more connection would exceed the rule's or the process's limit."""
-        return stats.active >= self.share(rule_limit) or self.active >= self.process_limit
+        """True when one more connection would exceed the rule's or the process's
+        limit; connections still in their handshake (holding a Slot) count."""
+        return (
+            stats.active + stats.handshaking >= self.share(rule_limit)
+            or self.active + self.handshaking >= self.process_limit
+        )
+
+    def reserve(self, stats: RuleStats, rule_limit: int) -> Slot | None:
+        """A Slot under the limits for a connection being admitted, or None when the
+        rule or the process is full (the caller rejects it as ``limit``)."""
+        if self.full(stats, rule_limit):
+            return None
+        stats.handshaking += 1
+        self.handshaking += 1
+        return Slot(self, stats)
 
     @property
     def process_limit(self) -> int:
@@ -265,7 +314,12 @@ class StatsRegistry:
         """A connection id, taken before the connection is admitted (plugins see it)."""
         return next(self._ids)
 
-    def open(self, stats: RuleStats, client: str, target: str, conn_id: int | None = None) -> Connection:
+    def open(
+        self, stats: RuleStats, client: str, target: str, conn_id: int | None = None, slot: Slot | None = None
+    ) -> Connection:
+        """Count and list a connection; ``slot`` (taken at admission) becomes it."""
+        if slot is not None:
+            slot.release()  # the place it held is now the open connection's
         conn = Connection(conn_id if conn_id is not None else next(self._ids), stats, client, target)
         self._open[conn.id] = conn
         stats.active += 1

@@ -86,7 +86,7 @@ def test_known_traffic_shows_exactly_in_stats_and_metrics(start_gportmap):
             "active": 5,
             "total": 5,
             "rejected": 2,
-            "rejected_by_reason": {"acl": 0, "limit": 2, "tls": 0, "plugin": 0},
+            "rejected_by_reason": {"acl": 0, "limit": 2, "tls": 0, "plugin": 0, "handshake": 0},
         }
         assert stats["bytes"] == {"received": 5 * len(up), "sent": 5 * len(down)}
         assert stats["state"] == "running" and stats["listen"] == f"127.0.0.1:{port}"
@@ -124,7 +124,7 @@ def test_every_spec_metric_is_present_with_its_labels_from_the_start(start_gport
     rules = {dict(labels)["rule"] for _, labels in families["gportmap_rule_up"]["samples"]}
     assert rules == {"a", "b"}
     reasons = {dict(labels)["reason"] for _, labels in families["gportmap_connections_rejected"]["samples"]}
-    assert reasons == {"acl", "limit", "tls", "plugin"}
+    assert reasons == {"acl", "limit", "tls", "plugin", "handshake"}
     results = {dict(labels)["result"] for _, labels in families["gportmap_config_reloads"]["samples"]}
     assert results == {"success", "failure"}
     assert "process_resident_memory_bytes" in families and "process_open_fds" in families

@@ -229,9 +229,12 @@ def test_idle_timeout_closes_silent_connections_only(start_gportmap, echo_target
         counter.close()
 
 
-def test_connection_over_max_connections_is_closed_at_once_and_counted(start_gportmap, echo_target):
+@pytest.mark.parametrize("target_host", ["127.0.0.1", "localhost"], ids=["hub", "staged"])
+def test_connection_over_max_connections_is_closed_at_once_and_counted(start_gportmap, echo_target, target_host):
+    """The limit is taken at admission on both tcp paths: all in hub callbacks (an
+    IP target), or a greenlet first (a name to resolve)."""
     port = free_port()
-    gp = start_gportmap([tcp_rule(port, echo_target.port, name="capped", maxConnections=3)])
+    gp = start_gportmap([tcp_rule(port, echo_target.port, name="capped", maxConnections=3, targetHost=target_host)])
     first = [connect(port) for _ in range(3)]
     for i, sock in enumerate(first):
         sock.sendall(b"hello %d" % i)

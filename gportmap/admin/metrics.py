@@ -37,7 +37,8 @@ class GportmapCollector:
         total = CounterMetricFamily("gportmap_connections", "Admitted connections.", labels=rule_labels)
         rejected = CounterMetricFamily(
             "gportmap_connections_rejected",
-            "Connections closed before relaying, by reason (acl, limit, tls, plugin).",
+            "Connections closed before relaying, by reason (acl, limit, tls, plugin; handshake: a failed or "
+            "timed-out WebSocket upgrade).",
             labels=[*rule_labels, "reason"],
         )
         failures = CounterMetricFamily(

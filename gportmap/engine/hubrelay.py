@@ -1,4 +1,4 @@
-"""The lean relay for plain TCP: no greenlet per connection.
+"""The relay in hub callbacks: no greenlet per connection, for plain TCP and TLS.
 
 A greenlet per direction costs most of a connection's memory (its saved stack and
 frames: ~19 KB for two) and a switch per chunk. Here a connection is a handful of
@@ -17,20 +17,32 @@ callbacks, which never block:
   never does.
 - end of stream is forwarded as a half-close, the other direction keeps flowing.
 - one timer per connection measures the idle timeout across both directions; it
-  only re-arms itself when it fires and something moved meanwhile.
+  only re-arms itself when it fires and something moved meanwhile, or when bytes
+  are waiting on a socket it reads (the process was stalled, not the connection:
+  ``gportmap.engine.idle``).
 
-``LeanConnection`` goes one step further for targets given as IP addresses: the
-connect is a non-blocking ``connect`` and a write watcher with a timer
-(``HubConnect``), so such a connection never has a greenlet at all; the server then
-runs its accept handler on the hub too (``spawn=None``).
+A direction may pass through a stage (``gportmap.engine.tls``: TLS on the client's
+side, the target's, or both): ``_StagedDirection`` keeps the watchers, the
+backpressure, the half-close and the idle clock of the plain direction and replaces
+only the step that moves a chunk (decrypt what came, encrypt what goes; at most one
+chunk of ciphertext in the stage and one unsent tail per direction). A direction
+with no stage is exactly the plain one above, splice included.
+
+``HubConnection`` is a connection's whole path in hub callbacks: the TLS handshake
+with the client (``HubHandshake``, under a timer for ``handshakeTimeout``), the
+non-blocking connect (``HubConnect``), the PROXY protocol header and the TLS
+handshake with the target, then the relay. A greenlet that must run user code
+first (plugin hooks) or resolve a name runs the same handshakes through
+``await_handshake`` and hands the sockets to ``HubRelay``.
 
 Watchers are stopped and closed before their sockets are: closing a socket does not
 stop a libev watcher, and a reused descriptor number would wake the wrong
 connection. No callback lets an exception reach the hub: the hub would stop that
 watcher and the connection would hang, counted open, with nobody to end it. An
 unexpected one (a bug) ends its connection with ``internal_error`` instead,
-counted and logged with its traceback (``gportmap.failures``). TLS connections and rules with plugins keep the greenlet relay
-(``gportmap.engine.relay.Relay``): they may block in ways a hub callback must not.
+counted and logged with its traceback (``gportmap.failures``). Rules with ``on_data``
+plugins keep the greenlet relay (``gportmap.engine.relay.Relay``): user code may
+block in ways a hub callback must not.
 """
 
 from __future__ import annotations
@@ -39,13 +51,19 @@ import _socket
 import errno
 import os
 import socket
+import ssl
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Protocol
 
 from gevent import get_hub
+from gevent.event import AsyncResult
 
+from gportmap.engine.idle import waiting
 from gportmap.engine.net import connect_error_text
 from gportmap.engine.relay import BUFFER_SIZE, SPLICE_FLAGS, SideError, close_fd, make_pipe, shutdown
+from gportmap.engine.tls import NEED_DATA, TlsError, TlsStage
 from gportmap.failures import INTERNAL_ERROR, report_internal_error
 from gportmap.stats import Connection
 
@@ -55,6 +73,9 @@ READ, WRITE = 1, 2
 MAX_READS = 16
 
 _BUFFER = memoryview(bytearray(BUFFER_SIZE))
+#: Plaintext out of a TLS stage: shared like ``_BUFFER`` (the ciphertext read into
+#: ``_BUFFER`` is copied into the stage before any plaintext is taken out).
+_PLAIN = memoryview(bytearray(BUFFER_SIZE))
 #: ``GPORTMAP_RELAY=splice`` insists on splice: from the first byte, not only once a
 #: direction streams, so that the splice path sees every kind of traffic.
 SPLICE_FIRST = os.environ.get("GPORTMAP_RELAY", "").strip().lower() == "splice"
@@ -77,10 +98,14 @@ def adopt(sock: socket.socket | _socket.socket, nonblocking: bool = False) -> _s
 
 
 class HubRelay:
-    """Relays one plain TCP connection from hub callbacks until both directions
-    have ended or one has failed, then closes both sockets and calls ``on_done``
-    with the close reason (``closed``, ``idle_timeout``, ``client_error``,
-    ``target_error`` or the ``abort`` reason) and an error text."""
+    """Relays one connection from hub callbacks until both directions have ended or
+    one has failed, then closes both sockets and calls ``on_done`` with the close
+    reason (``closed``, ``idle_timeout``, ``client_error``, ``target_error`` or the
+    ``abort`` reason) and an error text.
+
+    ``client_tls`` / ``target_tls``: TLS stages whose handshakes are done (the
+    client's side, the target's); with either, both directions go through
+    ``_StagedDirection``. Without, the plain path, splice included."""
 
     __slots__ = ("client", "target", "conn", "idle", "on_done", "up", "down", "timer", "reason", "loop")
 
@@ -93,6 +118,8 @@ class HubRelay:
         zero_copy: bool = False,
         splice_first: bool | None = None,
         on_done: Callable[[str, str | None], None] | None = None,
+        client_tls: TlsStage | None = None,
+        target_tls: TlsStage | None = None,
     ) -> None:
         self.loop = get_hub().loop
         self.client = client
@@ -101,11 +128,15 @@ class HubRelay:
         self.idle = idle_timeout
         self.on_done = on_done
         self.reason: str | None = None
-        splice = zero_copy and _splice is not None
-        if splice_first is None:
-            splice_first = SPLICE_FIRST
-        self.up = _Direction(self, client, target, "client", "target", True, splice, splice_first)
-        self.down = _Direction(self, target, client, "target", "client", False, splice, splice_first)
+        if client_tls is None and target_tls is None:
+            splice = zero_copy and _splice is not None
+            if splice_first is None:
+                splice_first = SPLICE_FIRST
+            self.up = _Direction(self, client, target, "client", "target", True, splice, splice_first)
+            self.down = _Direction(self, target, client, "target", "client", False, splice, splice_first)
+        else:
+            self.up = _StagedDirection(self, client, target, "client", "target", True, client_tls, target_tls)
+            self.down = _StagedDirection(self, target, client, "target", "client", False, target_tls, client_tls)
         self.timer = None
 
     def start(self) -> None:
@@ -113,6 +144,11 @@ class HubRelay:
         self.down.reader.start(self.down.on_readable)
         if self.idle:
             self._arm(self.idle)
+        for direction in (self.up, self.down):
+            # Records that came with the handshake's last flight sit in the stage:
+            # no readiness event will announce them.
+            if self.reason is None and direction.reader.active and direction.buffered():
+                direction.on_readable()
 
     def abort(self, reason: str, error: str | None = None) -> None:
         """End the connection now (an error, the idle timeout, a drain cut-off)."""
@@ -144,10 +180,18 @@ class HubRelay:
             self.timer.close()
             if remaining > 0:
                 self._arm(remaining)
+            elif waiting(self._read_fds()):
+                self._arm(self.idle)  # bytes wait for a stalled process: not idle
             else:
                 self.abort("idle_timeout")
         except Exception as exc:  # noqa: BLE001 - a bug: see the module docstring
             self.crash(exc)
+
+    def _read_fds(self) -> list[int]:
+        """The sockets a direction is waiting to read: not those paused by
+        backpressure (their waiting bytes are a stalled peer's, not activity), nor
+        those whose end was read (an end stays readable for ever)."""
+        return [d.src.fileno() for d in (self.up, self.down) if d.reader.active]
 
     def _finish(self, reason: str, error: str | None) -> None:
         """Stop every watcher, then close: the order matters (see the module doc)."""
@@ -380,6 +424,207 @@ class _Direction:
             self.writer.close()
         self._close_pipe()
 
+    def buffered(self) -> bool:
+        """Bytes this direction holds that no readiness event will announce: none
+        on the plain path (everything waits in the kernel)."""
+        return False
+
+
+class _StagedDirection(_Direction):
+    """A direction through TLS on either end or both: what ``src`` sends is
+    decrypted by ``src_tls``, what goes to ``dst`` is encrypted by ``dst_tls``.
+
+    Everything but the step that moves a chunk is the plain direction's: the
+    watchers, the stop-reading-while-a-tail-waits backpressure, the half-close, the
+    callbacks' error handling. The step: read one chunk of ciphertext into the
+    stage, then take every plaintext chunk out and pass it on before reading again,
+    so a direction that is not waiting on its destination holds no complete record
+    in its stage (what ``TlsStage.close`` relies on). Pending per direction: at most
+    one chunk of ciphertext in the stage and one unsent tail. Never splices.
+
+    Bytes are counted as plaintext (what the client sent and received, as with the
+    plain path); a chunk counts as sent once all of its records are sent."""
+
+    __slots__ = ("src_tls", "dst_tls", "tail_plain", "ending")
+
+    #: Most bytes an unsent tail may grow to when the *other* direction's reads
+    #: add a TLS stage's answers to it (alerts, renegotiation refusals) while the
+    #: peer reads none of them: one chunk's records and as much again. Past it the
+    #: peer is cut. Ordinary traffic adds nothing here.
+    MAX_TAIL = 2 * BUFFER_SIZE
+
+    def __init__(
+        self,
+        relay: HubRelay,
+        src: _socket.socket,
+        dst: _socket.socket,
+        src_side: str,
+        dst_side: str,
+        uploading: bool,
+        src_tls: TlsStage | None,
+        dst_tls: TlsStage | None,
+    ) -> None:
+        super().__init__(relay, src, dst, src_side, dst_side, uploading, False, False)
+        self.src_tls = src_tls
+        self.dst_tls = dst_tls
+        self.tail_plain = 0  # plaintext bytes the unsent tail carries (counted once it has gone)
+        self.ending = False  # the source ended: close_notify (the tail) goes out, then SHUT_WR
+
+    def buffered(self) -> bool:
+        return self.src_tls is not None and self.src_tls.has_input
+
+    # -- moving chunks ------------------------------------------------------------
+
+    def _copy_in(self) -> None:
+        src_tls = self.src_tls
+        if src_tls is not None and not self._drain_stage():
+            return
+        for _ in range(MAX_READS):
+            try:
+                n = self.src.recv_into(_BUFFER)
+            except BlockingIOError:
+                return
+            except OSError as exc:
+                raise SideError(self.src_side, exc) from None
+            if src_tls is not None:
+                if n:
+                    src_tls.feed(_BUFFER[:n])
+                else:
+                    src_tls.feed_eof()
+                if not self._drain_stage() or n < BUFFER_SIZE:
+                    return  # blocked or ended; or drained: the next readiness brings more
+            elif not n:
+                self._end()
+                return
+            elif not self._pass_on(_BUFFER[:n], n) or n < BUFFER_SIZE:
+                return
+
+    def _drain_stage(self) -> bool:
+        """Pass on every plaintext chunk the source's stage holds. True when it is
+        empty (read the socket again), False when the destination pushes back or
+        the source ended."""
+        src_tls = self.src_tls
+        while True:
+            try:
+                n = src_tls.read_into(_PLAIN)
+            except TlsError as exc:
+                raise SideError(self.src_side, exc) from None
+            answer = src_tls.data_to_send()
+            if answer:  # for the source's peer: the other direction's destination
+                self._other().emit(answer)
+            if n == NEED_DATA:
+                return True
+            if not n:
+                self._end()
+                return False
+            if not self._pass_on(_PLAIN[:n], n):
+                return False
+
+    def _pass_on(self, chunk: memoryview, n: int) -> bool:
+        """Count ``n`` plaintext bytes received and send ``chunk`` on (through the
+        destination's stage). False when a tail is left: the direction now waits."""
+        conn = self.relay.conn
+        conn.last_active = _monotonic()
+        if self.uploading:
+            conn.add_received(n)
+        dst_tls = self.dst_tls
+        if dst_tls is not None:
+            try:
+                out: bytes | memoryview = dst_tls.encrypt(chunk)
+            except TlsError as exc:
+                raise SideError(self.dst_side, exc) from None
+        else:
+            out = chunk
+        sent = self._send(out)
+        if sent == len(out):
+            if not self.uploading:
+                conn.add_sent(n)
+            return True
+        # Only the unsent tail is kept; the shared buffers' bytes are copied out.
+        self.tail = memoryview(out)[sent:] if dst_tls is not None else memoryview(bytes(out[sent:]))
+        self.tail_plain = n
+        self._wait_writable()
+        return False
+
+    def _send(self, data: bytes | memoryview) -> int:
+        try:
+            return self.dst.send(data)
+        except BlockingIOError:
+            return 0
+        except OSError as exc:
+            raise SideError(self.dst_side, exc) from None
+
+    def _flush_tail(self) -> None:
+        tail = self.tail
+        sent = self._send(tail)
+        self.relay.conn.last_active = _monotonic()
+        if sent < len(tail):
+            self.tail = tail[sent:]
+            return
+        self.tail = None
+        if self.tail_plain:
+            if not self.uploading:
+                self.relay.conn.add_sent(self.tail_plain)
+            self.tail_plain = 0
+        self.writer.stop()
+        if self.ending:
+            self._ended()
+        elif not self.done:
+            self.reader.start(self.on_readable)
+            if self.buffered():  # what the stage kept while the destination pushed back
+                self._copy_in()
+
+    def emit(self, data: bytes) -> None:
+        """Ciphertext the other direction's read made the stage answer to this
+        direction's destination (rare and small): it goes out before anything this
+        direction sends next, in the order the stage produced it."""
+        if self.done or self.ending:
+            return  # after close_notify nothing more may go; the transport ends anyway
+        if self.tail is not None:
+            if len(self.tail) + len(data) > self.MAX_TAIL:
+                refused = OSError(errno.ENOBUFS, "the peer sends TLS messages and reads none of the answers")
+                raise SideError(self.dst_side, refused)
+            self.tail = memoryview(bytes(self.tail) + data)
+            return
+        sent = self._send(data)
+        if sent < len(data):
+            self.tail = memoryview(data)[sent:]
+            self._wait_writable()
+
+    def _other(self) -> _StagedDirection:
+        relay = self.relay
+        return relay.down if self.uploading else relay.up  # type: ignore[return-value]
+
+    # -- the end ------------------------------------------------------------------
+
+    def _end(self) -> None:
+        """End of stream from the source: close_notify to a TLS destination (once;
+        its peer may go on sending, which the other direction still reads), then
+        the half-close, as on the plain path."""
+        self.reader.stop()
+        self.ending = True
+        goodbye = self.dst_tls.close() if self.dst_tls is not None else b""
+        if goodbye:
+            if self.tail is not None:  # the other direction queued an answer meanwhile
+                self.tail = memoryview(bytes(self.tail) + goodbye)
+                return
+            sent = self._send(goodbye)
+            if sent < len(goodbye):
+                self.tail = memoryview(goodbye)[sent:]
+                self._wait_writable()
+                return
+        elif self.tail is not None:
+            return  # the tail goes first; _flush_tail then ends
+        self._ended()
+
+    def _ended(self) -> None:
+        self.ending = False
+        self.done = True
+        relay = self.relay
+        if not (relay.up.done and relay.down.done):
+            shutdown(self.dst, socket.SHUT_WR)
+        relay.direction_ended()
+
 
 class HubConnect:
     """A non-blocking connect to the first address of ``addresses`` that answers,
@@ -403,7 +648,7 @@ class HubConnect:
 
     def __init__(
         self,
-        addresses: list[tuple[int, tuple]],
+        addresses: Sequence[tuple[int, tuple]],
         timeout: float,
         on_connected: Callable[[_socket.socket], None],
         on_failed: Callable[[OSError], None],
@@ -498,87 +743,334 @@ class HubConnect:
         self.on_crash(exc)
 
 
-class LeanConnection:
-    """A plain TCP connection that never has a greenlet: it is accepted in the hub,
-    connects to the target with ``HubConnect`` and is relayed by ``HubRelay``.
-    ``on_done(reason, error)`` (set before ``start``) is called once at the end,
-    ``connect_failed`` and ``internal_error`` included; ``on_connect_failed()``
-    counts that failure."""
+class HubHandshake:
+    """Readies one socket for the relay in hub callbacks: sends ``preamble`` (the
+    PROXY protocol header), then runs ``stage``'s TLS handshake, all within
+    ``timeout`` seconds (one timer; no greenlet, no ``gevent.Timeout``). Calls
+    ``on_ready()`` or ``on_failed(error)`` exactly once, unless cancelled:
+    ``TlsError`` (the handshake failed), ``TimeoutError`` or the socket's
+    ``OSError``. An unexpected exception goes to ``on_crash``.
 
-    __slots__ = (
-        "client",
-        "conn",
-        "idle",
-        "zero_copy",
-        "connecting",
-        "relay",
-        "on_done",
-        "on_connect_failed",
-        "finished",
-    )
+    What the peer sent past the handshake (its first application records) stays
+    in the stage for the relay (``HubRelay.start`` passes it on)."""
+
+    __slots__ = ("sock", "stage", "pending", "preamble_left", "timeout", "on_ready", "on_failed", "on_crash",
+                 "reader", "writer", "timer", "loop")
+
+    #: What a handshake that did not finish in time fails with.
+    TIMEOUT_TEXT = "no TLS handshake in time"
 
     def __init__(
         self,
-        client: _socket.socket,
-        conn: Connection,
-        addresses: list[tuple[int, tuple]],
-        connect_timeout: float,
-        idle_timeout: float,
-        zero_copy: bool,
-        on_connect_failed: Callable[[], None],
+        sock: _socket.socket,
+        stage: TlsStage | None,
+        timeout: float,
+        on_ready: Callable[[], None],
+        on_failed: Callable[[OSError], None],
+        on_crash: Callable[[Exception], None],
+        preamble: bytes = b"",
     ) -> None:
-        self.client = client
-        self.conn = conn
-        self.idle = idle_timeout
-        self.zero_copy = zero_copy
-        self.on_connect_failed = on_connect_failed
-        self.on_done: Callable[[str, str | None], None] | None = None
-        self.relay: HubRelay | None = None
-        self.finished = False  # on_done was called (before a relay took over)
-        self.connecting: HubConnect | None = HubConnect(
-            addresses, connect_timeout, self._connected, self._failed, self.crash
-        )
+        self.loop = get_hub().loop
+        self.sock = sock
+        self.stage = stage
+        self.pending = memoryview(preamble)
+        #: Bytes of the preamble not sent yet: a failure then is the preamble's.
+        self.preamble_left = len(preamble)
+        self.timeout = timeout
+        self.on_ready = on_ready
+        self.on_failed = on_failed
+        self.on_crash = on_crash
+        self.reader = self.writer = self.timer = None
 
     def start(self) -> None:
-        self.connecting.start()
+        self.timer = self.loop.timer(self.timeout)
+        self.timer.start(self._on_timeout)
+        self._guarded(self._step)
+
+    def cancel(self) -> None:
+        """Stop every watcher (the socket is its owner's to close)."""
+        for watcher in (self.reader, self.writer, self.timer):
+            if watcher is not None:
+                watcher.close()
+        self.reader = self.writer = self.timer = None
+
+    def _guarded(self, step: Callable[[], None]) -> None:
+        """Run ``step`` the way every callback here runs: failures end the
+        handshake through ``on_failed``, bugs (here or in the callbacks) through
+        ``on_crash``; nothing reaches the hub."""
+        try:
+            try:
+                step()
+            except OSError as exc:  # TlsError included
+                self.cancel()
+                self.on_failed(exc)
+        except Exception as exc:  # noqa: BLE001 - a bug: never to the hub (module docstring)
+            self.cancel()
+            self.on_crash(exc)
+
+    def _step(self) -> None:
+        """Send what is pending, then advance the handshake, until it must wait for
+        the network or is done."""
+        stage = self.stage
+        while True:
+            if self.pending:
+                try:
+                    sent = self.sock.send(self.pending)
+                except BlockingIOError:
+                    sent = 0
+                self.pending = self.pending[sent:]
+                self.preamble_left = max(0, self.preamble_left - sent)
+                if self.pending:
+                    self._wait(WRITE)
+                    return
+            if stage is None or stage.handshaken:
+                self.cancel()
+                self.on_ready()
+                return
+            complete = stage.handshake()
+            out = stage.data_to_send()
+            if out:
+                self.pending = memoryview(out)
+                continue
+            if not complete:
+                self._wait(READ)
+                return
+
+    def _wait(self, mask: int) -> None:
+        """Wait for one readiness: the socket readable (the peer's records) or
+        writable (room for ours)."""
+        if mask == READ:
+            if self.writer is not None and self.writer.active:
+                self.writer.stop()
+            if self.reader is None:
+                self.reader = self.loop.io(self.sock.fileno(), READ)
+            if not self.reader.active:
+                self.reader.start(self._on_readable)
+        else:
+            if self.reader is not None and self.reader.active:
+                self.reader.stop()
+            if self.writer is None:
+                self.writer = self.loop.io(self.sock.fileno(), WRITE)
+            if not self.writer.active:
+                self.writer.start(self._on_writable)
+
+    def _on_readable(self) -> None:
+        self._guarded(self._receive)
+
+    def _receive(self) -> None:
+        try:
+            n = self.sock.recv_into(_BUFFER)
+        except BlockingIOError:
+            return
+        if n:
+            self.stage.feed(_BUFFER[:n])
+        else:
+            self.stage.feed_eof()  # the handshake then fails: the peer left in the middle
+        self._step()
+
+    def _on_writable(self) -> None:
+        self._guarded(self._step)
+
+    def _on_timeout(self) -> None:
+        self._guarded(self._time_out)
+
+    def _time_out(self) -> None:
+        raise TimeoutError(self.TIMEOUT_TEXT)
+
+
+def await_handshake(sock: _socket.socket, stage: TlsStage | None, timeout: float, preamble: bytes = b"") -> None:
+    """``HubHandshake`` for a greenlet that must wait for it (one that ran plugin
+    hooks or resolved a name): returns once ready, raises what it failed with. The
+    handshake itself runs in hub callbacks all the same."""
+    result = AsyncResult()
+    handshake = HubHandshake(sock, stage, timeout, lambda: result.set(None), result.set_exception,
+                             result.set_exception, preamble)
+    handshake.start()
+    try:
+        result.get()
+    finally:
+        handshake.cancel()  # killed while waiting (a drain cut-off): no watcher left behind
+
+
+def target_setup_error(error: OSError, preamble_sent: bool) -> str:
+    """Words for a target that was connected but not readied: the PROXY protocol
+    header could not be sent, or the TLS handshake with it failed or timed out."""
+    if not preamble_sent:
+        reason = "timed out" if isinstance(error, TimeoutError) else connect_error_text(error)
+        return f"cannot send the PROXY protocol header: {reason}"
+    if isinstance(error, TlsError):
+        return f"TLS handshake with the target failed: {error.reason}"
+    if isinstance(error, TimeoutError):
+        return "TLS handshake with the target timed out"
+    return connect_error_text(error)
+
+
+def client_handshake_error(error: OSError) -> str:
+    """Words for a failed TLS handshake with a client (the ``error`` of its
+    ``connection_rejected`` record, reason ``tls``)."""
+    return getattr(error, "reason", None) or str(error) or type(error).__name__
+
+
+@dataclass(frozen=True)
+class Route:
+    """How one rule's connections reach their target from the hub; fixed for the
+    life of the rule's server."""
+
+    #: (family, sockaddr) of the target: an IP literal, never a name to resolve.
+    addresses: tuple[tuple[int, tuple], ...]
+    connect_timeout: float
+    idle_timeout: float
+    #: The relay may splice (plain connections only).
+    zero_copy: bool = False
+    #: The listener's TLS (``tls``): a server-side context, and the deadline of the
+    #: client's handshake.
+    listener_tls: ssl.SSLContext | None = None
+    handshake_timeout: float = 10.0
+    #: ``targetTls``: a client-side context, and the name to send and check.
+    target_tls: ssl.SSLContext | None = None
+    server_name: str | None = None
+
+
+class HubOwner(Protocol):
+    """What a ``HubConnection`` asks of whoever admitted it (the protocol server's
+    record of one admitted connection)."""
+
+    def opened(self) -> Connection:
+        """The client is ready (its TLS handshake done, if any): its admission
+        slot becomes an open, counted connection."""
+
+    def handshake_failed(self, error: str) -> None:
+        """The client's TLS handshake failed or timed out: a refusal, reason ``tls``."""
+
+    def preamble(self, client: _socket.socket) -> bytes:
+        """What goes to the target before the client's bytes (a PROXY protocol
+        header), b"" if nothing; OSError when the client is gone already."""
+
+    def connect_failed(self) -> None:
+        """Count an upstream connect failure (TCP, the header or ``targetTls``)."""
+
+    def internal_error(self, exc: BaseException) -> str:
+        """Count and log a bug in this connection's code; the text for its record."""
+
+
+class HubConnection:
+    """One connection from admission to close in hub callbacks, never a greenlet:
+    the TLS handshake with the client (``tls``), the connect, the PROXY protocol
+    header and the TLS handshake with the target (``targetTls``), then
+    ``HubRelay``. ``on_done(reason, error)`` (set before ``start``) is called once
+    at the end, whatever the step; ``owner.opened()`` tells whether it ever became
+    a connection."""
+
+    __slots__ = ("client", "route", "owner", "conn", "client_tls", "target", "target_tls", "preamble", "step",
+                 "relay", "on_done", "finished")
+
+    def __init__(self, client: _socket.socket, route: Route, owner: HubOwner) -> None:
+        self.client = client
+        self.route = route
+        self.owner = owner
+        self.conn: Connection | None = None
+        self.client_tls: TlsStage | None = None
+        self.target: _socket.socket | None = None
+        self.target_tls: TlsStage | None = None
+        self.preamble = b""
+        self.step: HubHandshake | HubConnect | None = None
+        self.relay: HubRelay | None = None
+        self.on_done: Callable[[str, str | None], None] | None = None
+        self.finished = False  # on_done was called (before a relay took over)
+
+    def start(self) -> None:
+        listener_tls = self.route.listener_tls
+        if listener_tls is None:
+            self._client_ready()
+            return
+        self.client_tls = TlsStage.server(listener_tls)
+        self.step = HubHandshake(
+            self.client, self.client_tls, self.route.handshake_timeout, self._client_ready, self._client_failed,
+            self.crash,
+        )
+        self.step.start()
 
     def abort(self, reason: str, error: str | None = None) -> None:
-        """End the connection now, whatever stage it is in; on_done once."""
+        """End the connection now, whatever step it is in; on_done once."""
         if self.relay is not None:
             self.relay.abort(reason, error)
-            return
-        if self.finished:
-            return
-        self.finished = True
-        if self.connecting is not None:
-            self.connecting.cancel()
-            self.connecting = None
-        self.client.close()
-        self.on_done(reason, error)
+        else:
+            self._end(reason, error)
 
     def crash(self, exc: Exception) -> None:
-        """An unexpected exception while connecting or handing over to the relay."""
-        conn = self.conn
-        self.abort(INTERNAL_ERROR, report_internal_error(conn.stats, conn.client, conn.target, exc))
+        """An unexpected exception in a step or the handover to the relay."""
+        self.abort(INTERNAL_ERROR, self.owner.internal_error(exc))
+
+    # -- the steps, in order --------------------------------------------------------
+
+    def _client_ready(self) -> None:
+        self.step = None
+        self.conn = self.owner.opened()
+        try:
+            self.preamble = self.owner.preamble(self.client)
+        except OSError as exc:  # the client reset before its address could be read
+            self._end("client_error", exc.strerror or str(exc))
+            return
+        route = self.route
+        self.step = HubConnect(route.addresses, route.connect_timeout, self._connected, self._connect_failed,
+                               self.crash)
+        self.step.start()
+
+    def _client_failed(self, error: OSError) -> None:
+        self.step = None
+        self.owner.handshake_failed(client_handshake_error(error))
+        self._end("tls", None)
 
     def _connected(self, target: _socket.socket) -> None:
-        self.connecting = None
+        self.step = None
+        self.target = target
         try:
             for sock in (self.client, target):  # a relay must not add latency to small writes
                 try:
                     sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
                 except OSError:
                     pass  # already reset: the relay will see it
-            self.relay = HubRelay(self.client, target, self.conn, self.idle, self.zero_copy, on_done=self.on_done)
-            self.relay.start()
+            route = self.route
+            if route.target_tls is None and not self.preamble:
+                self._target_ready()
+                return
+            if route.target_tls is not None:
+                self.target_tls = TlsStage.client(route.target_tls, route.server_name)
+            self.step = HubHandshake(target, self.target_tls, route.connect_timeout, self._target_ready,
+                                     self._target_failed, self.crash, self.preamble)
+            self.step.start()
         except Exception as exc:  # noqa: BLE001 - a bug: never to the hub (module docstring)
-            if self.relay is None:
-                target.close()  # the relay that would own it does not exist
             self.crash(exc)
 
-    def _failed(self, error: OSError) -> None:
-        self.connecting = None
+    def _connect_failed(self, error: OSError) -> None:
+        self.step = None
+        self.owner.connect_failed()
+        self._end("connect_failed", connect_error_text(error))
+
+    def _target_failed(self, error: OSError) -> None:
+        step, self.step = self.step, None
+        self.owner.connect_failed()
+        self._end("connect_failed", target_setup_error(error, step is None or not step.preamble_left))
+
+    def _target_ready(self) -> None:
+        self.step = None
+        self.preamble = b""
+        route = self.route
+        self.relay = HubRelay(
+            self.client, self.target, self.conn, route.idle_timeout, route.zero_copy, on_done=self.on_done,
+            client_tls=self.client_tls, target_tls=self.target_tls,
+        )
+        self.relay.start()
+
+    def _end(self, reason: str, error: str | None) -> None:
+        """The end before a relay took over: sockets closed, on_done once."""
+        if self.finished or self.relay is not None:
+            return
         self.finished = True
+        step, self.step = self.step, None
+        if step is not None:
+            step.cancel()
         self.client.close()
-        self.on_connect_failed()
-        self.on_done("connect_failed", connect_error_text(error))
+        if self.target is not None:
+            self.target.close()
+        self.on_done(reason, error)

@@ -1,6 +1,7 @@
 """The byte pump between a client and its target, for connections that need a
-greenlet: TLS on either side, plugins (whose code may block), WebSocket bridges
-(which reuse the helpers here). Plain TCP goes through ``gportmap.engine.hubrelay``.
+greenlet: rules with ``on_data`` plugins (user code that may block, TLS through
+``SSLSocket`` there), protocols of plugin packages, WebSocket bridges (which reuse
+the helpers here). Plain TCP and TLS go through ``gportmap.engine.hubrelay``.
 
 Two directions, each in its own greenlet, each a loop of: wait until the source is
 readable (holding no buffer), borrow a buffer from the shared pool, read, write it
@@ -11,7 +12,9 @@ the kernel's socket buffers push back on the sender.
 End of stream is forwarded as a half-close (``shutdown(SHUT_WR)``) and the other
 direction keeps flowing until it ends too: closing both sockets on the first EOF
 (as gevent's example port forwarder does) truncates replies. Any error or the idle
-timeout aborts both directions at once.
+timeout aborts both directions at once. The idle clock is the hub relay's: a
+wait that runs out while a socket being read has bytes waiting (the process was
+stalled, not the connection) waits again (``gportmap.engine.idle``).
 """
 
 from __future__ import annotations
@@ -21,7 +24,7 @@ import os
 import socket
 import ssl
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 try:
     import fcntl
@@ -35,6 +38,7 @@ import gevent
 from gevent.monkey import get_original
 from gevent.socket import wait_read, wait_write
 
+from gportmap.engine.idle import waiting
 from gportmap.failures import INTERNAL_ERROR, report_internal_error
 from gportmap.plugins import DOWNSTREAM, UPSTREAM, HookError, Reject, log_hook_error
 from gportmap.stats import Connection
@@ -135,15 +139,20 @@ class SideError(Exception):
         self.error = error
 
 
-def _wait(waiter: Callable, fd: int, conn: Connection, idle: float) -> None:
-    """Wait for readiness; raise IdleTimeout once the whole connection has been silent."""
+def _wait(waiter: Callable, fd: int, conn: Connection, idle: float, reading: Sequence[int] | None = None) -> None:
+    """Wait for readiness; raise IdleTimeout once the whole connection has been
+    silent. ``reading``: the descriptors the connection is waiting to read (-1 for
+    none): bytes waiting on one of them when the clock runs out mean the process
+    was stalled, not the connection, which then gets another period."""
     if not idle:
         waiter(fd)
         return
     while True:
         remaining = conn.last_active + idle - time.monotonic()
         if remaining <= 0:
-            raise IdleTimeout()
+            if not (reading and waiting(reading)):
+                raise IdleTimeout()
+            remaining = idle
         try:
             waiter(fd, remaining, _TICK)
             return
@@ -159,15 +168,16 @@ def send_all(
     conn: Connection,
     idle: float,
     on_sent: Callable[[int], None] | None = None,
+    reading: Sequence[int] | None = None,
 ) -> None:
     """Write all of ``view`` to a non-blocking socket, waiting for writability with the
-    connection's idle clock; partial writes count as activity and (via ``on_sent``)
-    as bytes sent. Errors are attributed to ``side``."""
+    connection's idle clock (``reading``: see ``_wait``); partial writes count as
+    activity and (via ``on_sent``) as bytes sent. Errors are attributed to ``side``."""
     while view:
         try:
             sent = dst.send(view)
         except BlockingIOError:
-            _wait(wait_write, dst_fd, conn, idle)
+            _wait(wait_write, dst_fd, conn, idle, reading)
             continue
         except (ssl.SSLWantReadError, ssl.SSLWantWriteError) as exc:
             wait_for_retry(exc, dst_fd, conn, idle)
@@ -192,9 +202,11 @@ def shutdown(sock: socket.socket, how: int) -> None:
     end, not a truncation: OpenSSL 3 clients report a bare TCP end as an error) and
     then shuts the TCP write side *without* dropping the TLS state:
     ``SSLSocket.shutdown`` forgets it, after which the other direction would read
-    ciphertext as if it were data. Known limit: Python calls SSL_shutdown twice, and
+    ciphertext as if it were data. Known limit, left only to the greenlet relay
+    (rules with ``on_data`` plugins and TLS): Python calls SSL_shutdown twice, and
     the second call discards application data that has already arrived from the
     peer, so bytes a TLS client sends right after the target's end can be lost.
+    The hub relay's TLS stage (``gportmap.engine.tls``) does not have it.
     """
     try:
         if how == socket.SHUT_WR and getattr(sock, "_sslobj", None) is not None:
@@ -218,7 +230,7 @@ class Relay:
     counted and logged with its traceback); ``error`` then holds the error text.
     """
 
-    __slots__ = ("client", "target", "conn", "idle", "pool", "reason", "error", "transform", "zero_copy")
+    __slots__ = ("client", "target", "conn", "idle", "pool", "reason", "error", "transform", "zero_copy", "reading")
 
     def __init__(
         self,
@@ -243,6 +255,9 @@ class Relay:
         #: Move bytes with splice(2) through a pipe, never through userspace. Only for
         #: plain sockets without an on_data plugin; falls back to copying if refused.
         self.zero_copy = zero_copy and transform is None
+        #: The descriptor each direction (upload, download) waits to read, -1 while
+        #: it does not: what the idle clock checks for waiting bytes.
+        self.reading = [-1, -1]
 
     def run(self) -> str:
         self.client.settimeout(0.0)
@@ -283,6 +298,16 @@ class Relay:
         shutdown(self.client, socket.SHUT_RDWR)
         shutdown(self.target, socket.SHUT_RDWR)
 
+    def _wait_to_read(self, fd: int, uploading: bool) -> None:
+        """Wait until ``fd`` is readable, with the idle clock; meanwhile the clock
+        (of both directions) knows that this direction reads ``fd``."""
+        reading, index = self.reading, 0 if uploading else 1
+        reading[index] = fd
+        try:
+            _wait(wait_read, fd, self.conn, self.idle, reading)
+        finally:
+            reading[index] = -1
+
     def _pump_splice(self, src: socket.socket, dst: socket.socket, src_side: str, dst_side: str) -> bool:
         """The zero-copy pump (realm's zero_copy.rs in Python): socket -> pipe -> socket
         with splice(2). The pipe is made when the first byte is ready, so an idle
@@ -295,7 +320,7 @@ class Relay:
         pipe = None
         try:
             while True:
-                _wait(wait_read, src_fd, conn, idle)
+                self._wait_to_read(src_fd, uploading)
                 if self.reason is not None:
                     return True
                 if pipe is None:
@@ -322,7 +347,7 @@ class Relay:
                     try:
                         moved = os.splice(read_end, dst_fd, n, flags=SPLICE_FLAGS)
                     except BlockingIOError:
-                        _wait(wait_write, dst_fd, conn, idle)
+                        _wait(wait_write, dst_fd, conn, idle, self.reading)
                         continue
                     except OSError as exc:
                         raise SideError(dst_side, exc) from None
@@ -345,7 +370,7 @@ class Relay:
         uploading = src_side == "client"
         src_fd, dst_fd = src.fileno(), dst.fileno()
         while True:
-            _wait(wait_read, src_fd, conn, idle)
+            self._wait_to_read(src_fd, uploading)
             if self.reason is not None:
                 return False
             buf = pool.take()
@@ -371,7 +396,9 @@ class Relay:
                     chunk = buf[:n]
                     if self.transform is not None:
                         chunk = memoryview(self.transform(UPSTREAM if uploading else DOWNSTREAM, bytes(chunk)))
-                    send_all(dst, dst_fd, chunk, dst_side, conn, idle, None if uploading else conn.add_sent)
+                    send_all(
+                        dst, dst_fd, chunk, dst_side, conn, idle, None if uploading else conn.add_sent, self.reading
+                    )
                     if switch and n == len(buf):
                         return True
                     if n < len(buf) and not has_pending(src):

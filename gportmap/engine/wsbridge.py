@@ -18,20 +18,32 @@ target, and we mask. Either way:
   it is out; the peer's Close (or EOF) shuts down the TCP side's write direction,
   and the other way keeps flowing until it ends too; pings are answered;
 - both directions write to the WebSocket under one lock, so a pong never lands in
-  the middle of a data frame.
+  the middle of a data frame;
+- the idle clock reads traffic missed, not time passed: when ``idleTimeout`` runs
+  out, the connection is cut only if neither direction could go on now (nothing
+  to read where a direction waits to read, no room where one waits to write),
+  and still cannot once the event loop has served everything else pending.
+  Otherwise the process was stalled (a SIGSTOP, a long reload, swapping), not the
+  connection: its clock starts again and the bytes move. The second look is for
+  bytes one hop away in this same process: a tunnel whose entry and exit both run
+  here finds its exit's sockets empty after a stall until the entry has read
+  what the stall left on its own.
 """
 
 from __future__ import annotations
 
 import os
+import select
 import socket
 import time
 from collections.abc import Callable
 
 import gevent
 from gevent.lock import Semaphore
+from gevent.monkey import get_original
 
 from gportmap.engine import wsframe
+from gportmap.engine.idle import waiting
 from gportmap.engine.relay import (
     WOULD_BLOCK,
     BufferPool,
@@ -47,6 +59,24 @@ from gportmap.plugins import DOWNSTREAM, UPSTREAM, HookError, Reject, log_hook_e
 from gportmap.stats import Connection
 
 _HEADROOM = wsframe.MAX_HEADER
+# The kernel's own poll/select, as in engine/idle.py: gevent's may switch greenlets.
+_poll = get_original("select", "poll") if hasattr(select, "poll") else None
+_select = get_original("select", "select")
+
+
+def _writable(fds: list[int]) -> bool:
+    """True when any of ``fds`` can take bytes now (or has failed, which a write
+    would report at once): a direction waiting to write there could go on. Never
+    blocks. The write-side twin of ``engine.idle.waiting``."""
+    if not fds:
+        return False
+    if _poll is not None:
+        poller = _poll()
+        for fd in fds:
+            poller.register(fd, select.POLLOUT)
+        return bool(poller.poll(0))
+    _, writable, errored = _select([], fds, fds, 0)
+    return bool(writable or errored)
 
 
 def _backing(buf: memoryview) -> bytearray | None:
@@ -58,6 +88,11 @@ def _backing(buf: memoryview) -> bytearray | None:
 
 class WsBridge:
     """One bridged connection; ``run()`` returns the close reason like ``Relay.run``."""
+
+    #: Seconds at most that a connection whose idle clock ran out waits for the event
+    #: loop to serve everything else pending before it is cut (``_check_idle``). An
+    #: idle loop answers at once; under load an idle cut comes at most this late.
+    settle_timeout = 1.0
 
     def __init__(
         self,
@@ -84,6 +119,9 @@ class WsBridge:
         self._lock = Semaphore()
         self._close_sent = False
         self._close_received = False
+        #: What each direction's greenlet waits for now, (fd, to write): what the idle
+        #: check asks the kernel about. A direction that has ended waits for nothing.
+        self._waits: dict[object, tuple[int, bool]] = {}
 
     # -- orchestration ----------------------------------------------------------------
 
@@ -134,6 +172,67 @@ class WsBridge:
         shutdown(self.ws, socket.SHUT_RDWR)
         shutdown(self.tcp, socket.SHUT_RDWR)
 
+    # -- the idle clock ---------------------------------------------------------------
+
+    def _wait_readable(self, fd: int) -> None:
+        """Wait until ``fd`` is readable, on the connection's idle clock (``_check_idle``)."""
+        me = gevent.getcurrent()
+        self._waits[me] = (fd, False)
+        try:
+            while True:
+                try:
+                    wait_readable(fd, self.conn, self.idle)
+                    return
+                except IdleTimeout:
+                    self._check_idle()
+        finally:
+            self._waits.pop(me, None)
+
+    def _send_all(self, sock: socket.socket, fd: int, view: memoryview, side: str) -> None:
+        """Write all of ``view``, on the connection's idle clock (``_check_idle``)."""
+        me = gevent.getcurrent()
+        self._waits[me] = (fd, True)
+        sent = 0
+
+        def advance(n: int) -> None:
+            nonlocal sent
+            sent += n
+
+        try:
+            while True:
+                try:
+                    send_all(sock, fd, view[sent:], side, self.conn, self.idle, advance)
+                    return
+                except IdleTimeout:
+                    self._check_idle()
+        finally:
+            self._waits.pop(me, None)
+
+    def _check_idle(self) -> None:
+        """``idleTimeout`` ran out: raise IdleTimeout if the connection was idle. If a
+        direction could go on now, the process was stalled, not the connection: its
+        clock starts again. Looked at twice: now, and once the loop has served what
+        else is pending (a stall's backlog elsewhere in this process may be about to
+        reach this connection). Only when the clock runs out, never per chunk."""
+        if self._could_go_on():
+            self.conn.last_active = time.monotonic()
+            return
+        moved = self.conn.last_active
+        with gevent.Timeout(self.settle_timeout, False):
+            gevent.idle()
+        # Ended meanwhile (by the other direction): raise too, its reason stays (``_abort``).
+        if self.reason is None and (self.conn.last_active != moved or self._could_go_on()):
+            self.conn.last_active = time.monotonic()
+            return
+        raise IdleTimeout()
+
+    def _could_go_on(self) -> bool:
+        """A direction could move bytes now: some waiting where it reads (or an end),
+        room where it writes. Two polls with a zero timeout."""
+        waits = list(self._waits.values())
+        reads = [fd for fd, writes in waits if not writes]
+        return waiting(reads) or _writable([fd for fd, writes in waits if writes])
+
     # -- writing frames ---------------------------------------------------------------
 
     def _control(self, opcode: int, payload: bytes) -> bytes:
@@ -149,7 +248,7 @@ class WsBridge:
         with self._lock:
             if self._close_sent:
                 return  # after our Close, nothing more may be sent
-            send_all(self.ws, self.ws_fd, view, self.ws_side, self.conn, self.idle)
+            self._send_all(self.ws, self.ws_fd, view, self.ws_side)
         if payload:
             (self.conn.add_received if self.client_role else self.conn.add_sent)(payload)
 
@@ -157,7 +256,7 @@ class WsBridge:
         frame = self._control(wsframe.OP_CLOSE, wsframe.close_payload(code))
         with self._lock:
             if not self._close_sent:
-                send_all(self.ws, self.ws_fd, memoryview(frame), self.ws_side, self.conn, self.idle)
+                self._send_all(self.ws, self.ws_fd, memoryview(frame), self.ws_side)
                 self._close_sent = True
 
     # -- TCP -> WebSocket ---------------------------------------------------------------
@@ -167,7 +266,7 @@ class WsBridge:
         full = False  # the last read filled the buffer: more is likely waiting
         while True:
             if not full and not has_pending(tcp):  # a TLS target may hold decrypted bytes already
-                wait_readable(fd, conn, self.idle)
+                self._wait_readable(fd)
             if self.reason is not None:
                 return
             buf = pool.take()
@@ -254,7 +353,7 @@ class _FrameReader:
         fd, pool = b.ws_fd, b.pool
         while True:
             if not b._pending and not has_pending(b.ws):
-                wait_readable(fd, b.conn, b.idle)  # holding no buffer while the peer is quiet
+                b._wait_readable(fd)  # holding no buffer while the peer is quiet
                 if b.reason is not None:
                     return
             buf = pool.take()
@@ -380,7 +479,7 @@ class _FrameReader:
         b = self.b
         if b.transform is not None:
             chunk = memoryview(b.transform(DOWNSTREAM if b.client_role else UPSTREAM, bytes(chunk)))
-        send_all(b.tcp, b.tcp_fd, chunk, b.tcp_side, b.conn, b.idle)
+        b._send_all(b.tcp, b.tcp_fd, chunk, b.tcp_side)
         if b.client_role:
             b.conn.add_sent(len(chunk))
         else:

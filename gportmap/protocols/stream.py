@@ -5,10 +5,18 @@ than ``maxConnections`` so that one connection over the limit is still accepted 
 closed at once (counted as rejected, SPEC §3) instead of waiting in the kernel's
 backlog; the pool's bound keeps a flood of rejections from spawning greenlets
 without limit. Subclasses supply ``_make_server`` (what speaks on the socket).
+
+The limits are counted at admission, for every protocol: ``admit_slot`` takes the
+connection's place under ``maxConnections`` (the rule's and the process's, a
+``Slot``) before any handshake (TLS, a WebSocket upgrade); ``open`` turns it into
+the open connection, and a failed handshake gives it back. So N clients hold the
+N places whether they are relayed or still mid-handshake, and the next one is
+refused at once as ``limit``.
 """
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 import logging
 import socket
@@ -24,13 +32,14 @@ from gevent.server import StreamServer
 
 from gportmap.config import Rule
 from gportmap.engine import proxyproto
+from gportmap.engine.hubrelay import Route
 from gportmap.engine.net import bind_listener, connect_error_text, set_nodelay
 from gportmap.failures import INTERNAL_ERROR, report_internal_error
 from gportmap.log import get_logger, log_event
 from gportmap.plugins import ConnView, HookError, PluginChain, Reject, log_hook_error
 from gportmap.protocols import ServerContext
 from gportmap.security import Admission, client_context, server_context
-from gportmap.stats import Connection
+from gportmap.stats import Connection, Slot
 
 logger = get_logger("connections")
 
@@ -78,6 +87,22 @@ class StreamRuleServer:
 
     def _make_server(self, listener: socket.socket) -> StreamServer:
         raise NotImplementedError
+
+    @functools.cached_property
+    def route(self) -> Route:
+        """How this rule's connections are readied and relayed on the hub (a target
+        given as an IP literal; a name is resolved by the caller)."""
+        rule = self.rule
+        return Route(
+            addresses=(self._literal,) if self._literal is not None else (),
+            connect_timeout=rule.connect_timeout,
+            idle_timeout=rule.idle_timeout,
+            zero_copy=self.context.splice,
+            listener_tls=self.server_tls,
+            handshake_timeout=rule.handshake_timeout,
+            target_tls=self.client_tls,
+            server_name=self.server_name,
+        )
 
     # -- the supervisor's surface ---------------------------------------------------
 
@@ -135,23 +160,60 @@ class StreamRuleServer:
     def adopt_relay(self, relay, conn: Connection, view: ConnView | None = None) -> Outcome:
         """Track a started hub relay as an open connection; when it ends it is
         accounted and logged like any other. Returns DETACHED for ``account``."""
+        relay.on_done = lambda reason, error: self._relay_done(relay, conn, reason, error, view)
+        self._track(relay)
+        return DETACHED
+
+    def adopt_connection(self, pipeline, admitted: Admitted) -> None:
+        """Track a ``HubConnection`` from its admission: it holds ``admitted``'s
+        slot until it opens its connection (``Admitted.opened``); when it ends the
+        connection is accounted and logged, or the slot given back if it never
+        opened (a failed TLS handshake, a stop before it)."""
 
         def done(reason: str, error: str | None) -> None:
-            self.relays.discard(relay)
-            if not self.relays:
-                self._no_relays.set()
-            self.finish(conn, reason, error, view)
+            if admitted.conn is None:
+                admitted.release()
+                self._untrack(pipeline)
+            else:
+                self._relay_done(pipeline, admitted.conn, reason, error, admitted.view)
 
-        relay.on_done = done
+        pipeline.on_done = done
+        self._track(pipeline)
+
+    def _track(self, relay) -> None:
         self.relays.add(relay)
         self._no_relays.clear()
         relay.start()
-        return DETACHED
+
+    def _untrack(self, relay) -> None:
+        self.relays.discard(relay)
+        if not self.relays:
+            self._no_relays.set()
+
+    def _relay_done(self, relay, conn: Connection, reason: str, error: str | None, view: ConnView | None) -> None:
+        """A hub relay ended (in a hub callback): account and log it. Plugins'
+        ``on_close`` is user code that may wait, so with plugins that runs in a
+        greenlet of its own; the relay stays tracked until it is done (a drain
+        waits for it)."""
+        if view is None:
+            self._untrack(relay)
+            self.finish(conn, reason, error)
+            return
+
+        def close() -> None:
+            try:
+                self.finish(conn, reason, error, view)
+            finally:
+                self._untrack(relay)
+
+        gevent.spawn(close)
 
     # -- per connection -------------------------------------------------------------
 
     def admit(self, address: object, client_text: str) -> bool:
-        """Address admission, then the connection limits; refusals are counted."""
+        """Address admission, then the connection limits; refusals are counted.
+        Takes no place under the limits: callers with a handshake to run use
+        ``admit_slot``."""
         if not self.admission.admits(address):
             self.reject(client_text, "acl")
             return False
@@ -159,6 +221,21 @@ class StreamRuleServer:
             self.reject(client_text, "limit")
             return False
         return True
+
+    def admit_slot(self, address: object, client_text: str) -> Slot | None:
+        """Admission for every stream protocol: the address (allow/deny), then the
+        connection's place under the rule's and the process's ``maxConnections``,
+        taken now, before any handshake. None when refused (counted: ``acl``,
+        ``limit``). The caller passes the slot to ``open`` once the connection is
+        ready (it becomes that connection), or calls ``slot.release()`` when it
+        never gets there (a failed handshake); release is safe to call always."""
+        if not self.admission.admits(address):
+            self.reject(client_text, "acl")
+            return None
+        slot = self.context.stats.reserve(self.stats, self.rule.max_connections)
+        if slot is None:
+            self.reject(client_text, "limit")
+        return slot
 
     def tls_accept(self, sock: socket.socket, client_text: str) -> socket.socket | None:
         """The client's TLS handshake, in its own greenlet and within handshakeTimeout
@@ -220,16 +297,25 @@ class StreamRuleServer:
         chain = self.plugins
         return lambda direction, data: chain.data(view, direction, data)
 
-    def open(self, client_text: str, view: ConnView | None = None) -> Connection:
-        return self.context.stats.open(self.stats, client_text, self.rule.target, view.id if view else None)
+    def open(self, client_text: str, view: ConnView | None = None, slot: Slot | None = None) -> Connection:
+        """Count and list a connection; ``slot`` (from ``admit_slot``) becomes it."""
+        return self.context.stats.open(
+            self.stats, client_text, self.rule.target, view.id if view else None, slot=slot
+        )
 
-    def account(self, client_text: str, work: Callable[[Connection], Outcome], view: ConnView | None = None) -> None:
+    def account(
+        self,
+        client_text: str,
+        work: Callable[[Connection], Outcome],
+        view: ConnView | None = None,
+        slot: Slot | None = None,
+    ) -> None:
         """Run ``work`` as one admitted connection: counted, and logged when it ends
         (by the hub relay, when ``work`` handed the connection to one). An
         unexpected exception (a bug here or in a plugin package's protocol) ends
         this connection only, as ``internal_error``; it is not passed on to the
         hub, which would log it a second time without the rule or the client."""
-        conn = self.open(client_text, view)
+        conn = self.open(client_text, view, slot)
         reason, error = INTERNAL_ERROR, None  # whatever escapes below is not a clean close
         try:
             reason, error = work(conn)
@@ -303,12 +389,13 @@ class StreamRuleServer:
                 error = exc
         raise error or OSError("the target resolved to no address")
 
-    def connect_target(self, client: socket.socket | None = None) -> socket.socket:
+    def connect_target(self, client: socket.socket | None = None, tls: bool = True) -> socket.socket:
         """A connection to the rule's target within ``connectTimeout``: the TCP
         connect, then (``proxyProtocol``) the PROXY protocol header of ``client``'s
-        addresses, then (``targetTls``) the TLS handshake. The header goes first, as
-        HAProxy's send-proxy does, so that the target reads it before TLS or a
-        tunnel's upgrade. OSError if any step fails, counted as an upstream failure;
+        addresses, then (``targetTls``, unless ``tls`` is false: the caller runs it
+        as a stage) the TLS handshake. The header goes first, as HAProxy's
+        send-proxy does, so that the target reads it before TLS or a tunnel's
+        upgrade. OSError if any step fails, counted as an upstream failure;
         ClientGone (not counted, no target connection made) if the client reset
         before its address could be read."""
         header = None
@@ -327,7 +414,7 @@ class StreamRuleServer:
                 upstream.close()
                 self.stats.connect_failures += 1
                 raise
-        if self.client_tls is None:
+        if self.client_tls is None or not tls:
             return upstream
         try:
             return self.client_tls.wrap_socket(upstream, server_hostname=self.server_name)
@@ -361,6 +448,43 @@ class StreamRuleServer:
                 reason=reason,
                 **extra,
             )
+
+
+class Admitted:
+    """One connection from its admission to its end on the hub: its place under
+    the limits (``slot``), then its open ``Connection``. What a ``HubConnection``
+    asks of its owner (``gportmap.engine.hubrelay.HubOwner``, whose docstrings
+    say what each method is for), answered for this rule's server."""
+
+    __slots__ = ("server", "client_text", "slot", "view", "conn")
+
+    def __init__(self, server: StreamRuleServer, client_text: str, slot: Slot, view: ConnView | None = None) -> None:
+        self.server = server
+        self.client_text = client_text
+        self.slot = slot
+        self.view = view
+        self.conn: Connection | None = None
+
+    def opened(self) -> Connection:
+        self.conn = self.server.open(self.client_text, self.view, self.slot)
+        return self.conn
+
+    def release(self) -> None:
+        self.slot.release()
+
+    def handshake_failed(self, error: str) -> None:
+        self.slot.release()
+        self.server.reject(self.client_text, "tls", error)
+
+    def preamble(self, client) -> bytes:
+        version = self.server.rule.proxy_protocol
+        return b"" if version is None else _proxy_header(version, client)
+
+    def connect_failed(self) -> None:
+        self.server.stats.connect_failures += 1
+
+    def internal_error(self, exc: BaseException) -> str:
+        return self.server.internal_error(exc, self.client_text)
 
 
 class ClientGone(OSError):

@@ -1,28 +1,50 @@
 """TCP rules: accept, admit, connect to the target, relay, account, log.
 
-With ``targetProtocol: "websocket"`` the rule is the entry of a tunnel: each
-accepted connection is carried over a WebSocket to a ``websocket`` rule elsewhere
-(see ``gportmap.engine.wstunnel``).
+Three paths, by what a rule needs (``TcpServer.path``):
+
+- ``HUB``: no plugin and a target given as an IP address. Accepted, admitted, the
+  TLS handshakes (``tls``, ``targetTls``), the connect, the PROXY protocol header
+  and the relay all run in hub callbacks (``gportmap.engine.hubrelay``): no
+  greenlet at any point.
+- ``STAGED``: plugins without ``on_data`` (their hooks may wait), or a target
+  name to resolve. A greenlet runs the hooks and the name lookup, waits for the
+  same hub handshakes, then hands both sockets to the same hub relay.
+- ``GREENLET``: ``on_data`` plugins (user code on every chunk), the entry of a
+  WebSocket tunnel (``targetProtocol: "websocket"``, see
+  ``gportmap.engine.wstunnel``) and protocols of plugin packages (their hooks get
+  gevent sockets): the greenlet relay, with TLS through ``SSLSocket``.
+
+On every path the connection takes its place under ``maxConnections`` when it is
+admitted, before any handshake, and gives it back if the handshake fails.
 """
 
 from __future__ import annotations
 
 import _socket
+import enum
 import functools
 import socket
 
 import gevent.socket
 from gevent.server import StreamServer
 
-from gportmap.engine.hubrelay import HubRelay, LeanConnection, adopt
+from gportmap.engine.hubrelay import (
+    HubConnection,
+    HubRelay,
+    adopt,
+    await_handshake,
+    client_handshake_error,
+    target_setup_error,
+)
 from gportmap.engine.net import peer_text, set_nodelay
 from gportmap.engine.relay import Relay
+from gportmap.engine.tls import TlsStage
 from gportmap.engine.wsbridge import WsBridge
 from gportmap.engine.wstunnel import HandshakeError, open_tunnel
 from gportmap.failures import INTERNAL_ERROR
 from gportmap.plugins import ConnView
-from gportmap.protocols.stream import Outcome, StreamRuleServer
-from gportmap.stats import Connection
+from gportmap.protocols.stream import DETACHED, Admitted, Outcome, StreamRuleServer
+from gportmap.stats import Connection, Slot
 
 
 class RawAcceptServer(StreamServer):
@@ -41,23 +63,39 @@ class RawAcceptServer(StreamServer):
         return _socket.socket(listener.family, listener.type, listener.proto, fileno=fd), address
 
 
+class RelayPath(enum.Enum):
+    """Where a rule's connections run (see the module docstring)."""
+
+    HUB = "hub"
+    STAGED = "staged"
+    GREENLET = "greenlet"
+
+
 class TcpServer(StreamRuleServer):
     """Serves one tcp rule."""
 
     def _make_server(self, listener: socket.socket) -> StreamServer:
-        if self.in_hub:
+        if self.path is RelayPath.HUB:
             return RawAcceptServer(listener, self._handle_in_hub, spawn=None)
         if type(self) is not TcpServer:  # a plugin package's protocol: its hooks get gevent sockets
             return StreamServer(listener, self._handle, spawn=self.pool)
         return RawAcceptServer(listener, self._handle, spawn=self.pool)
 
     @functools.cached_property
+    def path(self) -> RelayPath:
+        rule = self.rule
+        if type(self) is not TcpServer or self.plugins.transforms or rule.target_protocol == "websocket":
+            return RelayPath.GREENLET
+        if self.plugins.active or self._literal is None:
+            return RelayPath.STAGED
+        return RelayPath.HUB
+
+    @property
     def in_hub(self) -> bool:
-        """The leanest path: a lean rule whose target is an IP literal (no name to
-        resolve, which would block) and that sends no PROXY protocol header (a
-        blocking write before the relay). Its connections never get a greenlet:
-        accepted, admitted, connected and relayed in hub callbacks."""
-        return self.lean and self._literal is not None and getattr(self.rule, "proxy_protocol", None) is None
+        """Connections of this rule never get a greenlet (``RelayPath.HUB``)."""
+        return self.path is RelayPath.HUB
+
+    # -- RelayPath.HUB -------------------------------------------------------------
 
     def _handle_in_hub(self, raw: _socket.socket, address: tuple) -> None:
         """Runs on the hub (``spawn=None``): it must never block, nor raise. An
@@ -65,74 +103,124 @@ class TcpServer(StreamRuleServer):
         rule, stop accepting for a while and leave the connection counted open; it
         ends this connection only, as ``internal_error``."""
         client_text = peer_text(address)
-        conn = lean = None
+        admitted = pipeline = None
         try:
-            if not self.admit(address, client_text):
+            slot = self.admit_slot(address, client_text)
+            if slot is None:
                 return  # StreamServer closes the client socket
-            conn = self.open(client_text)
-            lean = LeanConnection(
-                adopt(raw),
-                conn,
-                [self._literal],
-                self.rule.connect_timeout,
-                self.rule.idle_timeout,
-                self.context.splice,
-                self._count_connect_failure,
-            )
-            self.adopt_relay(lean, conn)
+            admitted = Admitted(self, client_text, slot)
+            pipeline = HubConnection(adopt(raw), self.route, admitted)
+            self.adopt_connection(pipeline, admitted)
         except Exception as exc:  # noqa: BLE001 - a bug: contained to this connection
             text = self.internal_error(exc, client_text)
-            if lean is not None and lean.on_done is not None:
-                lean.abort(INTERNAL_ERROR, text)  # reports the end through adopt_relay
-            elif conn is not None:
-                self.finish(conn, INTERNAL_ERROR, text)
+            if pipeline is not None and pipeline.on_done is not None:
+                pipeline.abort(INTERNAL_ERROR, text)  # reports the end through adopt_connection
+            elif admitted is not None:
+                if admitted.conn is not None:
+                    self.finish(admitted.conn, INTERNAL_ERROR, text)
+                admitted.release()
 
-    def _count_connect_failure(self) -> None:
-        self.stats.connect_failures += 1
+    # -- RelayPath.STAGED and RelayPath.GREENLET: a greenlet per connection first ---
 
     def _handle(self, raw: socket.socket | _socket.socket, address: tuple) -> None:
         client_text = peer_text(address)
         try:
-            if not self.admit(address, client_text):
+            slot = self.admit_slot(address, client_text)
+            if slot is None:
                 return  # StreamServer closes the client socket
-            if self.lean:
-                self._serve(raw, client_text)
-                return
-            client = gevent.socket.socket(fileno=raw.detach())  # TLS, plugins, tunnels wait on it
             try:
-                self._serve(client, client_text)
+                if self.path is RelayPath.STAGED:
+                    self._serve_staged(raw, client_text, slot)
+                    return
+                client = gevent.socket.socket(fileno=raw.detach())  # plugins, tunnels, SSLSocket wait on it
+                try:
+                    self._serve(client, client_text, slot)
+                finally:
+                    client.close()
             finally:
-                client.close()
+                slot.release()  # a no-op once it became the open connection
         except Exception as exc:  # noqa: BLE001 - a bug before the connection was admitted
             # (``account`` contains what comes after): logged with the rule, not by the hub.
             self.internal_error(exc, client_text)
 
-    @functools.cached_property
-    def lean(self) -> bool:
-        """Plain TCP without plugins: relayed by hub callbacks (``gportmap.engine.hubrelay``).
-        Not for a protocol derived from this class (a plugin package's): its hooks
-        (``_forward``...) expect gevent sockets and a greenlet they may block."""
-        rule = self.rule
-        return (
-            type(self) is TcpServer
-            and self.server_tls is None
-            and self.client_tls is None
-            and not self.plugins.active
-            and rule.target_protocol != "websocket"
-        )
+    # -- RelayPath.STAGED ----------------------------------------------------------
 
-    def _serve(self, client: socket.socket, client_text: str) -> None:
+    def _serve_staged(self, raw: socket.socket | _socket.socket, client_text: str, slot: Slot) -> None:
+        """Plugin hooks and the name lookup here; the handshakes and the relay in
+        hub callbacks (this greenlet waits for the handshakes, then ends)."""
+        view = self.view(client_text)
+        if not self.plugins_accept(view, client_text):
+            return
+        client = adopt(raw)
+        handed = False
+        try:
+            client_tls = None
+            if self.server_tls is not None:
+                client_tls = TlsStage.server(self.server_tls)
+                try:
+                    await_handshake(client, client_tls, self.rule.handshake_timeout)
+                except OSError as exc:
+                    slot.release()
+                    self.reject(client_text, "tls", client_handshake_error(exc))
+                    return
+
+            def work(conn: Connection) -> Outcome:
+                nonlocal handed
+                outcome = self._relay_staged(client, client_tls, conn, view)
+                handed = outcome == DETACHED
+                return outcome
+
+            self.account(client_text, work, view, slot)
+        finally:
+            if not handed:
+                client.close()
+
+    def _relay_staged(
+        self, client: _socket.socket, client_tls: TlsStage | None, conn: Connection, view: ConnView | None
+    ) -> Outcome:
+        try:
+            upstream = self.connect_target(client, tls=False)  # TCP and the PROXY header; TLS is a stage
+        except OSError as exc:
+            return self.connect_failed(exc)
+        target = adopt(upstream, nonblocking=True)
+        handed = False
+        try:
+            set_nodelay(client)
+            target_tls = None
+            if self.client_tls is not None:
+                target_tls = TlsStage.client(self.client_tls, self.server_name)
+                try:
+                    await_handshake(target, target_tls, self.rule.connect_timeout)
+                except OSError as exc:
+                    self.stats.connect_failures += 1
+                    return "connect_failed", target_setup_error(exc, True)
+            failed = self.plugins_connect(view)
+            if failed is not None:
+                return failed
+            relay = HubRelay(
+                client, target, conn, self.rule.idle_timeout, self.context.splice,
+                client_tls=client_tls, target_tls=target_tls,
+            )
+            handed = True
+            return self.adopt_relay(relay, conn, view)
+        finally:
+            if not handed:
+                target.close()
+
+    # -- RelayPath.GREENLET --------------------------------------------------------
+
+    def _serve(self, client: socket.socket, client_text: str, slot: Slot | None = None) -> None:
         view = self.view(client_text)
         if not self.plugins_accept(view, client_text):
             return
         if self.server_tls is None:
-            self.account(client_text, lambda conn: self._forward(client, conn, view), view)
+            self.account(client_text, lambda conn: self._forward(client, conn, view), view, slot)
             return
         tls = self.tls_accept(client, client_text)
         if tls is None:
             return
         try:
-            self.account(client_text, lambda conn: self._forward(tls, conn, view), view)
+            self.account(client_text, lambda conn: self._forward(tls, conn, view), view, slot)
         finally:
             tls.close()
 
@@ -160,13 +248,6 @@ class TcpServer(StreamRuleServer):
                 )
                 return bridge.run(), bridge.error
             plain = self.server_tls is None and self.client_tls is None
-            if self.lean:
-                # The lean path: no greenlet, no gevent wrapper once connected. Plugins
-                # (user code that may block) and TLS keep the greenlet relay.
-                hub_relay = HubRelay(
-                    adopt(client), adopt(upstream, nonblocking=True), conn, rule.idle_timeout, context.splice
-                )
-                return self.adopt_relay(hub_relay, conn)
             relay = Relay(client, upstream, conn, rule.idle_timeout, context.buffers, transform, context.splice and plain)
             return relay.run(), relay.error
         finally:

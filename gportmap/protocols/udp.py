@@ -20,6 +20,14 @@ sockets are made.
   seconds, so a session lives at least ``sessionTimeout`` and at most that plus the
   granularity; datagrams themselves only stamp the session with the time read once
   per readiness.
+- Silence is traffic missed, not time passed: a process stalled for longer than
+  ``sessionTimeout`` (a SIGSTOP, a long reload, swapping) finds every deadline
+  gone, while datagrams wait in its sockets. So before it expires a session, the
+  sweep asks the kernel (``engine.idle.waiting``): a session whose own socket
+  holds replies was not silent, its clock starts again; and datagrams waiting on
+  the listening socket, which is shared, are read first (at most
+  ``sweep_drain`` of them, through the ordinary path), so that a client whose
+  datagram was queued there has its session stamped before any is expired.
 - The table is capped by ``maxSessions``: a datagram from a new address beyond the
   cap is dropped and counted, so a flood of source ports costs nothing but the
   counting.
@@ -57,6 +65,7 @@ import gevent.socket
 from gevent.event import Event
 
 from gportmap.config import Rule
+from gportmap.engine.idle import waiting
 from gportmap.engine.net import bind_listener, peer_text
 from gportmap.failures import INTERNAL_ERROR, report_internal_error
 from gportmap.log import get_logger, log_event
@@ -163,6 +172,13 @@ class Session:
 
 class UdpServer:
     """Serves one udp rule; the supervisor's surface is the same as TcpServer's."""
+
+    #: Datagrams a sweep reads at most from the listening socket before it expires
+    #: sessions, when the socket holds a backlog (after a stall of the process): the
+    #: datagrams of a client waiting there stamp its session first. A bound, so that
+    #: a flood cannot keep a sweep in the hub; past it, what is still queued counts
+    #: for nothing and the silent sessions expire.
+    sweep_drain = 1024
 
     def __init__(self, rule: Rule, context: ServerContext) -> None:
         self.rule = rule
@@ -524,12 +540,46 @@ class UdpServer:
     def _sweep(self) -> None:
         """End the sessions silent for sessionTimeout; come back at the next deadline."""
         self._stop_sweeping()
-        now, timeout = time.monotonic(), self.rule.session_timeout
-        sessions = self.sessions.values()
-        self._end_sessions([s for s in sessions if now - s.last_active >= timeout], "expired")
+        timeout = self.rule.session_timeout
+        if self._due(timeout):
+            self._drain_listener()
+            self._end_sessions(self._silent(self._due(timeout)), "expired")
         if self.sessions:
             earliest = min(s.last_active for s in self.sessions.values())
-            self._sweep_in(earliest + timeout - now)
+            self._sweep_in(earliest + timeout - time.monotonic())
+
+    def _due(self, timeout: float) -> list[Session]:
+        """The sessions whose clock says silent for ``timeout``."""
+        now = time.monotonic()
+        return [s for s in self.sessions.values() if now - s.last_active >= timeout]
+
+    def _drain_listener(self) -> None:
+        """Read what waits on the listening socket (at most ``sweep_drain`` datagrams)
+        before sessions are expired: the socket is shared, so which client a queued
+        datagram is from is known only by reading it. Nothing waits there in the
+        common case (one poll); only a stalled process or a flood finds a backlog.
+        Not on a socket handed over to a successor: that one reads it now."""
+        raw = self._replies
+        for _ in range(-(-self.sweep_drain // LISTEN_BURST)):  # each read takes at most LISTEN_BURST
+            if self._reader is None or raw is None or not waiting([raw.fileno()]):
+                return
+            self._on_datagrams(raw)
+
+    @staticmethod
+    def _silent(due: list[Session]) -> list[Session]:
+        """The sessions of ``due`` with nothing waiting on their sockets; the others
+        were not silent, only unserved (their watchers forward the replies as soon as
+        the loop turns): their clocks start again. One poll for all of them
+        in the common case, where nothing waits."""
+        if not waiting([s.upstream.fileno() for s in due]):
+            return due
+        now, silent = time.monotonic(), []
+        for session in due:
+            if waiting([session.upstream.fileno()]):
+                session.last_active = now
+            else:
+                silent.append(session)
+        return silent
 
     def _end_sessions(self, ended: Iterable[Session], reason: str) -> None:
         """End sessions exactly once each: stop the watcher, keep the kernel's drop

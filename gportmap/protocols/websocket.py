@@ -14,9 +14,18 @@ module overrides the two places where gevent-websocket falls short for a proxy:
   frames into memory and unmasks byte by byte) the bytes go through ``WsBridge``.
   Nothing per connection is stored on the shared server object.
 
-The upgrade request must arrive within ``handshakeTimeout``. An unexpected
-exception (a bug) in a connection's handling ends that connection as
-``internal_error`` (``handle_error``): counted and logged once with its
+A client takes its place under ``maxConnections`` when it is admitted, before its
+TLS handshake (wss) or its upgrade request is read (a ``Slot``): a limit of N
+holds N clients, upgraded or still mid-upgrade, and the next is accepted and
+closed at once, counted as rejected ``limit``. The upgrade request must arrive
+within ``handshakeTimeout``. An upgrade that fails (none in time, not an upgrade,
+a wrong path, version or key, a malformed request, the client gone first) gives
+the place back and is counted and logged in one place: rejected ``handshake``,
+one rate-limited ``connection_rejected`` record with the reason (refusals that
+have a reason of their own, ``acl`` for a bad ``Origin`` or ``plugin``, keep it).
+
+An unexpected exception (a bug) in a connection's handling ends that connection
+as ``internal_error`` (``handle_error``): counted and logged once with its
 traceback, instead of pywsgi passing it to the hub without the rule or client.
 """
 
@@ -24,6 +33,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import logging
 import socket
 
 import gevent
@@ -37,9 +47,15 @@ from gportmap.engine.wsbridge import WsBridge
 from gportmap.failures import INTERNAL_ERROR
 from gportmap.log import ClientErrorsAsLog, get_logger
 from gportmap.protocols.stream import StreamRuleServer
-from gportmap.stats import Connection
+from gportmap.stats import Connection, Slot
 
 logger = get_logger("websocket")
+#: gevent-websocket's own messages ("Client didn't ask for a connection upgrade", ...)
+#: go here and no further: each failed upgrade is already one rate-limited
+#: ``connection_rejected`` record with its reason; these would be a second,
+#: unbounded one at the client's rate, without an event name.
+_library_logger = get_logger("websocket.library")
+_library_logger.setLevel(logging.ERROR)
 
 
 class WebSocketServer(StreamRuleServer):
@@ -74,21 +90,32 @@ class _RuleWSGIServer(WSGIServer):
     def handle(self, sock: socket.socket, address: tuple) -> None:
         owner = self.rule_server
         client_text = peer_text(address)
+        slot = None
         try:
-            if not owner.admit(address, client_text):
+            slot = owner.admit_slot(address, client_text)
+            if slot is None:
                 return
             if owner.server_tls is None:
-                super().handle(sock, address)
+                self._serve(sock, address, slot)
                 return
             tls = owner.tls_accept(sock, client_text)
             if tls is None:
                 return
             try:
-                super().handle(tls, address)
+                self._serve(tls, address, slot)
             finally:
                 tls.close()
         except Exception as exc:  # noqa: BLE001 - a bug outside pywsgi's request handling
             owner.internal_error(exc, client_text)
+        finally:
+            if slot is not None:
+                slot.release()  # a no-op once the upgrade made it an open connection
+
+    def _serve(self, sock: socket.socket, address: tuple, slot: Slot) -> None:
+        """pywsgi's ``handle``, with the connection's slot handed to its handler."""
+        handler = self.handler_class(sock, address, self)
+        handler.slot = slot
+        handler.handle()
 
 
 def _not_an_upgrade(environ: dict, start_response) -> list[bytes]:
@@ -105,7 +132,13 @@ def _not_an_upgrade(environ: dict, start_response) -> list[bytes]:
 
 
 class _BridgeHandler(ClientErrorsAsLog, WebSocketHandler):
-    """One client connection: admission, handshake deadline, upgrade, bridge."""
+    """One client connection: handshake deadline, upgrade, bridge; and the one place
+    where a failed upgrade is accounted."""
+
+    #: The connection's place under maxConnections, taken at admission (``_RuleWSGIServer``).
+    slot: Slot | None = None
+    #: Characters of a malformed request's parser message kept in its rejection record.
+    failure_text_max = 200
 
     def handle(self) -> None:
         owner: WebSocketServer = self.server.rule_server
@@ -115,6 +148,11 @@ class _BridgeHandler(ClientErrorsAsLog, WebSocketHandler):
         self.upstream: socket.socket | None = None
         self.outcome: tuple[str, str | None] = ("closed", None)
         self.view = None
+        #: Why the upgrade failed, for its ``handshake`` rejection.
+        self.failure: str | None = None
+        #: The attempt is accounted already, or is no rejection: refused with a
+        #: reason of its own (acl, plugin), an internal error, a stop.
+        self.settled = False
         self.deadline = gevent.Timeout(owner.rule.handshake_timeout)
         self.deadline.start()
         try:
@@ -122,10 +160,11 @@ class _BridgeHandler(ClientErrorsAsLog, WebSocketHandler):
         except gevent.Timeout as timeout:
             if timeout is not self.deadline:
                 raise
-            if self.conn is not None:
-                self.outcome = ("handshake_timeout", None)
+            limit = owner.rule.handshake_timeout
+            self.failure = self.failure or f"no WebSocket upgrade within handshakeTimeout ({limit:g}s)"
         except gevent.GreenletExit:
             self.outcome = ("stopped", None)
+            self.settled = True
             raise
         finally:
             self.deadline.cancel()
@@ -133,10 +172,31 @@ class _BridgeHandler(ClientErrorsAsLog, WebSocketHandler):
                 self.upstream.close()
             if self.conn is not None:
                 owner.finish(self.conn, *self.outcome, self.view)
+            elif not self.settled:
+                owner.reject(self.client_text, "handshake", self.failure or self._unanswered())
+
+    def _unanswered(self) -> str:
+        """Why an upgrade failed that no check of ours refused: the client left, or
+        pywsgi or gevent-websocket answered an HTTP error (a request line too long,
+        not an upgrade at all: plain GET, HTTP/1.0, no version)."""
+        if not self.requestline:
+            return "the client closed before sending an upgrade request"
+        status = self.status.decode("latin-1") if isinstance(self.status, bytes) else self.status
+        if status:
+            return f"not a WebSocket upgrade request (answered {status.split()[0]})"
+        return "the client closed during its upgrade request"
+
+    def _handle_client_error(self, ex: BaseException):  # pywsgi's hook for a malformed request
+        text = (str(ex) or type(ex).__name__).encode("ascii", "backslashreplace").decode()
+        self.failure = "malformed request: " + text[: self.failure_text_max]
+        return super()._handle_client_error(ex)
+
+    def log_error(self, msg: str, *args) -> None:
+        pass  # the one record of a malformed request is its handshake rejection (``failure``)
 
     @property
     def logger(self):  # gevent-websocket's own logger would add a handler of its own
-        return logger
+        return _library_logger
 
     def handle_error(self, exc_type: type, exc: BaseException, tb) -> None:
         """pywsgi's hook for an unexpected exception while handling the request (a
@@ -147,6 +207,7 @@ class _BridgeHandler(ClientErrorsAsLog, WebSocketHandler):
             super().handle_error(exc_type, exc, tb)
             return
         text = self.owner.internal_error(exc, self.client_text)
+        self.settled = True  # counted as internal_error, not as a rejection
         if self.conn is not None:
             self.outcome = (INTERNAL_ERROR, text)
         self.close_connection = True
@@ -170,30 +231,48 @@ class _BridgeHandler(ClientErrorsAsLog, WebSocketHandler):
         self.start_response(status, [("Content-Type", "text/plain"), ("Connection", "close"), *(headers or [])])
         return [text.encode() + b"\n"]
 
+    def _fail(self, why: str, status: str, text: str, headers: list[tuple[str, str]] | None = None) -> list[bytes]:
+        """Refuse an upgrade that is not acceptable; counted as ``handshake`` (``why``) at the end."""
+        self.failure = why
+        return self._refuse(status, text, headers)
+
+    def upgrade_websocket(self) -> list[bytes] | None:
+        """gevent-websocket's checks, then ours (``upgrade_connection``). Two of its
+        refusals (an upgrade over HTTP/1.0, answered 402; no Sec-WebSocket-Version,
+        426) come with str bodies, which pywsgi cannot send: a TypeError, reported as
+        an internal error with its traceback, at the client's will. Sent as bytes
+        here, they are failed upgrades like the others."""
+        result = super().upgrade_websocket()
+        if result is None:
+            return None
+        return [part.encode("latin-1") if isinstance(part, str) else part for part in result]
+
     def upgrade_connection(self) -> list[bytes] | None:
         owner, rule, environ = self.owner, self.owner.rule, self.environ
         if environ.get("PATH_INFO") != rule.path:
-            return self._refuse("404 Not Found", "not found")
+            return self._fail("no WebSocket endpoint at the requested path", "404 Not Found", "not found")
         if environ.get("HTTP_SEC_WEBSOCKET_VERSION") != "13":
-            return self._refuse("426 Upgrade Required", "WebSocket version 13 only", [("Sec-WebSocket-Version", "13")])
+            return self._fail(
+                "unsupported WebSocket version", "426 Upgrade Required", "WebSocket version 13 only",
+                [("Sec-WebSocket-Version", "13")],
+            )
         key = environ.get("HTTP_SEC_WEBSOCKET_KEY", "").strip()
         try:
             valid_key = len(base64.b64decode(key, validate=True)) == 16
         except (binascii.Error, ValueError):
             valid_key = False
         if not valid_key:
-            return self._refuse("400 Bad Request", "invalid Sec-WebSocket-Key")
+            return self._fail("invalid Sec-WebSocket-Key", "400 Bad Request", "invalid Sec-WebSocket-Key")
         if rule.origins and environ.get("HTTP_ORIGIN") not in rule.origins:
             owner.reject(self.client_text, "acl")
+            self.settled = True
             return self._refuse("403 Forbidden", "origin not allowed")
         self.view = owner.view(self.client_text)
         if not owner.plugins_accept(self.view, self.client_text):
+            self.settled = True  # counted as plugin
             return self._refuse("403 Forbidden", "refused")
-        if owner.full():
-            owner.reject(self.client_text, "limit")
-            return self._refuse("503 Service Unavailable", "too many connections")
         self.deadline.cancel()
-        self.conn = owner.open(self.client_text, self.view)
+        self.conn = owner.open(self.client_text, self.view, self.slot)  # the slot becomes the connection
         try:
             self.upstream = owner.connect_target()
         except OSError as exc:
