@@ -44,6 +44,7 @@ setup(
             "PyYAML>=6.0",  # parses deploy/kubernetes/*.yaml and deploy/docker-compose.yml
             "websockify>=0.11",  # the anchor of bench/compare.py's WebSocket rows (tests/test_bench.py)
             "packaging>=23",  # tests/test_packaging.py evaluates the dependency markers per platform
+            "kubernetes-validate>=1.28",  # validates deploy/kubernetes/*.yaml against the API schemas, offline
         ],
         "lint": ["ruff>=0.4"],
     },

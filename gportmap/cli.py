@@ -27,6 +27,7 @@ from gportmap.runtime.applier import ReloadSource
 from gportmap.runtime.backend import RulesBackend
 from gportmap.runtime.service import Overrides, Service
 from gportmap.runtime.supervisor import Supervisor
+from gportmap.runtime.systemd import InheritedSockets, Notifier
 from gportmap.runtime.watcher import choose_mode
 from gportmap.runtime.workers import Channel, WorkerLink, WorkerPool, resolve_workers, worker_command
 from gportmap.stats import StatsRegistry
@@ -162,8 +163,22 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_USAGE
     overrides = Overrides(args.log_format, args.log_level, args.admin, args.workers)
     setup_logging(*overrides.logging(config.settings))
+    inherited = InheritedSockets.from_environ()  # systemd's socket activation, if any
     features = detect()
     workers = resolve_workers(overrides.workers or config.settings.workers)
+    if workers > 1 and inherited is not None:
+        log_event(
+            logger,
+            logging.ERROR,
+            "usage_error",
+            f"{workers} workers cannot share the {len(inherited)} socket(s) passed by the service manager: "
+            "socket activation serves one process; run without --workers (and settings.workers), "
+            "or without the .socket unit",
+            workers=workers,
+            sockets=len(inherited),
+        )
+        inherited.close()
+        return EXIT_USAGE
     if workers > 1 and not features.reuse_port:
         log_event(
             logger,
@@ -178,7 +193,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         WorkerPool(workers, worker_command(workers, args.log_format, args.log_level)) if workers > 1 else None
     )
     try:
-        return run(config, overrides, features, backend)
+        return run(config, overrides, features, backend, inherited=inherited)
     except GportmapError as exc:
         log_event(logger, logging.CRITICAL, "fatal", str(exc))
         return EXIT_FATAL
@@ -213,11 +228,14 @@ def run(
     features: Features | None = None,
     backend: WorkerPool | None = None,
     link: WorkerLink | None = None,
+    inherited: InheritedSockets | None = None,
 ) -> int:
     """Serve until SIGTERM/SIGINT; a second signal cuts the drain short. With a
     ``backend`` this is a master and its workers serve; with a ``link`` this is one
-    of those workers."""
+    of those workers. ``inherited``: sockets systemd passed (socket activation)."""
     features = features or detect()
+    # Only the main process talks to systemd (NotifyAccess=main): never a worker.
+    notifier = Notifier.from_environ() if link is None else Notifier(None)
     route_gevent_errors()
     if features.fd_limit and backend is None:
         raise_fd_limit()
@@ -228,6 +246,7 @@ def run(
             log_event(logger, logging.WARNING, "stopping", "second signal: stopping now", signal=signum)
             force.set()
         else:
+            notifier.stopping(service.supervisor.stats.active)
             stop.set()
 
     def on_stats_signal(signum: int) -> None:
@@ -253,11 +272,14 @@ def run(
             stats, splice=features.splice, reuse_port=True, open_files=open_files
         )
     else:
-        backend_here = backend or Supervisor(splice=features.splice, open_files=open_files)
+        backend_here = backend or Supervisor(
+            splice=features.splice, open_files=open_files, inherited=inherited
+        )
     service = Service(config, choose_mode(features), overrides, backend=backend_here, worker=link is not None)
     plane = AdminPlane(service)  # a worker's master serves the endpoint and the stats log
     if link is None:
         service.on_applied.append(plane.apply)
+        service.reload_listeners.append(notifier)
     # Handlers before the first rule starts: a signal during start-up is handled too.
     for name in ("SIGTERM", "SIGINT"):
         if hasattr(signal, name):
@@ -283,6 +305,9 @@ def run(
             workers=workers,
             features=features.enabled(),
         )
+        if inherited is not None:
+            inherited.report_unmatched(config.enabled_rules)
+        notifier.ready(service)
     stop.wait()
 
     service.stop_reloading(STOP_RELOAD_WAIT)
@@ -301,6 +326,7 @@ def run(
     supervisor.drain(drain, force)
     service.stop_watching()
     plane.stop()
+    notifier.close()
     log_event(logger, logging.INFO, "stopped", "stopped")
     return EXIT_OK
 

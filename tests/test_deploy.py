@@ -11,7 +11,11 @@
 - deploy/Dockerfile is built with buildah on a Debian base made by debootstrap (no
   image registry is reachable here) and run with ``buildah run`` as the image would
   run: its ENTRYPOINT, CMD, ENV and USER, the rules folder mounted.
-- deploy/kubernetes/*.yaml parse, fit together, and their rules pass --check.
+- deploy/kubernetes/*.yaml parse, fit together, pass the Kubernetes API's schemas
+  (kubernetes-validate, offline), and their rules pass --check.
+- No shipped container file exposes the admin endpoint beyond loopback without a token.
+- deploy/grafana-dashboard.json queries only metrics (and labels) that a running
+  gportmap's /metrics exposes.
 
 All traffic stays on 127.0.0.1; nothing sleeps to synchronise.
 """
@@ -19,7 +23,9 @@ All traffic stays on 127.0.0.1; nothing sleeps to synchronise.
 from __future__ import annotations
 
 import configparser
+import copy
 import fcntl
+import ipaddress
 import json
 import os
 import re
@@ -156,9 +162,6 @@ def test_dockerfile_and_compose_mount_the_rules_folder_not_the_file():
         assert (DEPLOY / source).is_dir() and (DEPLOY / source / "rules.json").is_file(), volume
         assert options == ["ro"]
     assert not SINGLE_FILE_MOUNT.search(compose_text)
-    # The admin endpoint listens on 0.0.0.0 in the container: published to loopback only.
-    admin = [p for p in service["ports"] if str(p).endswith(":9900")]
-    assert admin == ["127.0.0.1:9900:9900"]
     assert service["stop_signal"] == "SIGTERM"
     grace = int(service["stop_grace_period"].rstrip("s"))
     shipped = json.loads((DEPLOY / "rules" / "rules.json").read_text())
@@ -188,16 +191,119 @@ def test_dockerfile_essentials():
     assert last["STOPSIGNAL"] == "SIGTERM"
     assert re.fullmatch(r"\d+:\d+", last["USER"]) and not last["USER"].startswith("0:"), "numeric, non-root"
     assert "/healthz" in last["HEALTHCHECK"] and "urllib.request" in last["HEALTHCHECK"]
-    assert {"9900", "8080"} <= set(last["EXPOSE"].split())
+    assert "8080" in last["EXPOSE"].split()
+    assert "9900" not in last["EXPOSE"].split(), "the admin endpoint is not for publishing by default"
     assert json.loads(last["ENTRYPOINT"]) == ["gportmap"]
     cmd = json.loads(last["CMD"])
     assert cmd[cmd.index("--log-format") + 1] == "json"
-    assert cmd[cmd.index("--admin") + 1] == "0.0.0.0:9900"
     # gportmap is installed as a package (pip install of the repository) in the build stage.
     assert any(word == "RUN" and "pip install /src" in args for word, args in instructions)
     assert (ROOT / ".dockerignore").is_file()
     ignored = (ROOT / ".dockerignore").read_text().split()
     assert ".git" in ignored and "gportmap" not in ignored and "README.md" not in ignored
+
+
+# --------------------------------------------------------------------------------------
+# The admin endpoint of the shipped container files: loopback, or a token
+# --------------------------------------------------------------------------------------
+
+#: settings.admin.listen's default (SPEC 3).
+DEFAULT_ADMIN = "127.0.0.1:9900"
+
+
+def admin_endpoint(argv: list[str], rules: Any) -> tuple[str, int, str | None] | None:
+    """(host, port, token) of the admin endpoint that a command line and a rules file
+    give (``--admin`` replaces only the address), or None when it is off."""
+    settings = rules.get("settings", {}) if isinstance(rules, dict) else {}
+    admin = settings.get("admin", {})
+    if admin is False:
+        return None
+    listen, token = admin.get("listen", DEFAULT_ADMIN), admin.get("token")
+    if "--admin" in argv:
+        listen = argv[argv.index("--admin") + 1]
+        if listen == "off":
+            return None
+    host, _, port = listen.rpartition(":")
+    return host.strip("[]"), int(port), token
+
+
+def exposed_without_token(argv: list[str], rules: Any) -> bool:
+    """Whether anyone beyond this host's (container's, pod's) loopback can reach the
+    admin endpoint without a token."""
+    endpoint = admin_endpoint(argv, rules)
+    if endpoint is None or endpoint[2] is not None:
+        return False
+    host = endpoint[0]
+    try:
+        return not ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return host != "localhost"
+
+
+def test_the_exposure_check_has_teeth():
+    assert exposed_without_token(["--admin", "0.0.0.0:9900"], {})  # the files as they were
+    assert exposed_without_token([], {"settings": {"admin": {"listen": "[::]:9900"}}})
+    assert not exposed_without_token(["--admin", "0.0.0.0:9900"], {"settings": {"admin": {"token": "t"}}})
+    assert not exposed_without_token([], {}) and not exposed_without_token(["--admin", "off"], {})
+    assert not exposed_without_token(["--admin", "[::1]:9900"], {})
+
+
+def image_command() -> list[str]:
+    last = {word: args for word, args in dockerfile_instructions()}
+    return json.loads(last["ENTRYPOINT"]) + json.loads(last["CMD"])
+
+
+def test_container_files_keep_the_admin_endpoint_on_loopback_or_behind_a_token():
+    """Docker, Compose and Kubernetes as shipped: the admin endpoint (/stats,
+    /connections, /rules, /reload) is reachable from outside the container or pod only
+    with a token; the health checks ask it where it listens."""
+    yaml = require_module("yaml")
+    image_rules = json.loads((DEPLOY / "rules" / "rules.json").read_text())
+    argv = image_command()
+    assert not exposed_without_token(argv, image_rules)
+    host, port, _ = admin_endpoint(argv, image_rules)
+    last = {word: args for word, args in dockerfile_instructions()}
+    assert f"http://127.0.0.1:{port}/healthz" in last["HEALTHCHECK"]
+
+    service = yaml.safe_load((DEPLOY / "docker-compose.yml").read_text())["services"]["gportmap"]
+    compose_argv = argv[:1] + list(service.get("command", argv[1:]))
+    assert not exposed_without_token(compose_argv, image_rules)
+    published = [str(p).rsplit(":", 1)[-1] for p in service.get("ports", [])]
+    assert str(port) not in published, "nothing to publish: the admin endpoint is on the container's loopback"
+
+    objects = kubernetes_objects()
+    (container,) = objects["Deployment"]["spec"]["template"]["spec"]["containers"]
+    pod_rules = json.loads(objects["ConfigMap"]["data"]["rules.json"])
+    pod_argv = argv[:1] + container.get("args", argv[1:])
+    assert not exposed_without_token(pod_argv, pod_rules)
+    host, port, _ = admin_endpoint(pod_argv, pod_rules)
+    assert ipaddress.ip_address(host).is_loopback
+    for probe in ("readinessProbe", "livenessProbe"):
+        assert "httpGet" not in container[probe], "the kubelet's httpGet cannot reach the pod's loopback"
+        command = container[probe]["exec"]["command"]
+        assert command[:2] == ["python3", "-c"]
+        assert f"urlopen('http://127.0.0.1:{port}/healthz'" in command[2]
+    assert port not in [p["containerPort"] for p in container["ports"]]
+    annotations = objects["Deployment"]["spec"]["template"]["metadata"].get("annotations", {})
+    assert annotations.get("prometheus.io/scrape") != "true", "a scrape of the pod IP would find nothing"
+
+
+def test_the_kubernetes_probe_command_fails_on_503_and_passes_on_200(start_gportmap, tmp_path):
+    """The probes' command, run for real against gportmap's /healthz: 0 while every
+    rule serves, non-zero once one cannot start (exec probes go by the exit code)."""
+    (container,) = kubernetes_objects()["Deployment"]["spec"]["template"]["spec"]["containers"]
+    command = container["readinessProbe"]["exec"]["command"]
+    with socket.socket() as blocker:
+        blocker.bind((LOOPBACK, 0))
+        blocker.listen()
+        taken = blocker.getsockname()[1]
+        gp = start_gportmap({"rules": [tcp_rule(taken, 9, name="blocked", enabled=False)]})
+        probe = [sys.executable, "-c", command[2].replace("127.0.0.1:9900", f"{LOOPBACK}:{gp.admin_port}")]
+        assert subprocess.run(probe, capture_output=True, timeout=30).returncode == 0
+        gp.rules_path.write_text(json.dumps({"rules": [tcp_rule(taken, 9, name="blocked")]}))
+        gp.wait_event("rule_failed", rule="blocked")
+        failed = subprocess.run(probe, capture_output=True, text=True, timeout=30)
+        assert failed.returncode != 0 and "503" in failed.stderr
 
 
 def test_shipped_rules_target_loopback_only_and_are_valid():
@@ -260,16 +366,11 @@ def test_kubernetes_manifests_fit_together():
     env = {e["name"]: e["value"] for e in container.get("env", [])}
     assert env.get("CONFIG_PATH", "/etc/gportmap/rules.json") == "/etc/gportmap/rules.json"
 
-    # Both probes ask /healthz on the admin port, where the container's args put it.
-    args = container["args"]
-    admin_host, admin_port = args[args.index("--admin") + 1].rsplit(":", 1)
-    assert admin_host == "0.0.0.0", "the kubelet probes the pod IP"
+    # Both probes ask /healthz where the admin endpoint listens (the pod's loopback:
+    # test_container_files_keep_the_admin_endpoint_on_loopback_or_behind_a_token).
+    _, admin_port, _ = admin_endpoint(["gportmap", *container["args"]], rules)
     for probe in ("readinessProbe", "livenessProbe"):
-        get = container[probe]["httpGet"]
-        assert get["path"] == "/healthz"
-        assert named_port(container, get["port"]) == int(admin_port)
-    annotations = pod["metadata"]["annotations"]
-    assert annotations["prometheus.io/port"] == admin_port and annotations["prometheus.io/path"] == "/metrics"
+        assert "/healthz" in " ".join(container[probe]["exec"]["command"])
 
     resources = container["resources"]
     assert resources["requests"]["cpu"] and resources["requests"]["memory"] and resources["limits"]["memory"]
@@ -288,7 +389,7 @@ def test_kubernetes_manifests_fit_together():
     listen_ports = {r["listenPort"] for r in rules["rules"] if r.get("enabled", True)}
     for port in service["spec"]["ports"]:
         target = named_port(container, port["targetPort"])
-        assert target in listen_ports and target != int(admin_port)
+        assert target in listen_ports and target != admin_port
 
 
 def test_kubernetes_configmap_rules_pass_check(tmp_path):
@@ -304,6 +405,131 @@ def test_kubernetes_configmap_rules_pass_check(tmp_path):
     assert "1 rule(s), valid" in result.stdout
     # That gportmap follows the ConfigMap's ..data symlink swap is shown by
     # tests/test_reload.py (the "kubernetes" way of changing the file).
+
+
+#: Kubernetes versions whose API schemas the manifests must pass: an old one still
+#: in service and the newest the validator knows.
+KUBERNETES_VERSIONS = ("1.28",)
+
+
+def test_kubernetes_manifests_pass_the_api_schemas():
+    """kubernetes-validate checks each object against the Kubernetes OpenAPI schemas
+    (bundled, offline: kubectl --dry-run needs a cluster), strictly: an unknown or
+    misspelt field fails as the API server would reject it."""
+    validator = require_module("kubernetes_validate")
+    objects = kubernetes_objects()
+    for version in (*KUBERNETES_VERSIONS, validator.latest_version()):
+        for doc in objects.values():
+            validator.validate(doc, version, strict=True)
+    broken = copy.deepcopy(objects["Deployment"])
+    broken["spec"]["template"]["spec"]["containers"][0]["readinessProbe"]["exec"]["comand"] = ["true"]
+    with pytest.raises(validator.ValidationError, match="comand"):
+        validator.validate(broken, validator.latest_version(), strict=True)
+    broken = copy.deepcopy(objects["Deployment"])
+    broken["spec"]["replicas"] = "two"
+    with pytest.raises(validator.ValidationError):
+        validator.validate(broken, validator.latest_version(), strict=True)
+
+
+# --------------------------------------------------------------------------------------
+# Grafana
+# --------------------------------------------------------------------------------------
+
+#: PromQL words that are not metric names where a name could stand.
+PROMQL_KEYWORDS = {"by", "without", "on", "ignoring", "group_left", "group_right", "bool", "and", "or", "unless", "offset"}
+#: Labels Prometheus adds to every scraped series.
+SCRAPE_LABELS = {"instance", "job"}
+
+
+def promql_selectors(expr: str) -> list[tuple[str, set[str]]]:
+    """(metric name, label names matched) of every series selector in a PromQL
+    expression: strings, ranges and grouping clauses are cut first, and a word
+    followed by "(" is a function or an aggregation, not a metric."""
+    expr = re.sub(r'"(?:[^"\\]|\\.)*"', '""', expr)
+    expr = re.sub(r"\[[^\]]*\]", "", expr)
+    expr = re.sub(r"\b(by|without|on|ignoring|group_left|group_right)\s*\([^)]*\)", " ", expr)
+    found = []
+    for match in re.finditer(r"(?<![\w.$])([A-Za-z_:][A-Za-z0-9_:]*)\s*(\{[^}]*\})?\s*(\()?", expr):
+        name, matchers, call = match.groups()
+        if call or name in PROMQL_KEYWORDS:
+            continue
+        labels = set(re.findall(r"([A-Za-z_][A-Za-z0-9_]*)\s*(?:=~|!~|!=|=)", matchers or ""))
+        found.append((name, labels))
+    return found
+
+
+def test_promql_selectors_finds_metrics_and_their_labels():
+    expr = 'sum by (rule, reason) (rate(a_total{rule=~"$rule", reason!="x"}[$__rate_interval])) / on(instance) b or vector(0)'
+    assert promql_selectors(expr) == [("a_total", {"rule", "reason"}), ("b", set())]
+    assert promql_selectors('label_values(gportmap_rule_up{instance=~"$instance"}, rule)') == [
+        ("gportmap_rule_up", {"instance"}),
+        ("rule", set()),
+    ]
+
+
+def dashboard_queries(dashboard: dict) -> list[str]:
+    """Every PromQL text of the dashboard: panel targets (rows included) and the
+    template variables' queries (``label_values(METRIC, LABEL)``: its selector only)."""
+    queries = []
+    panels = list(dashboard["panels"])
+    while panels:
+        panel = panels.pop()
+        panels += panel.get("panels", [])
+        queries += [target["expr"] for target in panel.get("targets", [])]
+    for variable in dashboard["templating"]["list"]:
+        if variable["type"] == "query":
+            match = re.fullmatch(r"label_values\((.*),\s*\w+\)", variable["query"]["query"])
+            assert match, variable
+            queries.append(match.group(1))
+    return queries
+
+
+def exposition(text: str) -> dict[str, set[str]]:
+    """{sample name: label names} of a Prometheus text exposition."""
+    samples: dict[str, set[str]] = {}
+    for line in text.splitlines():
+        if line and not line.startswith("#"):
+            match = re.match(r"([A-Za-z_:][A-Za-z0-9_:]*)(\{([^}]*)\})?", line)
+            labels = set(re.findall(r'([A-Za-z_][A-Za-z0-9_]*)="', match.group(3) or ""))
+            samples.setdefault(match.group(1), set()).update(labels)
+    return samples
+
+
+def test_grafana_dashboard_queries_what_gportmap_exports(start_gportmap, echo_target):
+    """Every metric the dashboard queries is in /metrics of a gportmap running a tcp
+    and a udp rule (so every family has series), with the labels the query matches."""
+    dashboard = json.loads((DEPLOY / "grafana-dashboard.json").read_text())
+    assert dashboard["uid"] and dashboard["title"] and dashboard["schemaVersion"] >= 36
+    ids = []
+    panels = list(dashboard["panels"])
+    while panels:
+        panel = panels.pop()
+        panels += panel.get("panels", [])
+        ids.append(panel["id"])
+        assert set(panel["gridPos"]) == {"h", "w", "x", "y"}
+        if panel["type"] != "row":
+            assert panel["datasource"] == {"type": "prometheus", "uid": "${datasource}"}, panel["title"]
+            assert panel["targets"], panel["title"]
+    assert len(ids) == len(set(ids)), "panel ids are unique"
+
+    udp = {**tcp_rule(free_port(socket.SOCK_DGRAM), echo_target.port, name="dns"), "protocol": "udp"}
+    gp = start_gportmap({"rules": [tcp_rule(free_port(), echo_target.port, name="web"), udp]})
+    status, body, _ = gp.admin("/metrics")
+    assert status == 200
+    exported = exposition(body.decode())
+    assert "gportmap_udp_packets_dropped_total" in exported and "process_open_fds" in exported
+
+    queries = dashboard_queries(dashboard)
+    assert len(queries) > 20
+    used = set()
+    for query in queries:
+        selectors = promql_selectors(query)
+        assert selectors, query
+        for name, labels in selectors:
+            assert name in exported, f"{name} (in {query!r}) is not in gportmap's /metrics"
+            assert labels <= exported[name] | SCRAPE_LABELS, f"{name} has no label {labels - exported[name]}: {query!r}"
+            used.add(name)
+    assert {"gportmap_rule_up", "gportmap_connections_active", "gportmap_udp_sessions_active"} <= used
 
 
 # --------------------------------------------------------------------------------------
@@ -337,7 +563,8 @@ def unit_value(unit: dict, section: str, key: str) -> str:
 def test_systemd_unit_has_the_required_keys():
     unit = read_unit(DEPLOY / "gportmap.service")
     expected = {
-        "Type": "exec",
+        "Type": "notify",
+        "NotifyAccess": "main",
         "ExecReload": "/bin/kill -HUP $MAINPID",
         "KillSignal": "SIGTERM",
         "AmbientCapabilities": "CAP_NET_BIND_SERVICE",
@@ -350,19 +577,41 @@ def test_systemd_unit_has_the_required_keys():
     for key, value in expected.items():
         assert unit_value(unit, "Service", key) == value, key
     assert int(unit_value(unit, "Service", "TimeoutStopSec")) > DEFAULT_DRAIN_TIMEOUT
+    # Pings come every WatchdogSec/2 from the event loop; a watchdog shorter than a few
+    # seconds would kill a busy but healthy gportmap.
+    assert 10 <= int(unit_value(unit, "Service", "WatchdogSec")) <= 300
     assert unit_value(unit, "Service", "ExecStart").split()[0] == "/opt/gportmap/bin/gportmap"
     assert unit_value(unit, "Install", "WantedBy") == "multi-user.target"
 
 
-def templated_unit(directory: Path, rules_dir: Path) -> Path:
+def templated_unit(directory: Path, rules_dir: Path, name: str = "gportmap.service") -> Path:
     """The unit with the venv's gportmap for /opt/gportmap/bin/gportmap and a test folder
     for /etc/gportmap (verify insists that ExecStart's program exists)."""
-    text = (DEPLOY / "gportmap.service").read_text()
+    text = (DEPLOY / name).read_text()
     text = text.replace("/opt/gportmap/bin/gportmap", str(VENV_BIN / "gportmap"))
     text = text.replace("/etc/gportmap", str(rules_dir))
-    path = directory / "gportmap.service"
+    path = directory / name
     path.write_text(text)
     return path
+
+
+def test_systemd_socket_unit_matches_the_shipped_rules():
+    """deploy/gportmap.socket passes the sockets of deploy/rules/rules.json: every
+    Listen line is an enabled rule's exact transport, address and port (gportmap adopts
+    a socket only then), names its descriptors, and lets gportmap accept (Accept=no)."""
+    unit = read_unit(DEPLOY / "gportmap.socket")
+    rules = json.loads((DEPLOY / "rules" / "rules.json").read_text())["rules"]
+    listeners = {
+        ("udp" if r["protocol"] == "udp" else "tcp", f"{r.get('listenHost', '0.0.0.0')}:{r['listenPort']}")
+        for r in rules
+        if r.get("enabled", True)
+    }
+    sockets = [("tcp", v) for k, v in unit["Socket"] if k == "ListenStream"]
+    sockets += [("udp", v) for k, v in unit["Socket"] if k == "ListenDatagram"]
+    assert sockets and set(sockets) <= listeners
+    assert unit_value(unit, "Socket", "Accept") == "no"
+    assert unit_value(unit, "Socket", "FileDescriptorName")
+    assert unit_value(unit, "Install", "WantedBy") == "sockets.target"
 
 
 def test_systemd_unit_passes_systemd_analyze_verify(tmp_path):
@@ -371,8 +620,9 @@ def test_systemd_unit_passes_systemd_analyze_verify(tmp_path):
     # commands exist. Warnings do not change its exit code, so any output fails too.
     analyze = require_tool("systemd-analyze")
     unit = templated_unit(tmp_path, tmp_path)
+    sockets = templated_unit(tmp_path, tmp_path, "gportmap.socket")
     result = subprocess.run(
-        [analyze, "verify", str(unit)], capture_output=True, text=True, timeout=60, cwd=tmp_path
+        [analyze, "verify", str(unit), str(sockets)], capture_output=True, text=True, timeout=60, cwd=tmp_path
     )
     assert result.returncode == 0 and not (result.stdout + result.stderr).strip(), (
         result.stdout + result.stderr
@@ -459,6 +709,22 @@ def test_systemd_unit_commands_run_as_systemd_would(tmp_path, echo_target):
             env=env, capture_output=True, text=True, timeout=60, cwd="/",
         )  # fmt: skip
         assert pre.returncode == 0, pre.stdout + pre.stderr
+        # Type=notify: systemd's notify socket is root's and writable by every user
+        # (/run/systemd/notify); the unit's unprivileged process reports there.
+        notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        notify.bind(str(rules_dir / "notify"))
+        os.chmod(rules_dir / "notify", 0o777)
+        notify.settimeout(30)
+        env["NOTIFY_SOCKET"] = str(rules_dir / "notify")
+        env["WATCHDOG_USEC"] = str(int(unit_value(unit, "Service", "WatchdogSec")) * 1_000_000)
+
+        def notified(key: str) -> dict[str, str]:
+            """The next datagram that sets ``key`` (in order: datagrams are a queue)."""
+            while True:
+                lines = notify.recv(4096).decode().split("\n")
+                fields = dict(line.split("=", 1) for line in lines if "=" in line)
+                if key in fields:
+                    return fields
         log_path = tmp_path / "journal.log"
         with open(log_path, "ab") as journal:
             proc = subprocess.Popen(
@@ -472,16 +738,21 @@ def test_systemd_unit_commands_run_as_systemd_would(tmp_path, echo_target):
             with open(f"/proc/{proc.pid}/status") as status:
                 uids = next(line for line in status if line.startswith("Uid:")).split()[1:]
             assert set(uids) == {"65534"}
+            ready = notified("READY")
+            assert ready["STATUS"] == "serving 1 rule, 0 connections" and ready["WATCHDOG"] == "1"
             assert echo_once(low) == b"ping"
 
             reload = unit_value(unit, "Service", "ExecReload").replace("$MAINPID", str(proc.pid))
             subprocess.run(reload.split(), check=True, timeout=30)
             log.wait_event("config_reloaded", source="signal")
+            assert "MONOTONIC_USEC" in notified("RELOADING") and notified("READY")
 
             proc.send_signal(signal.Signals[unit_value(unit, "Service", "KillSignal")])
+            assert notified("STOPPING")["STOPPING"] == "1"
             assert proc.wait(int(unit_value(unit, "Service", "TimeoutStopSec"))) == 0
             log.wait_event("stopped")
         finally:
+            notify.close()
             if proc.poll() is None:
                 proc.kill()
                 proc.wait(10)
@@ -837,7 +1108,7 @@ def test_image_builds_and_runs_as_the_image_would(tmp_path, echo_target):
         assert env["CONFIG_PATH"] == "/etc/gportmap/rules.json"
         assert config["User"] and config["User"].split(":")[0] not in ("0", "root")
         assert config["StopSignal"] == "SIGTERM"
-        assert {"9900/tcp", "8080/tcp"} <= set(config["ExposedPorts"])
+        assert set(config["ExposedPorts"]) == {"8080/tcp"}
         health = config["Healthcheck"]["Test"]
         assert health[0] == "CMD" and "http://127.0.0.1:9900/healthz" in " ".join(health)
 
@@ -860,14 +1131,14 @@ def test_image_builds_and_runs_as_the_image_would(tmp_path, echo_target):
 
         # Run it as the image would: ENTRYPOINT + CMD, with the image's ENV, USER and
         # WORKDIR (buildah run applies them), the rules FOLDER mounted at /etc/gportmap.
-        # buildah run shares the host's network, so only the admin address moves from
-        # 0.0.0.0:9900 to a free loopback port.
+        # buildah run shares the host's network, so the admin endpoint moves from
+        # its default (127.0.0.1:9900, the container's loopback) to a free loopback port.
         port, admin = free_port(), free_port()
         rules = {"rules": [tcp_rule(port, echo_target.port, name="echo")]}
         write_atomically(rules_dir / "rules.json", json.dumps(rules))
         argv = config["Entrypoint"] + config["Cmd"]
-        assert argv[argv.index("--admin") + 1] == "0.0.0.0:9900"
-        argv[argv.index("--admin") + 1] = f"{LOOPBACK}:{admin}"
+        assert "--admin" not in argv  # the rules' settings.admin.listen decides: loopback
+        argv += ["--admin", f"{LOOPBACK}:{admin}"]
         log_path = tmp_path / "container.log"
         with open(log_path, "ab") as out:
             proc = subprocess.Popen(

@@ -20,7 +20,7 @@ import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 import gevent
 
@@ -73,6 +73,16 @@ class Overrides:
         host, port = self.admin
         token = settings.admin.token if settings.admin is not None else None
         return AdminSettings(host=host, port=port, token=token)
+
+
+class ReloadListener(Protocol):
+    """Told around every applied reload (systemd's ``RELOADING=1`` ... ``READY=1``)."""
+
+    def reloading(self) -> None:
+        """A valid new version is about to change the running rules."""
+
+    def reloaded(self) -> None:
+        """That reload is over, however it ended (an exception included)."""
 
 
 @dataclass(frozen=True)
@@ -145,6 +155,9 @@ class Service:
         #: what follows the settings above the runtime (the admin endpoint and the
         #: stats log, wired by the command line) without the runtime importing it.
         self.on_applied: list[Callable[[Config], None]] = []
+        #: Told before and after every applied reload (not the start): the command
+        #: line wires systemd's notifier here.
+        self.reload_listeners: list[ReloadListener] = []
 
     def start(self) -> Changes:
         changes = self.supervisor.apply(self.config)
@@ -282,6 +295,16 @@ class Service:
         return self._document
 
     def _apply(self, config: Config, source: str) -> Changes:
+        """Apply a valid new version, telling the reload listeners before and after."""
+        for listener in self.reload_listeners:
+            listener.reloading()
+        try:
+            return self._apply_config(config, source)
+        finally:
+            for listener in self.reload_listeners:
+                listener.reloaded()
+
+    def _apply_config(self, config: Config, source: str) -> Changes:
         old_settings = self.config.settings
         changes = self.supervisor.apply(config)
         self.config = config

@@ -27,6 +27,7 @@ import logging
 import socket
 from collections.abc import Iterable
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import gevent
 from gevent.event import Event
@@ -38,6 +39,9 @@ from gportmap.errors import BindError, GportmapError
 from gportmap.log import RateLimiter, get_logger, log_event
 from gportmap.protocols import ServerContext, create_server
 from gportmap.stats import StatsRegistry, fd_capacity
+
+if TYPE_CHECKING:
+    from gportmap.runtime.systemd import InheritedSockets
 
 logger = get_logger("supervisor")
 
@@ -119,11 +123,16 @@ class RuleRunner:
 
     Its server is built at each start, not before: a server whose construction
     raises (a plugin failing when built for real) fails this rule's start like a
-    bind error does, and is built again at the retry."""
+    bind error does, and is built again at the retry.
 
-    def __init__(self, rule: Rule, context: ServerContext) -> None:
+    With ``inherited`` sockets (systemd's socket activation), a start that is handed
+    no listener adopts the passed socket of the rule's address, if there is one,
+    instead of binding: at the first start and at every retry."""
+
+    def __init__(self, rule: Rule, context: ServerContext, inherited: InheritedSockets | None = None) -> None:
         self.rule = rule
         self.context = context
+        self.inherited = inherited
         self.state = RuleState.STARTING
         self.error: str | None = None
         self.server = None  # a protocol server while starting, running or draining
@@ -141,7 +150,11 @@ class RuleRunner:
         attempts are refused rather than left queueing where nobody accepts."""
         rule = self.rule
         handover = listener is not None
+        adopted = None
         try:
+            if listener is None and self.inherited is not None:
+                adopted = self.inherited.take(rule)  # may yield: a host name resolves
+                listener = adopted.duplicate() if adopted is not None else None
             self.server = create_server(rule, self.context)
             if listener is None and self.context.reuse_port:
                 # one of several workers: the socket shares the port with the others
@@ -158,16 +171,18 @@ class RuleRunner:
             self.server = None
             return False
         self.error = None
+        source = f" (adopted fd {adopted.fd} '{adopted.name}' from the service manager)" if adopted else ""
         log_event(
             logger,
             logging.INFO,
             "rule_started",
-            f"rule {rule.name} listening on {rule.listen}/{rule.transport}, forwarding to {rule.target}",
+            f"rule {rule.name} listening on {rule.listen}/{rule.transport}{source}, forwarding to {rule.target}",
             rule=rule.name,
             protocol=rule.protocol,
             listen=rule.listen,
             target=rule.target,
             handover=handover,
+            adopted=adopted is not None,
         )
         return True
 
@@ -242,10 +257,13 @@ class Supervisor:
         splice: bool = False,
         reuse_port: bool = False,
         open_files: int | None = None,
+        inherited: InheritedSockets | None = None,
     ) -> None:
         """``open_files``: the process's open-file limit, which caps the connections
-        it admits (None: no cap, where the platform has no such limit)."""
+        it admits (None: no cap, where the platform has no such limit).
+        ``inherited``: the sockets systemd passed, adopted by the rules they match."""
         self.stats = stats or StatsRegistry()
+        self.inherited = inherited
         self.open_files = open_files
         self._capped_at: tuple[int, int] | None = None
         self.context = ServerContext(
@@ -299,7 +317,7 @@ class Supervisor:
                 continue
             if self.closed:  # a stop arrived while this apply yielded: start nothing more
                 raise StateError("gportmap is stopping: the rest of this reload is not applied")
-            runner = RuleRunner(rule, self.context)
+            runner = RuleRunner(rule, self.context, self.inherited)
             self.runners[key] = runner
             if old is None:
                 changes.added.append(rule.name)
@@ -380,6 +398,8 @@ class Supervisor:
         self.closed = True
         for runner in self.runners.values():
             runner.retire(keep_listener=False)
+        if self.inherited is not None:
+            self.inherited.close()
 
     def drain(self, timeout: float, force: Event | None = None) -> None:
         """Let open connections of every server finish for up to ``timeout`` seconds
