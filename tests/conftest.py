@@ -361,3 +361,19 @@ def tcp_rule(listen_port: int, target_port: int, **extra: Any) -> dict:
 def connect(port: int, host: str = LOOPBACK, timeout: float = 10.0) -> socket.socket:
     sock = socket.create_connection((host, port), timeout=timeout)
     return sock
+
+
+def refused(port: int, host: str = LOOPBACK) -> bool:
+    """Nothing listens on ``port``: a connection attempt is refused."""
+    try:
+        connect(port, host, timeout=5).close()
+    except ConnectionRefusedError:
+        return True
+    return False
+
+
+def echoes(port: int, payload: bytes = b"ping") -> bool:
+    """One round trip through ``port`` to an echo target comes back whole."""
+    with connect(port) as sock:
+        sock.sendall(payload)
+        return recv_exactly(sock, len(payload)) == payload

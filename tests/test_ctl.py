@@ -9,7 +9,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from conftest import LOOPBACK, connect, free_port, recv_exactly, tcp_rule, wait_for
+from conftest import LOOPBACK, connect, echoes, free_port, recv_exactly, refused, tcp_rule, wait_for
 
 DONE, OTHER, REFUSED = 0, 1, 2
 
@@ -33,18 +33,6 @@ def on_disk(gp) -> dict[str, dict]:
     return {rule["name"]: rule for rule in json.loads(gp.rules_path.read_text())["rules"]}
 
 
-def echoes(port: int) -> bool:
-    with connect(port) as sock:
-        sock.sendall(b"ping")
-        return recv_exactly(sock, 4) == b"ping"
-
-
-def refused(port: int) -> bool:
-    try:
-        connect(port, timeout=2).close()
-    except ConnectionRefusedError:
-        return True
-    return False
 
 
 def test_every_command_and_its_exit_code(start_gportmap, echo_target, tmp_path):

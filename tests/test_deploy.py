@@ -47,6 +47,7 @@ from conftest import (
     free_port,
     recv_exactly,
     recv_until_eof,
+    refused,
     require_tool,
     tcp_rule,
     wait_for,
@@ -83,13 +84,6 @@ def serves(port: int) -> bool:
     except OSError:
         return False
 
-
-def refused(port: int) -> bool:
-    try:
-        with socket.create_connection((LOOPBACK, port), timeout=5):
-            return False
-    except ConnectionRefusedError:
-        return True
 
 
 def write_atomically(path: Path, content: str, mode: int = 0o644) -> None:

@@ -7,14 +7,13 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import threading
 import time
 import urllib.error
 import urllib.request
 from pathlib import Path
 
-from conftest import LOOPBACK, connect, free_port, recv_exactly, tcp_rule, wait_for
+from conftest import LOOPBACK, connect, free_port, recv_exactly, refused, tcp_rule, wait_for
 
 #: Seconds the storm lasts: bounded, like every load loop here.
 STORM_SECONDS = 4.0
@@ -33,13 +32,6 @@ def write_atomically(path: Path, content: str) -> None:
     tmp.write_text(content)
     os.replace(tmp, path)
 
-
-def refuses(port: int) -> bool:
-    try:
-        socket.create_connection((LOOPBACK, port), timeout=2).close()
-        return False
-    except ConnectionRefusedError:
-        return True
 
 
 def post_reload(admin_port: int) -> int:
@@ -145,8 +137,8 @@ def test_a_reload_storm_from_every_source_ends_on_exactly_the_last_version(start
     traffic.stop()
     assert gp.proc.poll() is None
     for port in ports[:4]:
-        assert refuses(port), f"port {port} of an earlier version still listens"
-    assert not refuses(ports[4]) and not refuses(ports[5]) and not refuses(common)
+        assert refused(port), f"port {port} of an earlier version still listens"
+    assert not refused(ports[4]) and not refused(ports[5]) and not refused(common)
     assert traffic.refused == 0 and traffic.broken == 0 and traffic.ok > 0, vars(traffic)
     assert statuses and set(statuses) <= {200, 400}, sorted(set(statuses))
     assert not gp.events("internal_error")
@@ -172,11 +164,11 @@ def test_a_sighup_during_a_reload_of_200_rules_to_one(start_gportmap, echo_targe
         write_atomically(path, json.dumps({"settings": settings, "rules": [tcp_rule(p, target, name=f"r{p}") for p in many]}))
         gp.signal(signal.SIGHUP)
         # The second SIGHUP lands while the first reload is binding its listeners.
-        wait_for(lambda: not refuses(many[0]), timeout=10, what="the first reload under way")
+        wait_for(lambda: not refused(many[0]), timeout=10, what="the first reload under way")
         write_atomically(path, json.dumps({"settings": settings, "rules": [tcp_rule(one, target, name="one")]}))
         gp.signal(signal.SIGHUP)
         wait_for(lambda: post_reload(gp.admin_port) == 200 and list(stats_rules(gp)) == ["one"], timeout=30)
-        listening = [p for p in many if not refuses(p)]
+        listening = [p for p in many if not refused(p)]
         assert listening == [], f"attempt {attempt}: {len(listening)} removed rules still listen"
     # A removed rule's port can be used again at once.
     write_atomically(path, json.dumps({"settings": settings, "rules": [tcp_rule(one, target, name="one"), tcp_rule(many[0], target, name="back")]}))
@@ -203,7 +195,7 @@ def test_after_sigterm_reloads_are_refused_and_no_listener_opens(start_gportmap,
     gp.wait_event("reload_refused", source="signal")
     status, body, _ = gp.admin("/reload", method="POST")
     assert status == 503 and json.loads(body)["status"] == "refused"
-    assert refuses(added) and refuses(port)
+    assert refused(added) and refused(port)
     assert not gp.events("config_reloaded")
     held.sendall(b"more")  # the drained connection still works
     assert recv_exactly(held, 4) == b"more"
@@ -236,10 +228,10 @@ def test_a_rule_whose_start_raises_fails_alone_and_later_edits_still_apply(start
     wait_for(lambda: stats_rules(gp).get("bad") == "failed", timeout=10)
     status, body, _ = gp.admin("/healthz")
     assert status == 503 and json.loads(body)["failing"][0]["rule"] == "bad"
-    assert stats_rules(gp)["good"] == "running" and not refuses(good)
+    assert stats_rules(gp)["good"] == "running" and not refused(good)
 
     write(tcp_rule(good, target, name="good"), tcp_rule(later, target, name="later"))  # the watcher goes on
     wait_for(lambda: stats_rules(gp) == {"good": "running", "later": "running"}, timeout=10, what="the later edit")
-    assert not refuses(later) and refuses(bad)
+    assert not refused(later) and refused(bad)
     assert gp.admin("/healthz")[0] == 200
     assert gp.admin_json("/stats")["config"]["watching"] == "inotify"

@@ -21,7 +21,18 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import LOOPBACK, Gportmap, connect, free_port, recv_exactly, require_tool, tcp_rule, wait_for
+from conftest import (
+    LOOPBACK,
+    Gportmap,
+    connect,
+    echoes,
+    free_port,
+    recv_exactly,
+    refused,
+    require_tool,
+    tcp_rule,
+    wait_for,
+)
 
 _OPENER = urllib.request.build_opener(urllib.request.ProxyHandler({}))
 
@@ -74,18 +85,6 @@ def on_disk(gp: Gportmap) -> dict[str, dict]:
     return {rule.get("name") or f"{rule['protocol']}-{rule['listenPort']}": rule for rule in rules}
 
 
-def echoes(port: int) -> bool:
-    with connect(port) as sock:
-        sock.sendall(b"hello")
-        return recv_exactly(sock, 5) == b"hello"
-
-
-def refused(port: int) -> bool:
-    try:
-        connect(port, timeout=2).close()
-    except ConnectionRefusedError:
-        return True
-    return False
 
 
 def stats(gp: Gportmap) -> dict:
@@ -163,7 +162,7 @@ def test_post_adds_a_rule_that_forwards_and_the_watcher_does_not_apply_it_again(
     added = tcp_rule(port, echo_target.port, name="added")
     reply = api(gp, "POST", "/rules", added)
     assert reply.status == 201, reply.data
-    assert echoes(port), "the answer comes after the apply"
+    assert echoes(port, b"hello"), "the answer comes after the apply"
     assert reply.data["changes"] == {"added": ["added"], "changed": [], "removed": [], "unchanged": ["web"]}
     assert reply.data["etag"] == sha256(gp.rules_path) and reply.headers["ETag"] == f'"{reply.data["etag"]}"'
     assert reply.headers["Location"] == "/rules/added"
@@ -195,13 +194,13 @@ def test_put_replaces_or_creates_and_the_name_must_match(start_gportmap, echo_ta
         and reply.data["changes"]["removed"] == ["web"]
     )
     assert on_disk(gp) == {"web": replaced}
-    assert echoes(new_port) and refused(old_port)
+    assert echoes(new_port, b"hello") and refused(old_port)
     created = api(gp, "PUT", "/rules/api", tcp_rule(other, echo_target.port))
     assert created.status == 201 and on_disk(gp)["api"] == {
         "name": "api",
         **tcp_rule(other, echo_target.port),
     }
-    assert echoes(other)
+    assert echoes(other, b"hello")
     mismatch = api(gp, "PUT", "/rules/api", tcp_rule(other, echo_target.port, name="else"))
     assert mismatch.status == 400 and "'else' is not 'api'" in mismatch.data["errors"][0]
 
@@ -217,7 +216,7 @@ def test_patch_disables_and_re_enables_a_rule(start_gportmap, echo_target):
     reply = api(gp, "PATCH", "/rules/web", {"enabled": None})
     assert reply.status == 200 and reply.data["changes"]["added"] == ["web"]
     assert on_disk(gp)["web"] == tcp_rule(port, echo_target.port, name="web")
-    assert echoes(port)
+    assert echoes(port, b"hello")
     assert api(gp, "PATCH", "/rules/nope", {"enabled": False}).status == 404
 
 
@@ -239,7 +238,7 @@ def test_delete_drains_the_open_connections_and_a_dry_run_counts_them_first(star
     assert plan.data["impact"]["listeners_closed"] == [
         {"rule": "gone", "transport": "tcp", "listen": f"127.0.0.1:{port}"}
     ]
-    assert gp.rules_path.read_bytes() == text and echoes(port), "a dry run changes nothing"
+    assert gp.rules_path.read_bytes() == text and echoes(port, b"hello"), "a dry run changes nothing"
     reply = api(gp, "DELETE", "/rules/gone")
     assert reply.status == 200 and reply.data["changes"]["removed"] == ["gone"]
     assert list(on_disk(gp)) == ["keep"]
@@ -326,7 +325,7 @@ def test_an_invalid_write_is_400_with_the_check_messages_and_the_file_unchanged(
         before["reloads"],
         None,
     )
-    assert echoes(port)
+    assert echoes(port, b"hello")
 
 
 def _read_only_mount(folder: Path) -> list[str]:
@@ -403,7 +402,7 @@ def test_a_rules_file_that_cannot_be_written_is_409_and_nothing_changes(
         assert path.read_bytes() == text and sorted(os.listdir(folder)) == listing, (
             "nothing written, nothing left"
         )
-        assert echoes(port) and stats(gp)["config"]["generation"] == 1
+        assert echoes(port, b"hello") and stats(gp)["config"]["generation"] == 1
         assert gp.events("rules_changed") == []
         plan = api(gp, "PATCH", "/rules/web?dry_run=1", {"enabled": False})
         assert plan.status == 200, "a dry run writes nothing, so it is answered"
@@ -565,7 +564,7 @@ def test_twenty_concurrent_writers_each_add_a_rule_and_none_is_lost(start_gportm
     assert len({reply.data["etag"] for reply in replies.values()}) == 20, "20 versions, one per write"
     assert set(on_disk(gp)) == {"base", *(f"w{i}" for i in range(20))}
     assert set(running(gp).values()) == {"running"} and len(running(gp)) == 21
-    assert all(echoes(port) for port in ports)
+    assert all(echoes(port, b"hello") for port in ports)
     assert len(gp.events("rules_changed")) == 20
 
 
@@ -577,7 +576,7 @@ def test_writes_fan_out_to_the_workers(start_gportmap, echo_target):
     port = free_port()
     reply = api(gp, "POST", "/rules", tcp_rule(port, echo_target.port, name="added"))
     assert reply.status == 201
-    assert all(echoes(port) for _ in range(20)), "every worker serves it when the answer comes"
+    assert all(echoes(port, b"hello") for _ in range(20)), "every worker serves it when the answer comes"
     assert api(gp, "PATCH", "/rules/added", {"enabled": False}).status == 200
     assert all(refused(port) for _ in range(10))
     assert json.loads(gp.rules_path.read_text())["rules"][1]["enabled"] is False
@@ -607,6 +606,6 @@ def test_the_dashboard_disables_and_enables_a_rule(start_gportmap, echo_target, 
         )
         chromium.evaluate(f"{button}.click()")
         wait_for(lambda: on_disk(gp)["web"].get("enabled") is True, what="the file says enabled")
-        assert echoes(port)
+        assert echoes(port, b"hello")
     finally:
         chromium.close()

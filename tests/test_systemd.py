@@ -40,6 +40,7 @@ from conftest import (
     connect,
     free_port,
     recv_exactly,
+    refused,
     require_tool,
     tcp_rule,
     wait_for,
@@ -459,13 +460,6 @@ def udp_echo(port: int, payload: bytes) -> bytes:
         client.sendto(payload, (LOOPBACK, port))
         return client.recv(65535)
 
-
-def refused(port: int) -> bool:
-    try:
-        with socket.create_connection((LOOPBACK, port), timeout=5):
-            return False
-    except ConnectionRefusedError:
-        return True
 
 
 def passed_environment() -> list[str]:
