@@ -252,7 +252,7 @@ def test_requests_queued_during_an_apply_are_coalesced_and_served_in_order():
     applier.submit(ReloadRequest(ReloadSource.MASTER, raw=b"newest"))
     applier.submit(ReloadRequest(ReloadSource.WATCHER, force=False))
     assert len(applier._queue) == 21
-    gevent.sleep(0.05)
+    gevent.idle()  # every greenlet that could run has run: the applier had its chance
     assert len(applied) == 1  # nothing applies beside the one in progress
     release.set()
     gevent.joinall([first, *waiters], timeout=10)
@@ -294,7 +294,7 @@ def test_after_close_every_request_is_refused_and_join_waits_for_the_apply_in_pr
     running = gevent.spawn(applier.submit, ReloadRequest(ReloadSource.SIGNAL), True)
     wait_until(lambda: applied)
     queued = gevent.spawn(applier.submit, ReloadRequest(ReloadSource.ADMIN), True)
-    gevent.sleep(0.01)
+    wait_until(lambda: applier._waiting == 1)  # it waits in the queue
     applier.close()
     assert queued.get(timeout=5).status is OutcomeStatus.REFUSED
     assert applier.submit(ReloadRequest(ReloadSource.SIGNAL), wait=True).status is OutcomeStatus.REFUSED
