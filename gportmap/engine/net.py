@@ -22,6 +22,9 @@ from gportmap.errors import BindError
 #: Pending connections the kernel may queue before gportmap accepts them.
 LISTEN_BACKLOG = 1024
 
+#: libev event masks (a watcher waiting to read, to write).
+READ, WRITE = 1, 2
+
 _WILDCARDS = {"0.0.0.0", "::", ""}
 
 

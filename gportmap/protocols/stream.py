@@ -32,7 +32,7 @@ from gevent.server import StreamServer
 
 from gportmap.config import Rule
 from gportmap.engine import proxyproto
-from gportmap.engine.hubrelay import Route
+from gportmap.engine.pipeline import Route
 from gportmap.engine.net import bind_listener, connect_error_text, set_nodelay
 from gportmap.failures import INTERNAL_ERROR, report_internal_error
 from gportmap.log import get_logger, log_event
@@ -453,7 +453,7 @@ class StreamRuleServer:
 class Admitted:
     """One connection from its admission to its end on the hub: its place under
     the limits (``slot``), then its open ``Connection``. What a ``HubConnection``
-    asks of its owner (``gportmap.engine.hubrelay.HubOwner``, whose docstrings
+    asks of its owner (``gportmap.engine.pipeline.HubOwner``, whose docstrings
     say what each method is for), answered for this rule's server."""
 
     __slots__ = ("server", "client_text", "slot", "view", "conn")

@@ -28,14 +28,8 @@ import socket
 import gevent.socket
 from gevent.server import StreamServer
 
-from gportmap.engine.hubrelay import (
-    HubConnection,
-    HubRelay,
-    adopt,
-    await_handshake,
-    client_handshake_error,
-    target_setup_error,
-)
+from gportmap.engine.hubrelay import HubRelay, adopt
+from gportmap.engine.pipeline import HubConnection, await_handshake, client_handshake_error, target_setup_error
 from gportmap.engine.net import peer_text, set_nodelay
 from gportmap.engine.relay import Relay
 from gportmap.engine.tls import TlsStage
