@@ -183,6 +183,7 @@ def test_a_broken_plugin_on_reload_keeps_the_old_rules(start_gportmap, echo_targ
     assert round_trip(port, b"unchanged") == b"unchanged"
 
 
+@pytest.mark.slow
 def test_bandwidth_limiter_holds_1_mib_per_second(start_gportmap):
     counted: dict[str, float] = {}
 

@@ -20,6 +20,7 @@ import pytest
 import websocket
 from conftest import LOOPBACK, connect, free_port, recv_exactly, tcp_rule, wait_for
 
+from gportmap.engine.hubrelay import HubRelay, adopt
 from gportmap.engine.relay import BufferPool, IdleTimeout
 from gportmap.engine.wsbridge import WsBridge
 from gportmap.stats import Connection, RuleStats
@@ -77,6 +78,7 @@ def client_text(sock: socket.socket) -> str:
     return f"{host}:{port}"
 
 
+@pytest.mark.slow
 def test_a_stall_cuts_idle_websocket_connections_and_spares_busy_ones(start_gportmap, echo_target):
     port = free_port()
     gp = start_gportmap([ws_rule(port, echo_target.port, name="ws", idleTimeout=TIMEOUT)])
@@ -99,6 +101,7 @@ def test_a_stall_cuts_idle_websocket_connections_and_spares_busy_ones(start_gpor
     busy.close()
 
 
+@pytest.mark.slow
 def test_a_stall_spares_a_busy_tunnel_at_both_ends(start_gportmap, echo_target):
     """Both bridge roles: the tunnel's entry (a tcp rule, WebSocket client) and its
     exit (a websocket rule) run in the stalled process."""
@@ -128,6 +131,7 @@ def test_a_stall_spares_a_busy_tunnel_at_both_ends(start_gportmap, echo_target):
     busy.close()
 
 
+@pytest.mark.slow
 def test_a_stall_expires_silent_udp_sessions_and_spares_busy_ones(start_gportmap):
     """Three sessions: one silent; one whose client sends during the stall (the
     datagram waits on the shared listening socket); one whose target answers during
@@ -211,4 +215,36 @@ def test_the_idle_check_looks_where_each_direction_waits():
         bridge._check_idle()  # room to write: not idle
     finally:
         for sock in sockets:
+            sock.close()
+
+
+def test_the_hub_relays_idle_check_looks_where_each_direction_waits():
+    """The same for the hub relay (``HubRelay._could_go_on``, on socket pairs): not
+    idle while bytes wait on a socket a direction reads, nor while there is room on
+    one a direction waits to write to; idle with neither."""
+    client, client_peer = socket.socketpair()
+    target, target_peer = socket.socketpair()
+    try:
+        conn = Connection(1, RuleStats("ws", "websocket"), "client", "target")
+        relay = HubRelay(adopt(client), adopt(target), conn, TIMEOUT, on_done=lambda reason, error: None)
+        relay.up.reader.start(relay.up.on_readable)
+        relay.down.reader.start(relay.down.on_readable)
+        assert not relay._could_go_on()
+        client_peer.sendall(b"x")
+        assert relay._could_go_on()  # bytes wait where the upload reads
+        relay.client.recv(1)
+        relay.target.setblocking(False)
+        with contextlib.suppress(BlockingIOError):
+            while True:
+                relay.target.send(b"\0" * 65536)  # the target reads nothing: no room
+        relay.up._wait_writable()  # the upload now waits to write to the target
+        assert not relay._could_go_on()
+        target_peer.setblocking(False)
+        with contextlib.suppress(BlockingIOError):
+            while target_peer.recv(1 << 20):  # the target reads it all: room again
+                pass
+        assert relay._could_go_on()  # room where the upload waits to write: not idle
+        relay.abort("stopped")
+    finally:
+        for sock in (client_peer, target_peer):
             sock.close()

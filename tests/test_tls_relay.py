@@ -477,6 +477,7 @@ RELAYS = {
 }
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("relay", list(RELAYS))
 def test_a_stall_of_the_process_cuts_only_connections_that_were_idle(start_gportmap, echo_target, pki, relay):
     """gportmap is stopped (SIGSTOP) for 2.5 s, past the rule's idleTimeout of 1 s,

@@ -289,6 +289,7 @@ def test_dead_target_is_a_502_and_a_silent_client_is_cut_at_handshake_timeout(st
     silent.close()
 
 
+@pytest.mark.slow
 def test_headless_chromium_page_talks_through_the_bridge(start_gportmap, echo_target, tmp_path):
     from cdp import Chromium
 
@@ -413,6 +414,7 @@ def test_websocket_keys_are_checked_per_protocol(tmp_path):
     ]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("stalled", ["browser", "target"])
 def test_a_reader_that_stops_does_not_grow_memory(start_gportmap, stalled):
     release = threading.Event()

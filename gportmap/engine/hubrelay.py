@@ -17,16 +17,23 @@ callbacks, which never block:
   never does.
 - end of stream is forwarded as a half-close, the other direction keeps flowing.
 - one timer per connection measures the idle timeout across both directions; it
-  only re-arms itself when it fires and something moved meanwhile, or when bytes
-  are waiting on a socket it reads (the process was stalled, not the connection:
-  ``gportmap.engine.idle``).
+  only re-arms itself when it fires and something moved meanwhile, or when a
+  direction could go on now: bytes waiting on a socket it reads, room on one it
+  waits to write to (the process was stalled, not the connection:
+  ``gportmap.engine.idle``). Before it cuts, it looks once more after the event
+  loop has served everything else pending (``HubRelay.settle_timeout``): a
+  tunnel whose entry and exit both run in this process finds its exit's sockets
+  empty after a stall until the entry has read what the stall left.
 
-A direction may pass through a stage (``gportmap.engine.tls``: TLS on the client's
-side, the target's, or both): ``_StagedDirection`` keeps the watchers, the
-backpressure, the half-close and the idle clock of the plain direction and replaces
-only the step that moves a chunk (decrypt what came, encrypt what goes; at most one
-chunk of ciphertext in the stage and one unsent tail per direction). A direction
-with no stage is exactly the plain one above, splice included.
+A side may carry stages (``gportmap.engine.stage``: TLS, the WebSocket codec, or a
+chain of them, e.g. wss = TLS then WebSocket on the client's side):
+``_StagedDirection`` keeps the watchers, the backpressure, the half-close and the
+idle clock of the plain direction and replaces only the step that moves a chunk
+(decode what came, encode what goes; at most one read of the network in the
+stage and one unsent tail per direction). A direction with no stage is exactly
+the plain one above, splice included. When the relay cuts a connection, each
+side's stage may have a last word for its peer (``Stage.goodbye``: a WebSocket
+Close with its status code), sent if it can go at once.
 
 What comes before the relay (the client's TLS handshake, the connect, the PROXY
 protocol header, the target's TLS handshake) is ``gportmap.engine.pipeline``; the
@@ -38,8 +45,10 @@ connection. No callback lets an exception reach the hub: the hub would stop that
 watcher and the connection would hang, counted open, with nobody to end it. An
 unexpected one (a bug) ends its connection with ``internal_error`` instead,
 counted and logged with its traceback (``gportmap.failures``). Rules with ``on_data``
-plugins keep the greenlet relay (``gportmap.engine.relay.Relay``): user code may
-block in ways a hub callback must not.
+plugins run them as a stage too (``gportmap.engine.stage.TransformStage``), unless
+a plugin says its ``on_data`` may block (``Plugin.may_block``): those keep the
+greenlet relays (``gportmap.engine.relay.Relay``, ``WsBridge``), as a hub callback
+must never wait.
 """
 
 from __future__ import annotations
@@ -49,14 +58,15 @@ import errno
 import os
 import socket
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 from gevent import get_hub
 
-from gportmap.engine.idle import waiting
+from gportmap.engine.idle import waiting, writable
 from gportmap.engine.net import READ, WRITE
 from gportmap.engine.relay import BUFFER_SIZE, SPLICE_FLAGS, SideError, close_fd, make_pipe, shutdown
-from gportmap.engine.tls import NEED_DATA, TlsError, TlsStage
+from gportmap.engine.stage import NEED_DATA, Stage, StageError, chain
+from gportmap.engine.tls import TlsStage
 from gportmap.failures import INTERNAL_ERROR, report_internal_error
 from gportmap.stats import Connection
 
@@ -64,8 +74,8 @@ from gportmap.stats import Connection
 MAX_READS = 16
 
 _BUFFER = memoryview(bytearray(BUFFER_SIZE))
-#: Plaintext out of a TLS stage: shared like ``_BUFFER`` (the ciphertext read into
-#: ``_BUFFER`` is copied into the stage before any plaintext is taken out).
+#: Bytes out of a stage: shared like ``_BUFFER`` (what was read into ``_BUFFER`` is
+#: copied into the stage before anything is taken out).
 _PLAIN = memoryview(bytearray(BUFFER_SIZE))
 #: ``GPORTMAP_RELAY=splice`` insists on splice: from the first byte, not only once a
 #: direction streams, so that the splice path sees every kind of traffic.
@@ -94,11 +104,20 @@ class HubRelay:
     reason (``closed``, ``idle_timeout``, ``client_error``, ``target_error`` or the
     ``abort`` reason) and an error text.
 
-    ``client_tls`` / ``target_tls``: TLS stages whose handshakes are done (the
-    client's side, the target's); with either, both directions go through
+    ``client_stages`` / ``target_stages``: the stages on the client's side and
+    the target's, outermost (the network's) first, ready to carry bytes (their
+    handshakes done). ``client_tls`` / ``target_tls``: a TLS stage for that side,
+    put outside its other stages. With any stage, both directions go through
     ``_StagedDirection``. Without, the plain path, splice included."""
 
-    __slots__ = ("client", "target", "conn", "idle", "on_done", "up", "down", "timer", "reason", "loop")
+    __slots__ = ("client", "target", "conn", "idle", "on_done", "up", "down", "timer", "reason", "loop",
+                 "settle", "moved")
+
+    #: Seconds at most that a connection whose idle clock ran out waits for the
+    #: event loop to serve everything else pending before it is cut (see the
+    #: module docstring). An idle loop answers at once; under load an idle cut
+    #: comes at most this late.
+    settle_timeout = 1.0
 
     def __init__(
         self,
@@ -111,6 +130,8 @@ class HubRelay:
         on_done: Callable[[str, str | None], None] | None = None,
         client_tls: TlsStage | None = None,
         target_tls: TlsStage | None = None,
+        client_stages: Sequence[Stage] = (),
+        target_stages: Sequence[Stage] = (),
     ) -> None:
         self.loop = get_hub().loop
         self.client = client
@@ -119,16 +140,20 @@ class HubRelay:
         self.idle = idle_timeout
         self.on_done = on_done
         self.reason: str | None = None
-        if client_tls is None and target_tls is None:
+        client_stage = chain(([client_tls] if client_tls is not None else []) + list(client_stages))
+        target_stage = chain(([target_tls] if target_tls is not None else []) + list(target_stages))
+        if client_stage is None and target_stage is None:
             splice = zero_copy and _splice is not None
             if splice_first is None:
                 splice_first = SPLICE_FIRST
             self.up = _Direction(self, client, target, "client", "target", True, splice, splice_first)
             self.down = _Direction(self, target, client, "target", "client", False, splice, splice_first)
         else:
-            self.up = _StagedDirection(self, client, target, "client", "target", True, client_tls, target_tls)
-            self.down = _StagedDirection(self, target, client, "target", "client", False, target_tls, client_tls)
+            self.up = _StagedDirection(self, client, target, "client", "target", True, client_stage, target_stage)
+            self.down = _StagedDirection(self, target, client, "target", "client", False, target_stage, client_stage)
         self.timer = None
+        self.settle = None  # the watchers of the last look before an idle cut
+        self.moved = 0.0
 
     def start(self) -> None:
         self.up.reader.start(self.up.on_readable)
@@ -144,12 +169,15 @@ class HubRelay:
     def abort(self, reason: str, error: str | None = None) -> None:
         """End the connection now (an error, the idle timeout, a drain cut-off)."""
         if self.reason is None:
+            self.up.goodbye(reason, error)
+            self.down.goodbye(reason, error)
             shutdown(self.client, socket.SHUT_RDWR)
             shutdown(self.target, socket.SHUT_RDWR)
             self._finish(reason, error)
 
     def fail(self, exc: SideError) -> None:
-        self.abort(f"{exc.side}_error", exc.error.strerror or str(exc.error))
+        reason = getattr(exc.error, "close_reason", None) or f"{exc.side}_error"  # a stage may name its own
+        self.abort(reason, exc.error.strerror or str(exc.error))
 
     def crash(self, exc: Exception) -> None:
         """An unexpected exception in one of this connection's callbacks: counted,
@@ -161,6 +189,28 @@ class HubRelay:
         if self.up.done and self.down.done:
             self._finish("closed", None)
 
+    # -- handing a connection to another process (an upgrade in place) ---------------
+
+    def freeze(self) -> tuple[tuple[bytes, bool], tuple[bytes, bool]]:
+        """A plain relay's state, per direction (up, down): the bytes read and not
+        yet written (a splice pipe's drained into the tail), and whether its end was
+        read. The relay stays consistent: it may go on if the hand-over fails."""
+        return self.up.pending(), self.down.pending()
+
+    def release(self) -> None:
+        """Let go of a connection another process now owns: every watcher stopped,
+        the descriptors closed without the ``shutdown`` of an abort (which would end
+        it for the new owner too), nobody told (it did not end)."""
+        self.on_done = _nobody
+        self._finish("carried", None)
+
+    def resume(self, up: tuple[bytes, bool], down: tuple[bytes, bool]) -> None:
+        """After ``start``: go on from a state ``freeze`` gave in another process."""
+        self.up.resume(*up)
+        self.down.resume(*down)
+        if self.reason is None:
+            self.direction_ended()
+
     def _arm(self, after: float) -> None:
         self.timer = self.loop.timer(after)
         self.timer.start(self._on_timer)
@@ -171,18 +221,44 @@ class HubRelay:
             self.timer.close()
             if remaining > 0:
                 self._arm(remaining)
-            elif waiting(self._read_fds()):
+            elif self._could_go_on():
                 self._arm(self.idle)  # bytes wait for a stalled process: not idle
+            else:
+                self._look_again()
+        except Exception as exc:  # noqa: BLE001 - a bug: see the module docstring
+            self.crash(exc)
+
+    def _could_go_on(self) -> bool:
+        """A direction could move bytes now: some waiting on a socket it reads (not
+        one paused by backpressure: those bytes are a stalled peer's, not activity;
+        nor one whose end was read: an end stays readable for ever), or room on a
+        socket it waits to write to. Two polls with a zero timeout."""
+        directions = (self.up, self.down)
+        if waiting([d.src.fileno() for d in directions if d.reader.active]):
+            return True
+        return writable([d.dst.fileno() for d in directions if d.writer is not None and d.writer.active])
+
+    def _look_again(self) -> None:
+        """The clock ran out and nothing could move: look once more when the loop
+        has nothing else pending (an idle watcher), or after ``settle_timeout``."""
+        self.moved = self.conn.last_active
+        idle, timer = self.loop.idle(), self.loop.timer(self.settle_timeout)
+        self.settle = (idle, timer)
+        idle.start(self._on_settled)
+        timer.start(self._on_settled)
+
+    def _on_settled(self) -> None:
+        try:
+            for watcher in self.settle:
+                watcher.close()
+            self.settle = None
+            if self.conn.last_active != self.moved or self._could_go_on():
+                self.conn.last_active = _monotonic()
+                self._arm(self.idle)
             else:
                 self.abort("idle_timeout")
         except Exception as exc:  # noqa: BLE001 - a bug: see the module docstring
             self.crash(exc)
-
-    def _read_fds(self) -> list[int]:
-        """The sockets a direction is waiting to read: not those paused by
-        backpressure (their waiting bytes are a stalled peer's, not activity), nor
-        those whose end was read (an end stays readable for ever)."""
-        return [d.src.fileno() for d in (self.up, self.down) if d.reader.active]
 
     def _finish(self, reason: str, error: str | None) -> None:
         """Stop every watcher, then close: the order matters (see the module doc)."""
@@ -192,6 +268,10 @@ class HubRelay:
         if self.timer is not None:
             self.timer.close()
             self.timer = None
+        if self.settle is not None:
+            for watcher in self.settle:
+                watcher.close()
+            self.settle = None
         self.up.close()
         self.down.close()
         self.client.close()
@@ -420,27 +500,62 @@ class _Direction:
         on the plain path (everything waits in the kernel)."""
         return False
 
+    def pending(self) -> tuple[bytes, bool]:
+        """(bytes read and not yet written, end read): the unsent tail, then what
+        the splice pipe holds (the two never coexist: a direction with a tail reads
+        nothing more). The pipe is drained into the tail; its reads never block."""
+        tail = bytes(self.tail) if self.tail is not None else b""
+        if self.pipe is not None and self.piped:
+            chunks, left = [tail], self.piped
+            while left:
+                try:
+                    chunk = os.read(self.pipe[0], left)
+                except BlockingIOError:
+                    chunk = b""
+                if not chunk:
+                    break  # the count said more than the pipe held: nothing is waiting
+                chunks.append(chunk)
+                left -= len(chunk)
+            tail = b"".join(chunks)
+            self.piped = 0
+            self.tail = memoryview(tail)
+        return tail, self.done
+
+    def resume(self, tail: bytes, done: bool) -> None:
+        """Take on a frozen state: an end read stays read (no second half-close: the
+        FIN went out before), a tail goes out before reading resumes."""
+        if done:
+            self.done = True
+            self.reader.stop()
+        if tail:
+            self.tail = memoryview(tail)
+            self._wait_writable()
+
+    def goodbye(self, reason: str, error: str | None) -> None:
+        """The relay cuts the connection: nothing to say on the plain path."""
+
 
 class _StagedDirection(_Direction):
-    """A direction through TLS on either end or both: what ``src`` sends is
-    decrypted by ``src_tls``, what goes to ``dst`` is encrypted by ``dst_tls``.
+    """A direction through stages on either end or both: what ``src`` sends is
+    decoded by ``src_stage``, what goes to ``dst`` is encoded by ``dst_stage``.
 
     Everything but the step that moves a chunk is the plain direction's: the
     watchers, the stop-reading-while-a-tail-waits backpressure, the half-close, the
-    callbacks' error handling. The step: read one chunk of ciphertext into the
-    stage, then take every plaintext chunk out and pass it on before reading again,
+    callbacks' error handling. The step: read one chunk from the network into the
+    stage, then take every decoded chunk out and pass it on before reading again,
     so a direction that is not waiting on its destination holds no complete record
     in its stage (what ``TlsStage.close`` relies on). Pending per direction: at most
-    one chunk of ciphertext in the stage and one unsent tail. Never splices.
+    one read of the network in the stage and one unsent tail. Never splices.
 
-    Bytes are counted as plaintext (what the client sent and received, as with the
-    plain path); a chunk counts as sent once all of its records are sent."""
+    Bytes are counted as the relay's (plaintext, WebSocket payloads: what the
+    client sent and received, as with the plain path); a chunk counts as sent once
+    all of its encoding is sent."""
 
-    __slots__ = ("src_tls", "dst_tls", "tail_plain", "ending")
+    __slots__ = ("src_stage", "dst_stage", "tail_plain", "ending")
 
     #: Most bytes an unsent tail may grow to when the *other* direction's reads
-    #: add a TLS stage's answers to it (alerts, renegotiation refusals) while the
-    #: peer reads none of them: one chunk's records and as much again. Past it the
+    #: add a stage's answers to it (TLS alerts, WebSocket pongs) while the peer
+    #: reads none of them: one chunk's encoding and as much again. Past it the
     #: peer is cut. Ordinary traffic adds nothing here.
     MAX_TAIL = 2 * BUFFER_SIZE
 
@@ -452,23 +567,37 @@ class _StagedDirection(_Direction):
         src_side: str,
         dst_side: str,
         uploading: bool,
-        src_tls: TlsStage | None,
-        dst_tls: TlsStage | None,
+        src_stage: Stage | None,
+        dst_stage: Stage | None,
     ) -> None:
         super().__init__(relay, src, dst, src_side, dst_side, uploading, False, False)
-        self.src_tls = src_tls
-        self.dst_tls = dst_tls
-        self.tail_plain = 0  # plaintext bytes the unsent tail carries (counted once it has gone)
-        self.ending = False  # the source ended: close_notify (the tail) goes out, then SHUT_WR
+        self.src_stage = src_stage
+        self.dst_stage = dst_stage
+        self.tail_plain = 0  # relayed bytes the unsent tail carries (counted once it has gone)
+        self.ending = False  # the source ended: the stage's close (the tail) goes out, then SHUT_WR
 
     def buffered(self) -> bool:
-        return self.src_tls is not None and self.src_tls.has_input
+        return self.src_stage is not None and self.src_stage.has_input
+
+    def goodbye(self, reason: str, error: str | None) -> None:
+        """The relay cuts the connection: the destination's stage's last word (a
+        WebSocket Close), if nothing of this direction is still on its way (it
+        would land in the middle of a frame) and it goes at once."""
+        dst_stage = self.dst_stage
+        if dst_stage is None or self.done or self.ending or self.tail is not None:
+            return
+        try:
+            word = dst_stage.goodbye(reason, error)
+            if word:
+                self.dst.send(word)
+        except (OSError, StageError):
+            pass  # best effort: the peer may be the problem
 
     # -- moving chunks ------------------------------------------------------------
 
     def _copy_in(self) -> None:
-        src_tls = self.src_tls
-        if src_tls is not None and not self._drain_stage():
+        src_stage = self.src_stage
+        if src_stage is not None and not self._drain_stage():
             return
         for _ in range(MAX_READS):
             try:
@@ -477,11 +606,11 @@ class _StagedDirection(_Direction):
                 return
             except OSError as exc:
                 raise SideError(self.src_side, exc) from None
-            if src_tls is not None:
+            if src_stage is not None:
                 if n:
-                    src_tls.feed(_BUFFER[:n])
+                    src_stage.feed(_BUFFER[:n])
                 else:
-                    src_tls.feed_eof()
+                    src_stage.feed_eof()
                 if not self._drain_stage() or n < BUFFER_SIZE:
                     return  # blocked or ended; or drained: the next readiness brings more
             elif not n:
@@ -491,16 +620,16 @@ class _StagedDirection(_Direction):
                 return
 
     def _drain_stage(self) -> bool:
-        """Pass on every plaintext chunk the source's stage holds. True when it is
+        """Pass on every decoded chunk the source's stage holds. True when it is
         empty (read the socket again), False when the destination pushes back or
         the source ended."""
-        src_tls = self.src_tls
+        src_stage = self.src_stage
         while True:
             try:
-                n = src_tls.read_into(_PLAIN)
-            except TlsError as exc:
+                n = src_stage.read_into(_PLAIN)
+            except StageError as exc:
                 raise SideError(self.src_side, exc) from None
-            answer = src_tls.data_to_send()
+            answer = src_stage.data_to_send()
             if answer:  # for the source's peer: the other direction's destination
                 self._other().emit(answer)
             if n == NEED_DATA:
@@ -512,17 +641,17 @@ class _StagedDirection(_Direction):
                 return False
 
     def _pass_on(self, chunk: memoryview, n: int) -> bool:
-        """Count ``n`` plaintext bytes received and send ``chunk`` on (through the
+        """Count ``n`` relayed bytes received and send ``chunk`` on (through the
         destination's stage). False when a tail is left: the direction now waits."""
         conn = self.relay.conn
         conn.last_active = _monotonic()
         if self.uploading:
             conn.add_received(n)
-        dst_tls = self.dst_tls
-        if dst_tls is not None:
+        dst_stage = self.dst_stage
+        if dst_stage is not None:
             try:
-                out: bytes | memoryview = dst_tls.encrypt(chunk)
-            except TlsError as exc:
+                out: bytes | memoryview = dst_stage.encode(chunk)
+            except StageError as exc:
                 raise SideError(self.dst_side, exc) from None
         else:
             out = chunk
@@ -532,7 +661,7 @@ class _StagedDirection(_Direction):
                 conn.add_sent(n)
             return True
         # Only the unsent tail is kept; the shared buffers' bytes are copied out.
-        self.tail = memoryview(out)[sent:] if dst_tls is not None else memoryview(bytes(out[sent:]))
+        self.tail = memoryview(out)[sent:] if dst_stage is not None else memoryview(bytes(out[sent:]))
         self.tail_plain = n
         self._wait_writable()
         return False
@@ -566,14 +695,15 @@ class _StagedDirection(_Direction):
                 self._copy_in()
 
     def emit(self, data: bytes) -> None:
-        """Ciphertext the other direction's read made the stage answer to this
-        direction's destination (rare and small): it goes out before anything this
-        direction sends next, in the order the stage produced it."""
+        """Bytes the other direction's read made the stage answer to this
+        direction's destination (rare and small: a TLS alert, a pong): they go out
+        before anything this direction sends next, in the order the stage produced
+        them, and between whole frames or records (a tail is the rest of one)."""
         if self.done or self.ending:
-            return  # after close_notify nothing more may go; the transport ends anyway
+            return  # after the stage's close nothing more may go; the transport ends anyway
         if self.tail is not None:
             if len(self.tail) + len(data) > self.MAX_TAIL:
-                refused = OSError(errno.ENOBUFS, "the peer sends TLS messages and reads none of the answers")
+                refused = OSError(errno.ENOBUFS, "the peer sends control messages and reads none of the answers")
                 raise SideError(self.dst_side, refused)
             self.tail = memoryview(bytes(self.tail) + data)
             return
@@ -589,12 +719,13 @@ class _StagedDirection(_Direction):
     # -- the end ------------------------------------------------------------------
 
     def _end(self) -> None:
-        """End of stream from the source: close_notify to a TLS destination (once;
-        its peer may go on sending, which the other direction still reads), then
-        the half-close, as on the plain path."""
+        """End of stream from the source: the destination stage's close (TLS
+        close_notify, a WebSocket Close(1000); once: its peer may go on sending,
+        which the other direction still reads), then the half-close, as on the
+        plain path, unless the stage ends its transport only with the connection."""
         self.reader.stop()
         self.ending = True
-        goodbye = self.dst_tls.close() if self.dst_tls is not None else b""
+        goodbye = self.dst_stage.close() if self.dst_stage is not None else b""
         if goodbye:
             if self.tail is not None:  # the other direction queued an answer meanwhile
                 self.tail = memoryview(bytes(self.tail) + goodbye)
@@ -612,6 +743,11 @@ class _StagedDirection(_Direction):
         self.ending = False
         self.done = True
         relay = self.relay
-        if not (relay.up.done and relay.down.done):
+        dst_stage = self.dst_stage
+        if not (relay.up.done and relay.down.done) and (dst_stage is None or dst_stage.half_close):
             shutdown(self.dst, socket.SHUT_WR)
         relay.direction_ended()
+
+
+def _nobody(reason: str, error: str | None) -> None:
+    """The end of a connection this process no longer owns: nothing to account."""

@@ -1,7 +1,8 @@
 """The byte pump between a client and its target, for connections that need a
-greenlet: rules with ``on_data`` plugins (user code that may block, TLS through
-``SSLSocket`` there), protocols of plugin packages, WebSocket bridges (which reuse
-the helpers here). Plain TCP and TLS go through ``gportmap.engine.hubrelay``.
+greenlet: rules with ``on_data`` plugins that may block (``Plugin.may_block``; TLS
+through ``SSLSocket`` there), protocols of plugin packages, WebSocket bridges
+(which reuse the helpers here). Everything else goes through
+``gportmap.engine.hubrelay``.
 
 Two directions, each in its own greenlet, each a loop of: wait until the source is
 readable (holding no buffer), borrow a buffer from the shared pool, read, write it

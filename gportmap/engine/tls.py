@@ -33,30 +33,30 @@ from __future__ import annotations
 
 import ssl
 
+from gportmap.engine.stage import NEED_DATA, StageError
 
-class TlsError(OSError):
+__all__ = ["NEED_DATA", "TlsError", "TlsStage"]
+
+
+class TlsError(StageError):
     """The peer failed the TLS handshake or broke the protocol (a bad record, an
     alert, a certificate that does not verify). ``reason`` is OpenSSL's short name
     of the failure (``CERTIFICATE_VERIFY_FAILED``...), the text the records show."""
-
-    def __init__(self, reason: str) -> None:
-        super().__init__(reason)
-        self.reason = reason
 
     @classmethod
     def of(cls, exc: ssl.SSLError) -> TlsError:
         return cls(getattr(exc, "reason", None) or exc.strerror or str(exc) or type(exc).__name__)
 
 
-#: What ``read_into`` returns when the stage has no complete record to decrypt:
-#: feed it more ciphertext first.
-NEED_DATA = -1
-
-
 class TlsStage:
     """One TLS session without I/O: the server side of a listener's ``tls`` (client
     certificates as its context demands), or the client side of ``targetTls`` (SNI
-    and verification as its context and ``server_hostname`` say)."""
+    and verification as its context and ``server_hostname`` say). A
+    ``gportmap.engine.stage.Stage``: ``encode`` is ``encrypt``, ``read_into``
+    returns ``NEED_DATA`` when no complete record is left."""
+
+    #: close_notify is a TLS half-close: the transport is shut for writing after it.
+    half_close = True
 
     __slots__ = ("_tls", "_incoming", "_outgoing", "_backlog", "_backlog_end", "_backlog_error", "handshaken", "close_sent")
 
@@ -150,6 +150,8 @@ class TlsStage:
             raise TlsError.of(exc) from None
         return self._outgoing.read()
 
+    encode = encrypt
+
     def data_to_send(self) -> bytes:
         """Ciphertext the stage has for the peer (handshake records, alerts,
         close_notify), b"" when none."""
@@ -179,6 +181,11 @@ class TlsStage:
         except ssl.SSLError:
             pass  # the session is broken already: the transport's end tells the peer
         return self.data_to_send()
+
+    def goodbye(self, reason: str, error: str | None) -> bytes:
+        """Nothing: a cut TLS connection ends with its transport (no close_notify,
+        which would claim a clean end)."""
+        return b""
 
     def _drain_into_backlog(self) -> None:
         """Decrypt every complete record fed so far (bounded by what one feed

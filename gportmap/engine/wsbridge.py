@@ -1,4 +1,7 @@
-"""Relay between a TCP socket and a WebSocket, in either role.
+"""Relay between a TCP socket and a WebSocket, in either role, with a greenlet per
+direction: for rules with ``on_data`` plugins that may block (``Plugin.may_block``).
+Every other WebSocket connection goes through the hub relay with the WebSocket
+stage (``gportmap.engine.wsstage``), which keeps the behaviour described here.
 
 Server role (a ``websocket`` rule): the WebSocket peer is the client, its frames
 arrive masked, ours go out unmasked. Client role (a tcp rule with
@@ -33,17 +36,15 @@ target, and we mask. Either way:
 from __future__ import annotations
 
 import os
-import select
 import socket
 import time
 from collections.abc import Callable
 
 import gevent
 from gevent.lock import Semaphore
-from gevent.monkey import get_original
 
 from gportmap.engine import wsframe
-from gportmap.engine.idle import waiting
+from gportmap.engine.idle import waiting, writable
 from gportmap.engine.relay import (
     WOULD_BLOCK,
     BufferPool,
@@ -59,24 +60,6 @@ from gportmap.plugins import DOWNSTREAM, UPSTREAM, HookError, Reject, log_hook_e
 from gportmap.stats import Connection
 
 _HEADROOM = wsframe.MAX_HEADER
-# The kernel's own poll/select, as in engine/idle.py: gevent's may switch greenlets.
-_poll = get_original("select", "poll") if hasattr(select, "poll") else None
-_select = get_original("select", "select")
-
-
-def _writable(fds: list[int]) -> bool:
-    """True when any of ``fds`` can take bytes now (or has failed, which a write
-    would report at once): a direction waiting to write there could go on. Never
-    blocks. The write-side twin of ``engine.idle.waiting``."""
-    if not fds:
-        return False
-    if _poll is not None:
-        poller = _poll()
-        for fd in fds:
-            poller.register(fd, select.POLLOUT)
-        return bool(poller.poll(0))
-    _, writable, errored = _select([], fds, fds, 0)
-    return bool(writable or errored)
 
 
 def _backing(buf: memoryview) -> bytearray | None:
@@ -231,7 +214,7 @@ class WsBridge:
         room where it writes. Two polls with a zero timeout."""
         waits = list(self._waits.values())
         reads = [fd for fd, writes in waits if not writes]
-        return waiting(reads) or _writable([fd for fd, writes in waits if writes])
+        return waiting(reads) or writable([fd for fd, writes in waits if writes])
 
     # -- writing frames ---------------------------------------------------------------
 

@@ -5,7 +5,10 @@ per accepted connection, for ``ws://targetHost:targetPort/targetPath`` with the
 ``binary`` subprotocol. The handshake is short and fixed, so it is written here in
 a few lines (a bounded read of the response head, the accept key checked) rather
 than through a client library that would want to own the socket afterwards; from
-then on ``WsBridge`` in client role carries the bytes.
+then on the hub relay carries the bytes with the WebSocket stage in client role
+(``gportmap.engine.wsstage``), or ``WsBridge`` for a rule with ``on_data`` plugins.
+The socket may be a ``gportmap.engine.stage.StagedSocket`` (the request and the
+answer then go through the ``targetTls`` stage).
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ import gevent
 
 from gportmap.config import Rule, format_address
 from gportmap.engine import wsframe
+from gportmap.engine.stage import StagedSocket
 from gportmap.errors import GportmapError
 
 #: Upper bound of the response head we are willing to read.
@@ -28,11 +32,14 @@ class HandshakeError(GportmapError):
     """The target did not accept the WebSocket upgrade."""
 
 
-def open_tunnel(sock: socket.socket, rule: Rule) -> bytes:
+def open_tunnel(sock: socket.socket | StagedSocket, rule: Rule, host: str | None = None) -> bytes:
     """Upgrade ``sock`` to a WebSocket within ``handshakeTimeout``; return the bytes
-    that arrived after the response head (the first frames, if any)."""
+    that arrived after the response head (the first frames, if any). ``host``: the
+    ``Host`` header, the target reached ("host:port", one of a pool's); by default
+    the rule's first target."""
     key = base64.b64encode(os.urandom(16)).decode("ascii")
-    host = format_address(rule.target_host, rule.target_port)
+    if host is None:
+        host = format_address(rule.target_host, rule.target_port)
     request = (
         f"GET {rule.target_path} HTTP/1.1\r\n"
         f"Host: {host}\r\n"

@@ -21,8 +21,15 @@ The contract, per connection (for UDP, per session):
 - ``on_close(conn, summary)`` when it ends; ``summary`` has ``bytes_received``,
   ``bytes_sent``, ``duration`` and ``reason``.
 
-Hooks run in the connection's greenlet (TCP, WebSocket) and may wait cooperatively
-(``gevent.sleep``); UDP hooks run in the event loop and must never block. An
+``on_accept``, ``on_connect`` and ``on_close`` run in a greenlet of the connection
+(TCP, WebSocket) and may wait cooperatively (``gevent.sleep``). ``on_data`` runs
+inside the event loop's callbacks, as a stage of the relay
+(``gportmap.engine.stage``), so the rule's connections hold no greenlet while they
+are relayed; it must return at once. A plugin whose ``on_data`` needs to wait
+says so with the class attribute ``may_block = True``: the rule's connections then
+keep a greenlet relay. An ``on_data`` that waits without saying so fails (gevent
+refuses the switch) and closes its connection like any exception. UDP
+hooks run in the event loop and must never block. An
 exception from a hook closes that one connection and is logged with the plugin's
 name; the rule keeps serving. Keep per-connection state in ``conn.state`` (a dict
 shared by the rule's plugins: use keys of your own), never on the plugin object,
@@ -67,6 +74,12 @@ class Plugin:
 
     #: A JSON Schema for ``options``; None accepts any object.
     options_schema: ClassVar[dict[str, Any] | None] = None
+    #: False (the default): ``on_data`` returns at once, never waiting; it runs in
+    #: the event loop's callbacks as a stage of the relay and the connections hold
+    #: no greenlet. True: ``on_data`` may wait (I/O, sleeps, locks); the rule's TCP
+    #: and WebSocket connections then keep a greenlet relay, at a greenlet's
+    #: memory each (``BandwidthLimiter`` sleeps to pace, and says so).
+    may_block: ClassVar[bool] = False
 
     def __init__(self, options: dict[str, Any]) -> None:
         self.options = options
@@ -157,6 +170,8 @@ class PluginChain:
         self.transforms = [
             (name, plugin) for name, plugin in self.plugins if type(plugin).on_data is not Plugin.on_data
         ]
+        #: Some ``on_data`` may wait: the connections need a greenlet relay.
+        self.may_block = any(type(plugin).may_block for _, plugin in self.transforms)
 
     def accept(self, conn: ConnView) -> None:
         for name, plugin in self.plugins:

@@ -45,6 +45,9 @@ class BandwidthLimiter(Plugin):
     (bytes/s for all connections of the rule together, per direction), ``burst``
     (bytes of credit, default one second's worth). At least one rate is needed."""
 
+    #: ``on_data`` sleeps to pace a connection: it needs the greenlet relay.
+    may_block: ClassVar[bool] = True
+
     options_schema: ClassVar[dict[str, Any]] = {
         "type": "object",
         "additionalProperties": False,

@@ -6,13 +6,17 @@ Three paths, by what a rule needs (``TcpServer.path``):
   TLS handshakes (``tls``, ``targetTls``), the connect, the PROXY protocol header
   and the relay all run in hub callbacks (``gportmap.engine.hubrelay``): no
   greenlet at any point.
-- ``STAGED``: plugins without ``on_data`` (their hooks may wait), or a target
-  name to resolve. A greenlet runs the hooks and the name lookup, waits for the
-  same hub handshakes, then hands both sockets to the same hub relay.
-- ``GREENLET``: ``on_data`` plugins (user code on every chunk), the entry of a
-  WebSocket tunnel (``targetProtocol: "websocket"``, see
-  ``gportmap.engine.wstunnel``) and protocols of plugin packages (their hooks get
-  gevent sockets): the greenlet relay, with TLS through ``SSLSocket``.
+- ``STAGED``: plugins (their hooks may wait), a target name to resolve, or the
+  entry of a WebSocket tunnel (``targetProtocol: "websocket"``: its upgrade
+  request, ``gportmap.engine.wstunnel``). A greenlet runs the hooks, the name
+  lookup and the upgrade, waits for the same hub handshakes, then hands both
+  sockets to the same hub relay and ends. Stages of the target's side, outermost
+  first: ``targetTls``, a tunnel's WebSocket codec, the ``on_data`` plugins
+  (``gportmap.engine.stage.TransformStage``).
+- ``GREENLET``: ``on_data`` plugins that say they may block
+  (``Plugin.may_block``) and protocols of plugin packages (their hooks get gevent
+  sockets): the greenlet relay, with TLS through ``SSLSocket`` (a tunnel entry's
+  through ``WsBridge``).
 
 On every path the connection takes its place under ``maxConnections`` when it is
 admitted, before any handshake, and gives it back if the handshake fails.
@@ -29,11 +33,17 @@ import gevent.socket
 from gevent.server import StreamServer
 
 from gportmap.engine.hubrelay import HubRelay, adopt
-from gportmap.engine.pipeline import HubConnection, await_handshake, client_handshake_error, target_setup_error
 from gportmap.engine.net import peer_text, set_nodelay
+from gportmap.engine.pipeline import (
+    HubConnection,
+    await_handshake,
+    client_handshake_error,
+)
 from gportmap.engine.relay import Relay
+from gportmap.engine.stage import StagedSocket, TransformStage
 from gportmap.engine.tls import TlsStage
 from gportmap.engine.wsbridge import WsBridge
+from gportmap.engine.wsstage import WsStage
 from gportmap.engine.wstunnel import HandshakeError, open_tunnel
 from gportmap.failures import INTERNAL_ERROR
 from gportmap.plugins import ConnView
@@ -78,9 +88,9 @@ class TcpServer(StreamRuleServer):
     @functools.cached_property
     def path(self) -> RelayPath:
         rule = self.rule
-        if type(self) is not TcpServer or self.plugins.transforms or rule.target_protocol == "websocket":
+        if type(self) is not TcpServer or (self.plugins.transforms and self.plugins.may_block):
             return RelayPath.GREENLET
-        if self.plugins.active or self._literal is None:
+        if self.plugins.active or self._literal is None or rule.target_protocol == "websocket":
             return RelayPath.STAGED
         return RelayPath.HUB
 
@@ -173,27 +183,31 @@ class TcpServer(StreamRuleServer):
         self, client: _socket.socket, client_tls: TlsStage | None, conn: Connection, view: ConnView | None
     ) -> Outcome:
         try:
-            upstream = self.connect_target(client, tls=False)  # TCP and the PROXY header; TLS is a stage
+            # The connect, the PROXY header and the TLS handshake with the target
+            # (a stage), on the hub, each failure retried on another target.
+            target, target_tls = self.connect_staged(client, conn)
         except OSError as exc:
             return self.connect_failed(exc)
-        target = adopt(upstream, nonblocking=True)
         handed = False
         try:
             set_nodelay(client)
-            target_tls = None
-            if self.client_tls is not None:
-                target_tls = TlsStage.client(self.client_tls, self.server_name)
-                try:
-                    await_handshake(target, target_tls, self.rule.connect_timeout)
-                except OSError as exc:
-                    self.stats.connect_failures += 1
-                    return "connect_failed", target_setup_error(exc, True)
             failed = self.plugins_connect(view)
             if failed is not None:
                 return failed
+            target_stages = []
+            if self.rule.target_protocol == "websocket":
+                try:
+                    leftover = open_tunnel(StagedSocket(target, target_tls), self.rule, conn.target)
+                except HandshakeError as exc:
+                    self.stats.connect_failures += 1
+                    return "connect_failed", str(exc)
+                target_stages.append(WsStage.client(self.rule.max_message_size, leftover))
+            transform = self.transform(view)
+            if transform is not None:
+                target_stages.append(TransformStage(transform, self.rule.name, conn.client))
             relay = HubRelay(
                 client, target, conn, self.rule.idle_timeout, self.context.splice,
-                client_tls=client_tls, target_tls=target_tls,
+                client_tls=client_tls, target_tls=target_tls, target_stages=target_stages,
             )
             handed = True
             return self.adopt_relay(relay, conn, view)
@@ -232,7 +246,7 @@ class TcpServer(StreamRuleServer):
             set_nodelay(client)
             if rule.target_protocol == "websocket":
                 try:
-                    leftover = open_tunnel(upstream, rule)
+                    leftover = open_tunnel(upstream, rule, conn.target)
                 except HandshakeError as exc:
                     self.stats.connect_failures += 1
                     return "connect_failed", str(exc)

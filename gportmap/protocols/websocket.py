@@ -11,8 +11,19 @@ module overrides the two places where gevent-websocket falls short for a proxy:
   connected *before* answering 101, so a dead target is a 502, not an open socket
   that closes at once;
 - ``run_websocket``: instead of gevent-websocket's ``WebSocket`` (it reads whole
-  frames into memory and unmasks byte by byte) the bytes go through ``WsBridge``.
-  Nothing per connection is stored on the shared server object.
+  frames into memory and unmasks byte by byte), both sockets go to the hub relay
+  (``gportmap.engine.hubrelay``) with the WebSocket codec as a stage of the
+  client's side (``gportmap.engine.wsstage``), and the handler's greenlet ends: a
+  held WebSocket connection has no greenlet. Nothing per connection is stored on
+  the shared server object.
+
+wss: the TLS handshake runs in hub callbacks with a TLS stage
+(``gportmap.engine.pipeline.await_handshake``), pywsgi reads the upgrade through
+that stage (``gportmap.engine.stage.StagedSocket``), and the relay gets the same
+stage, under the WebSocket one. ``on_data`` plugins are a stage of the target's
+side (``gportmap.engine.stage.TransformStage``); rules with one that says it may
+block (``Plugin.may_block``) keep the greenlet bridge (``WsBridge``, TLS through
+``SSLSocket``).
 
 A client takes its place under ``maxConnections`` when it is admitted, before its
 TLS handshake (wss) or its upgrade request is read (a ``Slot``): a limit of N
@@ -35,6 +46,7 @@ import base64
 import binascii
 import logging
 import socket
+from collections.abc import Callable
 
 import gevent
 from gevent import GreenletExit
@@ -42,8 +54,13 @@ from gevent.pywsgi import WSGIServer
 from geventwebsocket.handler import WebSocketHandler
 
 from gportmap.engine import wsframe
+from gportmap.engine.hubrelay import HubRelay, adopt
 from gportmap.engine.net import peer_text, set_nodelay
+from gportmap.engine.pipeline import await_handshake, client_handshake_error
+from gportmap.engine.stage import StagedSocket, TransformStage
+from gportmap.engine.tls import TlsStage
 from gportmap.engine.wsbridge import WsBridge
+from gportmap.engine.wsstage import WsStage
 from gportmap.failures import INTERNAL_ERROR
 from gportmap.log import ClientErrorsAsLog, get_logger
 from gportmap.protocols.stream import StreamRuleServer
@@ -98,6 +115,9 @@ class _RuleWSGIServer(WSGIServer):
             if owner.server_tls is None:
                 self._serve(sock, address, slot)
                 return
+            if not owner.plugins.may_block:
+                self._serve_staged_tls(sock, address, slot, client_text)
+                return
             tls = owner.tls_accept(sock, client_text)
             if tls is None:
                 return
@@ -111,7 +131,29 @@ class _RuleWSGIServer(WSGIServer):
             if slot is not None:
                 slot.release()  # a no-op once the upgrade made it an open connection
 
-    def _serve(self, sock: socket.socket, address: tuple, slot: Slot) -> None:
+    def _serve_staged_tls(self, sock: socket.socket, address: tuple, slot: Slot, client_text: str) -> None:
+        """wss (unless an ``on_data`` plugin may block): the TLS handshake in hub
+        callbacks, the upgrade read through the TLS stage, which the relay then
+        carries on."""
+        owner = self.rule_server
+        raw = adopt(sock, nonblocking=True)
+        stage = TlsStage.server(owner.server_tls)
+        try:
+            await_handshake(raw, stage, owner.rule.handshake_timeout)
+        except OSError as exc:
+            raw.close()
+            owner.reject(client_text, "tls", client_handshake_error(exc))
+            return
+        except BaseException:  # a stop while it runs: the bare socket is ours to close
+            raw.close()
+            raise
+        staged = StagedSocket(raw, stage)
+        try:
+            self._serve(staged, address, slot)
+        finally:
+            staged.close()  # nothing once the relay took the socket
+
+    def _serve(self, sock: socket.socket | StagedSocket, address: tuple, slot: Slot) -> None:
         """pywsgi's ``handle``, with the connection's slot handed to its handler."""
         handler = self.handler_class(sock, address, self)
         handler.slot = slot
@@ -153,6 +195,8 @@ class _BridgeHandler(ClientErrorsAsLog, WebSocketHandler):
         #: The attempt is accounted already, or is no rejection: refused with a
         #: reason of its own (acl, plugin), an internal error, a stop.
         self.settled = False
+        #: The connection went to the hub relay, which accounts for its end.
+        self.detached = False
         self.deadline = gevent.Timeout(owner.rule.handshake_timeout)
         self.deadline.start()
         try:
@@ -171,7 +215,8 @@ class _BridgeHandler(ClientErrorsAsLog, WebSocketHandler):
             if self.upstream is not None:
                 self.upstream.close()
             if self.conn is not None:
-                owner.finish(self.conn, *self.outcome, self.view)
+                if not self.detached:  # else the relay accounts for it when it ends
+                    owner.finish(self.conn, *self.outcome, self.view)
             elif not self.settled:
                 owner.reject(self.client_text, "handshake", self.failure or self._unanswered())
 
@@ -299,13 +344,43 @@ class _BridgeHandler(ClientErrorsAsLog, WebSocketHandler):
         owner, rule = self.owner, self.owner.rule
         assert self.conn is not None and self.upstream is not None
         client = self.socket
-        set_nodelay(client)
+        set_nodelay(client if not isinstance(client, StagedSocket) else client.sock)
         leftover = self._buffered_bytes()
+        transform = owner.transform(self.view)
+        if transform is None or not owner.plugins.may_block:
+            self._hand_to_relay(client, leftover, transform)
+            return
         bridge = WsBridge(
             client, leftover, self.upstream, self.conn, rule.idle_timeout, owner.context.buffers, rule.max_message_size, False,
-            owner.transform(self.view),
+            transform,
         )
         self.outcome = (bridge.run(), bridge.error)
+
+    def _hand_to_relay(
+        self, client: socket.socket | StagedSocket, leftover: bytes, transform: Callable[[str, bytes], bytes] | None
+    ) -> None:
+        """Both sockets (and the client's TLS stage, for wss) to the hub relay with
+        the WebSocket stage, and the ``on_data`` plugins as a stage of the target's
+        side; this greenlet then ends, the relay accounts for the end."""
+        owner, rule = self.owner, self.owner.rule
+        if isinstance(client, StagedSocket):
+            stages = [client.stage]
+            raw = client.detach()
+        else:
+            stages = []
+            raw = adopt(client, nonblocking=True)
+        target = adopt(self.upstream, nonblocking=True)
+        try:
+            stages.append(WsStage.server(rule.max_message_size, leftover))
+            target_stages = [] if transform is None else [TransformStage(transform, rule.name, self.conn.client)]
+            relay = HubRelay(raw, target, self.conn, rule.idle_timeout, client_stages=stages,
+                             target_stages=target_stages)
+        except BaseException:
+            raw.close()  # detached from their gevent sockets: nobody else would close them
+            target.close()
+            raise
+        self.detached = True
+        owner.adopt_relay(relay, self.conn, self.view)
 
     def _buffered_bytes(self) -> bytes:
         """Bytes pywsgi's reader already took from the socket past the request (a
