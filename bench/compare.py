@@ -12,7 +12,9 @@ connection per request against an nginx backend, the same two over TLS terminate
 the proxy (req/s and the proxy's CPU time per request), connections held (PSS/RSS
 growth of the proxy's process group; plain, then TLS and WebSocket per connection),
 UDP 64-byte echo from 1 and 50 client ports, WebSocket to TCP echo (64 KiB and
-32-byte messages), and 2 workers/threads on the HTTP rates.
+32-byte messages), 2 workers/threads on the HTTP rates, and a pool of 3 targets
+against one target on the new-connection rate (``pool_bench``: gportmap and HAProxy
+``balance roundrobin``).
 
 The proxies of a workload run side by side and take turns, one measurement each per
 round, the order rotating each round; the median of the rounds is reported with its
@@ -46,6 +48,7 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import anchors  # noqa: E402
 import loads  # noqa: E402
+import pool_bench  # noqa: E402
 from anchors import Processes, Proxy, start_proxy  # noqa: E402
 from common import LOOPBACK, TlsFiles, make_certificate  # noqa: E402
 
@@ -61,7 +64,7 @@ HEADINGS = {"haproxy-splice": "HAProxy + splice", "haproxy": "HAProxy", "nginx":
 #: Keep-alive and new-connection wrk runs use this many connections.
 WRK_CONNECTIONS = 100
 #: The workloads ``--only`` can pick, in the order they run.
-STEPS = ("bulk", "http", "tls", "held", "held-tls", "held-ws", "udp", "websocket", "workers")
+STEPS = ("bulk", "http", "tls", "held", "held-tls", "held-ws", "udp", "websocket", "workers", "pool")
 
 
 @dataclass
@@ -595,6 +598,57 @@ class Bench:
             self.stop_proxies(proxies)
             self.procs.stop(echo)
 
+    def pool(self) -> None:
+        """Issue 17: a pool of 3 (roundrobin) against one target, gportmap and HAProxy
+        ``balance roundrobin`` over the same 3 nginx backends, a new connection per
+        request; the four take turns in each round (``pool_bench``)."""
+        rows = {
+            1: self.row("pool_close_1", "HTTP new connection per request, 1 target", "req/s", "haproxy",
+                        ["gportmap", "haproxy"]),
+            3: self.row("pool_close_3", "HTTP new connection per request, pool of 3 (roundrobin)", "req/s",
+                        "haproxy", ["gportmap", "haproxy"]),
+        }
+        if self.lacks(list(rows.values()), ["nginx", "wrk"]):
+            return
+        backend_dir = self.workdir / "pool-backends"
+        backend_dir.mkdir(exist_ok=True)
+        backends = pool_bench.start_backends(self.procs, backend_dir, 3)
+        proxies: list[Proxy] = []
+        for name, (kind, count) in pool_bench.KINDS.items():
+            why = anchors.missing_tool(kind)
+            if why is not None:
+                rows[count].skip(kind, why)
+                continue
+            try:
+                proxies.append(pool_bench.start_pool_proxy(self.procs, self.workdir, name, backends))
+            except RuntimeError as exc:
+                rows[count].fail(kind, str(exc))
+        seconds = max(1, round(self.args.seconds))
+        try:
+            self.say(f"pool of 3: {', '.join(p.kind for p in proxies)}")
+
+            def measure(proxy: Proxy) -> None:
+                kind, count = pool_bench.KINDS[proxy.kind]
+                try:
+                    result = loads.wrk_http(proxy.port, seconds, pool_bench.WRK_CONNECTIONS, True)
+                except RuntimeError as exc:
+                    rows[count].fail(kind, str(exc))
+                    return
+                rows[count].add(kind, result["rate"], result)
+
+            def warmup(proxy: Proxy) -> None:
+                loads.wrk_http(proxy.port, 1, pool_bench.WRK_CONNECTIONS, True)
+
+            self.rounds(proxies, measure, None if self.args.quick else warmup)
+        finally:
+            self.stop_proxies(proxies)
+        one, three = (rows[n].results.get("gportmap", {}).get("runs") for n in (1, 3))
+        if one and three:
+            self.notes.append(
+                f"pool of 3: gportmap {statistics.median(three) / statistics.median(one):.2f}x its one-target rate"
+                " on new connections (same run)"
+            )
+
     def run(self) -> None:
         self.gportmap_workers = anchors.gportmap_has_workers()
         hard = anchors.raise_fd_soft_limit()
@@ -619,6 +673,7 @@ class Bench:
             ("udp", self.udp, ()),
             ("websocket", self.websocket, ()),
             ("workers", self.http, (2,)),
+            ("pool", self.pool, ()),
         ]
         if "held" not in self.args.only:
             self.large_note = ""

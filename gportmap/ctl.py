@@ -361,6 +361,20 @@ def _show_status(data: dict[str, Any], out: TextIO) -> None:
         out.write("the last reload was rejected:\n" + "".join(f"  {line}\n" for line in config["last_error"]))
 
 
+def _target_text(rule: dict[str, Any]) -> str:
+    """A rule's target column: ``host:port``, or a pool's addresses comma-separated
+    (a backup marked with ``*``), as the file has them."""
+    targets = rule.get("targets")
+    if isinstance(targets, list):
+        shown = []
+        for target in targets:
+            if isinstance(target, dict):
+                address = format_address(str(target.get("host", "")), target.get("port", ""))
+                shown.append(address + ("*" if target.get("backup") else ""))
+        return ",".join(shown)
+    return format_address(str(rule.get("targetHost", "")), rule.get("targetPort", ""))
+
+
 def _show_rules(data: dict[str, Any], etag: str, out: TextIO) -> None:
     rows = [["NAME", "PROTOCOL", "LISTEN", "TARGET", "ENABLED"]]
     for rule in data.get("rules", []):
@@ -369,7 +383,7 @@ def _show_rules(data: dict[str, Any], etag: str, out: TextIO) -> None:
         host, port = rule.get("listenHost", "0.0.0.0"), rule.get("listenPort", "")
         name = rule.get("name") or f"{rule.get('protocol')}-{port}"
         listen = format_address(str(host), port) if isinstance(host, str) else f"{host}:{port}"
-        target = format_address(str(rule.get("targetHost", "")), rule.get("targetPort", ""))
+        target = _target_text(rule)
         rows.append(
             [
                 name,

@@ -12,7 +12,7 @@ import itertools
 import time
 from collections.abc import Callable
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, Protocol
 
 #: Reasons a connection can be refused before it is relayed (SPEC §5). ``handshake``:
 #: a WebSocket client whose upgrade request failed (none within handshakeTimeout,
@@ -49,9 +49,15 @@ class RuleStats:
         "errors",
         "handshaking",
         "kernel",
+        "pool",
+        "remote_targets",
     )
-    #: What ``counters()`` reports: every figure (not the name, nor the sockets behind ``kernel``).
-    FIGURES = __slots__[2:-1]
+    #: What ``counters()`` reports: every figure (not the name, nor the sockets behind
+    #: ``kernel``; the pool's figures go as ``targets``).
+    FIGURES = __slots__[2:-3]
+    #: Per-target figures that are running totals (summed over processes, kept
+    #: from workers that are gone); ``active`` is a level, ``state`` a word.
+    TARGET_TOTALS = ("total", "connect_failures")
 
     def __init__(self, name: str, protocol: str) -> None:
         self.name = name
@@ -69,6 +75,11 @@ class RuleStats:
         self.errors = dict.fromkeys(ERROR_REASONS, 0)  # connections ended by gportmap's fault
         self.handshaking = 0  # admitted, holding a Slot, not yet open (TLS handshake, WebSocket upgrade)
         self.kernel: KernelDrops | None = None  # udp: where udp_dropped["kernel"] comes from
+        #: The rule's targets (``gportmap.engine.pool.TargetPool``), kept here with the
+        #: counters so that they outlive the rule's servers; None until a server made it.
+        self.pool: TargetFigures | None = None
+        #: Target figures added from other processes (a master's sums), by name.
+        self.remote_targets: dict[str, dict[str, Any]] | None = None
 
     #: The attributes that are levels, not running totals: a worker that is gone
     #: takes its levels along, while its totals stay in the sums (``add``).
@@ -77,14 +88,51 @@ class RuleStats:
     def counters(self) -> dict[str, Any]:
         """Every figure as plain data: what a worker process reports to its master."""
         self.refresh_kernel_drops()
-        return {
+        figures = {
             name: dict(value) if isinstance(value, dict) else value
             for name in self.FIGURES
             for value in (getattr(self, name),)
         }
+        figures["targets"] = self.targets()
+        return figures
+
+    def targets(self) -> list[dict[str, Any]]:
+        """The rule's targets as ``/stats`` shows them (SPEC §8): this process's
+        pool, or the sums of the processes that reported them (``add``)."""
+        if self.pool is not None:
+            return self.pool.describe()
+        if not self.remote_targets:
+            return []
+        return [entry for entry in self.remote_targets.values() if entry.get("state") is not None]
+
+    def _add_targets(self, entries: list[dict[str, Any]], gauges: bool) -> None:
+        """Sum another process's targets in: totals always; the level (``active``)
+        and the state (up while any process has it up) only from a live one."""
+        if self.remote_targets is None:
+            self.remote_targets = {}
+        for entry in entries:
+            name = entry.get("name")
+            mine = self.remote_targets.get(name)
+            if mine is None:
+                mine = self.remote_targets[name] = {
+                    **entry, "active": 0, "state": None, "bytes": {"received": 0, "sent": 0},
+                    **dict.fromkeys(self.TARGET_TOTALS, 0),
+                }
+            for key in self.TARGET_TOTALS:
+                mine[key] += entry.get(key, 0)
+            for key in ("received", "sent"):
+                mine["bytes"][key] += entry.get("bytes", {}).get(key, 0)
+            if gauges:
+                mine["active"] += entry.get("active", 0)
+                if mine["state"] != "up":
+                    mine["state"] = entry.get("state")
+                if entry.get("last_check") and (mine.get("last_check") or "") < entry["last_check"]:
+                    mine["last_check"], mine["last_error"] = entry["last_check"], entry.get("last_error")
 
     def add(self, counters: dict[str, Any], gauges: bool = True) -> None:
         """Add figures from ``counters()`` of another process (the master's sums)."""
+        if counters.get("targets"):
+            self._add_targets(counters["targets"], gauges)
         for name in self.FIGURES:
             if name not in counters or (not gauges and name in self.GAUGES):
                 continue
@@ -137,7 +185,26 @@ class RuleStats:
             }
             if self.protocol == "udp"
             else None,
+            "targets": self.targets(),
         }
+
+
+class TargetFigures(Protocol):
+    """What the counters need of a rule's pool of targets (``gportmap.engine.pool``)."""
+
+    @property
+    def up(self) -> bool:
+        """Some target is up."""
+
+    def describe(self) -> list[dict[str, Any]]:
+        """One entry per target (SPEC §8, ``/stats``' ``targets``)."""
+
+
+class Upstream(Protocol):
+    """The target a connection holds (``gportmap.engine.pool.TargetState``)."""
+
+    def release(self, conn: Connection) -> None:
+        """The connection ended: the target's active count is given back."""
 
 
 class KernelDrops:
@@ -196,6 +263,7 @@ class Connection:
         "last_active",
         "bytes_received",
         "bytes_sent",
+        "upstream",
     )
 
     def __init__(self, conn_id: int, stats: RuleStats, client: str, target: str) -> None:
@@ -207,6 +275,17 @@ class Connection:
         self.started_mono = self.last_active = time.monotonic()
         self.bytes_received = 0
         self.bytes_sent = 0
+        #: The target of the pool it holds once connected (its ``target`` then names
+        #: that one); given back when the connection is closed.
+        self.upstream: Upstream | None = None
+
+    def hold(self, upstream: Upstream, address: str) -> None:
+        """The connection reached ``upstream`` (at ``address``) and holds it until it
+        is closed; a target it held before (an earlier hold) is given back."""
+        if self.upstream is not None:
+            self.upstream.release(self)
+        self.upstream = upstream
+        self.target = address
 
     def add_received(self, n: int) -> None:
         self.bytes_received += n
@@ -271,6 +350,11 @@ class StatsRegistry:
         self._open: dict[int, Connection] = {}
         self._ids = itertools.count(index + 1, workers)
 
+    def continue_ids(self, after: int) -> None:
+        """Number new connections from ``after`` on (this process's share of them):
+        an upgrade in place goes on past the old program's ids."""
+        self._ids = itertools.count(max(after, 1), self.workers)
+
     def rule(self, name: str, protocol: str) -> RuleStats:
         """The counters for ``name``, created at 0 the first time it is asked for."""
         stats = self._rules.get(name)
@@ -328,9 +412,14 @@ class StatsRegistry:
         return conn
 
     def close(self, conn: Connection) -> None:
+        """The connection ended, whatever way: uncounted, and the target it held
+        given back (every end path passes here, once)."""
         if self._open.pop(conn.id, None) is not None:
             conn.stats.active -= 1
             self.active -= 1
+            upstream, conn.upstream = conn.upstream, None
+            if upstream is not None:
+                upstream.release(conn)
 
     def connections(self) -> list[Connection]:
         return list(self._open.values())

@@ -13,6 +13,7 @@ import pytest
 from conftest import (
     LOOPBACK,
     TargetServer,
+    closed_by_peer,
     connect,
     free_port,
     recv_exactly,
@@ -344,3 +345,67 @@ def test_admin_settings_validation(tmp_path):
     config = parse(json.dumps({"settings": {"admin": {"listen": "[::1]:9901", "token": "t"}}, "rules": []}), "r")
     assert (config.settings.admin.host, config.settings.admin.port, config.settings.admin.token) == ("::1", 9901, "t")
     assert parse(json.dumps({"settings": {"admin": False}, "rules": []}), "r").settings.admin is None
+
+
+def test_dashboard_shows_each_target_of_a_pool_with_its_state_open_and_failures(start_gportmap, echo_target, tmp_path):
+    """SPEC §8 on the page: a pool's targets, one line each; a dead one turns down
+    after maxFails, with its failures counted, while the live one carries on."""
+    from cdp import Chromium
+
+    chromium = Chromium(require_tool("chromium"), tmp_path / "profile")
+    port, dead = free_port(), free_port()
+    rule = {
+        "name": "pool", "protocol": "tcp", "listenHost": LOOPBACK, "listenPort": port, "maxFails": 1, "failTimeout": 3600,
+        "targets": [{"host": LOOPBACK, "port": echo_target.port, "name": "live"},
+                    {"host": LOOPBACK, "port": dead, "name": "dead"}],
+    }
+    gp = start_gportmap([rule])
+    field = "document.querySelector('tr[data-rule=\"pool\"] .target[data-target=\"{}\"] .{}')?.textContent"
+    try:
+        chromium.navigate(f"http://{LOOPBACK}:{gp.admin_port}/")
+        wait_for(lambda: chromium.evaluate(field.format("dead", "tstate")) == "up", timeout=15, what="the targets")
+        held = [connect(port) for _ in range(2)]  # round robin: the one to "dead" is retried on "live"
+        for sock in held:
+            sock.sendall(b"x")
+            assert recv_exactly(sock, 1) == b"x"
+        wait_for(lambda: chromium.evaluate(field.format("dead", "tstate")) == "down", timeout=10, what="dead down")
+        assert chromium.evaluate(field.format("dead", "tfailures")) == "1"
+        wait_for(lambda: chromium.evaluate(field.format("live", "tactive")) == "2", timeout=10, what="2 open on live")
+        assert chromium.evaluate(field.format("live", "tstate")) == "up"
+        for sock in held:
+            sock.close()
+        wait_for(lambda: chromium.evaluate(field.format("live", "tactive")) == "0", timeout=10, what="0 open on live")
+    finally:
+        chromium.close()
+
+
+def test_target_metric_families_exist_from_the_start_and_healthz_names_a_rule_without_targets(
+    start_gportmap, echo_target
+):
+    port, dead = free_port(), free_port()
+    rule = {
+        "name": "pool", "protocol": "tcp", "listenHost": LOOPBACK, "listenPort": port, "maxFails": 1, "failTimeout": 3600,
+        "targets": [{"host": LOOPBACK, "port": dead, "name": "only"}],
+    }
+    gp = start_gportmap([rule, tcp_rule(free_port(), echo_target.port, name="other")])
+    body = gp.admin("/metrics")[1].decode()
+    for line in (
+        'gportmap_target_up{rule="pool",target="only"} 1.0',
+        'gportmap_target_connections_active{rule="pool",target="only"} 0.0',
+        'gportmap_target_connections_total{rule="pool",target="only"} 0.0',
+        'gportmap_target_connect_failures_total{rule="pool",target="only"} 0.0',
+        f'gportmap_target_up{{rule="other",target="{LOOPBACK}:{echo_target.port}"}} 1.0',
+    ):
+        assert line in body, line
+    assert gp.admin("/healthz")[0] == 200
+    with connect(port) as sock:
+        assert closed_by_peer(sock)
+    gp.wait_event("target_down", rule="pool", target="only")
+    status, answer, _ = gp.admin("/healthz")
+    assert status == 503
+    assert json.loads(answer)["failing"] == [
+        {"rule": "pool", "listen": f"{LOOPBACK}:{port}", "error": "no target is up (only down)"}
+    ]
+    body = gp.admin("/metrics")[1].decode()
+    assert 'gportmap_target_up{rule="pool",target="only"} 0.0' in body
+    assert 'gportmap_target_connect_failures_total{rule="pool",target="only"} 1.0' in body

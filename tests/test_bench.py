@@ -17,6 +17,9 @@ from pathlib import Path
 import pytest
 from conftest import ROOT, require_tool
 
+#: bench/run --quick takes 70-90 s: the slow tier (`pytest -m slow`, and .ci/run).
+pytestmark = pytest.mark.slow
+
 TCP = ["direct", "gportmap", "socat", "haproxy", "haproxy-splice", "nginx"]
 UDP = ["direct", "gportmap", "socat", "nginx"]
 TLS = ["gportmap", "haproxy", "nginx"]
@@ -44,6 +47,8 @@ EXPECTED = {
     "ws_32": ["gportmap", "websockify"],
     "w2_http_keepalive": ["gportmap", "haproxy", "nginx"],
     "w2_http_close": ["gportmap", "haproxy", "nginx"],
+    "pool_close_1": ["gportmap", "haproxy"],
+    "pool_close_3": ["gportmap", "haproxy"],
 }
 #: The only rows allowed to carry no number, and why.
 STRUCTURAL_SKIPS = {

@@ -48,6 +48,12 @@ RULE_KEYS = (
     "tls",
     "targetTls",
     "plugins",
+    "targets",
+    "balance",
+    "retries",
+    "maxFails",
+    "failTimeout",
+    "healthCheck",
 )
 
 
@@ -99,6 +105,7 @@ def test_array_form_fills_defaults() -> None:
             max_connections=1000,
             connect_timeout=5.0,
             idle_timeout=300.0,
+            max_fails=0,  # a sole target: passive health off unless maxFails is set
         ),
     )
     assert config.settings == Settings(
@@ -142,7 +149,7 @@ def test_every_key_is_read() -> None:
         max_connections=50, drain_timeout=0.0, log_format="json", log_level="DEBUG", watch=False
     )
     (only,) = config.rules
-    assert only == Rule("db.primary_1", "tcp", "::1", 5432, "DB.example.com.", 5432, False, 7, 0.5, 0.0)
+    assert only == Rule("db.primary_1", "tcp", "::1", 5432, "DB.example.com.", 5432, False, 7, 0.5, 0.0, max_fails=0)
     assert isinstance(only.connect_timeout, float) and isinstance(only.idle_timeout, float)
     assert config.enabled_rules == ()
 
@@ -221,7 +228,8 @@ def test_wildcards_of_other_families_and_other_ports_do_not_conflict() -> None:
 def test_schema_is_valid_and_closes_every_object() -> None:
     schema = json.loads(resources.files("gportmap.config").joinpath("schema", "rules.schema.json").read_text())
     jsonschema.Draft202012Validator.check_schema(schema)
-    objects = [schema, schema["$defs"]["rule"], schema["$defs"]["settings"]]
+    defs = schema["$defs"]
+    objects = [schema, defs["rule"], defs["settings"], defs["target"], defs["healthCheck"]]
     assert all(obj["additionalProperties"] is False for obj in objects)
     assert set(schema["$defs"]["rule"]["properties"]) == set(RULE_KEYS)
     assert set(schema["$defs"]["settings"]["properties"]) == {
@@ -396,9 +404,11 @@ def test_odd_key_is_quoted_in_the_path() -> None:
 
 
 def test_missing_keys() -> None:
-    assert errors_of([rule(targetHost=None, targetPort=None)]) == [
-        "rules.json: rules[0]: missing required key 'targetHost'",
-        "rules.json: rules[0]: missing required key 'targetPort'",
+    """A rule names its target by targetHost and targetPort, or by ``targets``
+    (SPEC §8): neither is one error that names both ways."""
+    assert errors_of([rule(targetHost=None, targetPort=None), rule(listenPort=1, targetPort=None)]) == [
+        "rules.json: rules[0]: missing required key 'targetHost' (or a pool: 'targets')",
+        "rules.json: rules[1]: missing required key 'targetPort'",
     ]
 
 
@@ -699,3 +709,142 @@ def test_settings_workers_rejects_other_values(value, problem) -> None:
     with pytest.raises(ConfigError) as caught:
         parse(json.dumps({"settings": {"workers": value}, "rules": [rule()]}), "w.json")
     assert any(error.startswith(problem) for error in caught.value.errors), caught.value.errors
+
+
+# --- target pools (SPEC §8) ---------------------------------------------------------
+
+
+def pool_rule(*targets: dict[str, Any], **extra: Any) -> dict[str, Any]:
+    """A rule with ``targets`` instead of targetHost/targetPort."""
+    return rule(targetHost=None, targetPort=None, targets=list(targets), **extra)
+
+
+def test_a_pool_is_read_with_every_default() -> None:
+    from gportmap.config.model import Balance, CheckType, HealthCheck, Target
+
+    (only,) = parse(
+        json.dumps(
+            [
+                pool_rule(
+                    {"host": "127.0.0.1", "port": 8001, "weight": 2},
+                    {"host": "db.example.com", "port": 8002, "name": "second"},
+                    {"host": "::1", "port": 8003, "backup": True},
+                    balance="leastconn",
+                    retries=1,
+                    maxFails=0,
+                    failTimeout=2.5,
+                    healthCheck={"type": "http", "interval": 2, "timeout": 1, "expectStatus": [204, "300-302"]},
+                )
+            ]
+        ),
+        "rules.json",
+    ).rules
+    assert only.targets == (
+        Target("127.0.0.1", 8001, 2),
+        Target("db.example.com", 8002, name="second"),
+        Target("::1", 8003, backup=True),
+    )
+    assert (only.target_host, only.target_port) == ("127.0.0.1", 8001)  # the first stands for the pool
+    assert only.target == "127.0.0.1:8001,db.example.com:8002,[::1]:8003"
+    assert [t.label for t in only.targets] == ["127.0.0.1:8001", "second", "[::1]:8003"]
+    assert (only.balance, only.retries, only.max_fails, only.fail_timeout) == (Balance.LEASTCONN, 1, 0, 2.5)
+    assert only.health_check == HealthCheck(
+        CheckType.HTTP, 2.0, 1.0, expect_status=((204, 204), (300, 302))
+    )
+
+
+def test_a_single_target_is_a_pool_of_one_with_the_defaults() -> None:
+    from gportmap.config.model import Balance, Target
+
+    (only,) = parse(json.dumps([rule()]), "rules.json").rules
+    assert only.targets == (Target("127.0.0.1", 80),)
+    assert (only.balance, only.retries, only.max_fails, only.fail_timeout, only.health_check) == (
+        Balance.ROUNDROBIN, 2, 0, 10.0, None  # maxFails 0: a sole target has nowhere else to go
+    )
+    two = [rule(targetHost=None, targetPort=None, targets=[{"host": "127.0.0.1", "port": p} for p in (1, 2)])]
+    (pool,) = parse(json.dumps([{k: v for k, v in two[0].items() if v is not None}]), "rules.json").rules
+    assert pool.max_fails == 3
+    (explicit,) = parse(json.dumps([rule(maxFails=5)]), "rules.json").rules
+    assert explicit.max_fails == 5
+
+
+def test_both_forms_of_target_is_an_error() -> None:
+    assert single_error([rule(targets=[{"host": "127.0.0.1", "port": 1}])]) == (
+        "rules.json: rules[0]: give either 'targets' or 'targetHost' and 'targetPort', not both"
+    )
+
+
+def test_pool_problems_name_the_target_and_the_problem() -> None:
+    assert errors_of(
+        [
+            pool_rule(
+                {"host": "a..b", "port": 1},
+                {"host": "127.0.0.1", "port": 2, "name": "x"},
+                {"host": "127.0.0.1", "port": 2},
+                {"host": "127.0.0.2", "port": 2, "name": "x"},
+            ),
+            pool_rule({"host": "127.0.0.1", "port": 1, "backup": True}, listenPort=2),
+            pool_rule(listenPort=3),
+            pool_rule(
+                {"host": "127.0.0.1", "port": 1, "weight": 0, "colour": "red"},
+                {"host": "127.0.0.3", "port": 70000},
+                listenPort=4,
+                balance="rr",
+            ),
+        ]
+    ) == [
+        "rules.json: rules[0].targets[0].host: 'a..b' is not an IP address or host name",
+        "rules.json: rules[0].targets[2]: target 127.0.0.1:2 is already targets[1]",
+        "rules.json: rules[0].targets[3].name: 'x' is already the name of targets[1]",
+        "rules.json: rules[1].targets: every target is a backup: at least one must not be",
+        "rules.json: rules[2].targets: [] should be non-empty",
+        "rules.json: rules[3].targets[0].weight: 0 is less than the minimum of 1",
+        "rules.json: rules[3].targets[0].colour: unknown key",
+        "rules.json: rules[3].targets[1].port: 70000 is greater than the maximum of 65535",
+        "rules.json: rules[3].balance: 'rr' is not a supported balance method "
+        "(expected one of: 'roundrobin', 'leastconn', 'source', 'first', 'random')",
+    ]
+
+
+def test_health_check_keys_must_fit_its_type_and_the_protocol() -> None:
+    assert errors_of(
+        [
+            rule(healthCheck={"type": "http", "send": "x", "timeout": 9}),
+            rule(listenPort=2, healthCheck={"type": "send-expect", "path": "/x"}),
+            rule(listenPort=3, healthCheck={"type": "tls"}),
+            rule(protocol="udp", listenPort=4, healthCheck={"type": "http"}, retries=1),
+            rule(listenPort=5, healthCheck={"type": "ping", "rise": 0}),
+            rule(listenPort=6, healthCheck={"type": "http", "expectStatus": ["399-200"]}),
+        ]
+    ) == [
+        "rules.json: rules[0].healthCheck.send: applies only to 'send-expect' checks",
+        "rules.json: rules[0].healthCheck.timeout: 9 is longer than the interval (5)",
+        "rules.json: rules[1].healthCheck: a 'send-expect' check needs 'expect' (what the reply must contain)",
+        "rules.json: rules[1].healthCheck.path: applies only to 'http' checks",
+        "rules.json: rules[2].healthCheck.type: a 'tls' check needs the rule's 'targetTls'",
+        "rules.json: rules[3].healthCheck.type: 'http' checks apply only to tcp and websocket rules",
+        "rules.json: rules[3].retries: applies only to tcp and websocket rules",
+        "rules.json: rules[4].healthCheck.type: 'ping' is not a supported health check type "
+        "(expected one of: 'tcp', 'tls', 'http', 'send-expect')",
+        "rules.json: rules[4].healthCheck.rise: 0 is less than the minimum of 1",
+        "rules.json: rules[5].healthCheck.expectStatus[0]: 399-200 is not a range (low before high)",
+    ]
+
+
+def test_every_target_of_a_pool_is_checked_for_self_loops_and_allow_targets() -> None:
+    looping = pool_rule({"host": "127.0.0.1", "port": 9}, {"host": "127.0.0.1", "port": 8080})
+    assert errors_of([looping]) == [
+        "rules.json: rules[0].targets[1]: forwards to its own listening address (target 127.0.0.1:8080, "
+        "listening on 0.0.0.0:8080): every connection would loop back into it until maxConnections or the "
+        "open-file limit is used up"
+    ]
+    outside = pool_rule({"host": "127.0.0.1", "port": 9}, {"host": "10.0.0.1", "port": 9})
+    assert errors_of({"settings": {"allowTargets": ["127.0.0.0/8"]}, "rules": [outside]}) == [
+        "rules.json: rules[0].targets[1]: rule 'tcp-8080': target 10.0.0.1:9 (10.0.0.1) is outside settings.allowTargets"
+    ]
+
+
+def test_a_short_check_interval_shortens_the_default_timeout() -> None:
+    (only,) = parse(json.dumps([rule(healthCheck={"type": "tcp", "interval": 0.5})]), "rules.json").rules
+    assert only.health_check is not None
+    assert (only.health_check.interval, only.health_check.timeout) == (0.5, 0.5)

@@ -3,13 +3,17 @@ code (0 done, 2 refused, 1 anything else)."""
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 from conftest import LOOPBACK, connect, echoes, free_port, recv_exactly, refused, tcp_rule, wait_for
+
+from gportmap import ctl as ctl_module
 
 DONE, OTHER, REFUSED = 0, 1, 2
 
@@ -35,6 +39,7 @@ def on_disk(gp) -> dict[str, dict]:
 
 
 
+@pytest.mark.slow
 def test_every_command_and_its_exit_code(start_gportmap, echo_target, tmp_path):
     web_port = free_port()
     gp = start_gportmap(
@@ -138,6 +143,7 @@ def test_every_command_and_its_exit_code(start_gportmap, echo_target, tmp_path):
     assert broken.returncode == REFUSED and "missing required key 'listenPort'" in broken.stderr
 
 
+@pytest.mark.slow
 def test_the_address_and_the_token_come_from_where_the_server_finds_them(
     start_gportmap, echo_target, tmp_path
 ):
@@ -177,3 +183,20 @@ def test_unreachable_is_1_and_the_server_command_line_is_untouched(tmp_path, ech
         [sys.executable, "-m", "gportmap", str(rules), "--check"], capture_output=True, text=True, timeout=60
     )
     assert check.returncode == 0 and check.stdout.startswith("web")
+
+
+def test_the_rules_table_shows_a_pools_targets() -> None:
+    """A pool rule has no targetHost/targetPort: its TARGET column lists the pool's
+    addresses (a backup marked ``*``), not an empty ":"."""
+    out = io.StringIO()
+    rules = {
+        "rules": [
+            {"name": "pool", "protocol": "tcp", "listenPort": 9001,
+             "targets": [{"host": "127.0.0.1", "port": 8001}, {"host": "::1", "port": 8002, "backup": True}]},
+            {"name": "one", "protocol": "tcp", "listenPort": 9002, "targetHost": "127.0.0.1", "targetPort": 8003},
+        ]
+    }
+    ctl_module._show_rules(rules, '"1"', out)
+    lines = {line.split()[0]: line.split() for line in out.getvalue().splitlines() if line.strip()}
+    assert lines["pool"][3] == "127.0.0.1:8001,[::1]:8002*"
+    assert lines["one"][3] == "127.0.0.1:8003"

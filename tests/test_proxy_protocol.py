@@ -43,9 +43,10 @@ from conftest import (
 
 from gportmap.config import Rule
 from gportmap.engine import proxyproto
+from gportmap.engine.connector import PoolConnect
 from gportmap.engine.relay import BufferPool
 from gportmap.log import RateLimiter
-from gportmap.protocols import ServerContext
+from gportmap.protocols import ServerContext, stream
 from gportmap.protocols.stream import ClientGone
 from gportmap.protocols.tcp import TcpServer
 from gportmap.stats import StatsRegistry
@@ -404,14 +405,22 @@ def test_the_rule_sends_the_version_it_names_then_the_client_bytes(
 # --- a header that cannot be sent -------------------------------------------------
 
 
-def test_a_header_that_cannot_be_sent_is_an_upstream_connect_failure() -> None:
+def test_a_header_that_cannot_be_sent_is_an_upstream_connect_failure(monkeypatch) -> None:
     """The target went away between the connect and the header: the upstream socket
-    is closed, the failure is counted, and the error says what happened."""
-    rule = Rule("pp", "tcp", LOOPBACK, 1, LOOPBACK, 2, proxy_protocol="v2")
+    is closed, the failure is counted (against the target and the rule), and the
+    error says what happened. (``retries`` 0: the one target is not tried again.)"""
+    rule = Rule("pp", "tcp", LOOPBACK, 1, LOOPBACK, 2, proxy_protocol="v2", retries=0)
     server = TcpServer(rule, ServerContext(StatsRegistry(), BufferPool(), RateLimiter()))
     upstream, target_end = socket.socketpair()
     target_end.close()  # a send now fails with EPIPE, deterministically
-    server._connect = lambda: upstream  # type: ignore[method-assign]
+
+    def connected(pool, key, timeout):  # the pool's connect reached its one target: this socket
+        connector = PoolConnect(pool, key, timeout, None, None)
+        connector.target = pool.acquire(key)
+        connector.tried.append(connector.target)
+        return upstream, connector
+
+    monkeypatch.setattr(stream, "await_connect", connected)
     with socket.create_server((LOOPBACK, 0)) as listener:
         with socket.create_connection(listener.getsockname()) as client, listener.accept()[0] as accepted:
             assert client.getpeername() == accepted.getsockname()
@@ -419,6 +428,8 @@ def test_a_header_that_cannot_be_sent_is_an_upstream_connect_failure() -> None:
                 server.connect_target(accepted)
     assert upstream.fileno() == -1
     assert server.stats.connect_failures == 1
+    (target,) = server.target_pool.targets
+    assert (target.connect_failures, target.active) == (1, 0)
     # What tcp.py logs for it (reason connect_failed, as for a refused connect):
     assert server.connect_failed(failed.value) == (
         "connect_failed",
@@ -426,14 +437,14 @@ def test_a_header_that_cannot_be_sent_is_an_upstream_connect_failure() -> None:
     )
 
 
-def test_a_client_that_reset_before_its_address_was_read_never_reaches_the_target() -> None:
+def test_a_client_that_reset_before_its_address_was_read_never_reaches_the_target(monkeypatch) -> None:
     """Without a peer address the header could only be UNKNOWN/LOCAL, which tells the
     target to trust the connection's own endpoint (gportmap): the client's bytes
     must not go there under it. No target connection, no upstream failure counted."""
     rule = Rule("pp", "tcp", LOOPBACK, 1, LOOPBACK, 2, proxy_protocol="v1")
     server = TcpServer(rule, ServerContext(StatsRegistry(), BufferPool(), RateLimiter()))
     connects: list[int] = []
-    server._connect = lambda: connects.append(1)  # type: ignore[method-assign,assignment,return-value]
+    monkeypatch.setattr(stream, "await_connect", lambda *args: connects.append(1))
     with socket.create_server((LOOPBACK, 0)) as listener:
         client = socket.create_connection(listener.getsockname())
         with listener.accept()[0] as accepted:

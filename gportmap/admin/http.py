@@ -241,11 +241,14 @@ class AdminServer:
     # -- endpoints ----------------------------------------------------------------------
 
     def _health(self, environ: dict) -> tuple[int, bytes, str]:
-        failing = [
-            {"rule": view.name, "listen": view.rule.listen, "error": view.error}
-            for view in self.service.rule_views()
-            if view.state == "failed"
-        ]
+        failing = []
+        for view in self.service.rule_views():
+            if view.state == "failed":
+                failing.append({"rule": view.name, "listen": view.rule.listen, "error": view.error})
+            elif view.state == "running" and (targets := view.stats.targets()) and all(
+                target["state"] != "up" for target in targets
+            ):  # it listens, but every connection would be closed at once (SPEC §8)
+                failing.append({"rule": view.name, "listen": view.rule.listen, "error": _no_target(targets)})
         if failing:
             return 503, _json({"status": "failing", "failing": failing}), "application/json"
         return 200, _json({"status": "ok"}), "application/json"
@@ -432,3 +435,10 @@ def _loopback(host: str) -> bool:
         return ipaddress.ip_address(host).is_loopback
     except ValueError:
         return False
+
+
+def _no_target(targets: list[dict[str, Any]]) -> str:
+    """Why a running rule fails ``/healthz``: none of its targets is up."""
+    names = ", ".join(str(target["name"]) for target in targets[:10])
+    more = f" and {len(targets) - 10} more" if len(targets) > 10 else ""
+    return f"no target is up ({names}{more} down)"

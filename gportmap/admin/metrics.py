@@ -63,6 +63,23 @@ class GportmapCollector:
             "on a full socket receive buffer, Linux only).",
             labels=["rule", "reason"],
         )
+        target_labels = ["rule", "target"]
+        target_up = GaugeMetricFamily(
+            "gportmap_target_up", "1 while the target is up (by its health checks and passive health), else 0.",
+            labels=target_labels,
+        )
+        target_active = GaugeMetricFamily(
+            "gportmap_target_connections_active", "Open connections to the target (connects under way included).",
+            labels=target_labels,
+        )
+        target_total = CounterMetricFamily(
+            "gportmap_target_connections", "Connections that reached the target.", labels=target_labels
+        )
+        target_failures = CounterMetricFamily(
+            "gportmap_target_connect_failures",
+            "Connects to the target that were refused, timed out or failed their PROXY header or TLS handshake.",
+            labels=target_labels,
+        )
         for view in self.service.rule_views():
             if view.state == "disabled":
                 continue  # not started, so neither up nor down
@@ -75,6 +92,12 @@ class GportmapCollector:
             failures.add_metric(labels, stats.connect_failures)
             for reason in ERROR_REASONS:
                 errors.add_metric([*labels, reason], stats.errors[reason])
+            for target in stats.targets():
+                labels_of_target = [view.name, target["name"]]
+                target_up.add_metric(labels_of_target, 1.0 if target["state"] == "up" else 0.0)
+                target_active.add_metric(labels_of_target, target["active"])
+                target_total.add_metric(labels_of_target, target["total"])
+                target_failures.add_metric(labels_of_target, target["connect_failures"])
             received.add_metric(labels, stats.bytes_received)
             sent.add_metric(labels, stats.bytes_sent)
             if view.protocol == "udp":
@@ -86,6 +109,7 @@ class GportmapCollector:
                     udp_dropped.add_metric([view.name, reason], stats.udp_dropped[reason])
         yield from (up, active, total, rejected, failures, errors, received, sent)
         yield from (udp_sessions, udp_in, udp_out, udp_dropped)
+        yield from (target_up, target_active, target_total, target_failures)
 
         reloads = CounterMetricFamily("gportmap_config_reloads", "Rules file reloads, by result.", labels=["result"])
         for result in ("success", "failure"):

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from gportmap.config.messages import Problem, choices, show
-from gportmap.config.model import LOG_LEVELS, Rule
+from gportmap.config.model import LOG_LEVELS, CheckType, Rule
 from gportmap.plugins.registry import BUILTIN as BUILTIN_PROTOCOLS
 from gportmap.security import network_span, parse_target_allow
 
@@ -43,6 +43,107 @@ def check_settings(settings: Any) -> list[Problem]:
     return problems
 
 
+def target_form(item: Any) -> str | None:
+    """How a rule names its target: ``"targets"`` (a pool) or ``"targetHost"``
+    (with ``targetPort``); None when it gives both forms, neither or half of one."""
+    if not isinstance(item, dict):
+        return None
+    pool = "targets" in item
+    host, port = "targetHost" in item, "targetPort" in item
+    if pool and not (host or port):
+        return "targets"
+    if host and port and not pool:
+        return "targetHost"
+    return None
+
+
+def check_target_forms(items: Any, invalid: set[int]) -> list[Problem]:
+    """SPEC §8: a rule has ``targets`` or ``targetHost``/``targetPort``, never
+    both and never neither (the schema cannot say it in words a user reads).
+    Every such rule is added to ``invalid``: it is not built."""
+    if not isinstance(items, list):
+        return []
+    problems: list[Problem] = []
+    for index, item in enumerate(items):
+        if not isinstance(item, dict) or target_form(item) is not None:
+            continue
+        invalid.add(index)
+        single = [key for key in ("targetHost", "targetPort") if key in item]
+        if "targets" in item:
+            problems.append(
+                (("rules", index), f"give either 'targets' or {' and '.join(repr(k) for k in single)}, not both")
+            )
+        elif single:
+            missing = "targetPort" if single == ["targetHost"] else "targetHost"
+            problems.append((("rules", index), f"missing required key {missing!r}"))
+        else:
+            problems.append((("rules", index), "missing required key 'targetHost' (or a pool: 'targets')"))
+    return problems
+
+
+def target_paths(rule: Rule, item: Any) -> list[tuple[Any, tuple[Any, ...], tuple[Any, ...]]]:
+    """(target, path of its host, path of its entry) of every target of ``rule``,
+    as the file wrote it (``targets[i]`` or ``targetHost``)."""
+    if isinstance(item, dict) and "targets" in item:
+        return [
+            (target, ("rules", rule.index, "targets", i, "host"), ("rules", rule.index, "targets", i))
+            for i, target in enumerate(rule.targets)
+        ]
+    return [(rule.targets[0], ("rules", rule.index, "targetHost"), ("rules", rule.index))]
+
+
+def _check_pools(rules: list[Rule], items: list[Any]) -> list[Problem]:
+    """Targets of one rule: valid hosts, each (host, port) and name once; the
+    health check's keys that fit its type and the rule's protocol."""
+    problems: list[Problem] = []
+    for rule in rules:
+        item = items[rule.index]
+        seen: dict[tuple[str, int], int] = {}
+        names: dict[str, int] = {}
+        for i, (target, host_path, entry_path) in enumerate(target_paths(rule, item)):
+            if (problem := host_problem(target.host)) is not None:
+                problems.append((host_path, problem))
+            earlier = seen.setdefault(target.key, i)
+            if earlier != i:
+                problems.append((entry_path, f"target {target.address} is already targets[{earlier}]"))
+                continue
+            earlier = names.setdefault(target.label, i)
+            if earlier != i:
+                problems.append(
+                    ((*entry_path, "name"), f"{show(target.label)} is already the name of targets[{earlier}]")
+                )
+        if rule.targets and all(target.backup for target in rule.targets):
+            problems.append((("rules", rule.index, "targets"), "every target is a backup: at least one must not be"))
+        problems += _check_health(rule, item)
+    return problems
+
+
+def _check_health(rule: Rule, item: Any) -> list[Problem]:
+    check = rule.health_check
+    if check is None:
+        return []
+    spec = item.get("healthCheck", {})
+    where = ("rules", rule.index, "healthCheck")
+    problems: list[Problem] = []
+    udp = rule.protocol == "udp"
+    if udp and check.type in (CheckType.TLS, CheckType.HTTP):
+        problems.append(((*where, "type"), f"{check.type.value!r} checks apply only to tcp and websocket rules"))
+    if check.type is CheckType.TLS and rule.target_tls is None and item.get("targetTls") in (None, False):
+        problems.append(((*where, "type"), "a 'tls' check needs the rule's 'targetTls'"))
+    for key, types in (("path", (CheckType.HTTP,)), ("expectStatus", (CheckType.HTTP,)),
+                       ("send", (CheckType.SEND_EXPECT,)), ("expect", (CheckType.SEND_EXPECT,))):
+        if key in spec and check.type not in types:
+            problems.append(((*where, key), f"applies only to {types[0].value!r} checks"))
+    if check.type is CheckType.SEND_EXPECT and "expect" not in spec:
+        problems.append((where, "a 'send-expect' check needs 'expect' (what the reply must contain)"))
+    for i, (low, high) in enumerate(check.expect_status):
+        if low > high:
+            problems.append(((*where, "expectStatus", i), f"{low}-{high} is not a range (low before high)"))
+    if "timeout" in spec and check.timeout > check.interval:
+        problems.append(((*where, "timeout"), f"{check.timeout:g} is longer than the interval ({check.interval:g})"))
+    return problems
+
+
 def check_rules(rules: list[Rule], items: list[Any]) -> list[Problem]:
     """What the schema cannot say about rules that passed it."""
     problems: list[Problem] = []
@@ -54,19 +155,19 @@ def check_rules(rules: list[Rule], items: list[Any]) -> list[Problem]:
                     f"{show(rule.name)} is not a valid name ({PATTERN_HINTS['name']})",
                 )
             )
-        for key, host in (("listenHost", rule.listen_host), ("targetHost", rule.target_host)):
-            if (problem := host_problem(host)) is not None:
-                problems.append((("rules", rule.index, key), problem))
+        if (problem := host_problem(rule.listen_host)) is not None:
+            problems.append((("rules", rule.index, "listenHost"), problem))
         for key, path in (("path", rule.path), ("targetPath", rule.target_path)):
             if not URL_PATH.fullmatch(path) or (key == "path" and ("?" in path or "#" in path)):
                 problems.append((("rules", rule.index, key), f"{show(path)} is not {PATTERN_HINTS[key]}"))
     problems += _check_protocol_keys(rules, items)
+    problems += _check_pools(rules, items)
     problems += _check_networks(rules)
     problems += _check_names(rules, items)
     problems += _check_listen(
         rule for rule in rules if rule.enabled and host_problem(rule.listen_host) is None
     )
-    problems += _check_self_loops(rules)
+    problems += _check_self_loops(rules, items)
     return problems
 
 
@@ -106,8 +207,9 @@ def _check_networks(rules: list[Rule]) -> list[Problem]:
     return problems
 
 
-def check_targets(rules: list[Rule], settings: Any) -> list[Problem]:
-    """``settings.allowTargets``: every rule's target, resolved, must be inside."""
+def check_targets(rules: list[Rule], settings: Any, items: list[Any] | None = None) -> list[Problem]:
+    """``settings.allowTargets``: every target of every rule, resolved, must be inside
+    (``items``, the rules as written, name the path of each)."""
     entries = settings.get("allowTargets") if isinstance(settings, dict) else None
     if not entries or not isinstance(entries, list):
         return []
@@ -121,26 +223,27 @@ def check_targets(rules: list[Rule], settings: Any) -> list[Problem]:
     if problems:
         return problems
     for rule in rules:
-        if host_problem(rule.target_host) is not None:
-            continue  # reported already; getaddrinfo would raise UnicodeError on some ("a..b")
-        try:
-            addresses = {
-                info[4][0].split("%", 1)[0]
-                for info in socket.getaddrinfo(rule.target_host, rule.target_port, proto=socket.IPPROTO_TCP)
-            }
-        except OSError as exc:
-            problems.append(
-                (("rules", rule.index, "targetHost"), f"cannot resolve {show(rule.target_host)} to check allowTargets: {exc}")
+        for target, host_path, entry_path in target_paths(rule, items[rule.index] if items and rule.index < len(items) else None):
+            if host_problem(target.host) is not None:
+                continue  # reported already; getaddrinfo would raise UnicodeError on some ("a..b")
+            try:
+                addresses = {
+                    info[4][0].split("%", 1)[0]
+                    for info in socket.getaddrinfo(target.host, target.port, proto=socket.IPPROTO_TCP)
+                }
+            except OSError as exc:
+                problems.append((host_path, f"cannot resolve {show(target.host)} to check allowTargets: {exc}"))
+                continue
+            outside = sorted(
+                a for a in addresses if not any(e.covers(ipaddress.ip_address(a), target.port) for e in allowed)
             )
-            continue
-        outside = sorted(a for a in addresses if not any(e.covers(ipaddress.ip_address(a), rule.target_port) for e in allowed))
-        if outside:
-            problems.append(
-                (
-                    ("rules", rule.index),
-                    f"rule {show(rule.name)}: target {rule.target} ({', '.join(outside)}) is outside settings.allowTargets",
+            if outside:
+                problems.append(
+                    (
+                        entry_path,
+                        f"rule {show(rule.name)}: target {target.address} ({', '.join(outside)}) is outside settings.allowTargets",
+                    )
                 )
-            )
     return problems
 
 
@@ -230,7 +333,7 @@ class _PortListeners:
             self.ipv6_wildcard = self.ipv6_wildcard or rule
 
 
-def _check_self_loops(rules: list[Rule]) -> list[Problem]:
+def _check_self_loops(rules: list[Rule], items: list[Any]) -> list[Problem]:
     """A rule whose target is its own listening address: each connection it makes to
     the target arrives at its own listener and makes another, until maxConnections (or
     maxSessions, or the open-file limit) is used up. Only literal hosts and the name
@@ -238,26 +341,27 @@ def _check_self_loops(rules: list[Rule]) -> list[Problem]:
     (what their target means is theirs to say)."""
     problems: list[Problem] = []
     for rule in rules:
-        if (
-            rule.protocol not in BUILTIN_PROTOCOLS
-            or rule.target_port != rule.listen_port
-            or _target_transport(rule) != rule.transport
-            or host_problem(rule.listen_host) is not None  # reported already
-            or host_problem(rule.target_host) is not None
-            or not _reaches(rule.target_host, rule.listen_host)
-        ):
-            continue
-        what = (
-            "every datagram would loop back into it, a new session each time, until maxSessions is used up"
-            if rule.transport == "udp"
-            else "every connection would loop back into it until maxConnections or the open-file limit is used up"
-        )
-        problems.append(
-            (
-                ("rules", rule.index),
-                f"forwards to its own listening address (target {rule.target}, listening on {rule.listen}): {what}",
+        for target, _, entry_path in target_paths(rule, items[rule.index]):
+            if (
+                rule.protocol not in BUILTIN_PROTOCOLS
+                or target.port != rule.listen_port
+                or _target_transport(rule) != rule.transport
+                or host_problem(rule.listen_host) is not None  # reported already
+                or host_problem(target.host) is not None
+                or not _reaches(target.host, rule.listen_host)
+            ):
+                continue
+            what = (
+                "every datagram would loop back into it, a new session each time, until maxSessions is used up"
+                if rule.transport == "udp"
+                else "every connection would loop back into it until maxConnections or the open-file limit is used up"
             )
-        )
+            problems.append(
+                (
+                    entry_path,
+                    f"forwards to its own listening address (target {target.address}, listening on {rule.listen}): {what}",
+                )
+            )
     return problems
 
 
@@ -370,6 +474,7 @@ PROTOCOL_KEYS: dict[str, tuple[tuple[str, ...], str | None]] = {
     "proxyProtocol": (("tcp",), None),
     "tls": (("tcp", "websocket"), None),
     "targetTls": (("tcp", "websocket"), None),
+    "retries": (("tcp", "websocket"), None),
 }
 
 

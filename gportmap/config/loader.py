@@ -34,9 +34,11 @@ from gportmap.config.checks import (
     PATTERN_HINTS,
     check_rules,
     check_settings,
+    check_target_forms,
     check_targets,
     host_problem,
     parse_listen,
+    target_form,
 )
 from gportmap.config.messages import (
     MAX_ERRORS,
@@ -52,7 +54,18 @@ from gportmap.config.messages import (
     message,
     show,
 )
-from gportmap.config.model import AdminSettings, Config, Rule, Settings, TlsListen, TlsTarget
+from gportmap.config.model import (
+    AdminSettings,
+    Balance,
+    CheckType,
+    Config,
+    HealthCheck,
+    Rule,
+    Settings,
+    Target,
+    TlsListen,
+    TlsTarget,
+)
 from gportmap.config.reading import MAX_TLS_FILE_BYTES, Unreadable, read_regular_file, read_rules_file
 from gportmap.errors import ConfigError, PluginError
 from gportmap.plugins import resolve as resolve_plugin
@@ -61,7 +74,13 @@ from gportmap.security import client_context, server_context
 
 TOP_LEVEL_PROBLEM = 'the file must be a list of rules or an object with "rules"'
 # The words that name a value in "... is not a supported <noun>" messages.
-_ENUM_NOUNS = {"protocol": "protocol", "logFormat": "log format", "proxyProtocol": "PROXY protocol version"}
+_ENUM_NOUNS = {
+    "protocol": "protocol",
+    "logFormat": "log format",
+    "proxyProtocol": "PROXY protocol version",
+    "balance": "balance method",
+    "type": "health check type",
+}
 
 
 def load(path: str | os.PathLike[str]) -> Config:
@@ -104,6 +123,7 @@ def _check(document: dict[str, Any], base: str, found: _Found) -> list[Rule]:
     found.extend(_scan(document))
     invalid_rules: set[int] = set()
     found.extend(_schema_problems(document, invalid_rules))
+    found.extend(check_target_forms(document.get("rules"), invalid_rules))
     if found.full:
         return []
     items = document.get("rules", [])
@@ -114,7 +134,7 @@ def _check(document: dict[str, Any], base: str, found: _Found) -> list[Rule]:
     found.extend(tls_problems)
     rules, plugin_problems = _attach_plugins(rules, items)
     found.extend(plugin_problems)
-    found.extend(check_targets(rules, document.get("settings")))
+    found.extend(check_targets(rules, document.get("settings"), items))
     return rules
 
 
@@ -370,6 +390,30 @@ _RULE_KEYS: dict[str, tuple[str, Callable[[Any], Any]]] = {
     "proxyProtocol": ("proxy_protocol", str),
     "allow": ("allow", tuple),
     "deny": ("deny", tuple),
+    "targets": ("targets", lambda items: tuple(_target(item) for item in items)),
+    "balance": ("balance", Balance),
+    "retries": ("retries", int),
+    "maxFails": ("max_fails", int),
+    "failTimeout": ("fail_timeout", float),
+    "healthCheck": ("health_check", lambda value: _health_check(value)),
+}
+_TARGET_KEYS: dict[str, tuple[str, Callable[[Any], Any]]] = {
+    "host": ("host", str),
+    "port": ("port", int),
+    "weight": ("weight", int),
+    "backup": ("backup", bool),
+    "name": ("name", str),
+}
+_CHECK_KEYS: dict[str, tuple[str, Callable[[Any], Any]]] = {
+    "type": ("type", CheckType),
+    "interval": ("interval", float),
+    "timeout": ("timeout", float),
+    "rise": ("rise", int),
+    "fall": ("fall", int),
+    "path": ("path", str),
+    "expectStatus": ("expect_status", lambda items: tuple(_status_range(item) for item in items)),
+    "send": ("send", str),
+    "expect": ("expect", str),
 }
 _SETTINGS_KEYS: dict[str, tuple[str, Callable[[Any], Any]]] = {
     "maxConnections": ("max_connections", int),
@@ -382,6 +426,25 @@ _SETTINGS_KEYS: dict[str, tuple[str, Callable[[Any], Any]]] = {
     "allowTargets": ("allow_targets", tuple),
     "workers": ("workers", lambda value: value),
 }
+
+
+def _target(item: dict[str, Any]) -> Target:
+    return Target(**{name: convert(item[key]) for key, (name, convert) in _TARGET_KEYS.items() if key in item})
+
+
+def _health_check(value: dict[str, Any]) -> HealthCheck:
+    values = {name: convert(value[key]) for key, (name, convert) in _CHECK_KEYS.items() if key in value}
+    if "timeout" not in values:  # the default, but never past a shorter interval
+        values["timeout"] = min(HealthCheck.timeout, values.get("interval", HealthCheck.interval))
+    return HealthCheck(**values)
+
+
+def _status_range(item: int | str) -> tuple[int, int]:
+    """``expectStatus`` entry: 200 -> (200, 200); "200-399" -> (200, 399)."""
+    if isinstance(item, str):
+        low, _, high = item.partition("-")
+        return int(low), int(high)
+    return int(item), int(item)
 
 
 def _admin_settings(value: Any) -> AdminSettings | None:
@@ -400,7 +463,17 @@ def _build_rules(document: dict[str, Any], invalid: set[int]) -> list[Rule]:
     for index, item in enumerate(items):
         if index in invalid:
             continue
+        if target_form(item) is None:
+            continue  # both forms, neither or half of one: reported by check_target_forms
         values = {name: convert(item[key]) for key, (name, convert) in _RULE_KEYS.items() if key in item}
+        if "targets" in values:  # the first target stands for the pool where one address is asked for
+            values["target_host"], values["target_port"] = values["targets"][0].key
+        if "max_fails" not in values and len(values.get("targets", ())) <= 1:
+            # A sole target is never taken out by failed connects unless asked (as
+            # nginx's upstream of one server): there is nowhere else to send the
+            # client, and closing everyone for failTimeout after the target is back
+            # would only add an outage to the one it had.
+            values["max_fails"] = 0
         values.setdefault("listen_host", "0.0.0.0")
         values.setdefault("name", f"{values['protocol']}-{values['listen_port']}")
         rules.append(Rule(index=index, **values))

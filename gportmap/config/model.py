@@ -5,6 +5,7 @@ downstream reads the raw JSON.
 
 from __future__ import annotations
 
+import enum
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -44,6 +45,67 @@ class TlsTarget:
     server_name: str | None
     verify: bool
     digest: str
+
+
+class Balance(enum.Enum):
+    """``balance`` of a rule with ``targets`` (SPEC §8): how a connection (a UDP
+    session) picks its target among those that are up."""
+
+    ROUNDROBIN = "roundrobin"  #: smooth weighted round robin, as nginx's upstream
+    LEASTCONN = "leastconn"  #: fewest active connections relative to weight
+    SOURCE = "source"  #: consistent hash of the client address, as HAProxy's hash-type consistent
+    FIRST = "first"  #: the first target in list order that is up: failover order
+    RANDOM = "random"  #: weighted random
+
+
+class CheckType(enum.Enum):
+    """``healthCheck.type`` (SPEC §8)."""
+
+    TCP = "tcp"  #: connect
+    TLS = "tls"  #: connect and handshake with the rule's ``targetTls``
+    HTTP = "http"  #: ``GET path``: up while the status is in ``expectStatus``
+    SEND_EXPECT = "send-expect"  #: send ``send``; up when the reply contains ``expect`` (UDP for udp rules)
+
+
+@dataclass(frozen=True)
+class Target:
+    """One entry of a rule's ``targets`` (or its ``targetHost``/``targetPort``:
+    a pool of one). Known across reloads by ``key``, (host, port)."""
+
+    host: str
+    port: int
+    weight: int = 1
+    backup: bool = False
+    name: str = ""  # "" -> "host:port" (``label``)
+
+    @property
+    def key(self) -> tuple[str, int]:
+        return (self.host, self.port)
+
+    @property
+    def address(self) -> str:
+        return format_address(self.host, self.port)
+
+    @property
+    def label(self) -> str:
+        """The target's name in stats, metrics and logs."""
+        return self.name or self.address
+
+
+@dataclass(frozen=True)
+class HealthCheck:
+    """``healthCheck`` of a rule (SPEC §8): every default filled in."""
+
+    type: CheckType = CheckType.TCP
+    interval: float = 5.0
+    timeout: float = 2.0
+    rise: int = 2
+    fall: int = 3
+    path: str = "/"  # http
+    #: http: statuses that mean up, as inclusive (low, high) ranges.
+    expect_status: tuple[tuple[int, int], ...] = ((200, 399),)
+    send: str = ""  # send-expect
+    expect: str = ""  # send-expect
 
 
 @dataclass(frozen=True)
@@ -93,7 +155,19 @@ class Rule:
     tls: TlsListen | None = None
     target_tls: TlsTarget | None = None
     plugins: tuple[PluginSpec, ...] = ()
+    #: The pool (SPEC §8): ``targets``, or one built from targetHost/targetPort.
+    #: ``target_host``/``target_port`` are the first target's.
+    targets: tuple[Target, ...] = ()
+    balance: Balance = Balance.ROUNDROBIN
+    retries: int = 2  # more connect attempts, each on another up target
+    max_fails: int = 3  # consecutive connect failures that take a target out; 0 = never
+    fail_timeout: float = 10.0  # seconds a target is out before one attempt is let through
+    health_check: HealthCheck | None = None
     index: int = field(default=0, compare=False)
+
+    def __post_init__(self) -> None:
+        if not self.targets:  # built from targetHost/targetPort: a pool of one
+            object.__setattr__(self, "targets", (Target(self.target_host, self.target_port),))
 
     @property
     def transport(self) -> str:
@@ -111,7 +185,8 @@ class Rule:
 
     @property
     def target(self) -> str:
-        return format_address(self.target_host, self.target_port)
+        """The target's address; a pool's addresses, comma-separated."""
+        return ",".join(target.address for target in self.targets)
 
 
 @dataclass(frozen=True)

@@ -1,9 +1,18 @@
-"""The connect to a rule's target, in hub callbacks: a non-blocking ``connect`` per
-address, driven by a write watcher and a timer, never a greenlet.
+"""The one connector: a target of the rule's pool (``gportmap.engine.pool``),
+reached in hub callbacks, with a retry on another target when it fails.
+
+``HubConnect`` is one target's non-blocking ``connect`` per address, driven by a
+write watcher and a timer, never a greenlet. ``PoolConnect`` picks a target
+(``TargetPool.acquire``), connects with ``HubConnect`` and, when that fails (or
+its owner's set-up after it: the PROXY header, the TLS handshake with the
+target), counts the failure against the target (passive health) and tries
+another up target, up to ``retries`` more: one dead target costs a client
+nothing. When no target can take it the client is failed at once.
 
 What a connection does before it relays (``gportmap.engine.pipeline``) starts here
 once the client is ready; a greenlet that must wait for the connect (plugin hooks
-ran first) waits on the same callbacks.
+ran first, a host name was resolved) waits on the same callbacks
+(``await_connect``).
 """
 
 from __future__ import annotations
@@ -15,8 +24,10 @@ import socket
 from collections.abc import Callable, Sequence
 
 from gevent import get_hub
+from gevent.event import AsyncResult
 
-from gportmap.engine.net import WRITE
+from gportmap.engine.net import WRITE, connect_error_text
+from gportmap.engine.pool import TargetPool, TargetState
 
 
 class HubConnect:
@@ -90,7 +101,9 @@ class HubConnect:
                 self.watcher = self.loop.io(sock.fileno(), WRITE)
                 self.watcher.start(self._on_writable)
                 self.timer = self.loop.timer(self.timeout)
-                self.timer.start(self._on_timeout)
+                # From now, not from when the loop last woke: a greenlet may start a
+                # connect long after (gevent.Timeout does the same).
+                self.timer.start(self._on_timeout, update=True)
                 return
             sock.close()
             error = OSError(err, os.strerror(err))
@@ -134,3 +147,172 @@ class HubConnect:
         if self.on_crash is None:
             raise exc
         self.on_crash(exc)
+
+
+class NoTargetError(OSError):
+    """No target of the pool can take a connection now (all down or all tried)."""
+
+
+class PoolConnect:
+    """A connection's connect to its rule's pool, in hub callbacks.
+
+    ``on_connected(sock, target)``: the TCP connect to ``target`` succeeded; the
+    owner then readies it (PROXY header, TLS) and calls ``established()`` (the
+    target counts it: the connection holds it from then on) or ``retry(error)``
+    (count it against the target, try another). ``on_failed(error)`` once when
+    every attempt failed or no target is up (the rule's connect failure is
+    counted by then). ``cancel()`` gives back what it holds."""
+
+    __slots__ = ("pool", "client_key", "timeout", "on_connected", "on_failed", "on_crash", "tried", "target",
+                 "step", "last_error", "last_text")
+
+    def __init__(
+        self,
+        pool: TargetPool,
+        client_key: str | None,
+        timeout: float,
+        on_connected: Callable[[_socket.socket, TargetState], None],
+        on_failed: Callable[[OSError], None],
+        on_crash: Callable[[Exception], None] | None = None,
+    ) -> None:
+        self.pool = pool
+        self.client_key = client_key
+        self.timeout = timeout
+        self.on_connected = on_connected
+        self.on_failed = on_failed
+        self.on_crash = on_crash
+        self.tried: list[TargetState] = []
+        self.target: TargetState | None = None  # acquired, its outcome not reported yet
+        self.step: HubConnect | None = None
+        self.last_error: OSError | None = None
+        #: Words for the last failed attempt (what the connection's record says).
+        self.last_text: str | None = None
+
+    def start(self) -> None:
+        self._attempt()
+
+    def established(self) -> TargetState:
+        """The target is ready (connected and set up): it counts the connection,
+        which holds it from now on (``Connection.hold``)."""
+        target, self.target = self.target, None
+        assert target is not None
+        target.connected()
+        return target
+
+    def retry(self, error: OSError, text: str | None = None) -> None:
+        """The set-up after the connect failed (``text`` says how): counted
+        against the target; the next target is tried."""
+        self._failed(error, text)
+
+    def cancel(self) -> None:
+        """Stop (the client left, a drain cut-off): the socket being connected is
+        closed and the target given back, counted neither way."""
+        step, self.step = self.step, None
+        if step is not None:
+            step.cancel()
+        target, self.target = self.target, None
+        if target is not None:
+            target.cancelled()
+
+    def _attempt(self) -> None:
+        pool = self.pool
+        while True:
+            if len(self.tried) > pool.retries:
+                self._give_up()
+                return
+            target = pool.acquire(self.client_key, self.tried)
+            if target is None:
+                self._give_up()
+                return
+            self.tried.append(target)
+            self.target = target
+            addresses = target.addresses.cached
+            if addresses is None:  # a name not resolved (or stale): never looked up here, on the hub
+                why = target.addresses.error
+                detail = f": {why.strerror or why}" if why is not None else ""
+                self.last_text = f"cannot resolve {target.spec.host}{detail}"
+                self.last_error = OSError(self.last_text)
+                self.target = None
+                target.attempt_failed(self.last_text)
+                continue
+            self.step = HubConnect(addresses, self.timeout, self._connected, self._failed, self._crash)
+            self.step.start()
+            return
+
+    def _give_up(self) -> None:
+        error = self.last_error
+        if error is None:
+            self.pool.unavailable()
+            error = NoTargetError(self.pool.no_target_error())
+        self.on_failed(error)
+
+    def _connected(self, sock: _socket.socket) -> None:
+        self.step = None
+        self.on_connected(sock, self.target)
+
+    def _failed(self, error: OSError, text: str | None = None) -> None:
+        self.step = None
+        target, self.target = self.target, None
+        self.last_error = error
+        self.last_text = text or connect_error_text(error)
+        if target is not None:
+            target.attempt_failed(self.last_text)
+        self._attempt()
+
+    def _crash(self, exc: Exception) -> None:
+        self.cancel()
+        if self.on_crash is None:
+            raise exc
+        self.on_crash(exc)
+
+
+def await_connect(pool: TargetPool, client_key: str | None, timeout: float) -> tuple[_socket.socket, PoolConnect]:
+    """``PoolConnect`` for a greenlet: resolves the pool's host names first (here,
+    never on the hub), then waits for the hub connect. Returns the connected socket
+    (a bare non-blocking ``_socket.socket``) and the connector, whose
+    ``established()`` or ``retry()`` the caller reports after its set-up; raises
+    the last error (NoTargetError when no target is up)."""
+    for target in pool.targets:
+        if target.addresses.cached is None:
+            try:
+                target.addresses.resolve()
+            except OSError:
+                pass  # the attempt on it fails and is counted (PoolConnect._attempt)
+    result = AsyncResult()
+    connector = PoolConnect(pool, client_key, timeout, lambda sock, target: result.set(sock), result.set_exception,
+                            result.set_exception)
+    connector.start()
+    try:
+        return result.get(), connector
+    except OSError as exc:
+        raise _worded(connector, exc) from None
+    except BaseException:
+        connector.cancel()
+        raise
+
+
+def retry_connect(connector: PoolConnect, error: OSError, text: str | None = None) -> _socket.socket:
+    """After ``await_connect``: the set-up on its socket failed; count it against the
+    target and wait for the next one (raises as ``await_connect``)."""
+    result = AsyncResult()
+    connector.on_connected = lambda sock, target: result.set(sock)
+    connector.on_failed = connector.on_crash = result.set_exception
+    connector.retry(error, text)
+    try:
+        return result.get()
+    except OSError as exc:
+        raise _worded(connector, exc) from None
+    except BaseException:
+        connector.cancel()
+        raise
+
+
+def _worded(connector: PoolConnect, error: OSError) -> OSError:
+    """The error a greenlet's connect fails with, in the words of its last attempt
+    (a PROXY header or TLS handshake that failed says so)."""
+    if connector.last_error is error and connector.last_text:
+        worded = OSError(error.errno, connector.last_text)
+        worded.__cause__ = error
+        return worded
+    return error
+

@@ -1,7 +1,9 @@
 """A connection's whole path in hub callbacks up to the relay: the TLS handshake
 with the client (``HubHandshake``, under a timer for ``handshakeTimeout``), the
-non-blocking connect (``gportmap.engine.connector``), the PROXY protocol header and
-the TLS handshake with the target, then ``gportmap.engine.hubrelay.HubRelay``.
+connect to a target of the rule's pool (``gportmap.engine.connector.PoolConnect``),
+the PROXY protocol header and the TLS handshake with the target (a failure of
+either is a failed connect: another target is tried), then
+``gportmap.engine.hubrelay.HubRelay``.
 
 A greenlet that must run user code first (plugin hooks) runs the same handshakes
 through ``await_handshake`` and hands the sockets to ``HubRelay``. As in the relay,
@@ -21,9 +23,11 @@ from typing import Protocol
 from gevent import get_hub
 from gevent.event import AsyncResult
 
-from gportmap.engine.connector import HubConnect
+from gportmap.config.model import Balance
+from gportmap.engine.connector import PoolConnect
 from gportmap.engine.hubrelay import _BUFFER, HubRelay
 from gportmap.engine.net import READ, WRITE, connect_error_text
+from gportmap.engine.pool import TargetPool, TargetState
 from gportmap.engine.tls import TlsError, TlsStage
 from gportmap.failures import INTERNAL_ERROR
 from gportmap.stats import Connection
@@ -70,7 +74,7 @@ class HubHandshake:
 
     def start(self) -> None:
         self.timer = self.loop.timer(self.timeout)
-        self.timer.start(self._on_timeout)
+        self.timer.start(self._on_timeout, update=True)  # from now (see HubConnect)
         self._guarded(self._step)
 
     def cancel(self) -> None:
@@ -178,6 +182,27 @@ def await_handshake(sock: _socket.socket, stage: TlsStage | None, timeout: float
         handshake.cancel()  # killed while waiting (a drain cut-off): no watcher left behind
 
 
+class TargetSetupError(OSError):
+    """The PROXY protocol header or the TLS handshake with a connected target
+    failed; its ``strerror`` says which and why (``target_setup_error``)."""
+
+
+def await_target_ready(sock: _socket.socket, stage: TlsStage | None, timeout: float, preamble: bytes = b"") -> None:
+    """``await_handshake`` for a target: sends ``preamble`` (the PROXY header), then
+    runs ``stage``'s TLS handshake, in hub callbacks while the greenlet waits;
+    TargetSetupError in words that say which step failed."""
+    result = AsyncResult()
+    handshake = HubHandshake(sock, stage, timeout, lambda: result.set(None), result.set_exception,
+                             result.set_exception, preamble)
+    handshake.start()
+    try:
+        result.get()
+    except OSError as exc:
+        raise TargetSetupError(exc.errno, target_setup_error(exc, not handshake.preamble_left)) from exc
+    finally:
+        handshake.cancel()  # killed while waiting (a drain cut-off): no watcher left behind
+
+
 def target_setup_error(error: OSError, preamble_sent: bool) -> str:
     """Words for a target that was connected but not readied: the PROXY protocol
     header could not be sent, or the TLS handshake with it failed or timed out."""
@@ -202,8 +227,9 @@ class Route:
     """How one rule's connections reach their target from the hub; fixed for the
     life of the rule's server."""
 
-    #: (family, sockaddr) of the target: an IP literal, never a name to resolve.
-    addresses: tuple[tuple[int, tuple], ...]
+    #: The rule's targets (their addresses IP literals on the hub path: no name to
+    #: resolve there).
+    pool: TargetPool
     connect_timeout: float
     idle_timeout: float
     #: The relay may splice (plain connections only).
@@ -212,7 +238,8 @@ class Route:
     #: client's handshake.
     listener_tls: ssl.SSLContext | None = None
     handshake_timeout: float = 10.0
-    #: ``targetTls``: a client-side context, and the name to send and check.
+    #: ``targetTls``: a client-side context, and the name to send and check
+    #: (``serverName``; None: the host of the target reached).
     target_tls: ssl.SSLContext | None = None
     server_name: str | None = None
 
@@ -232,9 +259,6 @@ class HubOwner(Protocol):
         """What goes to the target before the client's bytes (a PROXY protocol
         header), b"" if nothing; OSError when the client is gone already."""
 
-    def connect_failed(self) -> None:
-        """Count an upstream connect failure (TCP, the header or ``targetTls``)."""
-
     def internal_error(self, exc: BaseException) -> str:
         """Count and log a bug in this connection's code; the text for its record."""
 
@@ -248,7 +272,7 @@ class HubConnection:
     a connection."""
 
     __slots__ = ("client", "route", "owner", "conn", "client_tls", "target", "target_tls", "preamble", "step",
-                 "relay", "on_done", "finished")
+                 "connector", "relay", "on_done", "finished")
 
     def __init__(self, client: _socket.socket, route: Route, owner: HubOwner) -> None:
         self.client = client
@@ -259,7 +283,10 @@ class HubConnection:
         self.target: _socket.socket | None = None
         self.target_tls: TlsStage | None = None
         self.preamble = b""
-        self.step: HubHandshake | HubConnect | None = None
+        self.step: HubHandshake | PoolConnect | None = None
+        #: Its connect to the pool, from the client ready to the target ready: it
+        #: holds the target being tried, and retries on another when one fails.
+        self.connector: PoolConnect | None = None
         self.relay: HubRelay | None = None
         self.on_done: Callable[[str, str | None], None] | None = None
         self.finished = False  # on_done was called (before a relay took over)
@@ -298,16 +325,26 @@ class HubConnection:
             self._end("client_error", exc.strerror or str(exc))
             return
         route = self.route
-        self.step = HubConnect(route.addresses, route.connect_timeout, self._connected, self._connect_failed,
-                               self.crash)
+        self.connector = self.step = PoolConnect(
+            route.pool, self._client_key(), route.connect_timeout, self._connected, self._connect_failed, self.crash
+        )
         self.step.start()
+
+    def _client_key(self) -> str | None:
+        """The client's address for ``balance: source`` (the one balancer that needs it)."""
+        if self.route.pool.rule.balance is not Balance.SOURCE:
+            return None
+        try:
+            return str(self.client.getpeername()[0])
+        except OSError:
+            return None  # already reset: the relay will see it
 
     def _client_failed(self, error: OSError) -> None:
         self.step = None
         self.owner.handshake_failed(client_handshake_error(error))
         self._end("tls", None)
 
-    def _connected(self, target: _socket.socket) -> None:
+    def _connected(self, target: _socket.socket, state: TargetState) -> None:
         self.step = None
         self.target = target
         try:
@@ -321,7 +358,7 @@ class HubConnection:
                 self._target_ready()
                 return
             if route.target_tls is not None:
-                self.target_tls = TlsStage.client(route.target_tls, route.server_name)
+                self.target_tls = TlsStage.client(route.target_tls, route.server_name or state.spec.host)
             self.step = HubHandshake(target, self.target_tls, route.connect_timeout, self._target_ready,
                                      self._target_failed, self.crash, self.preamble)
             self.step.start()
@@ -329,17 +366,28 @@ class HubConnection:
             self.crash(exc)
 
     def _connect_failed(self, error: OSError) -> None:
-        self.step = None
-        self.owner.connect_failed()
-        self._end("connect_failed", connect_error_text(error))
+        """Every attempt failed, or no target is up (counted by the pool)."""
+        connector = self.connector
+        self.step = self.connector = None
+        text = connector.last_text if connector is not None and connector.last_error is error else None
+        self._end("connect_failed", text or connect_error_text(error))
 
     def _target_failed(self, error: OSError) -> None:
+        """The PROXY header or the TLS handshake with the target failed: a failed
+        connect, counted against that target; the connector tries the next."""
         step, self.step = self.step, None
-        self.owner.connect_failed()
-        self._end("connect_failed", target_setup_error(error, step is None or not step.preamble_left))
+        text = target_setup_error(error, step is None or not step.preamble_left)
+        target, self.target = self.target, None
+        target.close()
+        self.target_tls = None
+        self.step = self.connector
+        self.connector.retry(error, text)
 
     def _target_ready(self) -> None:
         self.step = None
+        connector, self.connector = self.connector, None
+        state = connector.established()
+        self.conn.hold(state, state.address)
         self.preamble = b""
         route = self.route
         self.relay = HubRelay(
@@ -356,6 +404,9 @@ class HubConnection:
         step, self.step = self.step, None
         if step is not None:
             step.cancel()
+        connector, self.connector = self.connector, None
+        if connector is not None and connector is not step:
+            connector.cancel()  # a target held while its handshake ran: given back
         self.client.close()
         if self.target is not None:
             self.target.close()

@@ -12,28 +12,41 @@ connection's place under ``maxConnections`` (the rule's and the process's, a
 the open connection, and a failed handshake gives it back. So N clients hold the
 N places whether they are relayed or still mid-handshake, and the next one is
 refused at once as ``limit``.
+
+The targets are the rule's pool (``gportmap.engine.pool``, SPEC §8), kept in its
+counters so that a reload keeps each staying target's state. Every connect goes
+through the one connector (``gportmap.engine.connector``): the hub path through
+``Route.pool``, a greenlet through ``connect_target`` / ``connect_staged``, which
+wait on the same hub callbacks. A connection holds the target it reached until it
+is closed (``Connection.hold``; ``StatsRegistry.close`` gives it back).
 """
 
 from __future__ import annotations
 
+import _socket
 import functools
-import ipaddress
 import logging
 import socket
 import ssl
 import time
+import weakref
 from collections.abc import Callable
 
 import gevent
 import gevent.socket
+from gevent import get_hub, getcurrent
 from gevent.event import Event
 from gevent.pool import Pool
 from gevent.server import StreamServer
 
 from gportmap.config import Rule
+from gportmap.config.model import Balance
 from gportmap.engine import proxyproto
-from gportmap.engine.pipeline import Route
+from gportmap.engine.connector import PoolConnect, await_connect, retry_connect
 from gportmap.engine.net import bind_listener, connect_error_text, set_nodelay
+from gportmap.engine.pipeline import Route, await_target_ready, target_setup_error
+from gportmap.engine.pool import TargetPool
+from gportmap.engine.tls import TlsStage
 from gportmap.failures import INTERNAL_ERROR, report_internal_error
 from gportmap.log import get_logger, log_event
 from gportmap.plugins import ConnView, HookError, PluginChain, Reject, log_hook_error
@@ -45,9 +58,6 @@ logger = get_logger("connections")
 
 #: Extra pool slots beyond maxConnections, for connections that are only rejected.
 REJECT_HEADROOM = 16
-
-#: Seconds a resolved target host name is reused before it is resolved again.
-RESOLVE_TTL = 30.0
 
 #: What a connection's work returns: the close reason and an error text.
 Outcome = tuple[str, str | None]
@@ -72,16 +82,22 @@ class StreamRuleServer:
         self._no_relays.set()
         self.listener: socket.socket | None = None
         self._server: StreamServer | None = None
-        self._target = (rule.target_host, rule.target_port)
-        self._addresses: list[tuple[int, tuple]] | None = None
-        self._resolved_until = 0.0
-        self._literal = _literal_address(rule.target_host, rule.target_port)
-        if self._literal is not None:
-            self._addresses = [self._literal]
+        #: The rule's targets, kept with its counters across its servers (SPEC §8).
+        self.target_pool = TargetPool.for_rule(rule, self.stats)
+        #: Set when every target is an IP address: connects need no lookup, so a
+        #: connection may run in hub callbacks from its accept on (tcp's HUB path).
+        self._literal = self.target_pool.targets[0].addresses.addresses[0] if self.target_pool.literal else None
+        #: The connection a greenlet opened (``open``), for ``connect_target`` to
+        #: hand the target it reaches; gone with the greenlet.
+        self._opened: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
         self.admission = Admission(rule.allow, rule.deny)
         tls, target_tls = rule.tls, rule.target_tls
         self.server_tls = server_context(tls.cert_file, tls.key_file, tls.client_ca_file) if tls else None
         self.client_tls = client_context(target_tls.ca_file, target_tls.verify) if target_tls else None
+        #: The name sent and checked in the TLS handshake with a target: ``serverName``,
+        #: else the host of the target reached (the first target's here, for callers
+        #: that do not know which: a pool's hub and greenlet connects use each one's).
+        self.explicit_server_name = target_tls.server_name if target_tls else None
         self.server_name = (target_tls.server_name or rule.target_host) if target_tls else None
         self.plugins = PluginChain(rule.plugins)
 
@@ -90,18 +106,18 @@ class StreamRuleServer:
 
     @functools.cached_property
     def route(self) -> Route:
-        """How this rule's connections are readied and relayed on the hub (a target
-        given as an IP literal; a name is resolved by the caller)."""
+        """How this rule's connections are readied and relayed on the hub (targets
+        given as IP literals; names are resolved by a greenlet first)."""
         rule = self.rule
         return Route(
-            addresses=(self._literal,) if self._literal is not None else (),
+            pool=self.target_pool,
             connect_timeout=rule.connect_timeout,
             idle_timeout=rule.idle_timeout,
             zero_copy=self.context.splice,
             listener_tls=self.server_tls,
             handshake_timeout=rule.handshake_timeout,
             target_tls=self.client_tls,
-            server_name=self.server_name,
+            server_name=self.explicit_server_name,
         )
 
     # -- the supervisor's surface ---------------------------------------------------
@@ -116,7 +132,7 @@ class StreamRuleServer:
                 logger,
                 logging.WARNING,
                 "tls_verify_off",
-                f"rule {self.rule.name}: targetTls.verify is false, the target's certificate is not checked",
+                f"rule {self.rule.name}: targetTls.verify is false, the targets' certificates are not checked",
                 rule=self.rule.name,
                 target=self.rule.target,
             )
@@ -173,7 +189,7 @@ class StreamRuleServer:
         def done(reason: str, error: str | None) -> None:
             if admitted.conn is None:
                 admitted.release()
-                self._untrack(pipeline)
+                self.untrack(pipeline)
             else:
                 self._relay_done(pipeline, admitted.conn, reason, error, admitted.view)
 
@@ -185,7 +201,8 @@ class StreamRuleServer:
         self._no_relays.clear()
         relay.start()
 
-    def _untrack(self, relay) -> None:
+    def untrack(self, relay) -> None:
+        """Stop tracking a hub relay (it ended, or another process owns it now)."""
         self.relays.discard(relay)
         if not self.relays:
             self._no_relays.set()
@@ -196,7 +213,7 @@ class StreamRuleServer:
         greenlet of its own; the relay stays tracked until it is done (a drain
         waits for it)."""
         if view is None:
-            self._untrack(relay)
+            self.untrack(relay)
             self.finish(conn, reason, error)
             return
 
@@ -204,7 +221,7 @@ class StreamRuleServer:
             try:
                 self.finish(conn, reason, error, view)
             finally:
-                self._untrack(relay)
+                self.untrack(relay)
 
         gevent.spawn(close)
 
@@ -298,10 +315,15 @@ class StreamRuleServer:
         return lambda direction, data: chain.data(view, direction, data)
 
     def open(self, client_text: str, view: ConnView | None = None, slot: Slot | None = None) -> Connection:
-        """Count and list a connection; ``slot`` (from ``admit_slot``) becomes it."""
-        return self.context.stats.open(
+        """Count and list a connection; ``slot`` (from ``admit_slot``) becomes it.
+        Opened in a greenlet, it is the one that greenlet's ``connect_target`` is for."""
+        conn = self.context.stats.open(
             self.stats, client_text, self.rule.target, view.id if view else None, slot=slot
         )
+        current = getcurrent()
+        if current is not get_hub():
+            self._opened[current] = conn
+        return conn
 
     def account(
         self,
@@ -356,7 +378,7 @@ class StreamRuleServer:
             f"cannot reach target: {error}" if failed else "connection closed",
             rule=self.rule.name,
             client=conn.client,
-            target=self.rule.target,
+            target=conn.target,
             bytes_received=conn.bytes_received,
             bytes_sent=conn.bytes_sent,
             duration=round(conn.duration, 3),
@@ -364,64 +386,107 @@ class StreamRuleServer:
             **fields,
         )
 
-    def _target_addresses(self) -> list[tuple[int, tuple]]:
-        """(family, sockaddr) of the target. An IP literal is parsed once; a host name
-        is resolved at most every RESOLVE_TTL seconds, not per connection (gevent
-        resolves in a thread pool: per connection, it cost ~40% of the new-connection
-        rate in the prototypes)."""
-        if self._addresses is not None and (self._literal or time.monotonic() < self._resolved_until):
-            return self._addresses
-        infos = gevent.socket.getaddrinfo(self.rule.target_host, self.rule.target_port, 0, socket.SOCK_STREAM)
-        self._addresses = [(family, sockaddr) for family, _, _, _, sockaddr in infos]
-        self._resolved_until = time.monotonic() + RESOLVE_TTL
-        return self._addresses
-
-    def _connect(self) -> socket.socket:
-        error: OSError | None = None
-        for family, sockaddr in self._target_addresses():
-            sock = gevent.socket.socket(family, socket.SOCK_STREAM)
-            try:
-                sock.settimeout(self.rule.connect_timeout)
-                sock.connect(sockaddr)
-                return sock
-            except OSError as exc:
-                sock.close()
-                error = exc
-        raise error or OSError("the target resolved to no address")
-
-    def connect_target(self, client: socket.socket | None = None, tls: bool = True) -> socket.socket:
-        """A connection to the rule's target within ``connectTimeout``: the TCP
-        connect, then (``proxyProtocol``) the PROXY protocol header of ``client``'s
+    def connect_target(
+        self, client: socket.socket | None = None, tls: bool = True, conn: Connection | None = None
+    ) -> socket.socket:
+        """A connection to a target of the rule's pool, for a greenlet: the connect
+        (``gportmap.engine.connector``, in hub callbacks; host names resolved here
+        first), then (``proxyProtocol``) the PROXY protocol header of ``client``'s
         addresses, then (``targetTls``, unless ``tls`` is false: the caller runs it
-        as a stage) the TLS handshake. The header goes first, as HAProxy's
-        send-proxy does, so that the target reads it before TLS or a tunnel's
-        upgrade. OSError if any step fails, counted as an upstream failure;
-        ClientGone (not counted, no target connection made) if the client reset
-        before its address could be read."""
+        as a stage) the TLS handshake, each within ``connectTimeout``. The header
+        goes first, as HAProxy's send-proxy does, so that the target reads it before
+        TLS or a tunnel's upgrade. A step that fails is a failed connect to that
+        target (counted against it) and another target is tried, up to
+        ``retries``; OSError when none could be readied (counted), ClientGone (not
+        counted, no target connection made) if the client reset before its address
+        could be read. ``conn`` (default: the one this greenlet opened) holds the
+        target until it is closed."""
+        header, key, conn = self._connect_prelude(client, conn)
+        timeout = self.rule.connect_timeout
+        raw, connector = await_connect(self.target_pool, key, timeout)
+        while True:
+            upstream = gevent.socket.socket(raw.family, raw.type, raw.proto, fileno=raw.detach())
+            sent = header is None
+            try:
+                upstream.settimeout(timeout)
+                set_nodelay(upstream)
+                if header is not None:
+                    upstream.sendall(header)
+                    sent = True
+                if self.client_tls is not None and tls:
+                    name = self.explicit_server_name or connector.target.spec.host
+                    upstream = self.client_tls.wrap_socket(upstream, server_hostname=name)
+            except OSError as exc:
+                upstream.close()
+                raw = retry_connect(connector, exc, target_setup_error(exc, sent))
+                continue
+            except BaseException:  # killed (a drain cut-off): the target is given back
+                upstream.close()
+                connector.cancel()
+                raise
+            break
+        self._hold(connector, conn)
+        return upstream
+
+    def connect_staged(
+        self, client: socket.socket | _socket.socket | None = None, conn: Connection | None = None
+    ) -> tuple[_socket.socket, TlsStage | None]:
+        """``connect_target`` for a greenlet that relays on the hub: the connect, the
+        PROXY protocol header and the TLS handshake with the target (a ``TlsStage``,
+        for ``HubRelay``) all run in hub callbacks while this greenlet waits, and a
+        failure of any of them is a failed connect to that target: the next one is
+        tried, up to ``retries``. Returns the bare socket and its TLS stage (None
+        without ``targetTls``); raises as ``connect_target``."""
+        header, key, conn = self._connect_prelude(client, conn)
+        timeout = self.rule.connect_timeout
+        raw, connector = await_connect(self.target_pool, key, timeout)
+        while True:
+            stage = None
+            try:
+                set_nodelay(raw)
+                if self.client_tls is not None:
+                    stage = TlsStage.client(self.client_tls, self.explicit_server_name or connector.target.spec.host)
+                await_target_ready(raw, stage, timeout, header or b"")
+            except OSError as exc:  # TargetSetupError, worded
+                raw.close()
+                raw = retry_connect(connector, exc, exc.strerror or connect_error_text(exc))
+                continue
+            except BaseException:  # killed (a drain cut-off): the target is given back
+                raw.close()
+                connector.cancel()
+                raise
+            break
+        self._hold(connector, conn)
+        return raw, stage
+
+    def _connect_prelude(
+        self, client: socket.socket | _socket.socket | None, conn: Connection | None
+    ) -> tuple[bytes | None, str | None, Connection | None]:
+        """What a greenlet's connect needs first: the PROXY header (ClientGone when the
+        client has left), the client's address for ``balance: source``, and the
+        connection that will hold the target."""
         header = None
         if self.rule.proxy_protocol is not None and client is not None:
             header = _proxy_header(self.rule.proxy_protocol, client)
-        try:
-            upstream = self._connect()
-        except OSError:
-            self.stats.connect_failures += 1
-            raise
-        set_nodelay(upstream)
-        if header is not None:
+        if conn is None:
+            conn = self._opened.pop(getcurrent(), None)
+        key = None
+        if client is not None and self.rule.balance is Balance.SOURCE:
             try:
-                _send_proxy_header(upstream, header)
+                key = str(client.getpeername()[0])
             except OSError:
-                upstream.close()
-                self.stats.connect_failures += 1
-                raise
-        if self.client_tls is None or not tls:
-            return upstream
-        try:
-            return self.client_tls.wrap_socket(upstream, server_hostname=self.server_name)
-        except OSError:
-            upstream.close()
-            self.stats.connect_failures += 1
-            raise
+                key = None
+        return header, key, conn
+
+    @staticmethod
+    def _hold(connector: PoolConnect, conn: Connection | None) -> None:
+        """The target is ready: it counts the connection, which holds it until it
+        is closed (without one, it is counted and given back at once)."""
+        target = connector.established()
+        if conn is not None:
+            conn.hold(target, target.address)
+        else:
+            target.release()
 
     @staticmethod
     def connect_failed(exc: OSError) -> Outcome:
@@ -480,9 +545,6 @@ class Admitted:
         version = self.server.rule.proxy_protocol
         return b"" if version is None else _proxy_header(version, client)
 
-    def connect_failed(self) -> None:
-        self.server.stats.connect_failures += 1
-
     def internal_error(self, exc: BaseException) -> str:
         return self.server.internal_error(exc, self.client_text)
 
@@ -503,25 +565,3 @@ def _proxy_header(version: str, client: socket.socket) -> bytes:
         why = f"the client left before the PROXY protocol header was sent: {exc.strerror}"
         raise ClientGone(exc.errno, why) from exc
     return proxyproto.header(version, source, destination)
-
-
-def _send_proxy_header(upstream: socket.socket, header: bytes) -> None:
-    """Send the whole header, bounded by the socket's timeout (still ``connectTimeout``
-    from the connect). These bytes are gportmap's, not the client's: they are not
-    counted in the connection's bytes (HAProxy does not count them either)."""
-    try:
-        upstream.sendall(header)
-    except OSError as exc:
-        reason = "timed out" if isinstance(exc, TimeoutError) else connect_error_text(exc)
-        raise OSError(exc.errno, f"cannot send the PROXY protocol header: {reason}") from exc
-
-
-def _literal_address(host: str, port: int) -> tuple[int, tuple] | None:
-    """(family, sockaddr) when ``host`` is an IP literal, else None."""
-    try:
-        ip = ipaddress.ip_address(host)
-    except ValueError:
-        return None
-    if ip.version == 6:
-        return socket.AF_INET6, (host, port, 0, 0)
-    return socket.AF_INET, (host, port)
