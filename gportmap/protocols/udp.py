@@ -31,6 +31,18 @@ sockets are made.
 - The table is capped by ``maxSessions``: a datagram from a new address beyond the
   cap is dropped and counted, so a flood of source ports costs nothing but the
   counting.
+- The rule's targets are a pool (``gportmap.engine.pool``, SPEC §8): a new
+  session takes a target by ``balance`` (``source`` hashes the client's address)
+  and keeps it for its life; sessions never move. New sessions avoid targets that
+  are down (by active checks or passive health); with none up, the datagram is
+  dropped (``error``) and counted as the rule's connect failure. UDP has no
+  connect, so a session's outcome comes later: a reply, or a second datagram sent
+  without an ICMP error, shows the target alive (the pool counts the session,
+  ``connected``); an ICMP port unreachable first is a failed attempt against the
+  target (passive health: ``maxFails`` of them take it out). An ICMP error on a
+  session already established counts one failure against its target until the
+  target answers again (not one per datagram). A session ending undecided (one
+  datagram, no answer) is counted neither way.
 - A send that would block (a full socket buffer) drops that datagram and counts it
   as ``error``: nothing is buffered and the hub never waits.
 - An ICMP port unreachable from a dead target surfaces as ECONNREFUSED on the
@@ -59,14 +71,17 @@ import struct
 import sys
 import time
 from collections.abc import Iterable
+from enum import Enum
 
 import gevent
 import gevent.socket
 from gevent.event import Event
 
 from gportmap.config import Rule
+from gportmap.config.model import Balance
 from gportmap.engine.idle import waiting
 from gportmap.engine.net import bind_listener, peer_text
+from gportmap.engine.pool import TargetPool, TargetState, client_key
 from gportmap.failures import INTERNAL_ERROR, report_internal_error
 from gportmap.log import get_logger, log_event
 from gportmap.plugins import DOWNSTREAM, UPSTREAM, ConnView, HookError, PluginChain, Reject, log_hook_error
@@ -86,8 +101,6 @@ LISTEN_BURST = 64
 #: round trip with 50 clients); a session that holds more is simply called again on
 #: the next loop iteration (level-triggered), taking turns with every other socket.
 REPLY_BURST = 1
-#: Seconds a resolved target host name is reused for new sessions.
-RESOLVE_TTL = 30.0
 #: Errors an ICMP message reports on the next read of a UDP socket: one datagram was
 #: lost, the socket stays usable. Linux says ECONNREFUSED for a port unreachable (and
 #: only on a connected socket); Windows says WSAECONNRESET (Python's
@@ -133,12 +146,24 @@ def sweep_granularity(session_timeout: float) -> float:
     return min(max(session_timeout / 20, 0.01), 0.25)
 
 
+class Hold(Enum):
+    """What a session's target knows of it (the pool's bookkeeping, see the module
+    docstring): UDP has no connect, so the outcome comes with the traffic."""
+
+    PENDING = "pending"  #: acquired; neither a reply nor an ICMP error yet
+    ESTABLISHED = "established"  #: the target answered (or took two datagrams): counted, held
+    GIVEN_BACK = "given_back"  #: the first word was an ICMP error: a failed attempt, no longer held
+
+
 class Session:
     """One client address: its connected upstream socket, its watcher, what it moved."""
 
     __slots__ = (
         "address",
         "upstream",
+        "target",
+        "hold",
+        "refused",
         "watcher",
         "started",
         "last_active",
@@ -152,9 +177,14 @@ class Session:
         "view",
     )
 
-    def __init__(self, address: tuple, upstream: _socket.socket, now: float) -> None:
+    def __init__(self, address: tuple, upstream: _socket.socket, now: float, target: TargetState) -> None:
         self.address = address
         self.upstream = upstream
+        #: The pool's target this session was given; it keeps it for its life.
+        self.target = target
+        self.hold = Hold.PENDING
+        #: An ICMP error was counted against the target since its last reply.
+        self.refused = False
         self.watcher = None  # the io watcher on ``upstream``, set once started
         self.started = self.last_active = now
         self.packets_received = self.packets_sent = 0
@@ -195,9 +225,9 @@ class UdpServer:
         self._granularity = sweep_granularity(rule.session_timeout)
         self._idle = Event()
         self._idle.set()
-        self._target: tuple[int, tuple] | None = _numeric_address(rule.target_host, rule.target_port)
-        self._numeric = self._target is not None
-        self._resolved_at = 0.0
+        #: The rule's targets, kept with its counters across its servers (SPEC §8).
+        self.target_pool = TargetPool.for_rule(rule, self.stats)
+        self._source = rule.balance is Balance.SOURCE
         self._resolver: gevent.Greenlet | None = None
         # Kernel drops: the listener's count when this server took it, and the
         # counts of this server's sockets that are closed or handed over.
@@ -221,8 +251,8 @@ class UdpServer:
         watch_kernel_drops(self.stats, self.kernel_drops)
         self._reader = self._loop.io(raw.fileno(), _READ)
         self._reader.start(self._on_datagrams, raw)
-        if not self._numeric:
-            self._target_address()  # resolve before the first client arrives
+        if not self.target_pool.literal:
+            self._resolve_later()  # resolve before the first client arrives
 
     def release_listener(self) -> socket.socket | None:
         """Stop reading and hand the socket to a successor, still open (datagrams queue
@@ -337,7 +367,12 @@ class UdpServer:
                     try:
                         session.upstream.send(data)
                     except OSError as exc:  # a reported ICMP error, a full send buffer, EMSGSIZE
+                        if exc.errno == errno.ECONNREFUSED:
+                            self._refused(session, exc)
                         self._drop("error", session.client, f"cannot send to the target: {_error_text(exc)}")
+                    else:
+                        if session.hold is Hold.PENDING and session.packets_received > 1:
+                            self._established(session)  # the first went without an ICMP error
                 except Exception as exc:  # noqa: BLE001 - a bug: only this client's session ends
                     self._internal_error(address, exc, sessions.get(address))
         finally:
@@ -446,14 +481,22 @@ class UdpServer:
         view = self._plugins_accept(address)
         if view is False:
             return None
-        target = self._target_address()
+        pool = self.target_pool
+        target = pool.acquire(client_key(address) if self._source else None)
         if target is None:
-            self._drop("error", peer_text(address), "the target's address is not resolved (yet)")
+            pool.unavailable()
+            self._drop("error", peer_text(address), pool.no_target_error())
             return None
-        family, sockaddr = target
+        sockaddr = self._target_address(target)
+        if sockaddr is None:
+            target.cancelled()
+            self._drop("error", peer_text(address), f"the address of target {target.name} is not resolved (yet)")
+            return None
+        family, sockaddr = sockaddr
         try:
             upstream = _socket.socket(family, socket.SOCK_DGRAM)
         except OSError as exc:  # EMFILE, ENFILE, ENOBUFS
+            target.cancelled()
             self._drop("error", peer_text(address), f"cannot open a socket: {_error_text(exc)}")
             return None
         try:
@@ -461,9 +504,10 @@ class UdpServer:
             upstream.connect(sockaddr)  # UDP: no packet is sent, only the peer is fixed
         except OSError as exc:
             upstream.close()
-            self._drop("error", peer_text(address), f"cannot reach the target: {_error_text(exc)}")
+            target.attempt_failed(_error_text(exc))
+            self._drop("error", peer_text(address), f"cannot reach target {target.name}: {_error_text(exc)}")
             return None
-        session = Session(address, upstream, now)
+        session = Session(address, upstream, now, target)
         session.view = view or None
         session.watcher = watcher = self._loop.io(upstream.fileno(), _READ)
         watcher.start(self._on_replies, session)
@@ -494,9 +538,14 @@ class UdpServer:
                         session.error = _error_text(exc)
                         self._end_sessions([session], "error")
                         return
+                    if exc.errno == errno.ECONNREFUSED:
+                        self._refused(session, exc)
                     self._drop("error", session.client, f"the target reported: {_error_text(exc)}")
                     continue
                 read += 1
+                if session.hold is Hold.PENDING:
+                    self._established(session)
+                session.refused = False
                 if session.view is not None and self.plugins.transforms:
                     data = self._through_plugins(session, DOWNSTREAM, data)
                     if session.closed:
@@ -596,6 +645,7 @@ class UdpServer:
                 session.watcher = None
             self._kernel_done += kernel_drops(session.upstream)
             session.upstream.close()
+            self._give_back(session)
             if self.sessions.get(session.address) is session:
                 del self.sessions[session.address]
             stats.udp_sessions -= 1
@@ -626,7 +676,7 @@ class UdpServer:
             f"session closed ({session.reason})",
             rule=self.rule.name,
             client=session.client,
-            target=self.rule.target,
+            target=session.target.address,
             packets_received=session.packets_received,
             packets_sent=session.packets_sent,
             bytes_received=session.bytes_received,
@@ -656,51 +706,77 @@ class UdpServer:
                 **extra,
             )
 
-    def _target_address(self) -> tuple[int, tuple] | None:
-        """(family, sockaddr) for new sessions. A host name is resolved in the
-        background (the hub cannot wait for DNS) and re-resolved after RESOLVE_TTL;
-        existing sessions keep the address they were connected to."""
-        if self._numeric:
-            return self._target
-        stale = self._target is None or time.monotonic() - self._resolved_at > RESOLVE_TTL
-        if stale and self._resolver is None:
+    # -- the session's target (the pool) ------------------------------------------
+
+    def _established(self, session: Session) -> None:
+        """The target answered, or took a second datagram without an ICMP error:
+        the pool counts the session (``connected``), which holds it from now on."""
+        session.hold = Hold.ESTABLISHED
+        session.target.connected()
+
+    def _refused(self, session: Session, exc: OSError) -> None:
+        """The target's port is unreachable (an ICMP error on the session's socket):
+        a failure against it (passive health), once per session until it answers."""
+        if session.refused or session.hold is Hold.GIVEN_BACK:
+            return
+        session.refused = True
+        target, text = session.target, f"port unreachable: {_error_text(exc)}"
+        if session.hold is Hold.PENDING:
+            session.hold = Hold.GIVEN_BACK
+            target.attempt_failed(text)
+        else:
+            target.failed(text)  # the session holds it on: given back when it ends
+
+    @staticmethod
+    def _give_back(session: Session) -> None:
+        """The session ended: its target is given back (its bytes added), or, if it
+        never showed the target alive, given back uncounted."""
+        hold, session.hold = session.hold, Hold.GIVEN_BACK
+        if hold is Hold.ESTABLISHED:
+            session.target.release(session)
+        elif hold is Hold.PENDING:
+            session.target.cancelled()
+
+    def _target_address(self, target: TargetState) -> tuple[int, tuple] | None:
+        """(family, sockaddr) of ``target`` for a new session. Host names are
+        resolved in the background (the hub cannot wait for DNS) and again after
+        their TTL; meanwhile a stale answer still serves, and existing sessions keep
+        the address they were connected to."""
+        addresses = target.addresses
+        cached = addresses.cached
+        if cached is None:
+            self._resolve_later()
+            cached = addresses.addresses  # stale, or () when never resolved
+        return cached[0] if cached else None
+
+    def _resolve_later(self) -> None:
+        if self._resolver is None:
             self._resolver = gevent.spawn(self._resolve)
-        return self._target
 
     def _resolve(self) -> None:
+        """Resolve the pool's host names that are stale (one greenlet per server)."""
         rule = self.rule
         try:
-            infos = gevent.socket.getaddrinfo(rule.target_host, rule.target_port, 0, socket.SOCK_DGRAM)
-        except OSError as exc:  # socket.gaierror included
-            # Tried again by the next new client (at once while never resolved).
-            self._resolved_at = time.monotonic()
-            allowed, suppressed = self.context.rejections.allow((rule.name, "udp", "resolve"))
-            if allowed:
-                extra = {"suppressed": suppressed} if suppressed else {}
-                log_event(
-                    logger,
-                    logging.WARNING,
-                    "target_unresolved",
-                    f"cannot resolve target {rule.target_host}: {_error_text(exc)}",
-                    rule=rule.name,
-                    target=rule.target,
-                    **extra,
-                )
-        else:
-            family, _, _, _, sockaddr = infos[0]
-            self._target, self._resolved_at = (family, sockaddr), time.monotonic()
+            for target in self.target_pool.targets:
+                if target.addresses.cached is not None:
+                    continue
+                try:
+                    target.addresses.resolve()
+                except OSError as exc:  # socket.gaierror included; tried again by the next new client
+                    allowed, suppressed = self.context.rejections.allow((rule.name, "udp", "resolve"))
+                    if allowed:
+                        extra = {"suppressed": suppressed} if suppressed else {}
+                        log_event(
+                            logger,
+                            logging.WARNING,
+                            "target_unresolved",
+                            f"cannot resolve target {target.spec.host}: {_error_text(exc)}",
+                            rule=rule.name,
+                            target=target.address,
+                            **extra,
+                        )
         finally:
             self._resolver = None
-
-
-def _numeric_address(host: str, port: int) -> tuple[int, tuple] | None:
-    """(family, sockaddr) of an IP literal without any lookup; None for a host name."""
-    try:
-        infos = _socket.getaddrinfo(host, port, 0, socket.SOCK_DGRAM, 0, socket.AI_NUMERICHOST)
-    except socket.gaierror:
-        return None
-    family, _, _, _, sockaddr = infos[0]
-    return family, sockaddr
 
 
 def _error_text(exc: OSError) -> str:
