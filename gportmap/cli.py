@@ -25,9 +25,13 @@ from gportmap.log import LEVELS, get_logger, log_event, route_gevent_errors, set
 from gportmap.platform import Features, detect, raise_fd_limit
 from gportmap.runtime.applier import ReloadSource
 from gportmap.runtime.backend import RulesBackend
+from gportmap.runtime.carry import reads_version
+from gportmap.runtime.health import HealthProber
+from gportmap.runtime.resume import Resume
 from gportmap.runtime.service import Overrides, Service
 from gportmap.runtime.supervisor import Supervisor
 from gportmap.runtime.systemd import InheritedSockets, Notifier
+from gportmap.runtime.upgrade import Upgrader, release_signals
 from gportmap.runtime.watcher import choose_mode
 from gportmap.runtime.workers import Channel, WorkerLink, WorkerPool, resolve_workers, worker_command
 from gportmap.stats import StatsRegistry
@@ -82,6 +86,8 @@ def build_parser() -> argparse.ArgumentParser:
     # How a master starts its workers; not for people.
     parser.add_argument("--worker-fd", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--worker-index", type=int, default=0, help=argparse.SUPPRESS)
+    # An upgrade's pre-flight: does this code read that version of the state document?
+    parser.add_argument("--upgrade-state", type=int, help=argparse.SUPPRESS)
     return parser
 
 
@@ -113,8 +119,14 @@ def resolve_rules_path(args: argparse.Namespace, environ: os._Environ | dict = o
     return args.rules or args.config or environ.get("CONFIG_PATH") or DEFAULT_RULES
 
 
-def check(path: str) -> int:
-    """``--check``: validate and describe the rules; binds nothing."""
+def check(path: str, upgrade_state: int | None = None) -> int:
+    """``--check``: validate and describe the rules; binds nothing. With
+    ``upgrade_state`` (an upgrade's pre-flight), also refuse a state document
+    version this code does not read."""
+    if upgrade_state is not None and not reads_version(upgrade_state):
+        print(f"this gportmap cannot take over from a running one: it does not read upgrade state "
+              f"version {upgrade_state}", file=sys.stderr)
+        return EXIT_USAGE
     try:
         config = load(path)
     except ConfigError as exc:
@@ -146,11 +158,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         return worker_main(args)
     path = resolve_rules_path(args)
     if args.check:
-        return check(path)
+        return check(path, args.upgrade_state)
 
     setup_logging(args.log_format or "text", args.log_level or "INFO")
+    resume = Resume.from_environ()  # an upgrade in place handed over its state
     try:
-        config = load(path)
+        config = resume.load(path) if resume is not None else load(path)
     except ConfigError as exc:
         log_event(
             logger,
@@ -164,8 +177,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     overrides = Overrides(args.log_format, args.log_level, args.admin, args.workers)
     setup_logging(*overrides.logging(config.settings))
     inherited = InheritedSockets.from_environ()  # systemd's socket activation, if any
+    if resume is not None:
+        inherited = resume.inherited(inherited)
     features = detect()
     workers = resolve_workers(overrides.workers or config.settings.workers)
+    if resume is not None:
+        workers = resume.workers(workers)  # an upgrade keeps the processes it had
     if workers > 1 and inherited is not None:
         log_event(
             logger,
@@ -192,8 +209,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     backend = (
         WorkerPool(workers, worker_command(workers, args.log_format, args.log_level)) if workers > 1 else None
     )
+    if resume is not None and backend is not None:
+        resume.adopt_workers(backend)
     try:
-        return run(config, overrides, features, backend, inherited=inherited)
+        return run(config, overrides, features, backend, inherited=inherited, resume=resume)
     except GportmapError as exc:
         log_event(logger, logging.CRITICAL, "fatal", str(exc))
         return EXIT_FATAL
@@ -206,8 +225,13 @@ def worker_main(args: argparse.Namespace) -> int:
 
     setup_logging(args.log_format or "text", args.log_level or "INFO", worker=args.worker_index)
     link = WorkerLink(Channel(socket.socket(fileno=args.worker_fd)), args.worker_index)
+    resume = Resume.from_environ()  # upgraded in place: it runs the rules it ran
     try:
-        raw, path = link.first_config()
+        if resume is not None:
+            raw, path = resume.rules_raw(), resume.state.path
+            link.resumed(resume.state.link_generation)
+        else:
+            raw, path = link.first_config()
         config = parse(raw, path)
     except (OSError, GportmapError, ValueError) as exc:
         errors = exc.errors if isinstance(exc, ConfigError) else [str(exc)]
@@ -216,7 +240,8 @@ def worker_main(args: argparse.Namespace) -> int:
     overrides = Overrides(args.log_format, args.log_level, "off", args.workers, worker=args.worker_index)
     setup_logging(*overrides.logging(config.settings), worker=args.worker_index)
     try:
-        return run(config, overrides, detect(), link=link)
+        inherited = resume.inherited(None) if resume is not None else None
+        return run(config, overrides, detect(), link=link, inherited=inherited, resume=resume)
     except GportmapError as exc:
         log_event(logger, logging.CRITICAL, "fatal", str(exc))
         return EXIT_FATAL
@@ -229,10 +254,12 @@ def run(
     backend: WorkerPool | None = None,
     link: WorkerLink | None = None,
     inherited: InheritedSockets | None = None,
+    resume: Resume | None = None,
 ) -> int:
     """Serve until SIGTERM/SIGINT; a second signal cuts the drain short. With a
     ``backend`` this is a master and its workers serve; with a ``link`` this is one
-    of those workers. ``inherited``: sockets systemd passed (socket activation)."""
+    of those workers. ``inherited``: sockets systemd passed (socket activation), or
+    the listeners an upgrade in place handed over with ``resume``, its state."""
     features = features or detect()
     # Only the main process talks to systemd (NotifyAccess=main): never a worker.
     notifier = Notifier.from_environ() if link is None else Notifier(None)
@@ -269,13 +296,14 @@ def run(
         workers = resolve_workers(overrides.workers if overrides else None)
         stats = StatsRegistry(workers=workers, index=link.index)
         backend_here: RulesBackend = Supervisor(
-            stats, splice=features.splice, reuse_port=True, open_files=open_files
+            stats, splice=features.splice, reuse_port=True, open_files=open_files, inherited=inherited
         )
     else:
         backend_here = backend or Supervisor(
             splice=features.splice, open_files=open_files, inherited=inherited
         )
     service = Service(config, choose_mode(features), overrides, backend=backend_here, worker=link is not None)
+    HealthProber.attach(service)  # active health checks of the rules' pools (none in a workers' master)
     plane = AdminPlane(service)  # a worker's master serves the endpoint and the stats log
     if link is None:
         service.on_applied.append(plane.apply)
@@ -287,7 +315,25 @@ def run(
     if features.posix_signals:
         install_signal_handler(signal.SIGHUP, on_reload_signal)
         install_signal_handler(signal.SIGUSR1, on_stats_signal)
+
+    def stop_services() -> None:  # what the drainer of an upgrade in place must not keep
+        if link is not None:
+            link.detach()  # the channel is the upgraded worker's now (first: the rest may yield)
+        plane.stop()
+        notifier.close()
+
+    upgrader = Upgrader(service, stop_services, features, stop, link=link)
+    if link is not None:
+        link.on_upgrade = upgrader.run
+    if hasattr(signal, "SIGUSR2"):
+        install_signal_handler(signal.SIGUSR2, upgrader.request)
+    release_signals()  # those an upgrade held across its exec are handled from here on
+    if resume is not None:
+        resume.prepare(service)
     changes = service.start()
+    if resume is not None:
+        resume.resume(service)
+        upgrader.drainers = resume.pending  # still running: a further upgrade hands them on
     if link is not None:
         link.serve(service, changes, stop)
     else:

@@ -355,6 +355,13 @@ class StderrQueueHandler(logging.Handler):
 _queue: StderrQueue | None = None
 
 
+def after_fork() -> None:
+    """In a forked child (an upgrade's drainer): the writer thread did not survive
+    the fork, so the next record starts a queue of the child's own."""
+    global _queue
+    _queue = None
+
+
 def stderr_queue() -> StderrQueue:
     """The process's queue to stderr, started on first use; flushed at exit."""
     global _queue

@@ -137,6 +137,9 @@ class Service:
         self.watch_mode = "off" if worker else watch_mode
         self.overrides = overrides or Overrides()
         self.started_at = time.time()
+        #: When this program image started (an upgrade in place starts a new one in
+        #: the same process): the master sees a worker come back upgraded by it.
+        self.booted = time.monotonic()
         self.supervisor: RulesBackend = backend if backend is not None else Supervisor(splice=splice)
         self.reloads = {"success": 0, "failure": 0}
         #: The number of the rules version running: 1 at start, +1 per applied reload
@@ -158,6 +161,14 @@ class Service:
         #: Told before and after every applied reload (not the start): the command
         #: line wires systemd's notifier here.
         self.reload_listeners: list[ReloadListener] = []
+
+    def continue_from(self, started_at: float, generation: int, reloads: dict[str, int], digest: str) -> None:
+        """After an upgrade in place (``gportmap.runtime.upgrade``): the figures an
+        operator follows go on from the old program's (same process, same uptime);
+        the generation moves on by one if the rules file changed since it ran."""
+        self.started_at = started_at
+        self.reloads = {"success": reloads.get("success", 0), "failure": reloads.get("failure", 0)}
+        self.generation = generation if digest == self.config.digest else generation + 1
 
     def start(self) -> Changes:
         changes = self.supervisor.apply(self.config)
@@ -439,6 +450,7 @@ class Service:
         stats = self.supervisor.stats
         report: dict[str, Any] = {
             "pid": os.getpid(),
+            "boot": self.booted,
             "active": stats.active,
             "rules": {rule_stats.name: rule_stats.counters() for rule_stats in stats.rules()},
             "states": [[rule.name, state, error] for rule, state, error in self.supervisor.rule_states()],

@@ -171,7 +171,12 @@ class RuleRunner:
             self.server = None
             return False
         self.error = None
-        source = f" (adopted fd {adopted.fd} '{adopted.name}' from the service manager)" if adopted else ""
+        if adopted is None:
+            source = ""
+        elif adopted.name == "upgrade":  # gportmap.runtime.carry.CARRIED_NAME (a higher layer)
+            source = f" (carried over by an upgrade, fd {adopted.fd})"
+        else:
+            source = f" (adopted fd {adopted.fd} '{adopted.name}' from the service manager)"
         log_event(
             logger,
             logging.INFO,

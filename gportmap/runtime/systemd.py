@@ -191,9 +191,12 @@ class Notifier:
         self.send("STOPPING=1", f"STATUS=stopping: draining {active} connection(s)")
 
     def close(self) -> None:
+        """Stop notifying for good (a stop, or an upgrade's drainer, which must never
+        tell the service manager anything about the service the new program runs)."""
         for timer in self._timers:
             timer.close()
         self._timers = []
+        self.address = None
         if self._sock is not None:
             self._sock.close()
             self._sock = None

@@ -29,6 +29,11 @@ JSON messages (``Channel``) both ways:
 The worker stops, draining its connections, when the master's end closes: a master
 killed with SIGKILL leaves no orphan holding the ports.
 
+An upgrade in place (``gportmap.runtime.upgrade``) asks each worker in turn to
+re-execute itself (``Op.UPGRADE``; it comes back on the same channel, same PID,
+``WorkerLink.resumed``), then re-executes the master, which adopts the running
+workers (``WorkerPool.adopt``, ``AdoptedProcess``) instead of starting them.
+
 ``WorkerPool`` has the surface of ``Supervisor`` that ``Service`` and the run loop
 use (``apply``, ``rule_states``, ``stats``, ``close_listeners``, ``drain``), so the
 admin endpoint, metrics and stats log serve both modes unchanged.
@@ -103,6 +108,7 @@ class Op(enum.Enum):
     APPLY = "apply"  #: master -> worker: run these rules (a generation)
     REPORT = "report"  #: master -> worker: your figures now (with the open connections on demand)
     PUSH = "push"  #: worker -> master: figures and generation, every push interval; the heartbeat
+    UPGRADE = "upgrade"  #: master -> worker: upgrade in place now (the master checked the installed code)
 
 
 class WorkerState(enum.Enum):
@@ -121,6 +127,17 @@ class Channel:
     def __init__(self, sock: socket.socket) -> None:
         self.sock = sock
         self._send_lock = Semaphore()
+        #: A frame's header was read and its body not yet: an upgrade in place waits
+        #: for it (the next program would start reading in the middle of a frame).
+        self.reading_frame = False
+
+    def hold(self) -> None:
+        """Wait for a frame being sent to be sent whole, then let no one send: the
+        channel is handed to the next program (``release`` if that fails)."""
+        self._send_lock.acquire()
+
+    def release(self) -> None:
+        self._send_lock.release()
 
     def send(self, message: dict[str, Any]) -> None:
         """Send one message whole; FrameTooLarge (nothing sent) past ``MAX_FRAME``."""
@@ -140,7 +157,11 @@ class Channel:
         (size,) = struct.unpack("!I", header)
         if size > MAX_FRAME:
             raise ChannelError(f"frame of {size} bytes is over the limit of {MAX_FRAME}")
-        body = self._exactly(size) if size else b""
+        self.reading_frame = True
+        try:
+            body = self._exactly(size) if size else b""
+        finally:
+            self.reading_frame = False
         if body is None:
             raise ChannelError("the channel closed inside a frame")
         try:
@@ -208,6 +229,8 @@ class Request:
             raise BadRequest(f"unknown request {str(message.get('op'))[:100]!r}", request_id) from None
         if op is Op.REPORT:
             return cls(request_id, op, connections=bool(message.get("connections")))
+        if op is Op.UPGRADE:
+            return cls(request_id, op)
         if op is not Op.APPLY:
             raise BadRequest(f"unknown request {op.value!r}", request_id)
         generation = _int_field(message, "generation")
@@ -245,7 +268,18 @@ class WorkerLink:
         #: it (a resync that crossed a reload) is not applied over it.
         self._submitted = 0
         self._first: Request | None = None
+        self._resumed = False
+        #: Runs an upgrade in place of this worker (``Op.UPGRADE``); set by the run loop.
+        self.on_upgrade: Callable[[], None] | None = None
+        self.greenlet: gevent.Greenlet | None = None
         self._last_report: dict[str, Any] | None = None
+
+    def resumed(self, generation: int) -> None:
+        """This worker was upgraded in place (``gportmap.runtime.upgrade``): it runs
+        the rules of ``generation`` already, and the master sent no first
+        configuration to this program; it pushes its figures at once instead."""
+        self.applied = self._submitted = generation
+        self._resumed = True
 
     def first_config(self) -> tuple[bytes, str]:
         """(rules file bytes, path) the master validated; the worker starts with them."""
@@ -261,17 +295,27 @@ class WorkerLink:
         """Answer the first configuration (the rules are started), then push the
         figures and answer every request, until the master's end closes: then
         ``stop`` is set."""
-        return gevent.spawn(self._serve, service, changes, stop)
+        self.greenlet = gevent.spawn(self._serve, service, changes, stop)
+        return self.greenlet
+
+    def detach(self) -> None:
+        """In the drainer of an upgrade in place (a copy of this worker): the
+        channel is the upgraded worker's now. Stop serving it, without taking its
+        closing for the master's end (which would stop the drainer at once)."""
+        if self.greenlet is not None:
+            self.greenlet.kill(block=False)
+        self.channel.close()
 
     def _serve(self, service: Service, changes: Changes, stop: Event) -> None:
         first = self._first
-        assert first is not None, "first_config() comes first"
-        self.applied, self.applying = first.generation, None
+        assert first is not None or self._resumed, "first_config() comes first"
         pusher: gevent.Greenlet | None = None
         try:
-            self._send_answer(
-                first.id, {"ok": True, "changes": changes.as_fields(), "pid": os.getpid()}, service
-            )
+            if first is not None:
+                self.applied, self.applying = first.generation, None
+                self._send_answer(
+                    first.id, {"ok": True, "changes": changes.as_fields(), "pid": os.getpid()}, service
+                )
             pusher = gevent.spawn(self._push_loop, service)
             self._read_loop(service)
         except (OSError, ChannelError) as exc:
@@ -326,11 +370,17 @@ class WorkerLink:
         try:
             self._send_answer(request_id, answer)
         except (OSError, ChannelError):
-            pass  # the channel broke: the reader sees it and stops the worker
+            return  # the channel broke: the reader sees it and stops the worker
+        if message.get("op") == Op.UPGRADE.value and answer.get("ok") and self.on_upgrade is not None:
+            self.on_upgrade()  # returns only if this worker was not upgraded (logged why)
 
     def _answer(self, service: Service, request: Request) -> dict[str, Any]:
         if request.op is Op.REPORT:
             return {"ok": True, "report": service.worker_report(request.connections)}
+        if request.op is Op.UPGRADE:
+            if self.on_upgrade is None:
+                return {"ok": False, "errors": ["this worker cannot upgrade in place"]}
+            return {"ok": True}  # _handle starts it once this answer is sent
         return self._apply(service, request)
 
     def _apply(self, service: Service, request: Request) -> dict[str, Any]:
@@ -414,6 +464,54 @@ class WorkerLink:
 
 
 # -- the master's side -----------------------------------------------------------------
+
+
+class AdoptedProcess:
+    """A worker process this master did not start: started by the program it was
+    before an upgrade in place (same PID, so still its child). The part of
+    ``Popen`` the pool uses; its end is found by polling ``waitpid``."""
+
+    #: Seconds between two looks for its end.
+    poll_interval = 0.2
+
+    def __init__(self, pid: int) -> None:
+        self.pid = pid
+        self.returncode: int | None = None
+
+    def poll(self) -> int | None:
+        if self.returncode is None:
+            try:
+                done, status = os.waitpid(self.pid, os.WNOHANG)
+            except ChildProcessError:  # reaped by another waiter: its status is lost
+                done, status = self.pid, 0
+            if done:
+                self.returncode = os.waitstatus_to_exitcode(status)
+        return self.returncode
+
+    def wait(self, timeout: float | None = None) -> int | None:
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while self.poll() is None:
+            if deadline is not None and time.monotonic() >= deadline:
+                return None
+            gevent.sleep(self.poll_interval)
+        return self.returncode
+
+    def send_signal(self, signum: int) -> None:
+        if self.returncode is None:
+            os.kill(self.pid, signum)
+
+
+@dataclass(frozen=True)
+class HandedWorker:
+    """A worker as an upgrade of the master hands it to the next program."""
+
+    index: int
+    pid: int
+    fd: int  #: the master's end of its channel, kept open across the exec
+    restarts: int
+    started_at: float
+    generation: int
+    report: dict[str, Any] | None
 
 
 class WorkerProcess:
@@ -648,6 +746,70 @@ class WorkerPool:
         self.stopping = False
         self._rules_seen: dict[str, Rule] = {}
         self._watchdog: gevent.Greenlet | None = None
+        #: The workers were handed over by the program this master was before an
+        #: upgrade in place: the first apply sends them the rules, starts none.
+        self._adopted = False
+
+    # -- upgrade in place ------------------------------------------------------------
+
+    #: Seconds one worker has to come back upgraded (its pre-flight is the master's:
+    #: this is its hand-over and its new program's start).
+    upgrade_timeout = 60.0
+
+    def upgrade_workers(self) -> str | None:
+        """Upgrade every running worker in place, one at a time (``Op.UPGRADE``; each
+        carries its own listeners and connections): None when all came back, else
+        why not (the workers upgraded so far stay upgraded)."""
+        for worker in list(self.live()):
+            boot = (worker.report or {}).get("boot")
+            pid = worker.pid
+            answer = worker.request(Op.UPGRADE, {}, self.request_timeout)
+            if answer is None or not answer.get("ok"):
+                errors = "; ".join((answer or {}).get("errors", [])) or "no answer"
+                return f"worker {worker.index} (pid {pid}) refused to upgrade: {errors}"
+            deadline = time.monotonic() + self.upgrade_timeout
+            while (worker.report or {}).get("boot") == boot:
+                if worker.pid != pid or worker.state is not WorkerState.RUNNING:
+                    return f"worker {worker.index} (pid {pid}) exited during its upgrade"
+                if time.monotonic() > deadline:
+                    return f"worker {worker.index} (pid {pid}) did not come back within {self.upgrade_timeout:g}s"
+                gevent.sleep(0.05)
+            log_event(logger, logging.INFO, "worker_upgraded", f"worker {worker.index} (pid {pid}) upgraded in place",
+                      worker=worker.index, pid=pid)
+        return None
+
+    def hand_over(self) -> list[HandedWorker]:
+        """The running workers for the next program of this master; their channels
+        are made inheritable (``undo_hand_over`` if the exec does not happen)."""
+        handed = []
+        for worker in self.workers:
+            if worker.state is not WorkerState.RUNNING or worker.channel is None or worker.pid is None:
+                continue  # a worker starting or restarting now: the next master starts it again
+            fd = worker.channel.sock.fileno()
+            os.set_inheritable(fd, True)
+            handed.append(HandedWorker(worker.index, worker.pid, fd, worker.restarts, worker.started_at,
+                                       worker.generation, worker.report))
+        return handed
+
+    def adopt(self, handed: list[HandedWorker], generation: int, retired: dict[str, dict[str, Any]]) -> None:
+        """Before the first apply: the workers the program before this one ran (a
+        worker it did not hand over is started by the first apply, as usual)."""
+        self._adopted = True
+        self.generation = generation
+        for name, counters in retired.items():
+            self.stats.retired.setdefault(name, RuleStats(name, "")).add(counters, gauges=False)
+        for item in handed:
+            if not 0 <= item.index < self.count:
+                continue
+            worker = self.workers[item.index]
+            sock = socket.socket(fileno=item.fd)
+            os.set_inheritable(item.fd, False)
+            process = AdoptedProcess(item.pid)
+            worker.attach(process, Channel(sock))  # type: ignore[arg-type]
+            worker.state, worker.restarts, worker.started_at = WorkerState.RUNNING, item.restarts, item.started_at
+            worker.generation, worker.report = item.generation, item.report
+            worker.reader = gevent.spawn(self._read, worker, worker.channel)
+            gevent.spawn(self._monitor, worker, process)
 
     # -- the Supervisor surface ----------------------------------------------------
 
@@ -659,6 +821,13 @@ class WorkerPool:
         self._remember_rules()
         self.config = config
         self.generation += 1
+        if first and self._adopted:
+            self._watchdog = gevent.spawn(self._watch)
+            missing = [w for w in self.workers if w.state is not WorkerState.RUNNING]
+            jobs = [gevent.spawn(self._send_config, w, "upgrade") for w in self.live()]
+            jobs += [gevent.spawn(self._start, w) for w in missing]
+            gevent.joinall(jobs)
+            return next((job.value for job in jobs if job.value is not None), Changes())
         if first:
             return self._start_all()
         jobs = [gevent.spawn(self._send_config, worker, "master") for worker in self.live()]
