@@ -45,6 +45,8 @@ setup(
             "websockify>=0.11",  # the anchor of bench/compare.py's WebSocket rows (tests/test_bench.py)
             "packaging>=23",  # tests/test_packaging.py evaluates the dependency markers per platform
             "kubernetes-validate>=1.28",  # validates deploy/kubernetes/*.yaml against the API schemas, offline
+            "mkdocs>=1.6",  # tests/test_docs.py builds the docs site with --strict
+            "mkdocs-material>=9.5",  # its theme; configured to need no external assets
         ],
         "lint": ["ruff>=0.4"],
     },

@@ -52,11 +52,72 @@ def require_tool(name: str) -> str:
     pytest.skip(f"{name} is not installed (.ci/run installs it)")
 
 
+class PortPool:
+    """Loopback ports for gportmap to bind, handed out so that nothing else takes them
+    between the moment a test picks one and the moment gportmap binds it.
+
+    Binding port 0 and releasing it (the usual free-port trick) returns a port of the
+    kernel's ephemeral range, the range every outgoing connection of every process
+    here draws its source port from: any client socket of this or a concurrent test
+    run could take it before gportmap binds, and the rule fails with "address already
+    in use". The pool hands out ports *below* that range instead, which the kernel
+    never assigns on its own; each one at most once per test session, each checked
+    free for TCP and UDP alike (some rules share a port between the two), starting
+    from a place that depends on the process id so that concurrent test runs walk
+    different stretches of the range. What is left is an explicit bind by another
+    program to the same port in that instant; the admin port, which the fixture
+    picks itself, is moreover retried on a collision (``Gportmap.wait_started``).
+    """
+
+    #: The lowest port handed out; the highest is just below the ephemeral range.
+    low = 20000
+    #: Used when /proc does not say where the ephemeral range starts.
+    default_ephemeral_low = 32768
+
+    def __init__(self) -> None:
+        self.high = self._ephemeral_low() - 1
+        if self.high - self.low < 1000:  # an unusual ip_local_port_range: use the top of the space
+            self.low, self.high = 61000, 65535
+        self._span = self.high - self.low + 1
+        self._next = self.low + (os.getpid() * 7919) % self._span
+        self._given: set[int] = set()
+        self._lock = threading.Lock()
+
+    def _ephemeral_low(self) -> int:
+        try:
+            return int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+        except (OSError, ValueError, IndexError):
+            return self.default_ephemeral_low
+
+    @staticmethod
+    def _free(port: int) -> bool:
+        for kind in (socket.SOCK_STREAM, socket.SOCK_DGRAM):
+            with socket.socket(socket.AF_INET, kind) as sock:
+                try:
+                    sock.bind((LOOPBACK, port))
+                except OSError:
+                    return False
+        return True
+
+    def take(self) -> int:
+        with self._lock:
+            for _ in range(self._span):
+                port = self._next
+                self._next = self.low + (self._next - self.low + 1) % self._span
+                if port not in self._given and self._free(port):
+                    self._given.add(port)
+                    return port
+        raise AssertionError(f"no free port left in {self.low}-{self.high}")
+
+
+_PORTS = PortPool()
+
+
 def free_port(kind: int = socket.SOCK_STREAM) -> int:
-    """A port the OS had free a moment ago (bind to port 0, read it, release it)."""
-    with socket.socket(socket.AF_INET, kind) as sock:
-        sock.bind((LOOPBACK, 0))
-        return sock.getsockname()[1]
+    """A loopback port free for TCP and UDP, outside the ephemeral range and not handed
+    out before in this session (see ``PortPool``). ``kind`` is kept for the callers
+    that name the transport; the port is free for both."""
+    return _PORTS.take()
 
 
 def closed_by_peer(sock: socket.socket, timeout: float = 5.0) -> bool:
@@ -214,12 +275,21 @@ class Gportmap:
         if rules is not None:
             self.rules_path.write_text(json.dumps(rules, indent=2))
         self.log_path = tmp_path / "gportmap.log"
+        self._tmp_path = tmp_path
+        self._extra_args = extra_args
+        self._env = {**os.environ, **(env or {})}
+        # Every instance gets its admin endpoint on a free port unless the test says otherwise.
+        self.admin_port: int | None = None
+        self._own_admin = not any(arg.startswith("--admin") for arg in extra_args)
+        self._spawn()
+
+    def _spawn(self) -> None:
+        """Start the process (again, after an admin port collision) with a fresh log."""
         self._log = open(self.log_path, "wb")
         self._records: list[dict] = []
         self._offset = 0
-        # Every instance gets its admin endpoint on a free port unless the test says otherwise.
-        self.admin_port = None
-        if not any(arg.startswith("--admin") for arg in extra_args):
+        extra_args = self._extra_args
+        if self._own_admin:
             self.admin_port = free_port()
             extra_args = (*extra_args, "--admin", f"{LOOPBACK}:{self.admin_port}")
         cmd = [sys.executable, "-m", "gportmap", str(self.rules_path), "--log-format", "json", *extra_args]
@@ -228,8 +298,8 @@ class Gportmap:
             stdout=self._log,
             stderr=subprocess.STDOUT,
             stdin=subprocess.DEVNULL,
-            cwd=tmp_path,
-            env={**os.environ, **(env or {})},
+            cwd=self._tmp_path,
+            env=self._env,
         )
 
     def admin(self, path: str, method: str = "GET", token: str | None = None, timeout: float = 10) -> tuple[int, bytes, dict]:
@@ -279,10 +349,36 @@ class Gportmap:
         found = [e for e in self.events(event) if all(e.get(k) == v for k, v in fields.items())]
         return found if len(found) >= count else []
 
+    #: How many times an admin port the fixture picked is picked again when something
+    #: else bound it first.
+    admin_port_retries = 3
+
     def wait_started(self, timeout: float = 15.0) -> None:
         self.wait_event("started", timeout)
-        if self.admin_port is not None:
-            self.wait_event("admin_started", timeout)
+        if self.admin_port is None:
+            return
+        # Only a port picked here can be picked again (subclasses that build their own
+        # command line, or a test that set admin_port itself, wait as they are).
+        retries = self.admin_port_retries if getattr(self, "_own_admin", False) else 0
+        for _ in range(retries):
+            outcome = self.wait_for_any(("admin_started", "admin_failed"), timeout)
+            if outcome["event"] == "admin_started" or "in use" not in str(outcome.get("error")):
+                break
+            self.close()  # the port was taken between the pick and the bind: pick another
+            self._spawn()
+            self.wait_event("started", timeout)
+        self.wait_event("admin_started", timeout)
+
+    def wait_for_any(self, events: tuple[str, ...], timeout: float = 10.0) -> dict:
+        """The first record of any of ``events``."""
+
+        def first() -> dict | None:
+            found = [r for r in self.events() if r.get("event") in events]
+            if not found and self.proc.poll() is not None:
+                raise AssertionError(f"gportmap exited ({self.proc.returncode}):\n" + "\n".join(self.lines()))
+            return found[0] if found else None
+
+        return wait_for(first, timeout, what=f"one of {events}")
 
     def signal(self, signum: int = signal.SIGTERM) -> None:
         self.proc.send_signal(signum)

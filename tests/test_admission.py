@@ -208,6 +208,7 @@ def test_same_answers_as_the_linear_scan(allow: list[str], deny: list[str], seed
 
 
 @pytest.mark.parametrize("seed", [1, 2, 3])
+@pytest.mark.slow
 def test_same_answers_as_the_linear_scan_for_long_lists(seed: int) -> None:
     """Hundreds of entries a list: merging at scale (chains of overlaps, adjacency,
     nesting many deep) and the edges of every entry."""
@@ -442,6 +443,7 @@ def write_rules(path: Path, port: int, target_port: int, deny: list[str]) -> Non
 
 
 @pytest.mark.parametrize("covered", [False, True], ids=["client-not-listed", "client-listed"])
+@pytest.mark.slow
 def test_a_hundred_thousand_entry_deny_list_starts_and_decides(
     tmp_path, start_gportmap, echo_target, covered
 ):

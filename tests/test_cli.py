@@ -53,11 +53,16 @@ def test_check_accepts_every_shipped_example(example: str) -> None:
     assert lines[-1].endswith("valid")
 
 
-def test_shipped_examples_target_only_loopback() -> None:
-    for path in (ROOT / "rules").glob("*.json"):
+def test_shipped_examples_listen_on_and_target_only_loopback() -> None:
+    """rules/ holds runnable examples: none may open a port beyond this machine (a rule
+    without listenHost listens on 0.0.0.0) nor send traffic anywhere else."""
+    paths = sorted((ROOT / "rules").glob("*.json"))
+    assert paths
+    for path in paths:
         data = json.loads(path.read_text())
         for rule in data["rules"] if isinstance(data, dict) else data:
             assert rule["targetHost"] in ("127.0.0.1", "::1"), (path.name, rule)
+            assert rule.get("listenHost") in ("127.0.0.1", "::1"), (path.name, rule)
 
 
 def test_check_prints_one_line_per_rule_and_binds_nothing(tmp_path: Path) -> None:
@@ -152,6 +157,7 @@ def _rules_dir(tmp_path: Path, name: str, rule_name: str) -> Path:
     return folder / "rules.json"
 
 
+@pytest.mark.slow
 def test_rules_path_resolution_order(tmp_path: Path) -> None:
     positional = _rules_dir(tmp_path, "positional", "from-positional")
     flag = _rules_dir(tmp_path, "flag", "from-flag")
@@ -225,6 +231,7 @@ def test_settings_choose_the_log_format_and_flags_override_them(tmp_path: Path, 
         proc.stderr.close()
 
 
+@pytest.mark.slow
 def test_text_log_format_is_one_readable_line_per_event(tmp_path: Path, echo_target) -> None:
     port = free_port()
     path = write_rules(tmp_path, [tcp_rule(port, echo_target.port, name="txt")])
@@ -248,3 +255,44 @@ def test_text_log_format_is_one_readable_line_per_event(tmp_path: Path, echo_tar
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(15) == 0
         proc.stderr.close()
+
+
+# -- the test helpers' ports (tests/conftest.py) ----------------------------------------
+
+
+def test_free_ports_are_below_the_ephemeral_range_free_and_never_handed_out_twice() -> None:
+    """A port a test picks for gportmap cannot be taken meanwhile as the source port of
+    some outgoing connection: the kernel draws those from the ephemeral range only."""
+    ephemeral_low = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    ports = [free_port() for _ in range(200)]
+    assert len(set(ports)) == len(ports)
+    assert all(port < ephemeral_low for port in ports) or all(port > 60999 for port in ports)
+    for port in ports[:20]:
+        for kind in (socket.SOCK_STREAM, socket.SOCK_DGRAM):
+            with socket.socket(socket.AF_INET, kind) as sock:
+                sock.bind(("127.0.0.1", port))  # free for TCP and UDP alike
+
+
+def test_an_admin_port_taken_before_gportmap_binds_it_is_picked_again(start_gportmap, echo_target, monkeypatch) -> None:
+    """The race free_port() cannot close on its own: another program binds the port
+    between the pick and gportmap's bind. The fixture sees admin_failed and starts
+    gportmap again on another port."""
+    import conftest
+
+    blocker = socket.socket()
+    blocker.bind(("127.0.0.1", 0))
+    blocker.listen(1)
+    taken = blocker.getsockname()[1]
+    real_take = conftest._PORTS.take
+    picks = iter([taken])
+    monkeypatch.setattr(conftest._PORTS, "take", lambda: next(picks, None) or real_take())
+    try:
+        port = real_take()
+        gp = start_gportmap([tcp_rule(port, echo_target.port)])
+        assert gp.admin_port != taken
+        assert gp.admin_json("/healthz")["status"] == "ok"
+        with connect(port) as sock:
+            sock.sendall(b"x")
+            assert recv_exactly(sock, 1) == b"x"
+    finally:
+        blocker.close()

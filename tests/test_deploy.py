@@ -915,6 +915,7 @@ def supervisord(tmp_path):
         sv.close()
 
 
+@pytest.mark.slow
 def test_supervisord_runs_reloads_on_hup_and_drains_on_stop(supervisord, tmp_path, echo_target):
     one, two = free_port(), free_port()
     # watch off: only the HUP can have applied the change below.
@@ -970,6 +971,7 @@ def test_supervisord_runs_reloads_on_hup_and_drains_on_stop(supervisord, tmp_pat
     assert "stopped: gportmap (exit status 0)" in sv.output()
 
 
+@pytest.mark.slow
 def test_supervisord_restarts_gportmap_after_sigkill(supervisord, echo_target):
     port = free_port()
     sv, _ = supervisord({"rules": [tcp_rule(port, echo_target.port, name="web")]})
@@ -985,6 +987,7 @@ def test_supervisord_restarts_gportmap_after_sigkill(supervisord, echo_target):
     assert starts[0]["config"] == starts[1]["config"]
 
 
+@pytest.mark.slow
 def test_supervisord_stdout_variant_puts_the_records_on_its_stdout(supervisord, echo_target):
     """The alternative deploy/supervisord.conf documents for supervisord in the
     foreground (a container's main process): the records on supervisord's stdout."""
@@ -1068,6 +1071,7 @@ def base_rootfs_tar(debootstrap: str) -> Path:
     return tar
 
 
+@pytest.mark.slow
 @pytest.mark.image
 @pytest.mark.timeout(1200)
 def test_image_builds_and_runs_as_the_image_would(tmp_path, echo_target):

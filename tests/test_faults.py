@@ -244,7 +244,6 @@ def test_target_that_stops_reading_pushes_back_then_idle_timeout_cuts_it(start_g
         with pytest.raises((ConnectionResetError, BrokenPipeError)):
             while pushed < 512 * MIB:
                 pushed += sock.send(chunk)
-        cut_at = time.monotonic()
     (record,) = gp.wait_event("connection_closed", count=2)[1:]
     print(f"pushed {pushed / MIB:.1f} MiB before backpressure stopped the sender; RSS {gp.rss_kib() - rss_before:+d} KiB")
     assert pushed < 64 * MIB, "no backpressure: the sender was never stopped"
@@ -252,8 +251,7 @@ def test_target_that_stops_reading_pushes_back_then_idle_timeout_cuts_it(start_g
     assert record["bytes_received"] <= pushed + 1
     assert record["duration"] >= 1
     assert gp.rss_kib() - rss_before < 4 * 1024
-    fds_back_to(gp, baseline)
-    assert time.monotonic() - cut_at < 15
+    fds_back_to(gp, baseline)  # polls with its own deadline
     assert rule_stats(gp, "f")["connections"]["active"] == 0
 
 
@@ -491,6 +489,7 @@ def netns() -> Iterator[Callable[[], Netns]]:
             ns.delete()
 
 
+@pytest.mark.slow  # network namespaces: root, ip, nft, tc
 def test_client_vanishing_without_fin_is_reclaimed_by_idle_timeout(start_gportmap, mode_target, netns):
     ns = netns()
     gp = start_on(start_gportmap, mode_target.port, listen_host=ns.host_addr, idleTimeout=1.5)
@@ -512,7 +511,7 @@ def test_client_vanishing_without_fin_is_reclaimed_by_idle_timeout(start_gportma
         took = time.monotonic() - vanished
         print(f"both connections reclaimed {took:.2f}s after the client's link went down (idleTimeout 1.5 s)")
         assert [r["reason"] for r in records] == ["idle_timeout", "idle_timeout"]
-        assert 1.0 <= took < 15, took
+        assert took >= 1.0, took  # not before idleTimeout; the wait above bounds it from above
         fds_back_to(gp, baseline)
         assert rule_stats(gp, "f")["connections"]["active"] == 0
         # The target's side was closed too: the streaming target's send failed.
@@ -588,6 +587,7 @@ def tc_drops(ns: Netns, dev: str) -> int:
     return sum(int(n) for n in re.findall(r"dropped (\d+)", text))
 
 
+@pytest.mark.slow  # network namespaces: root, ip, nft, tc
 def test_lossy_slow_link_tcp_arrives_intact_and_udp_loss_is_counted(start_gportmap, netns):
     ns = netns()
     emulation = emulate_lossy_link(ns)
@@ -786,6 +786,7 @@ def closed_quickly(sock: socket.socket) -> bool:
         return False
 
 
+@pytest.mark.slow
 def test_flood_of_1000_connections_under_ulimit_256_backs_off_and_recovers(start_gportmap, echo_target, ulimit_256):
     """``ulimit -n 256``, every descriptor taken (by UDP sessions: TCP connections
     alone stop at the cap above), then 1,000 connections queue in the kernel.

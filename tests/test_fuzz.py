@@ -27,6 +27,7 @@ import socket
 import ssl
 import struct
 
+import pytest
 import websocket
 from conftest import LOOPBACK, closed_by_peer, connect, free_port, recv_exactly, tcp_rule, wait_for
 from hypothesis import HealthCheck, example, given, settings
@@ -396,6 +397,7 @@ def hostile_documents(draw) -> dict:
 
 @settings(max_examples=400, deadline=None)
 @given(hostile_documents())
+@pytest.mark.slow
 def test_nested_tls_and_settings_give_a_config_or_a_config_error(document: dict) -> None:
     try:
         config = parse(json.dumps(document), "fuzz.json")
@@ -498,6 +500,7 @@ def as_v6(ip: ipaddress.IPv4Address | ipaddress.IPv6Address) -> ipaddress.IPv6Ad
         65535,
     ),
 )
+@pytest.mark.slow
 def test_proxy_headers_parse_back_to_the_addresses_written(source, destination) -> None:
     (src_address, src_ip, src_port), (dst_address, dst_ip, dst_port) = source, destination
     line = proxyproto.header("v1", src_address, dst_address)
@@ -556,6 +559,7 @@ odd_addresses = st.one_of(
 
 @settings(max_examples=1500, deadline=None)
 @given(odd_addresses, odd_addresses)
+@pytest.mark.slow
 def test_proxy_header_writer_never_raises_and_always_writes_a_valid_header(source, destination) -> None:
     line = proxyproto.header("v1", source, destination)
     binary = proxyproto.header("v2", source, destination)

@@ -122,6 +122,7 @@ def serves(port: int) -> bool:
 
 
 @pytest.mark.parametrize("max_lines", [None, 500], ids=["default_queue", "small_queue"])
+@pytest.mark.slow
 def test_a_stderr_nobody_reads_does_not_stop_forwarding(unread_gportmap, echo_target, max_lines) -> None:
     port = free_port()
     proc = unread_gportmap([tcp_rule(port, echo_target.port, name="echo")], max_lines)

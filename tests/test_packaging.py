@@ -28,7 +28,8 @@ from packaging.markers import default_environment
 from packaging.requirements import Requirement
 from packaging.utils import canonicalize_name
 
-pytestmark = pytest.mark.packaging
+#: Resolving against the package index takes half a minute or more: the slow tier.
+pytestmark = [pytest.mark.packaging, pytest.mark.slow]
 
 #: Seconds one pip resolution may take (it downloads metadata, not packages).
 PIP_TIMEOUT = 100

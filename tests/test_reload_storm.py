@@ -13,6 +13,7 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
+import pytest
 from conftest import LOOPBACK, connect, free_port, recv_exactly, refused, tcp_rule, wait_for
 
 #: Seconds the storm lasts: bounded, like every load loop here.
@@ -77,6 +78,7 @@ class Traffic:
         self._thread.join(30)
 
 
+@pytest.mark.slow
 def test_a_reload_storm_from_every_source_ends_on_exactly_the_last_version(start_gportmap, echo_target, tmp_path):
     target = echo_target.port
     common, *ports = distinct_free_ports(7)
@@ -149,6 +151,7 @@ def test_a_reload_storm_from_every_source_ends_on_exactly_the_last_version(start
     wait_for(lambda: gp.open_fds() == idle_fds, timeout=30, what=f"fds back to {idle_fds}")
 
 
+@pytest.mark.slow
 def test_a_sighup_during_a_reload_of_200_rules_to_one(start_gportmap, echo_target, tmp_path):
     """The bug (two SIGHUPs 50 ms apart did it): the second reload ran while the first
     still bound its 200 listeners;
@@ -203,6 +206,7 @@ def test_after_sigterm_reloads_are_refused_and_no_listener_opens(start_gportmap,
     assert gp.wait_exit(30) == 0
 
 
+@pytest.mark.slow
 def test_a_rule_whose_start_raises_fails_alone_and_later_edits_still_apply(start_gportmap, echo_target, tmp_path):
     """The bug: an exception applying a rule that was not a config error (here a
     plugin whose construction fails when the rule's server is built, after the rules

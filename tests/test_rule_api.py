@@ -545,6 +545,7 @@ def _free_tcp(port: int) -> bool:
 # -- concurrency and workers ---------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_twenty_concurrent_writers_each_add_a_rule_and_none_is_lost(start_gportmap, echo_target):
     gp = start_gportmap(document(tcp_rule(free_port(), echo_target.port, name="base")))
     ports = [free_port() for _ in range(20)]
@@ -568,6 +569,7 @@ def test_twenty_concurrent_writers_each_add_a_rule_and_none_is_lost(start_gportm
     assert len(gp.events("rules_changed")) == 20
 
 
+@pytest.mark.slow
 def test_writes_fan_out_to_the_workers(start_gportmap, echo_target):
     gp = start_gportmap(document(tcp_rule(free_port(), echo_target.port, name="base")), "--workers", "2")
     wait_for(
@@ -585,6 +587,7 @@ def test_writes_fan_out_to_the_workers(start_gportmap, echo_target):
 # -- the dashboard ---------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_the_dashboard_disables_and_enables_a_rule(start_gportmap, echo_target, tmp_path):
     from cdp import Chromium
 

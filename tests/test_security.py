@@ -153,6 +153,7 @@ def tls_echo(pki):
     server.close()
 
 
+@pytest.mark.slow
 def test_target_tls_verifies_the_target(start_gportmap, tls_echo, pki):
     ports = {name: free_port() for name in ("right", "wrong-ca", "wrong-name", "no-verify", "system")}
     gp = start_gportmap(
@@ -185,25 +186,28 @@ def test_target_tls_verifies_the_target(start_gportmap, tls_echo, pki):
 
 def test_silent_clients_are_cut_at_the_handshake_deadline_and_do_not_block_others(start_gportmap, echo_target, pki):
     port = free_port()
-    gp = start_gportmap([tls_rule(port, echo_target.port, pki, name="deadline", handshakeTimeout=1)])
+    gp = start_gportmap([tls_rule(port, echo_target.port, pki, name="deadline", handshakeTimeout=2)])
+    started = time.monotonic()
     silent = [connect(port) for _ in range(200)]
     try:
-        started = time.monotonic()
         with tls_client(port, pki) as sock:
             sock.sendall(b"served")
             assert recv_exactly(sock, 6) == b"served"
-        assert time.monotonic() - started < 1.0  # not behind the 200
+        # Not behind the 200: served before their handshake deadline cut any of them
+        # (measured against gportmap's own timer, not against the clock).
+        assert rule_stats(gp, "deadline")["connections"]["rejected_by_reason"].get("tls", 0) == 0
         for sock in silent:
             sock.settimeout(10)
             assert recv_until_eof(sock) == b""  # cut by the server
         elapsed = time.monotonic() - started
-        assert 0.8 < elapsed < 8, elapsed
+        assert elapsed > 1.5, elapsed  # at the deadline (2 s), not before
         wait_for(lambda: rule_stats(gp, "deadline")["connections"]["rejected_by_reason"]["tls"] == 200, what="200 cut")
     finally:
         for sock in silent:
             sock.close()
 
 
+@pytest.mark.slow
 def test_garbage_truncated_hello_and_http_close_only_their_own_connection(start_gportmap, echo_target, pki):
     port = free_port()
     start_gportmap([tls_rule(port, echo_target.port, pki, name="hostile", handshakeTimeout=2)])

