@@ -10,6 +10,7 @@ from __future__ import annotations
 import http.server
 import json
 import os
+import re
 import shutil
 import signal
 import socket
@@ -473,3 +474,30 @@ def echoes(port: int, payload: bytes = b"ping") -> bool:
     with connect(port) as sock:
         sock.sendall(payload)
         return recv_exactly(sock, len(payload)) == payload
+
+
+# -- what an admin endpoint says about rules, targets and metrics ---------------------
+
+
+def rule_stats(gp: Gportmap, name: str = "pool") -> dict:
+    """The ``/stats`` entry of rule ``name``."""
+    return next(rule for rule in gp.admin_json("/stats")["rules"] if rule["name"] == name)
+
+
+def targets_of(gp: Gportmap, name: str = "pool") -> dict[str, dict]:
+    """The ``targets`` of rule ``name`` in ``/stats``, by target name."""
+    return {target["name"]: target for target in rule_stats(gp, name)["targets"]}
+
+
+def metric(gp: Gportmap, name: str, **labels: str) -> float | None:
+    """The value of the sample of ``/metrics`` family ``name`` whose labels include
+    ``labels``; None when there is none."""
+    status, body, _ = gp.admin("/metrics")
+    assert status == 200
+    for line in body.decode().splitlines():
+        match = re.fullmatch(r"(\w+)\{(.*)\} (\S+)", line)
+        if match and match.group(1) == name:
+            found = dict(re.findall(r'(\w+)="([^"]*)"', match.group(2)))
+            if all(found.get(k) == v for k, v in labels.items()):
+                return float(match.group(3))
+    return None

@@ -7,7 +7,6 @@ it has open at once."""
 from __future__ import annotations
 
 import json
-import re
 import select
 import socket
 import ssl
@@ -20,7 +19,7 @@ from pathlib import Path
 import gevent
 import pytest
 from certs import CA
-from conftest import LOOPBACK, free_port, recv_exactly, wait_for
+from conftest import LOOPBACK, free_port, metric, recv_exactly, targets_of, wait_for
 
 from gportmap.config.model import CheckType, HealthCheck, Rule, Target
 from gportmap.engine.pool import TargetPool
@@ -141,23 +140,6 @@ def http_status(status: int) -> Callable[[Peer, socket.socket], None]:
 def pool_rule(port: int, targets: list[dict], check: dict, **extra: object) -> dict:
     return {"name": "pool", "protocol": "tcp", "listenHost": LOOPBACK, "listenPort": port, "targets": targets,
             "healthCheck": check, **extra}
-
-
-def targets_of(gp, name: str = "pool") -> dict[str, dict]:
-    rule = next(rule for rule in gp.admin_json("/stats")["rules"] if rule["name"] == name)
-    return {target["name"]: target for target in rule["targets"]}
-
-
-def metric(gp, name: str, **labels: str) -> float | None:
-    status, body, _ = gp.admin("/metrics")
-    assert status == 200
-    for line in body.decode().splitlines():
-        match = re.fullmatch(r"(\w+)\{(.*)\} (\S+)", line)
-        if match and match.group(1) == name:
-            found = dict(re.findall(r'(\w+)="([^"]*)"', match.group(2)))
-            if all(found.get(k) == v for k, v in labels.items()):
-                return float(match.group(3))
-    return None
 
 
 def reach(port: int) -> str:

@@ -5,14 +5,23 @@ on 127.0.0.1 that tell the client which of them it reached."""
 from __future__ import annotations
 
 import json
-import re
 import socket
 import threading
 from collections import Counter
 from collections.abc import Iterator
 
 import pytest
-from conftest import LOOPBACK, closed_by_peer, connect, free_port, recv_exactly, wait_for
+from conftest import (
+    LOOPBACK,
+    closed_by_peer,
+    connect,
+    free_port,
+    metric,
+    recv_exactly,
+    rule_stats,
+    targets_of,
+    wait_for,
+)
 
 from gportmap.config.model import Balance, Rule, Target
 from gportmap.engine.pool import SourceHash, TargetPool
@@ -122,26 +131,6 @@ def reach(port: int, source: str | None = None) -> str:
         return name.decode().strip()
     finally:
         sock.close()
-
-
-def rule_stats(gp, name: str = "pool") -> dict:
-    return next(rule for rule in gp.admin_json("/stats")["rules"] if rule["name"] == name)
-
-
-def targets_of(gp, name: str = "pool") -> dict[str, dict]:
-    return {target["name"]: target for target in rule_stats(gp, name)["targets"]}
-
-
-def metric(gp, name: str, **labels: str) -> float | None:
-    status, body, _ = gp.admin("/metrics")
-    assert status == 200
-    for line in body.decode().splitlines():
-        match = re.fullmatch(r"(\w+)\{(.*)\} (\S+)", line)
-        if match and match.group(1) == name:
-            found = dict(re.findall(r'(\w+)="([^"]*)"', match.group(2)))
-            if all(found.get(k) == v for k, v in labels.items()):
-                return float(match.group(3))
-    return None
 
 
 def quiet(gp, name: str = "pool") -> bool:

@@ -6,14 +6,13 @@ answer with their name."""
 
 from __future__ import annotations
 
-import re
 import socket
 import threading
 from collections import Counter
 from collections.abc import Iterator
 
 import pytest
-from conftest import LOOPBACK, free_port, wait_for
+from conftest import LOOPBACK, free_port, metric, targets_of, wait_for
 
 
 class UdpPeer:
@@ -107,23 +106,6 @@ class Client:
 
     def close(self) -> None:
         self.sock.close()
-
-
-def targets_of(gp) -> dict[str, dict]:
-    rule = next(rule for rule in gp.admin_json("/stats")["rules"] if rule["name"] == "pool")
-    return {target["name"]: target for target in rule["targets"]}
-
-
-def metric(gp, name: str, **labels: str) -> float | None:
-    status, body, _ = gp.admin("/metrics")
-    assert status == 200
-    for line in body.decode().splitlines():
-        match = re.fullmatch(r"(\w+)\{(.*)\} (\S+)", line)
-        if match and match.group(1) == name:
-            found = dict(re.findall(r'(\w+)="([^"]*)"', match.group(2)))
-            if all(found.get(k) == v for k, v in labels.items()):
-                return float(match.group(3))
-    return None
 
 
 def test_sessions_spread_by_weight_and_keep_their_target(start_gportmap, udp_peers):
