@@ -19,12 +19,14 @@ from __future__ import annotations
 import logging
 
 from gportmap.log import RateLimiter, get_logger
+from gportmap.reasons import CloseReason
 from gportmap.stats import RuleStats
 
 logger = get_logger("connections")
 
-#: The close reason of a connection ended by an unexpected exception.
-INTERNAL_ERROR = "internal_error"
+#: The close reason of a connection ended by an unexpected exception (kept under
+#: this name for protocols of plugin packages that import it).
+INTERNAL_ERROR = CloseReason.INTERNAL_ERROR
 #: Longest error text put in the records (an exception's text is not ours to bound).
 MAX_ERROR_TEXT = 200
 #: Records per rule and exception type per interval: a bug hit by every datagram
@@ -41,7 +43,7 @@ def error_text(exc: BaseException) -> str:
 def report_internal_error(stats: RuleStats, client: str, target: str, exc: BaseException) -> str:
     """Count ``exc`` against its rule and log it once with its traceback (at a
     bounded rate); return the short text for the connection's close record."""
-    stats.errors[INTERNAL_ERROR] += 1
+    stats.errors[CloseReason.INTERNAL_ERROR] += 1
     text = error_text(exc)
     if not logger.isEnabledFor(logging.ERROR):
         return text

@@ -14,20 +14,19 @@ from collections.abc import Callable
 from datetime import UTC, datetime
 from typing import Any, Protocol
 
-#: Reasons a connection can be refused before it is relayed (SPEC §5). ``handshake``:
-#: a WebSocket client whose upgrade request failed (none within handshakeTimeout,
-#: not an upgrade, a wrong path, version or key, a malformed request, or the client
-#: left first), as ``tls`` counts a failed TLS handshake.
-REJECT_REASONS = ("acl", "limit", "tls", "plugin", "handshake")
-#: Reasons a UDP datagram can be dropped (SPEC §5). ``kernel`` counts what the
-#: kernel dropped on a full socket receive buffer before gportmap could read it: it
-#: is read from the sockets when the figures are read (``refresh_kernel_drops``),
-#: never per datagram.
-UDP_DROP_REASONS = ("sessions", "acl", "plugin", "error", "kernel")
+from gportmap.reasons import CloseReason, DropReason, RejectReason
+
+#: Reasons a connection can be refused before it is relayed (SPEC §5), in the order
+#: /stats and the metrics list them: ``gportmap.reasons.RejectReason``. The counter
+#: tables are keyed by these plain strings (a member looks its key up as itself).
+REJECT_REASONS = tuple(str(reason) for reason in RejectReason)
+#: Reasons a UDP datagram can be dropped (SPEC §5): ``DropReason``. ``kernel`` is
+#: read from the sockets when the figures are read (``refresh_kernel_drops``).
+UDP_DROP_REASONS = tuple(str(reason) for reason in DropReason)
 #: Connection ends that are gportmap's fault, counted per rule (``gportmap.failures``):
 #: ``internal_error`` is an unexpected exception in a connection's (or a UDP
 #: session's) code, which closed that connection only.
-ERROR_REASONS = ("internal_error",)
+ERROR_REASONS = (str(CloseReason.INTERNAL_ERROR),)
 
 
 class RuleStats:
@@ -151,8 +150,8 @@ class RuleStats:
         kernel = self.kernel
         if kernel is not None:
             value = kernel.total()
-            if value > self.udp_dropped["kernel"]:  # monotonic, whatever a socket reports
-                self.udp_dropped["kernel"] = value
+            if value > self.udp_dropped[DropReason.KERNEL]:  # monotonic, whatever a socket reports
+                self.udp_dropped[DropReason.KERNEL] = value
 
     def snapshot(self) -> dict[str, Any]:
         if self.protocol == "udp":

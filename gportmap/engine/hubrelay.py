@@ -67,7 +67,8 @@ from gportmap.engine.net import READ, WRITE
 from gportmap.engine.relay import BUFFER_SIZE, SPLICE_FLAGS, SideError, close_fd, make_pipe, shutdown
 from gportmap.engine.stage import NEED_DATA, Stage, StageError, chain
 from gportmap.engine.tls import TlsStage
-from gportmap.failures import INTERNAL_ERROR, report_internal_error
+from gportmap.failures import report_internal_error
+from gportmap.reasons import CloseReason
 from gportmap.stats import Connection
 
 #: Reads one readiness callback may do before it lets other connections run.
@@ -176,18 +177,18 @@ class HubRelay:
             self._finish(reason, error)
 
     def fail(self, exc: SideError) -> None:
-        reason = getattr(exc.error, "close_reason", None) or f"{exc.side}_error"  # a stage may name its own
+        reason = getattr(exc.error, "close_reason", None) or CloseReason.side_error(exc.side)  # a stage may name its own
         self.abort(reason, exc.error.strerror or str(exc.error))
 
     def crash(self, exc: Exception) -> None:
         """An unexpected exception in one of this connection's callbacks: counted,
         logged once with its traceback, and this connection (only) ends."""
         conn = self.conn
-        self.abort(INTERNAL_ERROR, report_internal_error(conn.stats, conn.client, conn.target, exc))
+        self.abort(CloseReason.INTERNAL_ERROR, report_internal_error(conn.stats, conn.client, conn.target, exc))
 
     def direction_ended(self) -> None:
         if self.up.done and self.down.done:
-            self._finish("closed", None)
+            self._finish(CloseReason.CLOSED, None)
 
     # -- handing a connection to another process (an upgrade in place) ---------------
 
@@ -202,7 +203,7 @@ class HubRelay:
         the descriptors closed without the ``shutdown`` of an abort (which would end
         it for the new owner too), nobody told (it did not end)."""
         self.on_done = _nobody
-        self._finish("carried", None)
+        self._finish(CloseReason.CARRIED, None)
 
     def resume(self, up: tuple[bytes, bool], down: tuple[bytes, bool]) -> None:
         """After ``start``: go on from a state ``freeze`` gave in another process."""
@@ -256,7 +257,7 @@ class HubRelay:
                 self.conn.last_active = _monotonic()
                 self._arm(self.idle)
             else:
-                self.abort("idle_timeout")
+                self.abort(CloseReason.IDLE_TIMEOUT)
         except Exception as exc:  # noqa: BLE001 - a bug: see the module docstring
             self.crash(exc)
 

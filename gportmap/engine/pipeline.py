@@ -29,7 +29,7 @@ from gportmap.engine.hubrelay import _BUFFER, HubRelay
 from gportmap.engine.net import READ, WRITE, connect_error_text
 from gportmap.engine.pool import TargetPool, TargetState
 from gportmap.engine.tls import TlsError, TlsStage
-from gportmap.failures import INTERNAL_ERROR
+from gportmap.reasons import CloseReason
 from gportmap.stats import Connection
 
 
@@ -312,7 +312,7 @@ class HubConnection:
 
     def crash(self, exc: Exception) -> None:
         """An unexpected exception in a step or the handover to the relay."""
-        self.abort(INTERNAL_ERROR, self.owner.internal_error(exc))
+        self.abort(CloseReason.INTERNAL_ERROR, self.owner.internal_error(exc))
 
     # -- the steps, in order --------------------------------------------------------
 
@@ -322,7 +322,7 @@ class HubConnection:
         try:
             self.preamble = self.owner.preamble(self.client)
         except OSError as exc:  # the client reset before its address could be read
-            self._end("client_error", exc.strerror or str(exc))
+            self._end(CloseReason.CLIENT_ERROR, exc.strerror or str(exc))
             return
         route = self.route
         self.connector = self.step = PoolConnect(
@@ -342,7 +342,7 @@ class HubConnection:
     def _client_failed(self, error: OSError) -> None:
         self.step = None
         self.owner.handshake_failed(client_handshake_error(error))
-        self._end("tls", None)
+        self._end(CloseReason.TLS, None)
 
     def _connected(self, target: _socket.socket, state: TargetState) -> None:
         self.step = None
@@ -370,7 +370,7 @@ class HubConnection:
         connector = self.connector
         self.step = self.connector = None
         text = connector.last_text if connector is not None and connector.last_error is error else None
-        self._end("connect_failed", text or connect_error_text(error))
+        self._end(CloseReason.CONNECT_FAILED, text or connect_error_text(error))
 
     def _target_failed(self, error: OSError) -> None:
         """The PROXY header or the TLS handshake with the target failed: a failed

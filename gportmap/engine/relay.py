@@ -40,8 +40,9 @@ from gevent.monkey import get_original
 from gevent.socket import wait_read, wait_write
 
 from gportmap.engine.idle import waiting
-from gportmap.failures import INTERNAL_ERROR, report_internal_error
+from gportmap.failures import report_internal_error
 from gportmap.plugins import DOWNSTREAM, UPSTREAM, HookError, Reject, log_hook_error
+from gportmap.reasons import CloseReason
 from gportmap.stats import Connection
 
 BUFFER_SIZE = 65536
@@ -270,7 +271,7 @@ class Relay:
         finally:
             # Killed from outside (drain cut-off): stop the other direction too.
             download.kill(block=True)
-        return self.reason or "closed"
+        return self.reason or CloseReason.CLOSED
 
     def _direction(self, src: socket.socket, dst: socket.socket, src_side: str, dst_side: str) -> None:
         try:
@@ -280,16 +281,16 @@ class Relay:
             if self._pump(src, dst, src_side, dst_side) and not self._pump_splice(src, dst, src_side, dst_side):
                 self._pump(src, dst, src_side, dst_side, allow_switch=False)
         except IdleTimeout:
-            self._abort("idle_timeout", None)
+            self._abort(CloseReason.IDLE_TIMEOUT, None)
         except SideError as exc:
-            self._abort(f"{exc.side}_error", exc.error.strerror or str(exc.error))
+            self._abort(CloseReason.side_error(exc.side), exc.error.strerror or str(exc.error))
         except (HookError, Reject) as exc:
             if isinstance(exc, HookError):
                 log_hook_error(exc, self.conn.stats.name, self.conn.client)
-            self._abort("plugin_error", str(exc))
+            self._abort(CloseReason.PLUGIN_ERROR, str(exc))
         except Exception as exc:  # noqa: BLE001 - a bug: end this connection, not the other direction's wait
             conn = self.conn
-            self._abort(INTERNAL_ERROR, report_internal_error(conn.stats, conn.client, conn.target, exc))
+            self._abort(CloseReason.INTERNAL_ERROR, report_internal_error(conn.stats, conn.client, conn.target, exc))
 
     def _abort(self, reason: str, error: str | None) -> None:
         """Record the first failure and wake the other direction by shutting both sockets."""

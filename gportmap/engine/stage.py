@@ -44,6 +44,7 @@ from typing import Protocol
 from gevent.socket import wait_read, wait_write
 
 from gportmap.plugins import DOWNSTREAM, UPSTREAM, HookError, Reject, log_hook_error
+from gportmap.reasons import CloseReason
 
 #: What ``read_into`` returns when the stage has nothing more to give from what
 #: was fed: feed it more first.
@@ -57,7 +58,7 @@ class StageError(OSError):
     error (``client_error``, ``target_error``) unless ``close_reason`` says another."""
 
     #: The connection's close reason, when it is not the side's error.
-    close_reason: str | None = None
+    close_reason: CloseReason | None = None
 
     def __init__(self, reason: str) -> None:
         super().__init__(reason)
@@ -197,7 +198,7 @@ class Chain:
 class TransformError(StageError):
     """A plugin's ``on_data`` failed or refused: the connection ends as ``plugin_error``."""
 
-    close_reason = "plugin_error"
+    close_reason = CloseReason.PLUGIN_ERROR
 
 
 class TransformStage:

@@ -55,8 +55,9 @@ from gportmap.engine.relay import (
     shutdown,
     wait_readable,
 )
-from gportmap.failures import INTERNAL_ERROR, report_internal_error
+from gportmap.failures import report_internal_error
 from gportmap.plugins import DOWNSTREAM, UPSTREAM, HookError, Reject, log_hook_error
+from gportmap.reasons import CloseReason
 from gportmap.stats import Connection
 
 _HEADROOM = wsframe.MAX_HEADER
@@ -117,26 +118,26 @@ class WsBridge:
             outbound.join()
         finally:
             outbound.kill(block=True)
-        return self.reason or "closed"
+        return self.reason or CloseReason.CLOSED
 
     def _guard(self, direction) -> None:
         try:
             direction()
         except IdleTimeout:
-            self._abort("idle_timeout", None, wsframe.CLOSE_GOING_AWAY)
+            self._abort(CloseReason.IDLE_TIMEOUT, None, wsframe.CLOSE_GOING_AWAY)
         except wsframe.FrameError as exc:
-            self._abort(f"{self.ws_side}_error", exc.reason, exc.code)
+            self._abort(CloseReason.side_error(self.ws_side), exc.reason, exc.code)
         except SideError as exc:
             code = wsframe.CLOSE_INTERNAL_ERROR if exc.side != self.ws_side else None
-            self._abort(f"{exc.side}_error", exc.error.strerror or str(exc.error), code)
+            self._abort(CloseReason.side_error(exc.side), exc.error.strerror or str(exc.error), code)
         except (HookError, Reject) as exc:
             if isinstance(exc, HookError):
                 log_hook_error(exc, self.conn.stats.name, self.conn.client)
-            self._abort("plugin_error", str(exc), wsframe.CLOSE_INTERNAL_ERROR)
+            self._abort(CloseReason.PLUGIN_ERROR, str(exc), wsframe.CLOSE_INTERNAL_ERROR)
         except Exception as exc:  # noqa: BLE001 - a bug: this connection ends (1011), counted and logged
             conn = self.conn
             text = report_internal_error(conn.stats, conn.client, conn.target, exc)
-            self._abort(INTERNAL_ERROR, text, wsframe.CLOSE_INTERNAL_ERROR, told="internal error")  # no details out
+            self._abort(CloseReason.INTERNAL_ERROR, text, wsframe.CLOSE_INTERNAL_ERROR, told="internal error")  # no details out
 
     def _abort(self, reason: str, error: str | None, close_code: int | None, told: str | None = None) -> None:
         """End both directions; the WebSocket peer gets a Close with ``close_code``

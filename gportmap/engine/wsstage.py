@@ -38,7 +38,7 @@ import os
 
 from gportmap.engine import wsframe
 from gportmap.engine.stage import NEED_DATA, StageError
-from gportmap.failures import INTERNAL_ERROR
+from gportmap.reasons import CloseReason
 
 
 class WsError(StageError):
@@ -303,11 +303,11 @@ class WsStage:
         failure = self._failure
         if failure is not None:
             return self._close_frame(failure.code, failure.reason)
-        if reason in ("idle_timeout", "stopped"):
+        if reason in (CloseReason.IDLE_TIMEOUT, CloseReason.STOPPED):
             return self._close_frame(wsframe.CLOSE_GOING_AWAY, "")
-        if reason == f"{self.peer_side}_error":
+        if reason == CloseReason.side_error(self.peer_side):
             return b""  # the peer's own transport failed: nothing to tell it
-        if reason == INTERNAL_ERROR:
+        if reason == CloseReason.INTERNAL_ERROR:
             return self._close_frame(wsframe.CLOSE_INTERNAL_ERROR, "internal error")  # details stay in the log
         if reason.endswith("_error"):
             return self._close_frame(wsframe.CLOSE_INTERNAL_ERROR, error or "")

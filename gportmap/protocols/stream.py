@@ -47,10 +47,11 @@ from gportmap.engine.net import bind_listener, connect_error_text, set_nodelay
 from gportmap.engine.pipeline import Route, await_target_ready, target_setup_error
 from gportmap.engine.pool import TargetPool
 from gportmap.engine.tls import TlsStage
-from gportmap.failures import INTERNAL_ERROR, report_internal_error
+from gportmap.failures import report_internal_error
 from gportmap.log import get_logger, log_event
 from gportmap.plugins import ConnView, HookError, PluginChain, Reject, log_hook_error
 from gportmap.protocols import ServerContext
+from gportmap.reasons import CloseReason, RejectReason
 from gportmap.security import Admission, client_context, server_context
 from gportmap.stats import Connection, Slot
 
@@ -59,12 +60,13 @@ logger = get_logger("connections")
 #: Extra pool slots beyond maxConnections, for connections that are only rejected.
 REJECT_HEADROOM = 16
 
-#: What a connection's work returns: the close reason and an error text.
-Outcome = tuple[str, str | None]
+#: What a connection's work returns: the close reason and an error text. A
+#: ``CloseReason``; a protocol of a plugin package may return a plain str.
+Outcome = tuple[CloseReason | str, str | None]
 
 #: What a connection's work returns instead when it handed the connection to a relay
 #: that runs without a greenlet (``gportmap.engine.hubrelay``): that relay reports the end.
-DETACHED = ("detached", None)
+DETACHED = (CloseReason.DETACHED, None)
 
 
 class StreamRuleServer:
@@ -171,7 +173,7 @@ class StreamRuleServer:
     def kill(self) -> None:
         self.pool.kill(block=True, timeout=5)
         for relay in list(self.relays):
-            relay.abort("stopped")
+            relay.abort(CloseReason.STOPPED)
 
     def adopt_relay(self, relay, conn: Connection, view: ConnView | None = None) -> Outcome:
         """Track a started hub relay as an open connection; when it ends it is
@@ -232,10 +234,10 @@ class StreamRuleServer:
         Takes no place under the limits: callers with a handshake to run use
         ``admit_slot``."""
         if not self.admission.admits(address):
-            self.reject(client_text, "acl")
+            self.reject(client_text, RejectReason.ACL)
             return False
         if self.full():
-            self.reject(client_text, "limit")
+            self.reject(client_text, RejectReason.LIMIT)
             return False
         return True
 
@@ -247,11 +249,11 @@ class StreamRuleServer:
         ready (it becomes that connection), or calls ``slot.release()`` when it
         never gets there (a failed handshake); release is safe to call always."""
         if not self.admission.admits(address):
-            self.reject(client_text, "acl")
+            self.reject(client_text, RejectReason.ACL)
             return None
         slot = self.context.stats.reserve(self.stats, self.rule.max_connections)
         if slot is None:
-            self.reject(client_text, "limit")
+            self.reject(client_text, RejectReason.LIMIT)
         return slot
 
     def tls_accept(self, sock: socket.socket, client_text: str) -> socket.socket | None:
@@ -268,7 +270,7 @@ class StreamRuleServer:
         except (ssl.SSLError, OSError) as exc:
             if tls is not None:
                 tls.close()
-            self.reject(client_text, "tls", getattr(exc, "reason", None) or str(exc) or type(exc).__name__)
+            self.reject(client_text, RejectReason.TLS, getattr(exc, "reason", None) or str(exc) or type(exc).__name__)
             return None
 
     def full(self) -> bool:
@@ -289,10 +291,10 @@ class StreamRuleServer:
             self.plugins.accept(view)
             return True
         except Reject as exc:
-            self.reject(client_text, "plugin", str(exc) or None)
+            self.reject(client_text, RejectReason.PLUGIN, str(exc) or None)
         except HookError as exc:
             log_hook_error(exc, self.rule.name, client_text)
-            self.reject(client_text, "plugin", str(exc))
+            self.reject(client_text, RejectReason.PLUGIN, str(exc))
         return False
 
     def plugins_connect(self, view: ConnView | None) -> Outcome | None:
@@ -304,7 +306,7 @@ class StreamRuleServer:
         except (HookError, Reject) as exc:
             if isinstance(exc, HookError):
                 log_hook_error(exc, self.rule.name, view.client)
-            return "plugin_error", str(exc)
+            return CloseReason.PLUGIN_ERROR, str(exc)
         return None
 
     def transform(self, view: ConnView | None) -> Callable[[str, bytes], bytes] | None:
@@ -338,24 +340,28 @@ class StreamRuleServer:
         this connection only, as ``internal_error``; it is not passed on to the
         hub, which would log it a second time without the rule or the client."""
         conn = self.open(client_text, view, slot)
-        reason, error = INTERNAL_ERROR, None  # whatever escapes below is not a clean close
+        reason, error = CloseReason.INTERNAL_ERROR, None  # whatever escapes below is not a clean close
         try:
             reason, error = work(conn)
         except gevent.GreenletExit:
-            reason = "stopped"
+            reason = CloseReason.STOPPED
             raise
         except (Exception, gevent.Timeout) as exc:  # noqa: BLE001 - contained: see the docstring
-            reason, error = INTERNAL_ERROR, self.internal_error(exc, client_text)
+            reason, error = CloseReason.INTERNAL_ERROR, self.internal_error(exc, client_text)
         finally:
-            if reason != DETACHED[0]:
+            if reason != CloseReason.DETACHED:
                 self.finish(conn, reason, error, view)
 
     def internal_error(self, exc: BaseException, client_text: str) -> str:
         """Count and log (with its traceback) an unexpected exception in one of this
-        rule's connections; the caller ends that connection with INTERNAL_ERROR."""
+        rule's connections; the caller ends that connection with ``internal_error``."""
         return report_internal_error(self.stats, client_text, self.rule.target, exc)
 
-    def finish(self, conn: Connection, reason: str, error: str | None, view: ConnView | None = None) -> None:
+    def finish(
+        self, conn: Connection, reason: CloseReason | str, error: str | None, view: ConnView | None = None
+    ) -> None:
+        """Account ``conn``'s end and log it once. ``reason`` is a ``CloseReason``,
+        or a plain str from a protocol of a plugin package (recorded as it is)."""
         if view is not None:
             summary = {
                 "bytes_received": conn.bytes_received,
@@ -366,8 +372,8 @@ class StreamRuleServer:
             for failure in self.plugins.close(view, summary):
                 log_hook_error(failure, self.rule.name, view.client)
         self.context.stats.close(conn)
-        failed = reason == "connect_failed"
-        level = logging.WARNING if failed or reason == INTERNAL_ERROR else logging.INFO
+        failed = reason == CloseReason.CONNECT_FAILED
+        level = logging.WARNING if failed or reason == CloseReason.INTERNAL_ERROR else logging.INFO
         if not logger.isEnabledFor(level):
             return  # the common case under load: build no record at all
         fields = {"error": error} if error else {}
@@ -491,10 +497,10 @@ class StreamRuleServer:
     @staticmethod
     def connect_failed(exc: OSError) -> Outcome:
         if isinstance(exc, ClientGone):
-            return "client_error", exc.strerror
-        return "connect_failed", connect_error_text(exc)
+            return CloseReason.CLIENT_ERROR, exc.strerror
+        return CloseReason.CONNECT_FAILED, connect_error_text(exc)
 
-    def reject(self, client_text: str, reason: str, error: str | None = None) -> None:
+    def reject(self, client_text: str, reason: RejectReason | str, error: str | None = None) -> None:
         """Count a refused connection; log it at a bounded rate."""
         self.stats.rejected[reason] += 1
         allowed, suppressed = self.context.rejections.allow((self.rule.name, reason))
@@ -539,7 +545,7 @@ class Admitted:
 
     def handshake_failed(self, error: str) -> None:
         self.slot.release()
-        self.server.reject(self.client_text, "tls", error)
+        self.server.reject(self.client_text, RejectReason.TLS, error)
 
     def preamble(self, client) -> bytes:
         version = self.server.rule.proxy_protocol

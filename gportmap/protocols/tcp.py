@@ -45,9 +45,9 @@ from gportmap.engine.tls import TlsStage
 from gportmap.engine.wsbridge import WsBridge
 from gportmap.engine.wsstage import WsStage
 from gportmap.engine.wstunnel import HandshakeError, open_tunnel
-from gportmap.failures import INTERNAL_ERROR
 from gportmap.plugins import ConnView
 from gportmap.protocols.stream import DETACHED, Admitted, Outcome, StreamRuleServer
+from gportmap.reasons import CloseReason, RejectReason
 from gportmap.stats import Connection, Slot
 
 
@@ -118,10 +118,10 @@ class TcpServer(StreamRuleServer):
         except Exception as exc:  # noqa: BLE001 - a bug: contained to this connection
             text = self.internal_error(exc, client_text)
             if pipeline is not None and pipeline.on_done is not None:
-                pipeline.abort(INTERNAL_ERROR, text)  # reports the end through adopt_connection
+                pipeline.abort(CloseReason.INTERNAL_ERROR, text)  # reports the end through adopt_connection
             elif admitted is not None:
                 if admitted.conn is not None:
-                    self.finish(admitted.conn, INTERNAL_ERROR, text)
+                    self.finish(admitted.conn, CloseReason.INTERNAL_ERROR, text)
                 admitted.release()
 
     # -- RelayPath.STAGED and RelayPath.GREENLET: a greenlet per connection first ---
@@ -165,7 +165,7 @@ class TcpServer(StreamRuleServer):
                     await_handshake(client, client_tls, self.rule.handshake_timeout)
                 except OSError as exc:
                     slot.release()
-                    self.reject(client_text, "tls", client_handshake_error(exc))
+                    self.reject(client_text, RejectReason.TLS, client_handshake_error(exc))
                     return
 
             def work(conn: Connection) -> Outcome:
@@ -200,7 +200,7 @@ class TcpServer(StreamRuleServer):
                     leftover = open_tunnel(StagedSocket(target, target_tls), self.rule, conn.target)
                 except HandshakeError as exc:
                     self.stats.connect_failures += 1
-                    return "connect_failed", str(exc)
+                    return CloseReason.CONNECT_FAILED, str(exc)
                 target_stages.append(WsStage.client(self.rule.max_message_size, leftover))
             transform = self.transform(view)
             if transform is not None:
@@ -249,7 +249,7 @@ class TcpServer(StreamRuleServer):
                     leftover = open_tunnel(upstream, rule, conn.target)
                 except HandshakeError as exc:
                     self.stats.connect_failures += 1
-                    return "connect_failed", str(exc)
+                    return CloseReason.CONNECT_FAILED, str(exc)
                 bridge = WsBridge(
                     upstream, leftover, client, conn, rule.idle_timeout, context.buffers, rule.max_message_size, True,
                     transform,

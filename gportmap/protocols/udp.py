@@ -82,10 +82,11 @@ from gportmap.config.model import Balance
 from gportmap.engine.idle import waiting
 from gportmap.engine.net import bind_listener, peer_text
 from gportmap.engine.pool import TargetPool, TargetState, client_key
-from gportmap.failures import INTERNAL_ERROR, report_internal_error
+from gportmap.failures import report_internal_error
 from gportmap.log import get_logger, log_event
 from gportmap.plugins import DOWNSTREAM, UPSTREAM, ConnView, HookError, PluginChain, Reject, log_hook_error
 from gportmap.protocols import ServerContext
+from gportmap.reasons import CloseReason, DropReason
 from gportmap.security import Admission
 from gportmap.stats import retire_kernel_drops, watch_kernel_drops
 
@@ -189,7 +190,7 @@ class Session:
         self.started = self.last_active = now
         self.packets_received = self.packets_sent = 0
         self.bytes_received = self.bytes_sent = 0
-        self.reason = "stopped"
+        self.reason: str = CloseReason.STOPPED
         self.error: str | None = None
         self.closed = False
         self.view: ConnView | None = None  # what plugins see of it (None: no plugins)
@@ -308,7 +309,7 @@ class UdpServer:
         self._listener_counted = False
 
     def _shut_down(self) -> None:
-        self._end_sessions(list(self.sessions.values()), "stopped")
+        self._end_sessions(list(self.sessions.values()), CloseReason.STOPPED)
         self._stop_sweeping()
         if self._resolver is not None:
             self._resolver.kill(block=False)
@@ -369,7 +370,7 @@ class UdpServer:
                     except OSError as exc:  # a reported ICMP error, a full send buffer, EMSGSIZE
                         if exc.errno == errno.ECONNREFUSED:
                             self._refused(session, exc)
-                        self._drop("error", session.client, f"cannot send to the target: {_error_text(exc)}")
+                        self._drop(DropReason.ERROR, session.client, f"cannot send to the target: {_error_text(exc)}")
                     else:
                         if session.hold is Hold.PENDING and session.packets_received > 1:
                             self._established(session)  # the first went without an ICMP error
@@ -406,7 +407,7 @@ class UdpServer:
         text = report_internal_error(self.stats, peer_text(address), self.rule.target, exc)
         if session is not None:
             session.error = text
-            self._end_sessions([session], INTERNAL_ERROR)
+            self._end_sessions([session], CloseReason.INTERNAL_ERROR)
 
     def _listener_failed(self, exc: OSError) -> None:
         """A read error on the listening socket other than a queued ICMP report: ENOMEM
@@ -432,11 +433,11 @@ class UdpServer:
         """The one place a new client address is let in or turned away; ACL and plugin
         checks belong here too. Turning away costs no memory: nothing is stored."""
         if not self.admission.admits(address):
-            self._drop("acl", peer_text(address), "client address not admitted (allow/deny)")
+            self._drop(DropReason.ACL, peer_text(address), "client address not admitted (allow/deny)")
             return False
         if len(self.sessions) >= self.context.stats.share(self.rule.max_sessions):  # a worker's share
             self._drop(
-                "sessions", peer_text(address), f"session table full ({self.context.stats.share(self.rule.max_sessions)} sessions)"
+                DropReason.SESSIONS, peer_text(address), f"session table full ({self.context.stats.share(self.rule.max_sessions)} sessions)"
             )
             return False
         return True
@@ -451,10 +452,10 @@ class UdpServer:
             if isinstance(exc, HookError):
                 log_hook_error(exc, self.rule.name, session.client)
             session.error = str(exc)
-            self._end_sessions([session], "plugin_error")
+            self._end_sessions([session], CloseReason.PLUGIN_ERROR)
             return b""
         if not data:
-            self.stats.udp_dropped["plugin"] += 1
+            self.stats.udp_dropped[DropReason.PLUGIN] += 1
         return data
 
     def _plugins_accept(self, address: tuple) -> ConnView | None | bool:
@@ -466,11 +467,11 @@ class UdpServer:
         try:
             self.plugins.accept(view)
         except Reject as exc:
-            self._drop("plugin", client, f"refused by a plugin: {exc}" if str(exc) else "refused by a plugin")
+            self._drop(DropReason.PLUGIN, client, f"refused by a plugin: {exc}" if str(exc) else "refused by a plugin")
             return False
         except HookError as exc:
             log_hook_error(exc, rule.name, client)
-            self._drop("plugin", client, str(exc))
+            self._drop(DropReason.PLUGIN, client, str(exc))
             return False
         return view
 
@@ -485,19 +486,19 @@ class UdpServer:
         target = pool.acquire(client_key(address) if self._source else None)
         if target is None:
             pool.unavailable()
-            self._drop("error", peer_text(address), pool.no_target_error())
+            self._drop(DropReason.ERROR, peer_text(address), pool.no_target_error())
             return None
         sockaddr = self._target_address(target)
         if sockaddr is None:
             target.cancelled()
-            self._drop("error", peer_text(address), f"the address of target {target.name} is not resolved (yet)")
+            self._drop(DropReason.ERROR, peer_text(address), f"the address of target {target.name} is not resolved (yet)")
             return None
         family, sockaddr = sockaddr
         try:
             upstream = _socket.socket(family, socket.SOCK_DGRAM)
         except OSError as exc:  # EMFILE, ENFILE, ENOBUFS
             target.cancelled()
-            self._drop("error", peer_text(address), f"cannot open a socket: {_error_text(exc)}")
+            self._drop(DropReason.ERROR, peer_text(address), f"cannot open a socket: {_error_text(exc)}")
             return None
         try:
             upstream.setblocking(False)
@@ -505,7 +506,7 @@ class UdpServer:
         except OSError as exc:
             upstream.close()
             target.attempt_failed(_error_text(exc))
-            self._drop("error", peer_text(address), f"cannot reach target {target.name}: {_error_text(exc)}")
+            self._drop(DropReason.ERROR, peer_text(address), f"cannot reach target {target.name}: {_error_text(exc)}")
             return None
         session = Session(address, upstream, now, target)
         session.view = view or None
@@ -536,11 +537,11 @@ class UdpServer:
                 except OSError as exc:
                     if exc.errno not in TRANSIENT_ERRORS:
                         session.error = _error_text(exc)
-                        self._end_sessions([session], "error")
+                        self._end_sessions([session], CloseReason.ERROR)
                         return
                     if exc.errno == errno.ECONNREFUSED:
                         self._refused(session, exc)
-                    self._drop("error", session.client, f"the target reported: {_error_text(exc)}")
+                    self._drop(DropReason.ERROR, session.client, f"the target reported: {_error_text(exc)}")
                     continue
                 read += 1
                 if session.hold is Hold.PENDING:
@@ -558,7 +559,7 @@ class UdpServer:
                 try:
                     replies.sendto(data, address)
                 except OSError as exc:  # a full send buffer; EBADF once a successor closed the socket
-                    self._drop("error", session.client, f"cannot send to the client: {_error_text(exc)}")
+                    self._drop(DropReason.ERROR, session.client, f"cannot send to the client: {_error_text(exc)}")
                     continue
                 sent += 1
                 sent_bytes += len(data)
@@ -592,7 +593,7 @@ class UdpServer:
         timeout = self.rule.session_timeout
         if self._due(timeout):
             self._drain_listener()
-            self._end_sessions(self._silent(self._due(timeout)), "expired")
+            self._end_sessions(self._silent(self._due(timeout)), CloseReason.EXPIRED)
         if self.sessions:
             earliest = min(s.last_active for s in self.sessions.values())
             self._sweep_in(earliest + timeout - time.monotonic())
@@ -671,7 +672,7 @@ class UdpServer:
         fields = {"error": session.error} if session.error else {}
         log_event(
             logger,
-            logging.WARNING if session.reason in ("error", INTERNAL_ERROR) else logging.INFO,
+            logging.WARNING if session.reason in (CloseReason.ERROR, CloseReason.INTERNAL_ERROR) else logging.INFO,
             "session_closed",
             f"session closed ({session.reason})",
             rule=self.rule.name,

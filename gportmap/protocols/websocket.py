@@ -61,9 +61,9 @@ from gportmap.engine.stage import StagedSocket, TransformStage
 from gportmap.engine.tls import TlsStage
 from gportmap.engine.wsbridge import WsBridge
 from gportmap.engine.wsstage import WsStage
-from gportmap.failures import INTERNAL_ERROR
 from gportmap.log import ClientErrorsAsLog, get_logger
 from gportmap.protocols.stream import StreamRuleServer
+from gportmap.reasons import CloseReason, RejectReason
 from gportmap.stats import Connection, Slot
 
 logger = get_logger("websocket")
@@ -142,7 +142,7 @@ class _RuleWSGIServer(WSGIServer):
             await_handshake(raw, stage, owner.rule.handshake_timeout)
         except OSError as exc:
             raw.close()
-            owner.reject(client_text, "tls", client_handshake_error(exc))
+            owner.reject(client_text, RejectReason.TLS, client_handshake_error(exc))
             return
         except BaseException:  # a stop while it runs: the bare socket is ours to close
             raw.close()
@@ -188,7 +188,7 @@ class _BridgeHandler(ClientErrorsAsLog, WebSocketHandler):
         self.client_text = peer_text(self.client_address)
         self.conn: Connection | None = None
         self.upstream: socket.socket | None = None
-        self.outcome: tuple[str, str | None] = ("closed", None)
+        self.outcome: tuple[str, str | None] = (CloseReason.CLOSED, None)
         self.view = None
         #: Why the upgrade failed, for its ``handshake`` rejection.
         self.failure: str | None = None
@@ -207,7 +207,7 @@ class _BridgeHandler(ClientErrorsAsLog, WebSocketHandler):
             limit = owner.rule.handshake_timeout
             self.failure = self.failure or f"no WebSocket upgrade within handshakeTimeout ({limit:g}s)"
         except gevent.GreenletExit:
-            self.outcome = ("stopped", None)
+            self.outcome = (CloseReason.STOPPED, None)
             self.settled = True
             raise
         finally:
@@ -218,7 +218,7 @@ class _BridgeHandler(ClientErrorsAsLog, WebSocketHandler):
                 if not self.detached:  # else the relay accounts for it when it ends
                     owner.finish(self.conn, *self.outcome, self.view)
             elif not self.settled:
-                owner.reject(self.client_text, "handshake", self.failure or self._unanswered())
+                owner.reject(self.client_text, RejectReason.HANDSHAKE, self.failure or self._unanswered())
 
     def _unanswered(self) -> str:
         """Why an upgrade failed that no check of ours refused: the client left, or
@@ -254,7 +254,7 @@ class _BridgeHandler(ClientErrorsAsLog, WebSocketHandler):
         text = self.owner.internal_error(exc, self.client_text)
         self.settled = True  # counted as internal_error, not as a rejection
         if self.conn is not None:
-            self.outcome = (INTERNAL_ERROR, text)
+            self.outcome = (CloseReason.INTERNAL_ERROR, text)
         self.close_connection = True
         if getattr(self, "websocket", None) is not True:  # after the 101 no HTTP answer is left to give
             self._send_error_response_if_possible(500)
@@ -309,7 +309,7 @@ class _BridgeHandler(ClientErrorsAsLog, WebSocketHandler):
         if not valid_key:
             return self._fail("invalid Sec-WebSocket-Key", "400 Bad Request", "invalid Sec-WebSocket-Key")
         if rule.origins and environ.get("HTTP_ORIGIN") not in rule.origins:
-            owner.reject(self.client_text, "acl")
+            owner.reject(self.client_text, RejectReason.ACL)
             self.settled = True
             return self._refuse("403 Forbidden", "origin not allowed")
         self.view = owner.view(self.client_text)
