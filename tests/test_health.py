@@ -2,7 +2,8 @@
 subprocess probing real targets on 127.0.0.1 that are dead, alive, or alive but
 broken (a wrong HTTP status, a wrong banner, a wrong certificate); and the
 prober's bound on probes in flight, held against a target that counts the probes
-it has open at once."""
+it has open at once. With ``--workers 2``: one prober, the master's, whose verdicts
+every worker follows (from its start, and across reloads)."""
 
 from __future__ import annotations
 
@@ -534,3 +535,180 @@ def test_a_rule_is_probed_only_once_its_server_runs(start_gportmap, peers):
         blocker.close()
     gp.wait_event("rule_started", rule="late", timeout=20)
     wait_for(lambda: len(waiting.requests) >= 2, what="probes of the rule once it runs")
+
+
+# -- worker processes: one prober, the master's ---------------------------------------
+
+
+def start_workers(start_gportmap, rules: list[dict]):
+    """gportmap with two workers, both running."""
+    gp = start_gportmap(rules, "--workers", "2")
+    wait_for(lambda: [w["state"] for w in gp.admin_json("/stats")["workers"]] == ["running"] * 2,
+             what="two workers running")
+    return gp
+
+
+def held_through(gp, port: int, count: int) -> dict[int, set[int]]:
+    """Open ``count`` connections through gportmap and hold them: the target ports
+    each worker sent its share to, by worker (from ``/connections``)."""
+    socks = []
+    try:
+        for _ in range(count):
+            sock = socket.create_connection((LOOPBACK, port), timeout=10)
+            socks.append(sock)
+            assert sock.recv(64), "closed by gportmap"  # the target's name: connected
+        entries = wait_for(lambda: (lambda e: e if len(e) == count else None)(gp.admin_json("/connections")),
+                           what=f"{count} open connections")
+        by_worker: dict[int, set[int]] = {}
+        for entry in entries:
+            by_worker.setdefault(entry["worker"], set()).add(int(str(entry["target"]).rsplit(":", 1)[1]))
+        return by_worker
+    finally:
+        for sock in socks:
+            sock.close()
+
+
+def test_with_two_workers_each_target_is_probed_once_per_interval(start_gportmap, peers):
+    """N workers, one prober: a target counting its probes sees one per interval,
+    not one per worker and interval. Load can only delay probes, never add any."""
+    target = Peer(counting)
+    peers.append(target)
+    check = {"type": "tcp", **FAST}
+    start_workers(start_gportmap, [pool_rule(free_port(), [target.target("t")], check)])
+    wait_for(lambda: len(target.requests) >= 1, what="a first probe")
+    first, started = len(target.requests), time.monotonic()
+    wait_for(lambda: len(target.requests) >= first + 8, timeout=30, what="eight more probes")
+    probes, intervals = len(target.requests) - first, (time.monotonic() - started) / check["interval"]
+    assert probes <= intervals + 2, (probes, intervals)  # two probers would make about twice as many
+
+
+def test_with_two_workers_a_dead_target_is_logged_once_and_avoided_by_every_worker(start_gportmap, peers):
+    a, b = Peer(ident("a")), Peer(ident("b"))
+    peers += [a, b]
+    port = free_port()
+    gp = start_workers(start_gportmap, [pool_rule(port, [a.target("a"), b.target("b")], {"type": "tcp", **FAST})])
+    assert all(ports == {a.port, b.port} for ports in held_through(gp, port, 20).values())
+
+    b.kill()
+    down = gp.wait_event("target_down", target="b")
+    assert "worker" not in down[0]  # the master's record
+    wait_for(lambda: targets_of(gp)["b"]["state"] == "down", what="b down in every worker (the summed view)")
+    failures = targets_of(gp)["b"]["connect_failures"]
+    by_worker = held_through(gp, port, 20)
+    assert sorted(by_worker) == [0, 1] and all(ports == {a.port} for ports in by_worker.values()), by_worker
+    assert targets_of(gp)["b"]["connect_failures"] == failures  # no worker even tried it
+    assert len(gp.events("target_down")) == 1  # once, not once per worker
+    seen = targets_of(gp)["b"]["last_check"]  # the master's checks go on, and /stats shows them
+    wait_for(lambda: targets_of(gp)["b"]["last_check"] > seen, what="a later check of b in /stats")
+    assert "connection refused" in targets_of(gp)["b"]["last_error"]
+
+    b.start()  # revived, same port
+    gp.wait_event("target_up", target="b")
+    wait_for(lambda: targets_of(gp)["b"]["state"] == "up", what="b up again")
+    by_worker = held_through(gp, port, 20)  # round robin: a worker holding two or more reaches both
+    assert sorted(by_worker) == [0, 1] and all(ports == {a.port, b.port} for ports in by_worker.values()), by_worker
+    assert len(gp.events("target_up")) == 1 and len(gp.events("target_down")) == 1
+
+
+def test_a_restarted_worker_gets_the_current_states_from_the_master(start_gportmap, peers):
+    """A worker killed and restarted does not start with every target up again: a
+    target down by the master's checks is down in the new worker from its start."""
+    import os
+    import signal
+
+    a, b = Peer(ident("a")), Peer(ident("b"))
+    peers += [a, b]
+    port = free_port()
+    gp = start_workers(start_gportmap, [pool_rule(port, [a.target("a"), b.target("b")], {"type": "tcp", **FAST})])
+    b.kill()
+    gp.wait_event("target_down", target="b")
+    wait_for(lambda: targets_of(gp)["b"]["state"] == "down", what="b down in every worker")
+
+    old = {w["index"]: w["pid"] for w in gp.admin_json("/stats")["workers"]}
+    os.kill(old[0], signal.SIGKILL)
+    gp.wait_event("worker_started", worker=0, restarts=1, timeout=20)
+    wait_for(lambda: [(w["state"], w["pid"] != old[w["index"]]) for w in gp.admin_json("/stats")["workers"]]
+             == [("running", True), ("running", False)], what="worker 0 restarted")
+    failures = targets_of(gp)["b"]["connect_failures"]
+    by_worker = held_through(gp, port, 20)
+    assert sorted(by_worker) == [0, 1] and all(ports == {a.port} for ports in by_worker.values()), by_worker
+    assert targets_of(gp)["b"]["connect_failures"] == failures  # the new worker did not try it either
+    assert targets_of(gp)["b"]["state"] == "down"
+    assert len(gp.events("target_down")) == 1
+
+
+def test_with_two_workers_a_reload_keeps_a_down_target_down_in_every_worker(start_gportmap, peers):
+    a, b, c = Peer(ident("a")), Peer(ident("b")), Peer(ident("c"))
+    peers += [a, b, c]
+    b.kill()
+    port = free_port()
+    check = {"type": "tcp", **FAST}
+    gp = start_workers(start_gportmap, [pool_rule(port, [a.target("a"), b.target("b")], check)])
+    gp.wait_event("target_down", target="b")
+    wait_for(lambda: targets_of(gp)["b"]["state"] == "down", what="b down in every worker")
+
+    reload_with(gp, [pool_rule(port, [a.target("a"), b.target("b"), c.target("c")], check, retries=1)])
+    gp.wait_event("config_reloaded")
+    wait_for(lambda: checked(gp, "c"), what="a check of the new target")
+    failures = targets_of(gp)["b"]["connect_failures"]
+    by_worker = held_through(gp, port, 20)
+    assert sorted(by_worker) == [0, 1] and all(ports == {a.port, c.port} for ports in by_worker.values()), by_worker
+    assert targets_of(gp)["b"]["connect_failures"] == failures and targets_of(gp)["b"]["state"] == "down"
+
+    unchecked = pool_rule(port, [a.target("a"), b.target("b"), c.target("c")], check)
+    del unchecked["healthCheck"]
+    reload_with(gp, [unchecked])  # nothing would ever bring b back: up, in every worker
+    up = gp.wait_event("target_up", target="b")
+    assert "worker" not in up[0]
+    b.start()  # no check will say so: only the master's word brings b back in a worker
+    by_worker = held_through(gp, port, 20)
+    assert sorted(by_worker) == [0, 1] and all(ports == {a.port, b.port, c.port} for ports in by_worker.values())
+    assert len(gp.events("target_up")) == 1 and len(gp.events("target_down")) == 1
+
+
+def test_the_masters_verdicts_go_in_bounded_messages_and_malformed_ones_are_refused():
+    """The whole state of many targets goes as several messages of at most
+    ``verdicts_per_message`` verdicts, in order; verdicts that come while a send
+    to a worker is under way are not queued: the whole state follows it once. An
+    entry that is no verdict is refused."""
+    from gevent import socket as gsocket
+
+    from gportmap.runtime.workers import Channel, Verdict, WorkerPool, WorkerState
+
+    pool = WorkerPool(1, [])
+    master_end, worker_end = gsocket.socketpair()  # gevent's: the sender is a greenlet
+    worker = pool.workers[0]
+    worker.channel, worker.state = Channel(master_end), WorkerState.RUNNING
+    reader = Channel(worker_end)
+    try:
+        verdicts = [Verdict("r", LOOPBACK, port, port % 2 == 0, "x" * 500, 1.5) for port in range(1, 601)]
+        whole = [Verdict("r", LOOPBACK, 7, False, "refused", 2.5)]
+        pool.health_state = lambda: whole
+        pool.share_health(verdicts)
+        pool.share_health([Verdict("r", LOOPBACK, 7, True)])  # while the first is under way
+        assert worker.health_behind
+        got: list[Verdict] = []
+        sizes = []
+        while len(got) < len(verdicts):
+            with gevent.Timeout(10):
+                message = reader.recv()
+            assert message["op"] == "health"
+            sizes.append(len(message["verdicts"]))
+            got += [Verdict.from_wire(item) for item in message["verdicts"]]
+        assert sizes == [256, 256, 88]
+        assert [v.port for v in got] == list(range(1, 601))
+        with gevent.Timeout(10):
+            assert [Verdict.from_wire(item) for item in reader.recv()["verdicts"]] == whole
+        for _ in range(500):  # the sender's greenlet ends (gevent's clock: wait_for would block it)
+            if not worker.health_sending:
+                break
+            gevent.sleep(0.01)
+        assert not worker.health_sending and not worker.health_behind
+        assert got[1] == Verdict("r", LOOPBACK, 2, True, "x" * Verdict.error_limit, 1.5)  # the error is clipped
+    finally:
+        master_end.close()
+        worker_end.close()
+    for bad in (None, [], ["r", LOOPBACK, "80", True, None, None], ["r", LOOPBACK, 80, 1, None, None],
+                ["r", LOOPBACK, 80, True, None, True], ["r", LOOPBACK, True, True, None, None]):
+        assert Verdict.from_wire(bad) is None, bad
+    assert Verdict.from_wire(["r", LOOPBACK, 80, False, "refused", None]) == Verdict("r", LOOPBACK, 80, False, "refused")

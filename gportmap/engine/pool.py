@@ -225,6 +225,22 @@ class TargetState:
             self.checks_up = False
         self._changed(was_up, f"{fall} health checks failed in a row: {error}")
 
+    def set_checked(self, up: bool, error: str | None, at: float | None) -> None:
+        """Take the checks' verdict another process decided (a worker, from its
+        master's one prober): no ``rise``/``fall`` counting here, and no log (the
+        master logged the transition). A target brought back up also ends an
+        outage passive health started, as a passing ``rise`` does."""
+        if up and not self.checks_up:
+            self.fails = 0
+            self.out_until = 0.0
+            self.trial = False
+        self.checks_up = up
+        self.streak = 0
+        if at is not None:
+            self.last_check = at
+        if error is not None:
+            self.last_error = error
+
     def _changed(self, was_up: bool, reason: str | None) -> None:
         """Log a transition between up and down, once."""
         now_up = self.up

@@ -27,9 +27,17 @@ counters hold (``TargetPool.for_rule``), so a reload that keeps a target keeps
 its health state and the prober follows the pool's current targets (a target is
 known by (host, port)). ``HealthProber.attach(service)`` wires it to a service.
 
-Worker processes (``--workers``): each worker's service runs its own prober today
-(N probers, each feeding its own pools). One shared prober needs the master to
-probe and hand the results to the workers; see docs/health.md.
+Worker processes (``--workers``): one prober, the master's, for all of them. The
+master keeps pools of its own for the rules of the applied configuration
+(``MasterPools``: no connection ever goes through them; a reload keeps a staying
+target's state, as a worker's pool does), probes the targets of the rules its
+workers run, and logs ``target_up`` / ``target_down`` once. Each change of a
+target's state goes to every worker (``SharedVerdicts``, ``Op.HEALTH``), and the
+whole state goes to a worker that starts, is restarted or catches up with a reload,
+to every worker after a reload, and for a rule whose servers start running; a
+worker applies it to its pool (``TargetState.set_checked``) without counting
+``rise``/``fall`` and without logging. A worker runs no prober. Passive health
+stays each worker's own: it counts the connects that worker makes.
 """
 
 from __future__ import annotations
@@ -50,6 +58,7 @@ from typing import TYPE_CHECKING
 
 import gevent
 from gevent import get_hub
+from gevent.event import Event
 from gevent.lock import Semaphore
 
 from gportmap.config.model import CheckType, HealthCheck, Rule, TlsTarget
@@ -63,6 +72,7 @@ from gportmap.engine.stage import NEED_DATA
 from gportmap.engine.tls import TlsError, TlsStage
 from gportmap.failures import report_internal_error
 from gportmap.log import get_logger, log_event
+from gportmap.runtime.workers import Verdict, WorkerPool
 from gportmap.security import client_context
 
 if TYPE_CHECKING:
@@ -424,8 +434,15 @@ class HealthProber:
     #: failed bind, one that stopped); every applied reload looks at once too.
     sync_interval = 1.0
 
-    def __init__(self, pools: Callable[[], Iterable[TargetPool]]) -> None:
+    def __init__(
+        self,
+        pools: Callable[[], Iterable[TargetPool]],
+        on_change: Callable[[TargetPool, TargetState], None] | None = None,
+    ) -> None:
         self.pools = pools
+        #: Told of every change of a target's state by its checks (up to down or
+        #: back), in a hub callback: it must not block (a master's ``SharedVerdicts``).
+        self.on_change = on_change
         self.loop = get_hub().loop
         self.random = random.Random()
         self.watches: dict[tuple[str, tuple[str, int]], Watch] = {}
@@ -449,12 +466,37 @@ class HealthProber:
         self.syncing = Semaphore()
 
     @classmethod
-    def attach(cls, service: Service) -> HealthProber:
+    def attach(cls, service: Service) -> HealthProber | None:
         """A prober for ``service``'s running rules, following every applied reload
         at once (``Service.on_applied``) and the rules' states every
-        ``sync_interval``; started now."""
-        prober = cls(running_pools(service.supervisor))
+        ``sync_interval``; started now. In a workers' master it probes for all
+        the workers and shares its verdicts with them; in a worker, none (None):
+        its master's verdicts come over the channel (module docstring)."""
+        if service.worker:
+            return None
+        backend = service.supervisor
+        if isinstance(backend, WorkerPool):
+            return cls._attach_master(service, backend)
+        prober = cls(running_pools(backend))
         service.on_applied.append(lambda config: prober.follow_now())
+        prober.start()
+        return prober
+
+    @classmethod
+    def _attach_master(cls, service: Service, backend: WorkerPool) -> HealthProber:
+        shared = SharedVerdicts(backend)
+        pools = MasterPools(backend, shared.started)
+        shared.pools = pools
+        prober = cls(pools, shared.changed)
+        backend.health_state = shared.state
+        backend.checks_of = shared.checks_of
+
+        def applied(config: object) -> None:
+            prober.follow_now()
+            shared.send_all()  # a reload: every worker gets the whole state again
+
+        service.on_applied.append(applied)
+        shared.start()
         prober.start()
         return prober
 
@@ -503,7 +545,8 @@ class HealthProber:
             if pool.health_check is not None:
                 pools[pool.rule.name] = pool
             else:
-                _checks_over(pool)
+                for target in _checks_over(pool):
+                    self._tell(pool, target)
         self.by_rule = pools
         for name in [name for name in self.indexes if name not in pools]:
             del self.indexes[name]
@@ -678,11 +721,18 @@ class HealthProber:
         found = self._find(watch)
         if found is None:
             return
-        _, target = found
+        pool, target = found
+        was_up = target.checks_up
         if outcome is None:
             target.check_passed()
         else:
             target.check_failed(outcome)
+        if target.checks_up != was_up:
+            self._tell(pool, target)
+
+    def _tell(self, pool: TargetPool, target: TargetState) -> None:
+        if self.on_change is not None:
+            self.on_change(pool, target)
 
     def _crashed(self, watch: Watch, probe: Probe, exc: Exception) -> None:
         """A bug in a probe: reported once, no verdict; the target is probed again
@@ -706,19 +756,118 @@ class HealthProber:
                       error=repr(exc)[:200])
 
 
-def _checks_over(pool: TargetPool) -> None:
+def _checks_over(pool: TargetPool) -> list[TargetState]:
     """A running rule without a check (a reload removed it): a target its checks
     had taken down would stay down for good, as only a passing check brings it
-    back. With no check, one pass is all it takes (``rise`` is 1): it is up."""
+    back. With no check, one pass is all it takes (``rise`` is 1): it is up. The
+    targets brought up."""
+    raised = []
     for target in pool.targets:
         if not target.checks_up:
             target.check_passed()
+            raised.append(target)
+    return raised
+
+
+def verdict(pool: TargetPool, target: TargetState) -> Verdict:
+    """A target's state by its checks, for the workers."""
+    host, port = target.key
+    return Verdict(pool.rule.name, host, port, target.checks_up, target.last_error, target.last_check)
+
+
+class MasterPools:
+    """A workers' master's own pools, one per enabled rule of the applied
+    configuration: what its prober probes for the workers (no connection goes
+    through them). A reload keeps a staying target's state (``configure``), as a
+    worker's pool does. Called, it gives the pools of the rules some live worker
+    runs, and tells ``on_started`` of a rule that runs now and did not at
+    the last look (its workers' pools may be new: they are sent its state)."""
+
+    def __init__(self, backend: WorkerPool, on_started: Callable[[TargetPool], None]) -> None:
+        self.backend = backend
+        self.on_started = on_started
+        self.by_rule: dict[str, TargetPool] = {}
+        self.running: set[str] = set()
+
+    def __call__(self) -> list[TargetPool]:
+        config = self.backend.config
+        if config is None:
+            return []
+        kept: dict[str, TargetPool] = {}
+        for rule in config.enabled_rules:
+            pool = self.by_rule.get(rule.name)
+            if pool is None:
+                pool = TargetPool(rule)
+            else:
+                pool.configure(rule)
+            kept[rule.name] = pool
+        self.by_rule = kept
+        running = self.backend.running_rules()
+        found = [pool for name, pool in kept.items() if name in running]
+        for pool in found:
+            if pool.rule.name not in self.running:
+                self.on_started(pool)
+        self.running = {pool.rule.name for pool in found}
+        return found
+
+
+class SharedVerdicts:
+    """A workers' master's side of the shared prober: every change of a target's
+    state (told in a hub callback, so only noted here) is sent to every worker by
+    one greenlet. What waits to be sent holds one verdict per target (the latest),
+    so it stays bounded by the number of targets however fast they flap."""
+
+    def __init__(self, backend: WorkerPool) -> None:
+        self.backend = backend
+        self.pools: MasterPools | None = None
+        self.pending: dict[tuple[str, tuple[str, int]], Verdict] = {}
+        self.wake = Event()
+        self.greenlet: gevent.Greenlet | None = None
+
+    def start(self) -> None:
+        if self.greenlet is None:
+            self.greenlet = gevent.spawn(self._send_loop)
+
+    def changed(self, pool: TargetPool, target: TargetState) -> None:
+        """A target's state changed (never blocks: a hub callback calls it)."""
+        self.pending[(pool.rule.name, target.key)] = verdict(pool, target)
+        self.wake.set()
+
+    def started(self, pool: TargetPool) -> None:
+        """A rule's servers run now: its workers get its whole state."""
+        for target in pool.targets:
+            self.changed(pool, target)
+
+    def state(self) -> list[Verdict]:
+        """Every target's state, for a worker that starts or catches up."""
+        pools = self.pools.by_rule.values() if self.pools is not None else ()
+        return [verdict(pool, target) for pool in pools for target in pool.targets]
+
+    def checks_of(self, rule: str) -> dict[str, tuple[float | None, str | None]]:
+        """The last check of each target of ``rule`` (the workers hear only of changes)."""
+        pool = self.pools.by_rule.get(rule) if self.pools is not None else None
+        return {t.name: (t.last_check, t.last_error) for t in pool.targets} if pool is not None else {}
+
+    def send_all(self) -> None:
+        """Every worker gets the whole state (after a reload)."""
+        self.backend.share_health(self.state())
+
+    def _send_loop(self) -> None:
+        while True:
+            self.wake.wait()
+            self.wake.clear()
+            batch, self.pending = list(self.pending.values()), {}
+            try:
+                self.backend.share_health(batch)
+            except Exception as exc:  # noqa: BLE001 - a bug: logged, the next change goes all the same
+                log_event(logger, logging.ERROR, "internal_error",
+                          f"health checks: cannot send verdicts to the workers: {exc!r}", error=repr(exc)[:200])
 
 
 def running_pools(backend: RulesBackend) -> Callable[[], list[TargetPool]]:
     """The pools of ``backend``'s rules whose server runs now (not starting, failed,
-    draining or stopped), as their counters hold them. A master of worker
-    processes holds no pool (its workers do): nothing to probe there."""
+    draining or stopped), as their counters hold them (a single process; a
+    workers' master has ``MasterPools``)."""
 
     def pools() -> list[TargetPool]:
         found = []

@@ -25,6 +25,11 @@ JSON messages (``Channel``) both ways:
   current rules again, with back-off, and logged as ``worker_resync``.
 - A request that raises in the worker is answered as failed (``internal_error``
   logged with its traceback); the link goes on serving.
+- Active health checks run in the master alone (``gportmap.runtime.health``): it
+  sends each change of a target's state, unasked and unanswered, as ``Op.HEALTH``
+  messages of at most ``WorkerPool.verdicts_per_message`` verdicts, and the whole
+  state to a worker that starts or catches up (``health_state``); the worker's
+  reader applies them in order (``apply_verdicts``).
 
 The worker stops, draining its connections, when the master's end closes: a master
 killed with SIGKILL leaves no orphan holding the ports.
@@ -64,10 +69,11 @@ from gevent.lock import Semaphore
 from gevent.pool import Pool
 
 from gportmap.config import Config, Rule
+from gportmap.engine.pool import TargetPool, TargetState
 from gportmap.errors import ConfigError, GportmapError
 from gportmap.log import get_logger, log_event
 from gportmap.runtime.supervisor import Changes
-from gportmap.stats import RuleStats
+from gportmap.stats import RuleStats, iso_time
 
 if TYPE_CHECKING:
     from gportmap.runtime.service import Service
@@ -109,6 +115,7 @@ class Op(enum.Enum):
     REPORT = "report"  #: master -> worker: your figures now (with the open connections on demand)
     PUSH = "push"  #: worker -> master: figures and generation, every push interval; the heartbeat
     UPGRADE = "upgrade"  #: master -> worker: upgrade in place now (the master checked the installed code)
+    HEALTH = "health"  #: master -> worker, unanswered: targets' states by the master's checks (``Verdict``)
 
 
 class WorkerState(enum.Enum):
@@ -199,6 +206,63 @@ def _int_field(message: dict[str, Any], name: str) -> int | None:
     """An integer field of a message, or None (bools are not integers here)."""
     value = message.get(name)
     return value if isinstance(value, int) and not isinstance(value, bool) else None
+
+
+@dataclass(frozen=True)
+class Verdict:
+    """A target's state by the active checks, as the master's one prober decided
+    it, for the workers' pools (``Op.HEALTH``). A target is known by (rule, host,
+    port), as a reload knows it."""
+
+    rule: str
+    host: str
+    port: int
+    up: bool
+    error: str | None = None
+    #: time.time() of the check that decided it.
+    at: float | None = None
+
+    #: Characters of ``error`` sent at most: a message's size stays bounded.
+    error_limit = 200
+
+    def to_wire(self) -> list[Any]:
+        error = self.error[: self.error_limit] if self.error is not None else None
+        return [self.rule, self.host, self.port, self.up, error, self.at]
+
+    @classmethod
+    def from_wire(cls, item: object) -> Verdict | None:
+        """The verdict in one entry of a message; None when it is malformed."""
+        if not isinstance(item, list) or len(item) != 6:
+            return None
+        rule, host, port, up, error, at = item
+        if not (isinstance(rule, str) and isinstance(host, str) and isinstance(up, bool)):
+            return None
+        if not isinstance(port, int) or isinstance(port, bool) or not (error is None or isinstance(error, str)):
+            return None
+        if at is not None and (not isinstance(at, (int, float)) or isinstance(at, bool)):
+            return None
+        return cls(rule, host, port, up, error, at)
+
+
+def apply_verdicts(service: Service, verdicts: list[Verdict]) -> int:
+    """Give the master's verdicts to this worker's pools (``TargetState.set_checked``);
+    a rule or target this worker does not have (a reload not applied here yet) is
+    skipped. The number applied."""
+    pools = {
+        stats.name: stats.pool for stats in service.supervisor.stats.rules() if isinstance(stats.pool, TargetPool)
+    }
+    indexes: dict[str, dict[tuple[str, int], TargetState]] = {}
+    applied = 0
+    for verdict in verdicts:
+        index = indexes.get(verdict.rule)
+        if index is None:
+            pool = pools.get(verdict.rule)
+            index = indexes[verdict.rule] = {t.key: t for t in pool.targets} if pool is not None else {}
+        target = index.get((verdict.host, verdict.port))
+        if target is not None:
+            target.set_checked(verdict.up, verdict.error, verdict.at)
+            applied += 1
+    return applied
 
 
 # -- the worker's end ------------------------------------------------------------------
@@ -344,7 +408,23 @@ class WorkerLink:
                 continue
             if message is None:
                 return
+            if message.get("op") == Op.HEALTH.value:
+                self._health(service, message)  # here, in order: the last verdict is the one that holds
+                continue
             pool.spawn(self._handle, service, message)
+
+    def _health(self, service: Service, message: dict[str, Any]) -> None:
+        """The master's verdicts (``Op.HEALTH``): applied, not answered."""
+        items = message.get("verdicts")
+        verdicts = [v for v in map(Verdict.from_wire, items if isinstance(items, list) else []) if v is not None]
+        if not isinstance(items, list) or len(verdicts) != len(items):
+            log_event(logger, logging.WARNING, "master_bad_message",
+                      "a health message from the master had malformed entries: they were dropped")
+        try:
+            apply_verdicts(service, verdicts)
+        except Exception as exc:  # noqa: BLE001 - a bug: logged, the link goes on
+            logger.exception("applying the master's health verdicts raised",
+                             extra={"event": "internal_error", "error": repr(exc)[:200]})
 
     def _handle(self, service: Service, message: dict[str, Any]) -> None:
         """Answer one request, whatever happens while answering it."""
@@ -539,6 +619,10 @@ class WorkerProcess:
         self.applies_in_flight = 0
         self.resync_at = 0.0
         self.resync_delay = 0.0
+        #: A send of the master's health verdicts is under way; verdicts came while
+        #: it was (the whole state is sent once it ends).
+        self.health_sending = False
+        self.health_behind = False
         self._pending: dict[int, AsyncResult] = {}
         self._ids = itertools.count(1)
 
@@ -548,6 +632,7 @@ class WorkerProcess:
         self.state, self.report, self.killed = WorkerState.STARTING, None, False
         self.generation, self.applying, self.applies_in_flight = 0, None, 0
         self.resync_at, self.resync_delay = 0.0, 0.0
+        self.health_sending = self.health_behind = False
         self.started_at, self.heard_at = time.time(), time.monotonic()
 
     def detach(self) -> None:
@@ -688,6 +773,13 @@ class AggregateStats:
             counters = (worker.report or {}).get("rules", {}).get(name)
             if counters is not None:
                 total.add(counters)
+        checks = self.pool.checks_of(name) if self.pool.checks_of is not None else None
+        if checks and total.remote_targets:
+            # Workers hear of a target's state when it changes; the master knows its last check.
+            for target, entry in total.remote_targets.items():
+                at, error = checks.get(target, (None, None))
+                if at is not None:
+                    entry["last_check"], entry["last_error"] = iso_time(at), error
         return total
 
     def retire(self, report: dict[str, Any] | None) -> None:
@@ -734,6 +826,9 @@ class WorkerPool:
     stop_grace = 5.0
     #: Seconds the monitor of an exited worker waits to read what it sent last.
     last_words = 1.0
+    #: Target verdicts per ``Op.HEALTH`` message at most (each is under 300 bytes):
+    #: the whole state of many targets goes as several bounded messages.
+    verdicts_per_message = 256
 
     def __init__(self, count: int, command: list[str]) -> None:
         self.count = count
@@ -749,6 +844,12 @@ class WorkerPool:
         #: The workers were handed over by the program this master was before an
         #: upgrade in place: the first apply sends them the rules, starts none.
         self._adopted = False
+        #: Every target's state by the master's checks (set by the master's
+        #: ``HealthProber``): what a worker is sent when it starts or catches up.
+        self.health_state: Callable[[], list[Verdict]] | None = None
+        #: The master's last check of each target of a rule, by target name:
+        #: (time.time(), last error), for ``/stats`` (set by the same prober).
+        self.checks_of: Callable[[str], dict[str, tuple[float | None, str | None]]] | None = None
 
     # -- upgrade in place ------------------------------------------------------------
 
@@ -907,6 +1008,76 @@ class WorkerPool:
     def describe_workers(self) -> list[dict[str, Any]]:
         return [worker.describe() for worker in self.workers]
 
+    # -- the shared prober's verdicts ------------------------------------------------
+
+    def share_health(self, verdicts: list[Verdict], workers: list[WorkerProcess] | None = None) -> None:
+        """Send ``verdicts`` to every running worker (or to ``workers``), in
+        messages of ``verdicts_per_message``, unanswered. Never waits: each worker's
+        messages go in order from a greenlet of their own (a worker whose channel
+        broke is its monitor's business)."""
+        if not verdicts:
+            return
+        messages = self._health_messages(verdicts)
+        for worker in self.live() if workers is None else workers:
+            if worker.channel is None:
+                continue
+            if worker.health_sending:  # one send at a time: a stuck worker piles nothing up
+                worker.health_behind = True
+                continue
+            worker.health_sending = True
+            gevent.spawn(self._send_health, worker, worker.channel, messages)
+
+    def _health_messages(self, verdicts: list[Verdict]) -> list[dict[str, Any]]:
+        step = self.verdicts_per_message
+        return [
+            {"op": Op.HEALTH.value, "verdicts": [v.to_wire() for v in verdicts[i : i + step]]}
+            for i in range(0, len(verdicts), step)
+        ]
+
+    def _send_health(self, worker: WorkerProcess, channel: Channel, messages: list[dict[str, Any]]) -> None:
+        """Send one worker its messages in order; verdicts that came meanwhile were
+        not queued (``health_behind``): the whole state follows instead."""
+        try:
+            while True:
+                for message in messages:
+                    channel.send(message)
+                if not worker.health_behind or worker.channel is not channel or self.health_state is None:
+                    return
+                worker.health_behind = False
+                messages = self._health_messages(self.health_state())
+        except (OSError, ChannelError, FrameTooLarge):
+            pass  # the channel broke: the worker's reader and monitor take over
+        except Exception as exc:  # noqa: BLE001 - a bug: logged; the next change is sent all the same
+            logger.exception("the health verdicts for a worker cannot be sent",
+                             extra={"event": "internal_error", "error": repr(exc)[:200]})
+        finally:
+            if worker.channel is channel:
+                worker.health_sending = False
+
+    def running_rules(self) -> set[str]:
+        """The rules whose servers run in at least one live worker (the shared
+        prober probes them: a rule one worker failed to start still serves in the
+        others)."""
+        return {
+            name
+            for worker in self.live()
+            if worker.report
+            for name, state, _ in worker.report.get("states", [])
+            if state == "running"
+        }
+
+    def _share_state(self, worker: WorkerProcess) -> None:
+        """The whole current state to one worker that started or caught up."""
+        if self.health_state is None or worker.state is not WorkerState.RUNNING:
+            return
+        try:
+            verdicts = self.health_state()
+        except Exception as exc:  # noqa: BLE001 - a bug: logged; the next change is sent all the same
+            logger.exception("the health state for a worker cannot be built",
+                             extra={"event": "internal_error", "error": repr(exc)[:200]})
+            return
+        self.share_health(verdicts, [worker])
+
     # -- figures ---------------------------------------------------------------------
 
     def live(self) -> list[WorkerProcess]:
@@ -997,7 +1168,8 @@ class WorkerPool:
 
     def _resync(self, worker: WorkerProcess) -> None:
         worker.applies_in_flight -= 1
-        self._send_config(worker, "resync")
+        if self._send_config(worker, "resync") is not None:
+            self._share_state(worker)  # targets it has only now
 
     # -- processes -----------------------------------------------------------------------
 
@@ -1076,6 +1248,7 @@ class WorkerPool:
             restarts=worker.restarts,
             generation=generation,
         )
+        self._share_state(worker)  # a down target is down here too from the start
         self._check_generation(worker)  # rules applied while it started skipped it
         return _changes_of(answer) or Changes()
 
