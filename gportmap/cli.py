@@ -25,7 +25,6 @@ from gportmap.log import LEVELS, get_logger, log_event, route_gevent_errors, set
 from gportmap.platform import Features, detect, raise_fd_limit
 from gportmap.runtime.applier import ReloadSource
 from gportmap.runtime.backend import RulesBackend
-from gportmap.runtime.carry import reads_version
 from gportmap.runtime.health import HealthProber
 from gportmap.runtime.resume import Resume
 from gportmap.runtime.service import Overrides, Service
@@ -114,6 +113,14 @@ def admin_address(text: str) -> str | tuple[str, int]:
         raise argparse.ArgumentTypeError(str(exc)) from None
 
 
+def _reads_version(version: int) -> bool:
+    """Whether this code reads an upgrade's state document of ``version``: imported
+    here, not at the top, since only an upgrade's pre-flight asks."""
+    from gportmap.runtime.carry import reads_version
+
+    return reads_version(version)
+
+
 def resolve_rules_path(args: argparse.Namespace, environ: os._Environ | dict = os.environ) -> str:
     """Positional argument, then -c, then $CONFIG_PATH, then rules/rules.json."""
     return args.rules or args.config or environ.get("CONFIG_PATH") or DEFAULT_RULES
@@ -123,7 +130,7 @@ def check(path: str, upgrade_state: int | None = None) -> int:
     """``--check``: validate and describe the rules; binds nothing. With
     ``upgrade_state`` (an upgrade's pre-flight), also refuse a state document
     version this code does not read."""
-    if upgrade_state is not None and not reads_version(upgrade_state):
+    if upgrade_state is not None and not _reads_version(upgrade_state):
         print(f"this gportmap cannot take over from a running one: it does not read upgrade state "
               f"version {upgrade_state}", file=sys.stderr)
         return EXIT_USAGE
@@ -303,7 +310,7 @@ def run(
             splice=features.splice, open_files=open_files, inherited=inherited
         )
     service = Service(config, choose_mode(features), overrides, backend=backend_here, worker=link is not None)
-    HealthProber.attach(service)  # active health checks of the rules' pools (none in a workers' master)
+    HealthProber.attach(service)  # active health checks: in a workers' master one prober for all; none in a worker
     plane = AdminPlane(service)  # a worker's master serves the endpoint and the stats log
     if link is None:
         service.on_applied.append(plane.apply)

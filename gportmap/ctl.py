@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from typing import Any, TextIO
 
 from gportmap.config import format_address, parse_listen, read_rules_file
+from gportmap.config.reading import MAX_TOKEN_FILE_BYTES, Unreadable, read_regular_file
 from gportmap.errors import ConfigError
 
 EXIT_DONE, EXIT_OTHER, EXIT_REFUSED = 0, 1, 2
@@ -152,6 +153,12 @@ def _options(parser: argparse.ArgumentParser, defaults: bool) -> None:
     )
     parser.add_argument("--token", default=default(None), help="the admin token (default: $GPORTMAP_TOKEN)")
     parser.add_argument(
+        "--token-file",
+        metavar="FILE",
+        default=default(None),
+        help="read the admin token from FILE, as settings.admin.tokenFile does (default: $GPORTMAP_TOKEN_FILE)",
+    )
+    parser.add_argument(
         "-c",
         "--config",
         metavar="RULES",
@@ -164,6 +171,26 @@ def _options(parser: argparse.ArgumentParser, defaults: bool) -> None:
     parser.add_argument("--json", action="store_true", default=default(False), help="print the raw answer")
 
 
+def _token(args: argparse.Namespace) -> str | None:
+    """The admin token: --token, else $GPORTMAP_TOKEN, else the first line of
+    --token-file / $GPORTMAP_TOKEN_FILE (a mounted secret), read as gportmap reads
+    settings.admin.tokenFile (bounded, a trailing newline stripped)."""
+    token = args.token or os.environ.get("GPORTMAP_TOKEN")
+    if token:
+        return token
+    path = args.token_file or os.environ.get("GPORTMAP_TOKEN_FILE")
+    if not path:
+        return None
+    try:
+        raw = read_regular_file(path, MAX_TOKEN_FILE_BYTES)
+    except Unreadable as exc:
+        raise ValueError(f"cannot read the token file {path}: {exc}") from None
+    token = raw.decode("utf-8", "replace").rstrip("\r\n")
+    if not token:
+        raise ValueError(f"the token file {path} is empty")
+    return token
+
+
 def main(argv: Sequence[str] | None = None, out: TextIO | None = None, err: TextIO | None = None) -> int:
     out, err = out or sys.stdout, err or sys.stderr
     args = build_parser().parse_args(argv)
@@ -173,7 +200,11 @@ def main(argv: Sequence[str] | None = None, out: TextIO | None = None, err: Text
     except ValueError as exc:
         print(f"gportmap ctl: {exc}", file=err)
         return EXIT_REFUSED
-    token = args.token or os.environ.get("GPORTMAP_TOKEN") or None
+    try:
+        token = _token(args)
+    except ValueError as exc:
+        print(f"gportmap ctl: {exc}", file=err)
+        return EXIT_REFUSED
     client = Client(address, token, args.timeout)
     try:
         answer = client.request(*request, if_match=getattr(args, "if_match", None))

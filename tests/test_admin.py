@@ -7,6 +7,8 @@ import json
 import os
 import signal
 import socket
+import subprocess
+import sys
 import threading
 
 import pytest
@@ -409,3 +411,57 @@ def test_target_metric_families_exist_from_the_start_and_healthz_names_a_rule_wi
     body = gp.admin("/metrics")[1].decode()
     assert 'gportmap_target_up{rule="pool",target="only"} 0.0' in body
     assert 'gportmap_target_connect_failures_total{rule="pool",target="only"} 1.0' in body
+
+
+def test_token_file_guards_the_endpoint_and_a_rotated_secret_applies_on_reload(start_gportmap, echo_target, tmp_path):
+    """settings.admin.tokenFile: a Docker/Kubernetes secret mounted as a file, its
+    trailing newline stripped, named relative to the rules file, re-read on reload."""
+    secret = tmp_path / "secrets" / "admin-token"
+    secret.parent.mkdir()
+    secret.write_text("first-token\n")
+    gp = start_gportmap(
+        {"settings": {"admin": {"tokenFile": "secrets/admin-token"}}, "rules": [tcp_rule(free_port(), echo_target.port)]}
+    )
+    assert gp.admin("/stats")[0] == 401
+    assert gp.admin("/stats", token="first-token")[0] == 200
+    assert gp.admin("/healthz")[0] == 200
+    secret.write_text("second-token\n")  # the secret rotates; the rules file does not change
+    assert gp.admin("/stats", token="first-token")[0] == 200  # not before a reload
+    gp.signal(signal.SIGHUP)
+    wait_for(lambda: gp.admin("/stats", token="second-token")[0] == 200, what="the rotated token in force")
+    assert gp.admin("/stats", token="first-token")[0] == 401
+    secret.write_text("")  # an emptied secret is refused: the running token stays
+    assert gp.admin("/reload", "POST", token="second-token")[0] == 400
+    failed = gp.wait_event("config_invalid")[-1]
+    assert str(secret) in json.dumps(failed) and "empty" in json.dumps(failed)
+    assert gp.admin("/stats", token="second-token")[0] == 200
+
+
+def run_check(tmp_path, document: dict) -> subprocess.CompletedProcess:
+    rules = tmp_path / "rules.json"
+    rules.write_text(json.dumps(document))
+    return subprocess.run(
+        [sys.executable, "-m", "gportmap", "--check", str(rules)], capture_output=True, text=True, timeout=60
+    )
+
+
+@pytest.mark.parametrize(
+    ("admin", "content", "expected"),
+    [
+        ({"token": "t", "tokenFile": "tok"}, "x\n", "settings.admin: token and tokenFile are both given"),
+        ({"tokenFile": "tok"}, "", "is empty: it must hold the admin token"),
+        ({"tokenFile": "tok"}, "\n", "is empty: it must hold the admin token"),
+        ({"tokenFile": "missing"}, None, "No such file or directory"),
+        ({"tokenFile": "tok"}, "x" * 5000, "larger than the limit of 4,096 bytes"),
+        ({"tokenFile": "tok"}, "two\nlines\n", "one line of printable characters"),
+    ],
+)
+def test_token_file_problems_are_config_errors_naming_the_file(tmp_path, admin, content, expected):
+    if content is not None:
+        (tmp_path / "tok").write_text(content)
+    result = run_check(tmp_path, {"settings": {"admin": admin}, "rules": []})
+    assert result.returncode == 2, result
+    assert expected in result.stderr + result.stdout
+    if "token and tokenFile" not in expected:
+        assert "settings.admin.tokenFile" in result.stderr + result.stdout
+        assert str(tmp_path / admin["tokenFile"]) in result.stderr + result.stdout

@@ -296,3 +296,33 @@ def test_an_admin_port_taken_before_gportmap_binds_it_is_picked_again(start_gpor
             assert recv_exactly(sock, 1) == b"x"
     finally:
         blocker.close()
+
+
+def test_start_up_imports_only_what_serving_needs() -> None:
+    """A start pays for prometheus_client only at the first /metrics scrape (the
+    admin tests scrape it), and gevent's monkeypatching looks its plugins up in one
+    scan of the installed packages, with importlib.metadata left as it was."""
+    probe = (
+        "import sys\n"
+        "from importlib import metadata\n"
+        "real = metadata.entry_points\n"
+        "calls = []\n"
+        "def counted(**params):\n"
+        "    calls.append(params)\n"
+        "    return real(**params)\n"
+        "metadata.entry_points = counted\n"
+        "import gportmap.__main__\n"
+        "import gevent.monkey\n"
+        "print(json.dumps({'prometheus': 'prometheus_client' in sys.modules, 'scans': len(calls),\n"
+        "    'restored': metadata.entry_points is counted, 'patched': gevent.monkey.is_module_patched('socket')}))\n"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", "import json\n" + probe], capture_output=True, text=True, timeout=60, cwd=ROOT
+    )
+    assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout.splitlines()[-1]) == {
+        "prometheus": False,
+        "scans": 1,
+        "restored": True,
+        "patched": True,
+    }

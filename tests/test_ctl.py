@@ -163,6 +163,15 @@ def test_the_address_and_the_token_come_from_where_the_server_finds_them(
     assert no_token.returncode == OTHER and "error 401" in no_token.stderr
     assert ctl("status", "--token", token, cwd=other).returncode == DONE
     assert ctl("status", env={"GPORTMAP_TOKEN": token}, cwd=other).returncode == DONE
+    secret = tmp_path / "secret"
+    secret.write_text(token + "\n")  # a mounted secret, as settings.admin.tokenFile reads it
+    assert ctl("status", "--token-file", str(secret), cwd=other).returncode == DONE
+    assert ctl("status", env={"GPORTMAP_TOKEN_FILE": str(secret)}, cwd=other).returncode == DONE
+    secret.write_text("")
+    empty = ctl("status", "--token-file", str(secret), cwd=other)
+    assert empty.returncode == REFUSED and f"the token file {secret} is empty" in empty.stderr
+    missing = ctl("status", "--token-file", str(tmp_path / "nowhere"), cwd=other)
+    assert missing.returncode == REFUSED and "cannot read the token file" in missing.stderr
     (tmp_path / "elsewhere.json").write_text(json.dumps(found))
     assert (
         ctl(

@@ -21,8 +21,6 @@ from urllib.parse import parse_qs
 import gevent
 from gevent.pywsgi import WSGIHandler, WSGIServer
 
-from gportmap.admin.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
-from gportmap.admin.metrics import build_registry, render
 from gportmap.config import AdminSettings
 from gportmap.config.edit import EditOp, RuleEdit, read_json
 from gportmap.engine.net import BindRetry, bind_listener, peer_text
@@ -32,6 +30,10 @@ from gportmap.runtime.applier import OutcomeStatus, ReloadOutcome, ReloadSource
 from gportmap.runtime.transaction import Transaction, TxOutcome, TxStatus, parse_if_match
 
 if TYPE_CHECKING:
+    from types import ModuleType
+
+    from prometheus_client import CollectorRegistry
+
     from gportmap.runtime.service import Service
 
 logger = get_logger("admin")
@@ -102,7 +104,9 @@ class AdminServer:
         self._server: WSGIServer | None = None
         self._retry: gevent.Greenlet | None = None
         self._backoff = BindRetry()
-        self._registry = build_registry(service)
+        #: Built at the first scrape: prometheus_client is a tenth of a start's imports.
+        self._registry: CollectorRegistry | None = None
+        self._exposition: ModuleType | None = None  # gportmap.admin.metrics, once imported
         self._dashboard = resources.files("gportmap.admin").joinpath("static", "dashboard.html").read_bytes()
         self._routes: dict[str, dict[str, Callable[[dict], tuple[int, bytes, str]]]] = {
             "/metrics": {"GET": self._metrics},
@@ -254,7 +258,13 @@ class AdminServer:
         return 200, _json({"status": "ok"}), "application/json"
 
     def _metrics(self, environ: dict) -> tuple[int, bytes, str]:
-        return 200, render(self._registry), METRICS_CONTENT_TYPE
+        # The first scrape imports prometheus_client, in the thread pool: an import
+        # reads files, which must not block the hub.
+        if self._exposition is None:
+            self._exposition = gevent.get_hub().threadpool.apply(_metrics_module)
+        if self._registry is None:
+            self._registry = self._exposition.build_registry(self.service)
+        return 200, self._exposition.render(self._registry), self._exposition.CONTENT_TYPE
 
     def _stats(self, environ: dict) -> tuple[int, bytes, str]:
         return 200, _json(self.service.snapshot()), "application/json"
@@ -442,3 +452,10 @@ def _no_target(targets: list[dict[str, Any]]) -> str:
     names = ", ".join(str(target["name"]) for target in targets[:10])
     more = f" and {len(targets) - 10} more" if len(targets) > 10 else ""
     return f"no target is up ({names}{more} down)"
+
+
+def _metrics_module() -> ModuleType:
+    """``gportmap.admin.metrics``, imported on first use (it pulls in prometheus_client)."""
+    from gportmap.admin import metrics
+
+    return metrics

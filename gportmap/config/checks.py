@@ -40,6 +40,8 @@ def check_settings(settings: Any) -> list[Problem]:
             parse_listen(admin["listen"])
         except ValueError as exc:
             problems.append((("settings", "admin", "listen"), str(exc)))
+    if isinstance(admin, dict) and "token" in admin and "tokenFile" in admin:
+        problems.append((("settings", "admin"), "token and tokenFile are both given: keep one of them"))
     return problems
 
 

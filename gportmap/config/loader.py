@@ -66,7 +66,13 @@ from gportmap.config.model import (
     TlsListen,
     TlsTarget,
 )
-from gportmap.config.reading import MAX_TLS_FILE_BYTES, Unreadable, read_regular_file, read_rules_file
+from gportmap.config.reading import (
+    MAX_TLS_FILE_BYTES,
+    MAX_TOKEN_FILE_BYTES,
+    Unreadable,
+    read_regular_file,
+    read_rules_file,
+)
 from gportmap.errors import ConfigError, PluginError
 from gportmap.plugins import resolve as resolve_plugin
 from gportmap.plugins.registry import registered_protocols
@@ -102,13 +108,18 @@ def parse(data: bytes | str, path: str | os.PathLike[str]) -> Config:
         raise ConfigError([f"{shown}: {TOP_LEVEL_PROBLEM} (found {kind(document)})"])
 
     found = _Found(MAX_PROBLEMS)
-    rules = _check(document, os.path.dirname(os.path.abspath(shown)), found)
+    base = os.path.dirname(os.path.abspath(shown))
+    rules = _check(document, base, found)
+    token = _admin_token_file(document.get("settings"), base, found) if not found.full else None
     if found.problems:
         raise _config_error(shown, document, found)
+    settings = _build_settings(document.get("settings", {}))
+    if token is not None and settings.admin is not None:
+        settings = replace(settings, admin=replace(settings.admin, token=token[1], token_file=token[0]))
     return Config(
         path=os.path.abspath(shown),
         rules=tuple(rules),
-        settings=_build_settings(document.get("settings", {})),
+        settings=settings,
         digest=hashlib.sha256(raw).hexdigest(),
         raw=raw,
     )
@@ -278,7 +289,8 @@ def _validator() -> jsonschema.Draft202012Validator:
     validator_class = jsonschema.validators.extend(
         jsonschema.Draft202012Validator, validators={"uniqueItems": _unique_items}
     )
-    validator_class.check_schema(schema)
+    # Not validator_class.check_schema(schema): checking the shipped schema against
+    # the metaschema took a tenth of every start; tests/test_config.py checks it.
     return validator_class(schema)
 
 
@@ -480,6 +492,40 @@ def _build_rules(document: dict[str, Any], invalid: set[int]) -> list[Rule]:
     return rules
 
 
+def _admin_token_file(settings: Any, base: str, found: _Found) -> tuple[str, str] | None:
+    """(absolute path, token) of ``settings.admin.tokenFile``, read now (at start and
+    on every reload, so a rotated secret applies then), or None when none is named.
+
+    The token is the file's text without its trailing newline (``echo`` and
+    ``kubectl create secret --from-file`` leave one); an empty file, a token that is
+    not one line of printable UTF-8, or an unreadable file is a problem naming it.
+    """
+    admin = settings.get("admin") if isinstance(settings, dict) else None
+    path = admin.get("tokenFile") if isinstance(admin, dict) else None
+    if not isinstance(path, str) or not path or "token" in admin:
+        return None
+    where: JsonPath = ("settings", "admin", "tokenFile")
+    problems: list[Problem] = []
+    read = _read_file(base, path, where, problems, MAX_TOKEN_FILE_BYTES)
+    found.extend(problems)
+    if read is None:
+        return None
+    full, data = read
+    shown = full if full.isprintable() else show(full)
+    try:
+        token = data.decode("utf-8").rstrip("\r\n")
+    except UnicodeDecodeError:
+        found.extend([(where, f"{shown}: the token is not UTF-8 text")])
+        return None
+    if not token:
+        found.extend([(where, f"{shown} is empty: it must hold the admin token")])
+        return None
+    if not token.isprintable() or token != token.strip():
+        found.extend([(where, f"{shown}: the token must be one line of printable characters without surrounding spaces")])
+        return None
+    return full, token
+
+
 def _build_settings(settings: dict[str, Any]) -> Settings:
     return Settings(
         **{name: convert(settings[key]) for key, (name, convert) in _SETTINGS_KEYS.items() if key in settings}
@@ -501,11 +547,13 @@ def _attach_plugins(rules: list[Rule], items: list[Any]) -> tuple[list[Rule], li
     return result, problems
 
 
-def _read_file(base: str, path: str, where: JsonPath, problems: list[Problem]) -> tuple[str, bytes] | None:
+def _read_file(
+    base: str, path: str, where: JsonPath, problems: list[Problem], limit: int = MAX_TLS_FILE_BYTES
+) -> tuple[str, bytes] | None:
     """(absolute path, content) of a file named relative to the rules file's folder."""
     full = os.path.normpath(os.path.join(base, os.path.expanduser(path)))
     try:
-        return full, read_regular_file(full, MAX_TLS_FILE_BYTES)
+        return full, read_regular_file(full, limit)
     except Unreadable as exc:
         shown = full if full.isprintable() else show(full)  # one printable line per error
         problems.append((where, f"cannot read {shown}: {exc}"))

@@ -15,11 +15,17 @@ if TYPE_CHECKING:
 
 @dataclass(frozen=True)
 class AdminSettings:
-    """``settings.admin``: where the admin HTTP endpoint listens, and its bearer token."""
+    """``settings.admin``: where the admin HTTP endpoint listens, and its bearer token.
+
+    ``token`` is the token in force, whether written in the rules file or read from
+    ``token_file`` (``settings.admin.tokenFile``, absolute), which is re-read on every
+    reload so that a rotated secret applies then.
+    """
 
     host: str = "127.0.0.1"
     port: int = 9900
     token: str | None = None
+    token_file: str | None = None
 
     @property
     def listen(self) -> str:

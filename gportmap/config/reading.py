@@ -25,6 +25,11 @@ MAX_RULES_FILE_BYTES = 16 * 1024 * 1024
 MAX_TLS_FILE_BYTES = 4 * 1024 * 1024
 
 
+#: The largest ``settings.admin.tokenFile`` read, in bytes: a bearer token is tens of
+#: bytes; a larger file is the wrong file (a certificate, a log), refused unread.
+MAX_TOKEN_FILE_BYTES = 4096
+
+
 #: Never wait: opening a FIFO without O_NONBLOCK blocks until a writer comes, and
 #: O_NOCTTY keeps a terminal device from becoming the process's controlling terminal.
 _OPEN_FLAGS = (

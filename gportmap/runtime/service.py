@@ -19,7 +19,7 @@ import logging
 import os
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any, Protocol
 
 import gevent
@@ -71,8 +71,9 @@ class Overrides:
         if self.admin == "off":
             return None
         host, port = self.admin
-        token = settings.admin.token if settings.admin is not None else None
-        return AdminSettings(host=host, port=port, token=token)
+        if settings.admin is None:
+            return AdminSettings(host=host, port=port)
+        return replace(settings.admin, host=host, port=port)
 
 
 class ReloadListener(Protocol):
@@ -236,7 +237,7 @@ class Service:
             return ReloadOutcome(OutcomeStatus.UNCHANGED)
         self._seen_digest = digest
         try:
-            config = parse(raw, self.path)
+            config = _parse_off_hub(raw, self.path)
         except ConfigError as exc:
             self._fail(source, exc.errors, exc.count)
             return ReloadOutcome(OutcomeStatus.INVALID, errors=tuple(exc.errors))
@@ -265,7 +266,7 @@ class Service:
                 return TxOutcome(EDIT_STATUS[exc.problem], etag=digest, errors=tuple(exc.errors))
             new_raw, name, rule, created = edited.raw, edited.name, edited.rule, edited.created
         try:
-            config = parse(new_raw, self.path)
+            config = _parse_off_hub(new_raw, self.path)
         except ConfigError as exc:
             return TxOutcome(TxStatus.INVALID, etag=digest, errors=tuple(exc.errors), name=name)
         if tx.dry_run:
@@ -474,3 +475,23 @@ def _changes_or_raise(outcome: ReloadOutcome) -> Changes:
     if outcome.status is OutcomeStatus.UNCHANGED:
         return Changes()
     raise ConfigError(list(outcome.errors))
+
+
+def _parse_off_hub(raw: bytes, path: str) -> Config:
+    """``parse`` in the hub's thread pool: it reads the files the rules name (TLS
+    certificates, ``settings.admin.tokenFile``), which must not block the hub.
+
+    A ConfigError comes back as a value and is raised here: an exception leaving a
+    thread-pool function is also reported to the hub's error handler, which would
+    log an invalid file as an ``internal_error``."""
+    outcome = gevent.get_hub().threadpool.apply(_parse_or_error, (raw, path))
+    if isinstance(outcome, ConfigError):
+        raise outcome
+    return outcome
+
+
+def _parse_or_error(raw: bytes, path: str) -> Config | ConfigError:
+    try:
+        return parse(raw, path)
+    except ConfigError as exc:
+        return exc
