@@ -42,6 +42,22 @@ def wait_for(condition: Callable[[], Any], timeout: float = 10.0, interval: floa
         time.sleep(interval)
 
 
+def wait_on_hub(condition: Callable[[], Any], timeout: float = 10.0, what: str = "") -> Any:
+    """``wait_for`` for a test whose servers run on this thread's hub (in-process):
+    each poll yields to the hub (``gevent.sleep``) so they can make the condition
+    true, where ``time.sleep`` would stop them."""
+    import gevent
+
+    deadline = time.monotonic() + timeout
+    while True:
+        result = condition()
+        if result:
+            return result
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what or condition}")
+        gevent.sleep(0.01)
+
+
 def require_tool(name: str) -> str:
     """The path of a real peer program; skip without it, or fail under
     GPORTMAP_REQUIRE_TOOLS=1 (set by .ci/run, which installs them)."""

@@ -19,7 +19,7 @@ import gevent
 import gevent.socket
 import greenlet
 import pytest
-from conftest import free_port, tcp_rule
+from conftest import free_port, tcp_rule, wait_on_hub
 from gevent.event import Event
 from gevent.server import StreamServer
 
@@ -52,12 +52,6 @@ def listening(port: int) -> bool:
         return True
     except ConnectionRefusedError:
         return False
-
-
-def wait_until(condition, timeout: float = 10.0) -> None:
-    with gevent.Timeout(timeout):
-        while not condition():
-            gevent.sleep(0.01)
 
 
 # -- the life cycle ---------------------------------------------------------------------
@@ -124,7 +118,7 @@ def test_a_rule_retired_while_its_retry_binds_never_comes_up(echo_server, monkey
     changes = supervisor.apply(parse(document(), "rules.json"))  # the rule is removed
     assert changes.removed == ["old"] and runner.state is RuleState.STOPPING
     gate.set()
-    wait_until(lambda: runner.state is RuleState.STOPPED)
+    wait_on_hub(lambda: runner.state is RuleState.STOPPED)
     assert runner.server is None and not listening(port)
 
     changes = supervisor.apply(parse(document(tcp_rule(port, echo_server.server_port, name="new")), "rules.json"))
@@ -163,7 +157,7 @@ def test_a_rule_whose_server_raises_fails_alone_and_is_retried(echo_server, monk
     assert states["good"] == ("running", None)
     assert states["bad"][0] == "failed" and "licence server is down" in states["bad"][1]
     assert listening(good)
-    wait_until(lambda: supervisor.runners[("tcp", "127.0.0.1", bad)].state is RuleState.RUNNING)
+    wait_on_hub(lambda: supervisor.runners[("tcp", "127.0.0.1", bad)].state is RuleState.RUNNING)
     assert listening(bad)
     supervisor.stop(1.0)
 
@@ -244,9 +238,9 @@ def test_requests_queued_during_an_apply_are_coalesced_and_served_in_order():
     applier = Applier(apply)
     applier.start()
     first = gevent.spawn(applier.submit, ReloadRequest(ReloadSource.SIGNAL), True)
-    wait_until(lambda: len(applied) == 1)
+    wait_on_hub(lambda: len(applied) == 1)
     waiters = [gevent.spawn(applier.submit, ReloadRequest(ReloadSource.ADMIN), True) for _ in range(20)]
-    wait_until(lambda: applier._waiting == 20)
+    wait_on_hub(lambda: applier._waiting == 20)
     for _ in range(1000):  # a SIGHUP loop: requests nobody waits for take one entry
         applier.submit(ReloadRequest(ReloadSource.SIGNAL, force=False))
     applier.submit(ReloadRequest(ReloadSource.MASTER, raw=b"newest"))
@@ -292,9 +286,9 @@ def test_after_close_every_request_is_refused_and_join_waits_for_the_apply_in_pr
     applier = Applier(apply)
     applier.start()
     running = gevent.spawn(applier.submit, ReloadRequest(ReloadSource.SIGNAL), True)
-    wait_until(lambda: applied)
+    wait_on_hub(lambda: applied)
     queued = gevent.spawn(applier.submit, ReloadRequest(ReloadSource.ADMIN), True)
-    wait_until(lambda: applier._waiting == 1)  # it waits in the queue
+    wait_on_hub(lambda: applier._waiting == 1)  # it waits in the queue
     applier.close()
     assert queued.get(timeout=5).status is OutcomeStatus.REFUSED
     assert applier.submit(ReloadRequest(ReloadSource.SIGNAL), wait=True).status is OutcomeStatus.REFUSED

@@ -20,7 +20,7 @@ from pathlib import Path
 import gevent
 import pytest
 from certs import CA
-from conftest import LOOPBACK, free_port, metric, recv_exactly, targets_of, wait_for
+from conftest import LOOPBACK, free_port, metric, recv_exactly, targets_of, wait_for, wait_on_hub
 
 from gportmap.config.model import CheckType, HealthCheck, Rule, Target
 from gportmap.engine.pool import TargetPool
@@ -415,9 +415,7 @@ def test_probes_in_flight_stay_within_the_bound_however_many_targets():
         prober.max_in_flight = 4
         prober.start()
         try:
-            deadline = time.monotonic() + 20
-            while any(target.up for target in pool.targets) and time.monotonic() < deadline:
-                gevent.sleep(0.05)
+            wait_on_hub(lambda: not any(target.up for target in pool.targets), 20, "every target failed")
             assert len(counting.accepted) == 40, f"only {len(counting.accepted)} targets probed"
             assert not any(target.up for target in pool.targets)  # every probe hung: every target failed
         finally:
@@ -699,10 +697,7 @@ def test_the_masters_verdicts_go_in_bounded_messages_and_malformed_ones_are_refu
         assert [v.port for v in got] == list(range(1, 601))
         with gevent.Timeout(10):
             assert [Verdict.from_wire(item) for item in reader.recv()["verdicts"]] == whole
-        for _ in range(500):  # the sender's greenlet ends (gevent's clock: wait_for would block it)
-            if not worker.health_sending:
-                break
-            gevent.sleep(0.01)
+        wait_on_hub(lambda: not worker.health_sending, 5, "the sender's greenlet to end")
         assert not worker.health_sending and not worker.health_behind
         assert got[1] == Verdict("r", LOOPBACK, 2, True, "x" * Verdict.error_limit, 1.5)  # the error is clipped
     finally:

@@ -8,7 +8,7 @@ import json
 import gevent
 import gevent.socket
 import pytest
-from conftest import free_port, tcp_rule
+from conftest import free_port, tcp_rule, wait_on_hub
 from gevent.server import StreamServer
 
 from gportmap.config import parse
@@ -42,12 +42,6 @@ def round_trip(port: int, payload: bytes) -> bytes:
         return b"".join(chunks)
 
 
-def wait_until(condition, timeout: float = 5.0) -> None:
-    with gevent.Timeout(timeout):
-        while not condition():
-            gevent.sleep(0.01)  # yields to the hub: the servers run in this thread
-
-
 def test_counters_survive_a_changed_rule_and_the_listener_is_handed_over(echo_server):
     port = free_port()
     supervisor = Supervisor()
@@ -56,16 +50,16 @@ def test_counters_survive_a_changed_rule_and_the_listener_is_handed_over(echo_se
     (runner,) = supervisor.runners.values()
     listener = runner.server.listener
     assert round_trip(port, b"hello") == b"hello"
-    wait_until(lambda: supervisor.stats.rule("web", "tcp").active == 0)
+    wait_on_hub(lambda: supervisor.stats.rule("web", "tcp").active == 0)
 
     changes = supervisor.apply(config_of(tcp_rule(port, echo_server.server_port, name="web", maxConnections=20)))
     assert changes.changed == ["web"]
     (new_runner,) = supervisor.runners.values()
     assert new_runner is not runner and new_runner.server.listener is listener  # same socket
     assert new_runner.state is RuleState.RUNNING
-    wait_until(lambda: runner.state is RuleState.STOPPED)
+    wait_on_hub(lambda: runner.state is RuleState.STOPPED)
     assert round_trip(port, b"again!") == b"again!"
-    wait_until(lambda: supervisor.stats.rule("web", "tcp").active == 0)
+    wait_on_hub(lambda: supervisor.stats.rule("web", "tcp").active == 0)
     stats = supervisor.stats.rule("web", "tcp")
     assert (stats.total, stats.bytes_received, stats.bytes_sent) == (2, 11, 11)
     supervisor.stop(1.0)
