@@ -405,7 +405,9 @@ def test_a_target_tls_failure_is_an_upstream_connect_failure(start_gportmap, pki
             assert sock.recv(16) == b""  # handshaken with gportmap, then ended with close_notify or EOF
         (closed,) = gp.wait_event("connection_closed", rule="distrust")
         assert closed["reason"] == "connect_failed"
-        assert closed["error"] == "TLS handshake with the target failed: CERTIFICATE_VERIFY_FAILED"
+        assert closed["error"] == (
+            "TLS handshake with the target failed: CERTIFICATE_VERIFY_FAILED (unable to get local issuer certificate)"
+        )
         assert rule_stats(gp, "distrust")["upstream_connect_failures"] == 1
     finally:
         target.close()

@@ -129,4 +129,18 @@ def test_a_failed_handshake_names_the_reason(contexts):
     stage, peer = TlsStage.client(stranger, "127.0.0.1"), Peer(server_side, server_side=True)
     with pytest.raises(TlsError) as failed:
         handshake(stage, peer)
-    assert failed.value.reason == "CERTIFICATE_VERIFY_FAILED"
+    assert failed.value.reason == "CERTIFICATE_VERIFY_FAILED (unable to get local issuer certificate)"
+
+
+def test_an_unknown_ca_and_a_name_mismatch_say_which(contexts):
+    """Both are CERTIFICATE_VERIFY_FAILED to OpenSSL; an operator needs to know which."""
+    server_side, client_side = contexts
+    reasons = []
+    for context, name in ((ssl.create_default_context(), "127.0.0.1"), (client_side, "other.test")):
+        stage, peer = TlsStage.client(context, name), Peer(server_side, server_side=True)
+        with pytest.raises(TlsError) as failed:
+            handshake(stage, peer)
+        reasons.append(failed.value.reason)
+    unknown_ca, mismatch = reasons
+    assert unknown_ca.startswith("CERTIFICATE_VERIFY_FAILED (") and "issuer" in unknown_ca
+    assert mismatch.startswith("CERTIFICATE_VERIFY_FAILED (") and "other.test" in mismatch

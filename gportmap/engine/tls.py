@@ -45,7 +45,18 @@ class TlsError(StageError):
 
     @classmethod
     def of(cls, exc: ssl.SSLError) -> TlsError:
-        return cls(getattr(exc, "reason", None) or exc.strerror or str(exc) or type(exc).__name__)
+        """The short name, and for a certificate that does not verify OpenSSL's why:
+        an unknown CA (``unable to get local issuer certificate``) and a name
+        mismatch (``Hostname mismatch, certificate is not valid for 'x'``) share the
+        name ``CERTIFICATE_VERIFY_FAILED`` and need different fixes."""
+        reason = getattr(exc, "reason", None) or exc.strerror or str(exc) or type(exc).__name__
+        why = getattr(exc, "verify_message", None)  # ssl.SSLCertVerificationError only
+        if why:
+            reason = f"{reason} ({why[: cls.VERIFY_MESSAGE_LIMIT]})"
+        return cls(reason)
+
+    #: The longest verification detail kept (it may quote the peer's certificate names).
+    VERIFY_MESSAGE_LIMIT = 200
 
 
 class TlsStage:
