@@ -18,7 +18,8 @@ from __future__ import annotations
 
 import logging
 
-from gportmap.log import RateLimiter, get_logger
+from gportmap.events import InternalError
+from gportmap.log import emit, get_logger
 from gportmap.reasons import CloseReason
 from gportmap.stats import RuleStats
 
@@ -29,9 +30,6 @@ logger = get_logger("connections")
 INTERNAL_ERROR = CloseReason.INTERNAL_ERROR
 #: Longest error text put in the records (an exception's text is not ours to bound).
 MAX_ERROR_TEXT = 200
-#: Records per rule and exception type per interval: a bug hit by every datagram
-#: must not write a traceback per datagram from the hub (the counter counts all).
-_limiter = RateLimiter(burst=5, interval=10.0)
 
 
 def error_text(exc: BaseException) -> str:
@@ -42,25 +40,22 @@ def error_text(exc: BaseException) -> str:
 
 def report_internal_error(stats: RuleStats, client: str, target: str, exc: BaseException) -> str:
     """Count ``exc`` against its rule and log it once with its traceback (at a
-    bounded rate); return the short text for the connection's close record."""
+    bounded rate: ``RuleStats.failure_log``, per exception type); return the
+    short text for the connection's close record."""
     stats.errors[CloseReason.INTERNAL_ERROR] += 1
     text = error_text(exc)
     if not logger.isEnabledFor(logging.ERROR):
         return text
-    allowed, suppressed = _limiter.allow((stats.name, type(exc)))
+    allowed, suppressed = stats.failure_log.allow(type(exc))
     if allowed:
-        fields = {"suppressed": suppressed} if suppressed else {}
-        logger.error(
-            f"unexpected error in a connection, closed: {text}",
-            exc_info=(type(exc), exc, exc.__traceback__),
-            extra={
-                "event": "internal_error",
-                "rule": stats.name,
-                "protocol": stats.protocol,
-                "client": client,
-                "target": target,
-                "error": text,
-                **fields,
-            },
+        event = InternalError(
+            rule=stats.name,
+            protocol=stats.protocol,
+            client=client,
+            target=target,
+            error=text,
+            suppressed=suppressed,
+            what=f"unexpected error in a connection, closed: {text}",
         )
+        emit(logger, event, exc_info=(type(exc), exc, exc.__traceback__))
     return text

@@ -26,6 +26,8 @@ from typing import Any
 from gevent import monkey
 from pythonjsonlogger.json import JsonFormatter
 
+from gportmap.events import Event, InternalError, LogRecordsDropped, MalformedRequest, Traceback
+
 LOGGER_NAME = "gportmap"
 LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 
@@ -43,11 +45,18 @@ def get_logger(name: str = "") -> logging.Logger:
     return logging.getLogger(f"{LOGGER_NAME}.{name}" if name else LOGGER_NAME)
 
 
-def log_event(logger: logging.Logger, level: int, event: str, message: str, **fields: Any) -> None:
-    """Emit one event record; the cheap ``isEnabledFor`` check keeps disabled levels free."""
+def emit(logger: logging.Logger, event: Event, exc_info: Any = None) -> None:
+    """Log one event (``gportmap.events``): its level, its message, its fields and
+    ``event``. The cheap ``isEnabledFor`` check comes first, so a disabled level
+    costs no message and no dict; where even making the event would cost (once per
+    connection), the call site checks ``isEnabledFor`` before it makes one.
+    ``exc_info``: an exception whose traceback goes with the record."""
+    level = event.record_level()
     if logger.isEnabledFor(level):
-        fields["event"] = event
-        logger.log(level, message, extra=fields)
+        fields = event.fields()
+        fields["event"] = event.event
+        # What ``logger.log`` does once it has checked the level, which was just done.
+        logger._log(level, event.message(), (), exc_info=exc_info, extra=fields)  # noqa: SLF001
 
 
 def _utc_timestamp(created: float) -> str:
@@ -119,6 +128,10 @@ def setup_logging(log_format: str = "text", level: str = "INFO", worker: int | N
 
     Records go through the process's one ``StderrQueue`` whatever the format, so a
     change of format on reload keeps the queue, its writer and its drop count."""
+    # No format of ours shows the process, thread or task a record came from; not
+    # asking for them saves LogRecord a getpid() and two lookups per record.
+    logging.logProcesses = logging.logThreads = logging.logMultiprocessing = False
+    logging.logAsyncioTasks = False  # 3.12+; harmless before
     queue = stderr_queue()
     handler = StderrQueueHandler(queue)
     handler.setFormatter(EventJsonFormatter() if log_format == "json" else TextFormatter())
@@ -137,7 +150,7 @@ def setup_logging(log_format: str = "text", level: str = "INFO", worker: int | N
 
 _start_native_thread = monkey.get_original("_thread", "start_new_thread")
 _native_select = monkey.get_original("select", "select")
-DROP_EVENT = "log_records_dropped"
+DROP_EVENT = LogRecordsDropped.event
 
 
 class StderrQueue:
@@ -174,6 +187,9 @@ class StderrQueue:
     exit_flush_timeout: float = 5.0
     #: Seconds between two looks at the queue while a flush waits for the writer.
     flush_poll_interval: float = 0.005
+    #: Seconds the writer waits once woken before it writes, so that the records of a
+    #: busy moment go out in one batch for one wake-up (a record is that much later).
+    gather_delay: float = 0.005
 
     def __init__(self, fd: int, encoding: str = "utf-8") -> None:
         self.fd = fd
@@ -255,6 +271,12 @@ class StderrQueue:
     def _run(self) -> None:
         while True:
             woken = os.read(self._wake_read, 512)  # sleeps until a producer wakes it
+            if woken and self.gather_delay:
+                # Let the lines of the next few milliseconds gather: while the wake-up
+                # is pending the hub writes no wake-up byte, so a busy process pays
+                # one pipe write (and this thread one read and one write) per batch,
+                # not per record.
+                _native_select((), (), (), self.gather_delay)
             self._wake_pending = False
             self._drain()
             if not woken:  # close()
@@ -314,9 +336,9 @@ class StderrQueue:
         record = copy.copy(template)  # no LogRecord.__init__ in this thread
         record.created = time.time()
         record.msecs = record.created % 1 * 1000
-        record.msg = f"{count} log record(s) dropped: stderr was not read fast enough"
-        record.dropped = count
-        record.dropped_total = total
+        event = LogRecordsDropped(dropped=count, dropped_total=total)
+        record.msg = event.message()
+        record.__dict__.update(event.fields())
         return (formatter.format(record) + "\n").encode(self.encoding, "backslashreplace")
 
 
@@ -414,19 +436,10 @@ def route_gevent_errors() -> None:
         allowed, suppressed = limiter.allow((exc_type, type(context)))
         if not allowed:
             return
-        fields = {"suppressed": suppressed} if suppressed else {}
         address = getattr(context, "server_host", None) and getattr(context, "address", None)
         where = f"listener {address[0]}:{address[1]}" if isinstance(address, tuple) else repr(context)[:200]
-        log_event(
-            logger,
-            logging.ERROR,
-            "internal_error",
-            f"{exc_type.__name__} in {where}: {value}",
-            context=where,
-            **fields,
-        )
-        if logger.isEnabledFor(logging.DEBUG):
-            logger.debug("traceback", exc_info=(exc_type, value, tb), extra={"event": "traceback"})
+        emit(logger, InternalError(context=where, suppressed=suppressed, what=f"{exc_type.__name__} in {where}: {value}"))
+        emit(logger, Traceback(), exc_info=(exc_type, value, tb))
 
     hub.print_exception = print_exception  # type: ignore[method-assign]
 
@@ -491,13 +504,5 @@ class ClientErrorsAsLog:
             text = msg
         address = getattr(self, "client_address", None)
         client = f"{address[0]}:{address[1]}" if isinstance(address, tuple) and len(address) >= 2 else str(address)
-        fields: dict[str, Any] = {"suppressed": suppressed} if suppressed else {}
-        log_event(
-            get_logger("http"),
-            logging.WARNING,
-            "bad_request",
-            "malformed HTTP request answered with 400",
-            client=client,
-            error=text.encode("ascii", "backslashreplace").decode()[:200],
-            **fields,
-        )
+        error = text.encode("ascii", "backslashreplace").decode()[:200]
+        emit(get_logger("http"), MalformedRequest(client=client, error=error, suppressed=suppressed))

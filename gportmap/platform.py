@@ -7,16 +7,17 @@ fallbacks are exercised on the one platform the test suite runs on.
 
 from __future__ import annotations
 
-import logging
 import os
 import signal
 import socket
 import sys
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass
+from typing import ClassVar
 
 from gportmap import inotify
-from gportmap.log import get_logger, log_event
+from gportmap.events import FdLimitCapped
+from gportmap.log import emit, get_logger
 
 logger = get_logger("platform")
 
@@ -45,9 +46,19 @@ class Features:
     #: SO_REUSEPORT spreads connections over processes bound to one port (Linux):
     #: what ``--workers`` needs. (BSD and macOS have the option but not the spreading.)
     reuse_port: bool = False
+    #: ``GPORTMAP_RELAY=splice``: splice every plain direction from its first byte,
+    #: not only once it streams, so that the splice path sees every kind of traffic
+    #: (tests, benchmarks). Read here, once at start, and handed to the relay
+    #: (``HubRelay.splice_first``); never read at import.
+    splice_first: bool = False
 
     def enabled(self) -> list[str]:
-        return [name for name, on in asdict(self).items() if on]
+        """The platform's features on (the ``started`` record's ``features``); a
+        policy such as ``splice_first`` is not one."""
+        return [name for name, on in asdict(self).items() if on and name not in self.POLICIES]
+
+    #: Fields that say how to use a feature rather than that the platform has it.
+    POLICIES: ClassVar[frozenset[str]] = frozenset({"splice_first"})
 
 
 def portable_mode() -> bool:
@@ -67,17 +78,24 @@ def splice_available() -> bool:
     return hasattr(os, "splice") and hasattr(os, "SPLICE_F_NONBLOCK")
 
 
+def relay_mode() -> str:
+    """``GPORTMAP_RELAY``: ``copy`` (never splice), ``splice`` (from the first byte)
+    or ``auto``. Read by ``detect`` (and by nothing at import)."""
+    return os.environ.get("GPORTMAP_RELAY", "auto").strip().lower() or "auto"
+
+
 def detect() -> Features:
     """Probe once at start-up; the result is passed down, not re-read."""
     if portable_mode():
         return Features(posix_signals=False, fd_limit=False, inotify=False, splice=False, reuse_port=False)
-    relay = os.environ.get("GPORTMAP_RELAY", "auto").strip().lower()
+    relay = relay_mode()
     return Features(
         posix_signals=hasattr(signal, "SIGHUP") and hasattr(signal, "SIGUSR1"),
         fd_limit=_can_import("resource"),
         inotify=inotify.available(),
         splice=relay != "copy" and sys.platform.startswith("linux") and splice_available(),
         reuse_port=sys.platform.startswith("linux") and hasattr(socket, "SO_REUSEPORT"),
+        splice_first=relay == "splice",
     )
 
 
@@ -106,14 +124,7 @@ def raise_fd_limit() -> int | None:
         except (ValueError, OSError):  # CPython raises ValueError for EINVAL and EPERM
             continue
         if candidate < target:
-            log_event(
-                logger,
-                logging.INFO,
-                "fd_limit_capped",
-                f"open-file limit raised to {candidate}: the kernel refused {target}",
-                open_files=candidate,
-                wanted=target,
-            )
+            emit(logger, FdLimitCapped(open_files=candidate, wanted=target))
         return candidate
     return soft
 

@@ -232,13 +232,13 @@ def test_records_logged_just_before_exit_are_all_written_before_it() -> None:
         "from gevent import monkey\n"
         "monkey.patch_all()\n"
         "atexit.register(os.write, 2, b'{\"event\": \"end\"}\\n')\n"
-        "from gportmap.log import StderrQueue, get_logger, log_event, setup_logging\n"
+        "from gportmap.log import StderrQueue, get_logger, setup_logging\n"
         "StderrQueue.max_lines = StderrQueue.max_bytes = sys.maxsize\n"
         "StderrQueue.exit_flush_timeout = 60.0\n"
         "setup_logging('json', 'INFO')\n"
         "atexit.register(print, 'exiting', flush=True)\n"
         "for i in range(int(sys.argv[1])):\n"
-        "    log_event(get_logger(), logging.ERROR, 'tick', 'tick', i=i, pad='x' * 2000)\n"
+        "    get_logger().error('tick', extra={'event': 'tick', 'i': i, 'pad': 'x' * 2000})\n"
         "sys.exit(2)\n"
     )
     proc = subprocess.Popen(

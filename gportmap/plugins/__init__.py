@@ -34,6 +34,11 @@ exception from a hook closes that one connection and is logged with the plugin's
 name; the rule keeps serving. Keep per-connection state in ``conn.state`` (a dict
 shared by the rule's plugins: use keys of your own), never on the plugin object,
 which all connections of the rule share.
+
+A plugin package may also add a protocol (entry point group ``gportmap.protocols``,
+``gportmap.plugins.registry``): its public base is
+``gportmap.protocols.plugin.StreamProtocol`` (one method, ``handle(connection)``),
+which lives with the protocol servers it derives from, above this layer.
 """
 
 from __future__ import annotations
@@ -211,20 +216,11 @@ class HookError(GportmapError):
 
 def log_hook_error(error: HookError, rule: str, client: str) -> None:
     """One ``plugin_error`` record naming the plugin; its connection is being closed."""
-    import logging
+    from gportmap.events import PluginFailed
+    from gportmap.log import emit, get_logger
 
-    from gportmap.log import get_logger, log_event
-
-    log_event(
-        get_logger("plugins"),
-        logging.WARNING,
-        "plugin_error",
-        str(error),
-        plugin=error.plugin,
-        hook=error.hook,
-        rule=rule,
-        client=client,
-    )
+    event = PluginFailed(plugin=error.plugin, hook=error.hook, rule=rule, client=client, error=str(error))
+    emit(get_logger("plugins"), event)
 
 
 def _call(name: str, hook: str, function, *args):

@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
-import socket
 from typing import Any, ClassVar
 
 from gportmap.plugins import DOWNSTREAM, UPSTREAM, ConnView, Plugin, Reject
-from gportmap.protocols.tcp import TcpServer
+from gportmap.protocols.plugin import StreamProtocol
 
 
 class UpperCase(Plugin):
@@ -61,16 +60,16 @@ class PerClientLimit(Plugin):
                 del self.open[ip]
 
 
-class GreeterServer(TcpServer):
+class GreeterServer(StreamProtocol):
     """The ``greeter`` protocol: tcp forwarding that greets each client first.
 
-    A protocol is a server class with the supervisor's surface (start,
-    release_listener, close, active, join, kill); deriving from gportmap's TcpServer
-    keeps all of it, limits, TLS, plugins and counters included.
+    A protocol derives from ``StreamProtocol`` (``gportmap.protocols.plugin``) and
+    overrides ``handle(connection)``; gportmap keeps the rest: the listener and its
+    reloads, limits, TLS, plugins, counters and the drain, as for a tcp rule.
     """
 
     greeting = b"220 gportmap-example greeter ready\r\n"
 
-    def _forward(self, client: socket.socket, conn, view):
-        client.sendall(self.greeting)
-        return super()._forward(client, conn, view)
+    def handle(self, connection):
+        connection.socket.sendall(self.greeting)
+        return connection.relay()
