@@ -12,6 +12,7 @@ import errno
 import socket
 import ssl
 import sys
+from dataclasses import dataclass
 
 import gevent
 import gevent.socket
@@ -43,6 +44,27 @@ def bind_listener(
     ``reuse_port`` lets the worker processes of one gportmap each bind the same
     address (``SO_REUSEPORT``): the kernel then spreads new connections, and UDP
     clients by their address, over the workers' sockets."""
+    return bind_resolved(resolve_listen(host, port, sock_type), port, reuse_port)
+
+
+@dataclass(frozen=True)
+class ListenAddress:
+    """A listen host resolved once (``resolve_listen``): what binding each port of a
+    range needs, without a lookup per port."""
+
+    host: str
+    family: int
+    sock_type: int
+    proto: int
+    sockaddr: tuple
+
+    def at(self, port: int) -> tuple:
+        return (self.sockaddr[0], port, *self.sockaddr[2:])
+
+
+def resolve_listen(host: str, port: int = 0, sock_type: int = socket.SOCK_STREAM) -> ListenAddress:
+    """The address to bind for ``host`` (may yield: gevent resolves in its thread
+    pool); BindError when it does not resolve."""
     try:
         infos = gevent.socket.getaddrinfo(
             host or None, port, socket.AF_UNSPEC, sock_type, 0, socket.AI_PASSIVE
@@ -50,9 +72,19 @@ def bind_listener(
     except socket.gaierror as exc:
         raise BindError(f"cannot resolve listen address {host!r}: {exc.strerror}") from None
     family, _, proto, _, sockaddr = infos[0]
+    return ListenAddress(host, family, sock_type, proto, sockaddr)
+
+
+def bind_resolved(address: ListenAddress, port: int, reuse_port: bool = False) -> socket.socket:
+    """Bind (and for TCP listen on) ``address`` at ``port``: system calls only, never a
+    wait, so a range binds port after port without yielding. BindError on failure."""
+    host, family, sock_type = address.host, address.family, address.sock_type
     # gevent's socket class whether or not the process is monkeypatched: the
     # servers need a non-blocking listener.
-    sock = gevent.socket.socket(family, sock_type, proto)
+    try:
+        sock = gevent.socket.socket(family, sock_type, address.proto)
+    except OSError as exc:  # EMFILE: out of descriptors
+        raise BindError(bind_error_message(host, port, exc)) from None
     try:
         if sys.platform != "win32":
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -63,7 +95,7 @@ def bind_listener(
                 sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
             except OSError:
                 pass  # the OS insists on IPv6 only; "::" then serves IPv6 alone
-        sock.bind(sockaddr)
+        sock.bind(address.at(port))
         if sock_type == socket.SOCK_STREAM:
             sock.listen(LISTEN_BACKLOG)
     except OSError as exc:

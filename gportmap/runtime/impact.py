@@ -21,8 +21,10 @@ little effect as an honest answer allows:
   instant of the probe is dropped, as it would have been with nobody listening.
 
 A bind that fails because a rule this very change removes holds the address is no
-problem (removals happen first); only added listeners are tried (a changed rule
-keeps its socket).
+problem (removals happen first); only listeners that would open are tried (a
+listener in both versions keeps its socket, SPEC §9), port by port for a range,
+yielding between slices; the changes and listeners come from the supervisor's own
+plan (``gportmap.runtime.listeners``), so a range is named as one ("20000-20099").
 """
 
 from __future__ import annotations
@@ -35,11 +37,13 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+import gevent
 import gevent.socket
 
-from gportmap.config import Config, Rule
+from gportmap.config import Config, Rule, format_address
 from gportmap.engine.net import bind_error_message
-from gportmap.runtime.supervisor import Changes
+from gportmap.runtime.listeners import Plan, RuleKey, Span, plan, spans
+from gportmap.runtime.supervisor import Changes, RuleRunner
 
 if TYPE_CHECKING:
     from gportmap.runtime.backend import Figures
@@ -97,63 +101,88 @@ class Impact:
         }
 
 
-#: ``probe(rule)``: why its listener could not bind, or None.
-Probe = Callable[[Rule], "str | None"]
-
+#: ``probe(rule, host, port)``: why that listener of ``rule`` could not bind, or None.
+Probe = Callable[[Rule, str, int], "str | None"]
 
 def plan_changes(old: Config | None, new: Config) -> Changes:
-    """The changes ``Supervisor.apply(new)`` would make after ``old``, by name."""
-    running = {rule.key: rule for rule in (old.enabled_rules if old is not None else ())}
-    wanted = {rule.key: rule for rule in new.enabled_rules}
+    """The changes ``Supervisor.apply(new)`` would make after ``old``, by name: a
+    rule that takes over listeners of an old one is changed (SPEC §9)."""
+    return _changes(_plan(old, new), _running(old), _wanted(new))
+
+
+def _running(config: Config | None) -> dict[RuleKey, Rule]:
+    return {rule.key: rule for rule in (config.enabled_rules if config is not None else ())}
+
+
+def _wanted(config: Config) -> dict[RuleKey, Rule]:
+    return {rule.key: rule for rule in config.enabled_rules}
+
+
+def _plan(old: Config | None, new: Config) -> Plan:
+    return plan(_running(old), _wanted(new))
+
+
+def _changes(reload: Plan, running: dict[RuleKey, Rule], wanted: dict[RuleKey, Rule]) -> Changes:
     changes = Changes()
-    changes.removed.extend(rule.name for key, rule in running.items() if key not in wanted)
-    for key, rule in wanted.items():
-        before = running.get(key)
-        if before is None:
-            changes.added.append(rule.name)
-        elif before == rule:
-            changes.unchanged.append(rule.name)
-        else:
-            changes.changed.append(rule.name)
+    changes.removed.extend(running[key].name for key in reload.removed)
+    changes.unchanged.extend(wanted[key].name for key in reload.unchanged)
+    for rule_plan in reload.started.values():
+        (changes.changed if rule_plan.takes else changes.added).append(rule_plan.rule.name)
     return changes
 
 
 def assess(
     old: Config | None, new: Config, figures: Figures, probe: Probe | None = None
 ) -> tuple[Changes, Impact]:
-    """The changes and their impact; ``probe`` tries each added listener (the
-    default binds a fresh socket, see the module docstring). Yields while a listen
-    host name resolves."""
+    """The changes and their impact; ``probe`` tries each listener that would open
+    (the default binds a fresh socket, see the module docstring), port by port,
+    yielding between slices; a span reports its first port that fails. Listeners
+    that would close or be handed over are named as ranges ("127.0.0.1:20000-20099")."""
     probe = probe or probe_bind
-    running = {rule.key: rule for rule in (old.enabled_rules if old is not None else ())}
-    wanted = {rule.key: rule for rule in new.enabled_rules}
-    removed = [rule for key, rule in running.items() if key not in wanted]
-    added = [rule for key, rule in wanted.items() if key not in running]
-    changed = [running[key] for key, rule in wanted.items() if key in running and running[key] != rule]
+    running, wanted = _running(old), _wanted(new)
+    reload = plan(running, wanted)
+    owners = {id(span): rule_plan.rule for rule_plan in reload.started.values() for span in rule_plan.opened}
     impact = Impact(
-        listeners_opened=[_listener(rule) for rule in added],
-        listeners_closed=[_listener(rule) for rule in removed],
+        listeners_opened=[Listener(owners[id(span)].name, span.transport, span.text) for span in reload.opened],
+        listeners_closed=[
+            Listener(running[key].name, span.transport, span.text)
+            for key in (*reload.removed, *reload.donors)
+            for span in _spans_of(reload, key, running)
+        ],
         connections_to_drain={
-            rule.name: figures.rule(rule.name, rule.protocol).active for rule in removed + changed
+            running[key].name: figures.rule(running[key].name, running[key].protocol).active
+            for key in (*reload.removed, *reload.donors)
         },
     )
-    for rule in added:
-        problem = probe(rule)
-        if problem is not None and not _held_by(rule, removed):
-            impact.problems.append(Problem(rule.name, rule.transport, rule.listen, problem))
-    return plan_changes(old, new), impact
+    removed = [running[key] for key in reload.removed]
+    probed = 0
+    for span in reload.opened:
+        rule = owners[id(span)]
+        for _, port in span.keys():
+            problem = probe(rule, span.host, port)
+            probed += 1
+            if probed % RuleRunner.bind_slice == 0:  # as many as a start binds between two pauses
+                gevent.sleep(RuleRunner.slice_pause)
+            if problem is not None and not _held_by(span.transport, span.host, port, removed):
+                impact.problems.append(Problem(rule.name, span.transport, format_address(span.host, port), problem))
+                break  # the first port of the span that fails says it
+    return _changes(reload, running, wanted), impact
 
 
-def _listener(rule: Rule) -> Listener:
-    return Listener(rule.name, rule.transport, rule.listen)
+def _spans_of(reload: Plan, key: RuleKey, running: dict[RuleKey, Rule]) -> list[Span]:
+    """The spans of old rule ``key`` that close: all of a removed rule's, what a donor drops."""
+    if key in reload.dropped:
+        return reload.dropped[key]
+    return spans(running[key]) if key in reload.removed else []
 
 
-def _held_by(rule: Rule, removed: list[Rule]) -> bool:
-    """Whether a rule this change removes listens where ``rule`` would (it closes first)."""
+def _held_by(transport: str, host: str, port: int, removed: list[Rule]) -> bool:
+    """Whether a rule this change removes listens where ``host:port`` would (it closes first)."""
     return any(
-        other.transport == rule.transport
-        and other.listen_port == rule.listen_port
-        and _collide(other.listen_host, rule.listen_host)
+        other.transport == transport
+        and other.listen_ports is not None
+        and port in other.listen_ports
+        and any(_collide(other_host, host) for other_host in other.listen_hosts)
         for other in removed
     )
 
@@ -176,12 +205,14 @@ def _ipv4(host: str) -> bool:
         return False
 
 
-def probe_bind(rule: Rule) -> str | None:
-    """Bind a fresh socket where ``rule`` would listen and close it; the reason it
-    cannot bind (the words of ``rule_failed``), or None."""
+def probe_bind(rule: Rule, host: str | None = None, port: int | None = None) -> str | None:
+    """Bind a fresh socket where ``rule`` would listen (at ``host:port``, by default
+    its first listener) and close it; the reason it cannot bind (the words of
+    ``rule_failed``), or None."""
     udp = rule.transport == "udp"
     sock_type = socket.SOCK_DGRAM if udp else socket.SOCK_STREAM
-    host, port = rule.listen_host, rule.listen_port
+    host = rule.listen_host if host is None else host
+    port = rule.listen_port if port is None else port
     try:
         infos = gevent.socket.getaddrinfo(
             host or None, port, socket.AF_UNSPEC, sock_type, 0, socket.AI_PASSIVE
@@ -201,7 +232,7 @@ def probe_bind(rule: Rule) -> str | None:
         sock.bind(sockaddr)
     except OSError as exc:
         if udp and exc.errno == errno.EADDRINUSE:
-            return f"{rule.listen} is already in use by another process or rule: a UDP socket is bound there"
+            return f"{format_address(host, port)} is already in use by another process or rule: a UDP socket is bound there"
         return bind_error_message(host, port, exc)
     finally:
         sock.close()

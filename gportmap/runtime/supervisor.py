@@ -2,13 +2,15 @@
 
 Each enabled rule gets a ``RuleRunner`` whose life is a small state machine
 (``RuleState``, its transitions checked in one place). ``Supervisor.apply(config)``
-turns the running set into the one a config asks for, matching rules by
-(transport, listenHost, listenPort) as SPEC §4 says:
+turns the running set into the one a config asks for, matching each listener
+(transport, listen address, port) on its own as SPEC §4 and §9 say (the plan is
+``gportmap.runtime.listeners``):
 
 - unchanged rules keep their server and connections;
-- a changed rule gets a new server on the *same* listening socket, handed over
-  without closing it, so no connection attempt is refused; the old server drains;
-- removed or disabled rules close their listener and drain;
+- a changed rule gets a new server on the *same* listening sockets, handed over
+  without closing them, so no connection attempt is refused; the old server drains;
+  ports a range drops close, ports it adds are bound first;
+- removed or disabled rules close their listeners and drain;
 - added rules start; a rule that cannot start (bind error, or any exception of
   its server or plugins) fails alone, is reported and retried with back-off.
 
@@ -23,22 +25,26 @@ then cut. A failure of one rule never touches the others.
 from __future__ import annotations
 
 import enum
-import logging
+import itertools
 import socket
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import gevent
 from gevent.event import Event
 
 from gportmap.config import Config, Rule
-from gportmap.engine.net import BindRetry, bind_listener
+from gportmap.config.model import PortRange
+from gportmap.engine.net import BindRetry, bind_listener, bind_resolved, resolve_listen
 from gportmap.engine.relay import BufferPool
-from gportmap.errors import BindError, GportmapError
-from gportmap.log import RateLimiter, get_logger, log_event
+from gportmap.errors import BindError, ConfigError, GportmapError
+from gportmap.events import ConnectionsCapped, ListenersChanged, RuleFailed, RuleStarted, RuleStopped
+from gportmap.log import RateLimiter, emit, get_logger
 from gportmap.protocols import ServerContext, create_server
-from gportmap.stats import StatsRegistry, fd_capacity
+from gportmap.runtime.listeners import ListenKey, Plan, RuleKey, RulePlan, Span, plan, spans, subtract, texts
+from gportmap.runtime.systemd import listen_ip
+from gportmap.stats import FD_RESERVE, StatsRegistry, fd_capacity
 
 if TYPE_CHECKING:
     from gportmap.runtime.systemd import InheritedSockets
@@ -138,16 +144,33 @@ class RuleRunner:
         self.server = None  # a protocol server while starting, running or draining
         self._retry: gevent.Greenlet | None = None
         self._backoff = BindRetry()
+        #: Its single listener went to a successor (``give``): retiring keeps it open.
+        self._given = False
 
     def _on(self, event: RuleEvent) -> RuleState:
         self.state = next_state(self.state, event)
         return self.state
 
-    def start(self, listener: socket.socket | None = None) -> bool:
+    def start(
+        self,
+        listener: socket.socket | None = None,
+        take: Callable[[], Iterator[dict[ListenKey, socket.socket]]] | None = None,
+        held: Sequence[Span] = (),
+    ) -> bool:
         """Serve on ``listener`` (handed over) or a new socket. Any failure (a bind
         error, or any exception of the server or its plugins: a bug) fails this rule
         alone, is reported and retried; a handed-over listener is then closed, so
-        attempts are refused rather than left queueing where nobody accepts."""
+        attempts are refused rather than left queueing where nobody accepts.
+
+        A reload hands sockets over with ``take``: an iterator of slices of the
+        sockets of the spans ``held`` (each slice served as soon as it is taken,
+        without yielding between, so that no attempt is refused); the rest is
+        bound first. A rule with several listeners (SPEC §9) starts in
+        ``_start_many``."""
+        if self.rule.listener_count > 1:
+            return self._start_many(take, held)
+        if take is not None and listener is None:
+            listener = next((sock for given in take() for sock in given.values()), None)
         rule = self.rule
         handover = listener is not None
         adopted = None
@@ -177,19 +200,174 @@ class RuleRunner:
             source = f" (carried over by an upgrade, fd {adopted.fd})"
         else:
             source = f" (adopted fd {adopted.fd} '{adopted.name}' from the service manager)"
-        log_event(
+        emit(
             logger,
-            logging.INFO,
-            "rule_started",
-            f"rule {rule.name} listening on {rule.listen}/{rule.transport}{source}, forwarding to {rule.target}",
+            RuleStarted(
+                rule=rule.name,
+                protocol=rule.protocol,
+                listen=rule.listen,
+                target=rule.target,
+                handover=handover,
+                adopted=adopted is not None,
+                transport=rule.transport,
+                origin=source,
+            ),
+        )
+        return True
+
+    def _start_many(
+        self, take: Callable[[], Iterator[dict[ListenKey, socket.socket]]] | None, held: Sequence[Span]
+    ) -> bool:
+        """``start`` for a rule with several listening sockets: bind every one not
+        ``held`` (in slices, yielding between them), then serve with one server on a
+        first slice of them and of those taken over, then add the other slices,
+        yielding between two (``_take_rest``): a 10,000-port start or handover holds
+        the hub for a slice at a time (the old server still accepts on what it has
+        not given yet; a bound socket not served yet queues its clients)."""
+        rule = self.rule
+        sockets: dict[ListenKey, socket.socket] = {}
+        adopted = bound_count = 0
+        slices: Iterator[dict[ListenKey, socket.socket]] = iter(())
+        first: dict[ListenKey, socket.socket] = {}
+        try:
+            adopted = self._bind_many(held, sockets)  # may yield
+            bound_count = len(sockets)
+            bound = _chunks(sockets, self.bind_slice)
+            first = next(bound, {})
+            if take is not None:
+                slices = take()
+                given = next(slices, {})
+                sockets.update(given)
+                first.update(given)
+            slices = itertools.chain(bound, slices)
+            self.server = create_server(rule, self.context)
+            start_many = getattr(self.server, "start_many", None)
+            if start_many is None:
+                raise BindError(f"protocol {rule.protocol!r} cannot listen on several addresses or ports")
+            start_many(first)
+        except Exception as exc:  # noqa: BLE001 - contained: one rule fails, never the reload
+            self._discard(None)
+            for sock in sockets.values():
+                sock.close()
+            if self._on(RuleEvent.START_FAILED) is RuleState.FAILED:
+                self._report_failure(exc)
+            return False
+        if self._on(RuleEvent.BOUND) is RuleState.STOPPED:
+            self.server.close()  # retired while it was binding: it never serves
+            self.server = None
+            return False
+        sockets_count = len(first) + self._take_rest(slices)
+        handed = sockets_count - bound_count
+        self.error = None
+        origin = f" ({sockets_count:,} sockets: {handed:,} handed over, {adopted:,} inherited)" if handed or adopted else ""
+        event = RuleStarted(
             rule=rule.name,
             protocol=rule.protocol,
             listen=rule.listen,
             target=rule.target,
-            handover=handover,
-            adopted=adopted is not None,
+            listeners=sockets_count,
+            handover=handed,
+            adopted=adopted,
+            transport=rule.transport,
+            origin=origin,
         )
+        emit(logger, event)
         return True
+
+    #: Sockets a start binds (or a reload hands over) between two yields to the hub:
+    #: a 10,000-port range never holds it for the whole bind.
+    bind_slice = 256
+    #: Seconds waited between two slices: on a timer, so that the loop polls for I/O
+    #: and runs its timers in between (``sleep(0)`` only lets ready greenlets run).
+    slice_pause = 0.001
+
+    def _take_rest(self, slices: Iterator[dict[ListenKey, socket.socket]]) -> int:
+        """Serve on the remaining slices of a handover, one at a time, yielding
+        between them; stops (closing what it took) if the rule is retired meanwhile."""
+        count = 0
+        for given in slices:
+            gevent.sleep(self.slice_pause)  # let connections and the admin endpoint run between slices
+            if self.state is not RuleState.RUNNING or self.server is None:
+                for sock in given.values():
+                    sock.close()
+                continue  # drain the iterator: each donor's sockets are its to close otherwise
+            self.server.add_listeners(given)
+            count += len(given)
+        return count
+
+    def _bind_many(self, held: Sequence[Span], sockets: dict[ListenKey, socket.socket]) -> int:
+        """Bind every listener of the rule outside ``held`` into ``sockets`` (adopting
+        inherited ones where passed); the number adopted. BindError on the first
+        that fails (the caller closes what was bound)."""
+        rule = self.rule
+        sock_type = socket.SOCK_DGRAM if rule.transport == "udp" else socket.SOCK_STREAM
+        adopted = done = 0
+        for span in spans(rule):
+            cuts = [other.ports for other in held if other.host == span.host and other.transport == span.transport]
+            todo = subtract(span, cuts)
+            if not todo:
+                continue
+            inherited = self._inherited_ports(span)  # may yield: a host name resolves
+            address = resolve_listen(span.host, span.ports.first, sock_type)  # may yield, likewise
+            for part in todo:
+                for key in part.keys():
+                    if self.state is RuleState.STOPPING:
+                        raise BindError("retired while it was binding")
+                    passed = inherited.get(key[1])
+                    if passed is not None:
+                        sockets[key] = passed.duplicate()
+                        adopted += 1
+                    else:
+                        sockets[key] = bind_resolved(address, key[1], self.context.reuse_port)
+                    done += 1
+                    if done % self.bind_slice == 0:
+                        gevent.sleep(self.slice_pause)  # let connections and the admin endpoint run
+        return adopted
+
+    def _inherited_ports(self, span: Span) -> dict[int, Any]:
+        """The sockets systemd (or an upgrade) passed for ``span``, by port."""
+        if self.inherited is None:
+            return {}
+        candidates = [
+            sock for sock in self.inherited.sockets if sock.transport == span.transport and sock.port in span.ports
+        ]
+        if not candidates:
+            return {}
+        host = listen_ip(span.host, span.ports.first, span.transport)
+        return {sock.port: sock for sock in candidates if sock.host == host}
+
+    def give(self, spans_given: Sequence[Span]) -> dict[ListenKey, socket.socket]:
+        """A reload hands the sockets of ``spans_given`` to a successor: stop accepting
+        on them and return them, still open (SPEC §9). Nothing unless running."""
+        if self.state is not RuleState.RUNNING or self.server is None:
+            return {}
+        rule = self.rule
+        if rule.listener_count == 1:
+            key = (rule.listen_host, rule.listen_port)
+            if not any(span.host == key[0] and key[1] in span.ports for span in spans_given):
+                return {}
+            self._given = True
+            listener = self.server.release_listener()
+            return {key: listener} if listener is not None else {}
+        return self.server.take_listeners([key for span in spans_given for key in span.keys()])
+
+    def drop(self, spans_dropped: Sequence[Span]) -> None:
+        """A reload drops these listeners of a rule (all of a removed rule's, or those
+        of a rule that hands the others on): they close now (attempts refused),
+        before any other rule binds, ``bind_slice`` at a time with a pause between
+        (closing 10,000 sockets at once would hold the hub)."""
+        if self.state is not RuleState.RUNNING or self.server is None or self.rule.listener_count == 1:
+            return
+        size = self.bind_slice
+        for span in spans_dropped:
+            for first in range(span.ports.first, span.ports.last + 1, size):
+                if self.state is not RuleState.RUNNING or self.server is None:
+                    return  # retired meanwhile (gportmap stops): its close takes the rest
+                part = Span(span.transport, span.host, PortRange(first, min(first + size - 1, span.ports.last)))
+                for sock in self.server.take_listeners(list(part.keys())).values():
+                    sock.close()
+                if span.count > size:
+                    gevent.sleep(self.slice_pause)
 
     def _discard(self, listener: socket.socket | None) -> None:
         """After a failed start: close what the start opened or was handed."""
@@ -206,12 +384,8 @@ class RuleRunner:
         rule = self.rule
         internal = not isinstance(exc, BindError)
         self.error = f"internal error: {exc!r}"[:300] if internal else str(exc)
-        fields = dict(rule=rule.name, listen=rule.listen, error=self.error, retry_in=self._backoff.delay)
-        message = f"rule {rule.name} cannot start: {self.error}"
-        if internal:  # a bug: its traceback, once
-            logger.error(message, exc_info=exc, extra={"event": "rule_failed", **fields})
-        else:
-            log_event(logger, logging.ERROR, "rule_failed", message, **fields)
+        event = RuleFailed(rule=rule.name, listen=rule.listen, error=self.error, retry_in=self._backoff.delay)
+        emit(logger, event, exc_info=exc if internal else None)  # a bug: its traceback, once
         self._retry = self._backoff.schedule(self._try_again)
 
     def _try_again(self) -> None:
@@ -230,7 +404,7 @@ class RuleRunner:
         self._on(RuleEvent.RETIRE)
         if was is not RuleState.RUNNING:
             return None
-        if keep_listener:
+        if keep_listener or self._given:
             return self.server.release_listener()
         self.server.close()
         return None
@@ -242,15 +416,7 @@ class RuleRunner:
         left = self.server.active
         self.server.kill()
         self._on(RuleEvent.DRAINED)
-        log_event(
-            logger,
-            logging.INFO,
-            "rule_stopped",
-            f"rule {self.rule.name} stopped on {self.rule.listen}",
-            rule=self.rule.name,
-            listen=self.rule.listen,
-            cut_connections=left,
-        )
+        emit(logger, RuleStopped(rule=self.rule.name, listen=self.rule.listen, cut_connections=left))
 
 
 class Supervisor:
@@ -281,6 +447,8 @@ class Supervisor:
         self.runners: dict[tuple[str, str, int], RuleRunner] = {}
         self.draining: dict[RuleRunner, gevent.Greenlet] = {}
         self.config: Config | None = None
+        #: The listeners the last apply kept, opened and closed (``gportmap.runtime.listeners``).
+        self.last_plan: Plan | None = None
         #: Set by ``close_listeners``: gportmap stops, no listener opens again.
         self.closed = False
         self._applying = False
@@ -304,62 +472,110 @@ class Supervisor:
     def _apply(self, config: Config) -> Changes:
         changes = Changes()
         drain = config.settings.drain_timeout
+        self._check_open_files(config)  # before any change: a version that cannot fit changes nothing
         self.stats.max_active = config.settings.max_connections
         self._cap_by_open_files(config)
         for rule in config.rules:
             self.stats.rule(rule.name, rule.protocol)  # every rule's series exist from the start
         wanted = {rule.key: rule for rule in config.enabled_rules}
-        # Removals first: an added rule may need an address a removed one held.
-        for key in [key for key in self.runners if key not in wanted]:
+        running = dict(self.runners)
+        reload = plan({key: runner.rule for key, runner in running.items()}, wanted)
+        # Removals first: an added rule may need an address a removed one held. Then
+        # the ports that rules handing the others over drop, for the same reason.
+        for key in reload.removed:
             runner = self.runners.pop(key)
             changes.removed.append(runner.rule.name)
+            runner.drop(spans(runner.rule))  # a large range closes in slices (may yield)
             runner.retire(keep_listener=False)
             self._drain_later(runner, drain)
-        for key, rule in wanted.items():
-            old = self.runners.get(key)
-            if old is not None and old.rule == rule:
-                changes.unchanged.append(rule.name)
-                continue
+        for key, dropped in reload.dropped.items():
+            running[key].drop(dropped)
+        changes.unchanged.extend(wanted[key].name for key in reload.unchanged)
+        for key, rule_plan in reload.started.items():
             if self.closed:  # a stop arrived while this apply yielded: start nothing more
                 raise StateError("gportmap is stopping: the rest of this reload is not applied")
+            rule = rule_plan.rule
             runner = RuleRunner(rule, self.context, self.inherited)
             self.runners[key] = runner
-            if old is None:
+            if not rule_plan.takes:
                 changes.added.append(rule.name)
                 runner.start()  # may yield (the bind resolves its address in a thread pool)
-            else:
-                changes.changed.append(rule.name)
-                self.hand_over(old, runner)
-                self._drain_later(old, drain)
+                continue
+            changes.changed.append(rule.name)
+            self.hand_over([(running[donor], given) for donor, given in rule_plan.takes.items()], runner)
+            self._log_listeners(rule, rule_plan, reload.dropped)
+        for key in reload.donors:
+            donor = running[key]
+            if self.runners.get(key) is donor:
+                del self.runners[key]
+            donor.retire(keep_listener=False)  # what it did not give is closed
+            self._drain_later(donor, drain)
         self.config = config
+        self.last_plan = reload
         return changes
 
-    def hand_over(self, old: RuleRunner, new: RuleRunner) -> None:
-        """A changed rule: the old server stops accepting and the new one serves on
-        the same open socket, in one go without yielding, so that no connection
-        attempt is refused (they wait in the kernel's backlog for the instant between)."""
-        listener = old.retire(keep_listener=True)
-        new.start(listener)
+    def hand_over(self, donors: Sequence[tuple[RuleRunner, Sequence[Span]]], new: RuleRunner) -> None:
+        """A changed rule: each old server (``donors``, with the spans each gives)
+        stops accepting on what it gives and the new one serves on the same open
+        sockets, without yielding in between, so that no connection attempt is
+        refused (they wait in the kernel's backlog for the instant between). Ports
+        no old rule held are bound first (that may yield: nothing is handed yet); a
+        large range then moves ``bind_slice`` sockets at a time, the old server
+        accepting on the rest meanwhile. A single-port rule moves in one go."""
+
+        def take() -> Iterator[dict[ListenKey, socket.socket]]:
+            """The donors' sockets, ``bind_slice`` at a time (SPEC §9: bounded stalls)."""
+            size = RuleRunner.bind_slice
+            for donor, given in donors:
+                for span in given:
+                    for first in range(span.ports.first, span.ports.last + 1, size):
+                        part = Span(span.transport, span.host, PortRange(first, min(first + size - 1, span.ports.last)))
+                        yield donor.give([part])
+
+        # A donor that is not running (failed, retrying) holds nothing: the new rule binds those.
+        held = [span for donor, given in donors if donor.state is RuleState.RUNNING for span in given]
+        new.start(take=take, held=held)
+
+    def _log_listeners(self, rule: Rule, rule_plan: RulePlan, dropped: dict[RuleKey, list[Span]]) -> None:
+        """One record per changed rule whose listeners changed, ranges named compactly."""
+        closed = [span for donor in rule_plan.takes for span in dropped.get(donor, [])]
+        if not rule_plan.opened and not closed:
+            return
+        opened, kept = texts(rule_plan.opened), texts(rule_plan.kept)
+        emit(logger, ListenersChanged(rule=rule.name, opened=opened, closed=texts(closed), kept=kept))
+
+    def _check_open_files(self, config: Config) -> None:
+        """SPEC §9: the listening sockets of every enabled rule must fit the open-file
+        limit with the reserve the process needs; ConfigError naming what does not."""
+        if self.open_files is None:
+            return
+        listeners = sum(rule.listener_count for rule in config.enabled_rules)
+        # Under a tiny limit (a container's 48) the whole reserve cannot be kept: a
+        # quarter of the limit is, and the connection cap shrinks to what is left.
+        reserve = min(FD_RESERVE, self.open_files // 4)
+        room = self.open_files - reserve
+        if listeners <= room:
+            return
+        biggest = sorted(config.enabled_rules, key=lambda rule: -rule.listener_count)[:3]
+        named = ", ".join(f"{rule.name} {rule.listener_count:,}" for rule in biggest)
+        raise ConfigError(
+            [
+                f"{config.path}: the enabled rules listen on {listeners:,} sockets ({named}), but the "
+                f"open-file limit ({self.open_files:,}) leaves room for {max(room, 0):,} after the {reserve} "
+                f"the process keeps for itself; raise the limit (ulimit -n, LimitNOFILE=, docker --ulimit "
+                f"nofile=) to at least {listeners + FD_RESERVE + 2:,}, or listen on fewer ports"
+            ]
+        )
 
     def _cap_by_open_files(self, config: Config) -> None:
         """Hold the connection limit within what ``ulimit -n`` allows; say so once."""
         if self.open_files is None:
             return
-        cap = fd_capacity(self.open_files, len(config.enabled_rules))
+        cap = fd_capacity(self.open_files, sum(rule.listener_count for rule in config.enabled_rules))
         self.stats.fd_cap = cap
         wanted = self.stats.share(config.settings.max_connections)
         if cap < wanted and self._capped_at != (cap, wanted):
-            log_event(
-                logger,
-                logging.WARNING,
-                "connections_capped",
-                f"the open-file limit ({self.open_files}) leaves room for {cap} connections, fewer than "
-                f"maxConnections ({wanted}): connections past {cap} are refused; raise the limit "
-                "(ulimit -n, LimitNOFILE=, docker --ulimit nofile=) to lift it",
-                open_files=self.open_files,
-                limit=cap,
-                max_connections=wanted,
-            )
+            emit(logger, ConnectionsCapped(open_files=self.open_files, limit=cap, max_connections=wanted))
         self._capped_at = (cap, wanted)
 
     def _drain_later(self, runner: RuleRunner, timeout: float) -> None:
@@ -424,6 +640,13 @@ class Supervisor:
     def stop(self, drain_timeout: float, force: Event | None = None) -> None:
         self.close_listeners()
         self.drain(drain_timeout, force)
+
+
+def _chunks(sockets: dict[ListenKey, socket.socket], size: int) -> Iterator[dict[ListenKey, socket.socket]]:
+    """``sockets`` ``size`` at a time, in order."""
+    items = list(sockets.items())
+    for at in range(0, len(items), size):
+        yield dict(items[at:at + size])
 
 
 def _join_all(runners: Iterable[RuleRunner]) -> None:
