@@ -47,6 +47,7 @@ setup(
             "kubernetes-validate>=1.28",  # validates deploy/kubernetes/*.yaml against the API schemas, offline
             "mkdocs>=1.6",  # tests/test_docs.py builds the docs site with --strict
             "mkdocs-material>=9.5",  # its theme; configured to need no external assets
+            "toxiproxy-python>=0.1.1",  # Toxiproxy's Python client drives gportmap's Toxiproxy API (tests/test_toxiproxy.py)
         ],
         "lint": ["ruff>=0.4"],
     },
