@@ -1,6 +1,8 @@
 """The PROXY protocol header a tcp rule with ``proxyProtocol`` sends to its target
 first (SPEC §3), so that the target learns the client's address instead of
-gportmap's.
+gportmap's; and the parser of one a rule with ``acceptProxy`` receives from a
+trusted proxy (SPEC §13: ``parse_header``, sans-IO; read from the socket by
+``gportmap.engine.proxyaccept``).
 
 The format is HAProxy's "The PROXY protocol, Versions 1 & 2"
 (https://www.haproxy.org/download/2.6/doc/proxy-protocol.txt, cited below as
@@ -34,7 +36,9 @@ to that.
 from __future__ import annotations
 
 import ipaddress
+import socket
 import struct
+from dataclasses import dataclass
 
 #: What ``proxyProtocol`` may be set to.
 VERSIONS = ("v1", "v2")
@@ -125,3 +129,137 @@ def _as_v6(ip: Ip) -> ipaddress.IPv6Address:
     if isinstance(ip, ipaddress.IPv6Address):
         return ip
     return ipaddress.IPv6Address(b"\x00" * 10 + b"\xff\xff" + ip.packed)
+
+
+# --- receiving: the sans-IO parser of an incoming header (``acceptProxy``) ----------
+
+#: The fixed part of a version 2 header: signature, version/command, family, length.
+V2_FIXED = 16
+#: The ASCII start of every version 1 line (spec 2.1).
+V1_PREFIX = b"PROXY "
+#: Address block sizes of the version 2 families (spec 2.2): INET, INET6, UNIX.
+_V2_FAMILY_SIZES = {0x1: 12, 0x2: 36, 0x3: 216}
+_V2_PORTS = struct.Struct("!HH")
+
+
+class ProxyHeaderError(ValueError):
+    """The bytes are not a PROXY protocol header (or one longer than allowed); the
+    text says why, for the ``proxy_header`` rejection. The only exception
+    ``parse_header`` raises, whatever the input."""
+
+
+@dataclass(frozen=True, slots=True)
+class ProxyHeader:
+    """A received header: how many bytes it took (what follows is the client's
+    data), its version, and the client's and destination's (host, port) as the
+    sender saw them. ``source`` is None when the header carries no address to use
+    (v1 ``UNKNOWN``, v2 ``LOCAL``, family ``UNSPEC`` or ``UNIX``): spec 2.1/2.2 then
+    has the receiver keep the connection's own endpoints."""
+
+    length: int
+    version: int
+    source: tuple[str, int] | None = None
+    destination: tuple[str, int] | None = None
+
+
+def parse_header(data: bytes, max_v2_length: int = 4096) -> ProxyHeader | None:
+    """The header at the start of ``data``, or None while it is incomplete. Raises
+    only ProxyHeaderError. ``max_v2_length`` bounds a version 2 header's address
+    and TLV block (its length field); a longer one is refused, not awaited.
+
+    None guarantees that *every* byte of ``data`` belongs to the header: a reader
+    may consume them all and ask again with more, and never takes a byte of what
+    follows the header. TLVs (spec 2.2.7) are skipped, not checked."""
+    data = bytes(data[: max(V1_MAX_LENGTH, V2_FIXED + max_v2_length)])
+    if data[:1] == V2_SIGNATURE[:1]:
+        return _parse_v2(data, max_v2_length)
+    if data[:1] == V1_PREFIX[:1] or not data:
+        return _parse_v1(data)
+    raise ProxyHeaderError("the connection does not start with a PROXY protocol header")
+
+
+def _parse_v1(data: bytes) -> ProxyHeader | None:
+    head = data[: len(V1_PREFIX)]
+    if head != V1_PREFIX[: len(head)]:
+        raise ProxyHeaderError("the connection does not start with a PROXY protocol header")
+    end = data.find(b"\r\n", 0, V1_MAX_LENGTH)
+    if end < 0:
+        if len(data) >= V1_MAX_LENGTH:
+            raise ProxyHeaderError(f"PROXY v1 line longer than {V1_MAX_LENGTH} bytes")
+        stray = data.find(b"\r")
+        if 0 <= stray < len(data) - 1 or b"\n" in data:
+            raise ProxyHeaderError("PROXY v1 line not ended by CRLF")
+        return None
+    line, length = data[:end], end + 2
+    if b"\r" in line or b"\n" in line:
+        raise ProxyHeaderError("PROXY v1 line not ended by CRLF")
+    try:
+        words = line.decode("ascii").split(" ")
+    except UnicodeDecodeError:
+        raise ProxyHeaderError("PROXY v1 line is not ASCII") from None
+    if len(words) >= 2 and words[1] == "UNKNOWN":
+        return ProxyHeader(length, 1)  # the rest of the line is ignored (spec 2.1)
+    if len(words) != 6 or words[1] not in ("TCP4", "TCP6"):
+        raise ProxyHeaderError("PROXY v1 line is not 'PROXY TCP4|TCP6|UNKNOWN src dst sport dport'")
+    family = socket.AF_INET if words[1] == "TCP4" else socket.AF_INET6
+    source = (_v1_ip(words[2], family), _v1_port(words[4]))
+    destination = (_v1_ip(words[3], family), _v1_port(words[5]))
+    return ProxyHeader(length, 1, source, destination)
+
+
+def _v1_ip(text: str, family: int) -> str:
+    """The address in its canonical spelling. ``inet_pton`` reads exactly the
+    dotted quads (no leading zeros) and RFC 4291 texts; no zone, no prefix."""
+    try:
+        return socket.inet_ntop(family, socket.inet_pton(family, text))
+    except (OSError, ValueError):  # ValueError: a NUL in the text
+        kind = "IPv4" if family == socket.AF_INET else "IPv6"
+        raise ProxyHeaderError(f"PROXY v1 address {text[:45]!r} is not an {kind} address") from None
+
+
+def _v1_port(text: str) -> int:
+    if not (text.isdigit() and text.isascii() and len(text) <= 5) or (len(text) > 1 and text[0] == "0"):
+        raise ProxyHeaderError(f"PROXY v1 port {text[:8]!r} is not a port number")
+    port = int(text)
+    if port > 0xFFFF:
+        raise ProxyHeaderError(f"PROXY v1 port {port} is not a port number")
+    return port
+
+
+def _parse_v2(data: bytes, max_v2_length: int) -> ProxyHeader | None:
+    head = data[: len(V2_SIGNATURE)]
+    if head != V2_SIGNATURE[: len(head)]:
+        raise ProxyHeaderError("the connection does not start with a PROXY protocol header")
+    if len(data) < V2_FIXED:
+        if len(data) > len(V2_SIGNATURE):
+            _v2_command(data[12])
+        return None
+    command = _v2_command(data[12])
+    family, transport = data[13] >> 4, data[13] & 0x0F
+    if family > 0x3 or transport > 0x2:
+        raise ProxyHeaderError(f"PROXY v2 family/transport byte 0x{data[13]:02x} is not defined")
+    size = int.from_bytes(data[14:16], "big")
+    if size > max_v2_length:
+        raise ProxyHeaderError(f"PROXY v2 header of {V2_FIXED + size} bytes, more than {V2_FIXED + max_v2_length}")
+    length = V2_FIXED + size
+    if len(data) < length:
+        return None
+    if command == V2_LOCAL & 0x0F or family in (0x0, 0x3):
+        return ProxyHeader(length, 2)  # LOCAL, UNSPEC, UNIX: the connection's own endpoints
+    need = _V2_FAMILY_SIZES[family]
+    if size < need:
+        raise ProxyHeaderError(f"PROXY v2 address block of {size} bytes, less than the {need} of its family")
+    block = data[V2_FIXED : V2_FIXED + need]
+    half = (need - 4) // 2
+    kind = socket.AF_INET if family == 0x1 else socket.AF_INET6
+    src, dst = socket.inet_ntop(kind, block[:half]), socket.inet_ntop(kind, block[half : 2 * half])
+    sport, dport = _V2_PORTS.unpack(block[2 * half :])
+    return ProxyHeader(length, 2, (src, sport), (dst, dport))
+
+
+def _v2_command(byte: int) -> int:
+    if byte >> 4 != 0x2:
+        raise ProxyHeaderError(f"PROXY v2 version nibble {byte >> 4} is not 2")
+    if byte & 0x0F > 0x1:
+        raise ProxyHeaderError(f"PROXY v2 command {byte & 0x0F} is neither LOCAL nor PROXY")
+    return byte & 0x0F
