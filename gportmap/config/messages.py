@@ -148,13 +148,26 @@ def show(value: Any) -> str:
     if isinstance(value, bool):
         return "true" if value else "false"
     if isinstance(value, (dict, list)):
-        try:
-            text = json.dumps(value, default=str)  # ASCII: a lone surrogate would break printing
-        except (ValueError, RecursionError):
-            text = "{...}" if isinstance(value, dict) else "[...]"
+        text = _json_start(value, 60)
     else:
-        text = repr(value)
+        text = repr(value[:61] if isinstance(value, str) else value)
     return clip(text)
+
+
+def _json_start(value: dict | list, limit: int) -> str:
+    """The first ``limit``-odd characters of ``value`` in JSON, encoding no more of it
+    than that: a 100,000-entry list is 1.9 MB of JSON, and only its start is shown."""
+    chunks: list[str] = []
+    size = 0
+    try:
+        for chunk in json.JSONEncoder(default=str).iterencode(value):  # lazy: stops early
+            chunks.append(chunk)
+            size += len(chunk)
+            if size > limit:
+                break
+    except (ValueError, RecursionError):
+        return "{...}" if isinstance(value, dict) else "[...]"
+    return "".join(chunks)
 
 
 def clip(text: str, limit: int = 60) -> str:
