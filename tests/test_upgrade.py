@@ -226,6 +226,7 @@ def settings(**extra) -> dict:
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(400)  # 20 upgrades of 2 to 6 s each on a loaded host, with workers
 @pytest.mark.parametrize("workers", [1, 2])
 def test_upgrades_in_a_row_carry_streams_and_refuse_nothing(start_gportmap, echo_target, workers):
     """UPGRADES upgrades while STREAMS checksummed streams (both ways, some half-closed
@@ -499,7 +500,8 @@ def pki(tmp_path: Path):
 def test_a_tls_connection_finishes_in_the_drainer(start_gportmap, echo_target, pki):
     """A TLS connection cannot be carried: the drainer, running the old code, keeps
     relaying it after the upgrade (the new program counts it no more) and ends when
-    it closes; a second one open past drainTimeout is cut. The drainer is reaped."""
+    it closes; a second one open past drainTimeout is cut. The drainer is reaped,
+    and the bytes it relayed are added to the rule's then."""
     ca, server = pki
     tls_port, plain_port = free_port(), free_port()
     rules = {
@@ -537,6 +539,10 @@ def test_a_tls_connection_finishes_in_the_drainer(start_gportmap, echo_target, p
         served = [e for e in gp.events("connection_closed") if e.get("drainer") == drainer["drainer"]]
         assert sorted(e["reason"] for e in served) == ["closed", "stopped"]  # the one that ended, the one cut
         wait_for(lambda: no_zombie_drainers(gp.pid), 10, what="the drainer reaped")
+        # What it relayed after the upgrades is counted by the program that reaped it
+        # (the third: the report went on through the second upgrade with the drainer).
+        wait_for(lambda: rule(gp, "tls")["bytes"] == {"received": 17, "sent": 17}, 10,
+                 what="the drained bytes counted")
         with context.wrap_socket(connect(tls_port), server_hostname="127.0.0.1") as new:
             new.sendall(b"new")
             assert recv_exactly(new, 3) == b"new"
@@ -640,6 +646,7 @@ def test_a_state_version_the_installed_code_does_not_read_is_refused_in_the_pref
     rules.write_text(json.dumps({"rules": [tcp_rule(free_port(), echo_target.port)]}))
     command = [sys.executable, "-m", "gportmap", "--check", str(rules), "--upgrade-state"]
     assert subprocess.run([*command, "1"], capture_output=True, timeout=60).returncode == 0
+    assert subprocess.run([*command, "2"], capture_output=True, timeout=60).returncode == 0
     refused = subprocess.run([*command, "999"], capture_output=True, timeout=60)
     assert refused.returncode == 2 and b"state version 999" in refused.stderr
 
@@ -670,22 +677,29 @@ def test_state_documents_round_trip_and_unknown_versions_are_refused():
         CarriedConnection,
         CarriedDirection,
         CarriedListener,
+        CarriedSession,
         UnreadableState,
         UpgradeState,
     )
 
     state = UpgradeState(
-        version=1, began=1.0, frozen=2.0, started_at=3.0, generation=4, digest="d", reloads={"success": 1},
+        version=2, began=1.0, frozen=2.0, started_at=3.0, generation=4, digest="d", reloads={"success": 1},
         rules="{}", counters={"r": {"total": 3}}, protocols={"r": "tcp"}, next_id=9,
         listeners=[CarriedListener(5, "tcp", "127.0.0.1", 80)],
         connections=[CarriedConnection("r", 6, 7, 8, "c", "t", 1.0, 2.0, 3.0, 4, 5,
                                        CarriedDirection(b"\x00tail", False), CarriedDirection(b"", True))],
         drainers=[42],
+        sessions=[CarriedSession("u", 9, ["::1", 53, 0, 0], "[::1]:53", 1.0, 2.0, 3, 4, 5, 6, "established")],
     )
     assert UpgradeState.decode(state.encode()) == state
+    assert state.descriptors() == [5, 6, 7, 9]
+    older = json.loads(state.encode())  # version 1 had no UDP sessions: still read
+    older["version"] = 1
+    del older["sessions"]
+    assert UpgradeState.decode(json.dumps(older).encode()).sessions == []
     future = json.loads(state.encode())
-    future["version"] = 2
-    with pytest.raises(UnreadableState, match="version 2"):
+    future["version"] = 3
+    with pytest.raises(UnreadableState, match="version 3"):
         UpgradeState.decode(json.dumps(future).encode())
     with pytest.raises(UnreadableState):
         UpgradeState.decode(b"not json")
@@ -837,8 +851,8 @@ def test_a_rule_without_connections_keeps_its_port_across_the_upgrade(start_gpor
 
 def test_a_udp_rule_keeps_its_socket_and_its_counters(start_gportmap):
     """The UDP listener is carried: a datagram sent while the new program starts
-    waits in its buffer and is answered; the rule's counters go on. (Sessions are
-    not carried: the next datagram of a client opens a new one.)"""
+    waits in its buffer and is answered; the rule's counters go on, and the
+    client's session is carried with them (one session, never a second one)."""
     target = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
     target.bind((LOOPBACK, 0))
     stop = threading.Event()
@@ -874,6 +888,7 @@ def test_a_udp_rule_keeps_its_socket_and_its_counters(start_gportmap):
         assert client.recvfrom(100)[0] == b"three"
         udp = rule(gp, "dns")["udp"]
         assert udp["packets_received"] == 3 and udp["packets_sent"] == 3
+        assert udp["sessions"] == 1 and rule(gp, "dns")["connections"]["total"] == 1
     finally:
         stop.set()
         client.close()
@@ -904,3 +919,261 @@ def test_sockets_from_systemd_stay_adoptable_after_an_upgrade(launch, echo_targe
     started = gp.wait_event("rule_started", 30, rule="spare")[0]
     assert started["adopted"] is True
     assert echoes(spare_port)
+
+
+# -- UDP sessions ----------------------------------------------------------------------------
+
+
+class UdpEchoTarget:
+    """A UDP echo target that notes the source address of every datagram: a
+    session carried over keeps its socket, so its source port never changes."""
+
+    def __init__(self) -> None:
+        self.sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        self.sock.bind((LOOPBACK, 0))
+        self.sock.settimeout(0.2)
+        self.port = self.sock.getsockname()[1]
+        #: Source ports seen, by the client id the payload names.
+        self.sources: dict[int, set[int]] = {}
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self._run, daemon=True)
+        self.thread.start()
+
+    def _run(self) -> None:
+        while not self.stop.is_set():
+            try:
+                data, address = self.sock.recvfrom(65536)
+            except TimeoutError:
+                continue
+            except OSError:
+                return
+            self.sources.setdefault(int(data.split(b" ", 1)[0]), set()).add(address[1])
+            self.sock.sendto(data, address)
+
+    def close(self) -> None:
+        self.stop.set()
+        self.thread.join(5)
+        self.sock.close()
+
+
+class UdpEchoLoop:
+    """One client: datagrams numbered ``<client> <seq>``, at most ``window`` of them
+    unanswered at a time; every reply is checked (its number outstanding, so none
+    is duplicated or made up). What is still unanswered at the end was lost."""
+
+    window = 8
+
+    def __init__(self, client: int, port: int, errors: list[str]) -> None:
+        self.client, self.port, self.errors = client, port, errors
+        self.sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        self.sock.settimeout(0.2)
+        self.sent = self.answered = 0
+        self.outstanding: set[int] = set()
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self._run, daemon=True)
+        self.thread.start()
+
+    def _run(self) -> None:
+        deadline = None
+        while self.sent < 200_000:
+            if self.stop.is_set():
+                deadline = deadline or time.monotonic() + 30  # replies still on their way
+                if not self.outstanding or time.monotonic() > deadline:
+                    return
+            elif len(self.outstanding) < self.window:
+                self.sent += 1
+                self.outstanding.add(self.sent)
+                self.sock.sendto(f"{self.client} {self.sent}".encode(), (LOOPBACK, self.port))
+                time.sleep(0.002)
+                continue
+            try:
+                data = self.sock.recv(100)
+            except TimeoutError:
+                continue
+            seq = int(data.split()[1])
+            if seq not in self.outstanding:
+                self.errors.append(f"client {self.client}: reply {seq} not outstanding (a duplicate?)")
+                return
+            self.outstanding.discard(seq)
+            self.answered += 1
+
+    def finish(self) -> None:
+        self.stop.set()
+        self.thread.join(60)
+        self.sock.close()
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(400)  # 20 upgrades of 2 to 4 s each on a loaded host, with workers
+@pytest.mark.parametrize("workers", [1, 2])
+def test_udp_sessions_are_carried_through_upgrades(start_gportmap, workers):
+    """UPGRADES upgrades while UDP echo loops run: not a datagram lost (the listener
+    and every session's socket are carried: what arrives meanwhile waits in their
+    kernel buffers), the target sees each client from one source port throughout
+    (the session is the same flow), sessions are made once per client, the
+    ``/stats`` udp counters go on, and the descriptors come back to idle once the
+    sessions expire."""
+    target = UdpEchoTarget()
+    port = free_port(socket.SOCK_DGRAM)
+    rules = {"rules": [{"protocol": "udp", "listenHost": LOOPBACK, "listenPort": port, "targetHost": LOOPBACK,
+                        "targetPort": target.port, "name": "dns", "sessionTimeout": 10}],
+             "settings": settings()}
+    gp = start_gportmap(rules, *(("--workers", str(workers)) if workers > 1 else ()))
+    errors: list[str] = []
+    loops: list[UdpEchoLoop] = []
+    try:
+        pids = sorted([gp.pid, *gp.children()]) if workers > 1 else [gp.pid]
+        idle_fds = {p: open_fds(p) for p in pids}
+        loops = [UdpEchoLoop(client, port, errors) for client in range(4)]
+        last = rule(gp, "dns")["udp"]
+        records = []
+        for n in range(1, UPGRADES + 1):
+            marks = [loop.answered for loop in loops]
+            wait_for(lambda marks=marks: all(loop.answered > m for loop, m in zip(loops, marks)), 30,
+                     what="every echo loop answered")
+            records.append(upgrade(gp, n))
+            udp = rule(gp, "dns")["udp"]
+            for key in ("packets_received", "packets_sent"):
+                assert udp[key] >= last[key], (n, udp, last)
+            last = udp
+            assert not errors, errors
+        for loop in loops:
+            loop.finish()
+        assert not errors, errors
+        lost = {loop.client: sorted(loop.outstanding) for loop in loops if loop.outstanding}
+        assert not lost, (f"datagrams lost: {lost}", [e for e in gp.events() if e["event"] in (
+            "datagram_dropped", "internal_error", "upgraded", "session_closed", "udp_icmp_error")])
+        assert all(loop.answered > UPGRADES for loop in loops)
+        assert {client: len(ports) for client, ports in target.sources.items()} == dict.fromkeys(range(4), 1)
+        carriers = records if workers == 1 else worker_records(gp)
+        assert sum(r["carried"] for r in carriers) == len(loops) * UPGRADES and not any(r["lost"] for r in carriers)
+        sent = sum(loop.sent for loop in loops)
+
+        def figures() -> dict:  # a master's sums follow its workers' pushes
+            stats = rule(gp, "dns")
+            return {"sessions": stats["connections"]["total"], "received": stats["udp"]["packets_received"],
+                    "sent": stats["udp"]["packets_sent"], "dropped": stats["udp"]["dropped"]}
+
+        expected = {"sessions": len(loops), "received": sent, "sent": sent, "dropped": 0}
+        try:
+            wait_for(lambda: figures() == expected, 10, what="the final figures")
+        except AssertionError:
+            assert figures() == expected
+        wait_for(lambda: rule(gp, "dns")["udp"]["sessions"] == 0, 30, what="the sessions expired")
+        # the records come through the log writer a moment after the figures: wait for them
+        closed = gp.wait_event("session_closed", 10, count=len(loops))
+        assert len(gp.events("session_closed")) == len(loops) and all(e["reason"] == "expired" for e in closed)
+        assert sorted(e["packets_received"] for e in closed) == sorted(loop.sent for loop in loops)
+        wait_for(lambda: {p: open_fds(p) for p in pids} == idle_fds, 15, what=f"the idle descriptor counts {idle_fds}")
+        pauses = sorted(r["pause"] for r in (records if workers == 1 else worker_records(gp)))
+        print(f"\n{UPGRADES} upgrades, {len(loops)} UDP echo loops, {workers} worker(s): {sent} datagrams, "
+              f"0 lost, one source port per client; pause median {pauses[len(pauses) // 2] * 1000:.0f} ms "
+              f"max {pauses[-1] * 1000:.0f} ms")
+    finally:
+        for loop in loops:
+            loop.finish()
+        target.close()
+
+
+# -- per-target counters, a worker's failed hand-over --------------------------------------
+
+
+def test_per_target_counters_continue_across_an_upgrade(start_gportmap, echo_target):
+    """``/stats``' targets (connections, connect failures, bytes) go on from the old
+    program's instead of starting again at 0."""
+    port, dead_port = free_port(), free_port()
+    rules = {"rules": [tcp_rule(port, echo_target.port, name="up"), tcp_rule(dead_port, free_port(), name="dead")],
+             "settings": settings()}
+    gp = start_gportmap(rules)
+
+    def cut(port: int) -> bool:  # the target refuses: gportmap closes the client's connection
+        try:
+            return not echoes(port)
+        except OSError:
+            return True
+
+    for _ in range(3):
+        assert echoes(port) and cut(dead_port)
+
+    def target(name: str) -> dict:
+        (entry,) = rule(gp, name)["targets"]
+        return {"total": entry["total"], "connect_failures": entry["connect_failures"], **entry["bytes"]}
+
+    wait_for(lambda: target("up")["total"] == 3 and rule(gp, "up")["connections"]["active"] == 0,
+             what="the connections counted")
+    before = {"up": target("up"), "dead": target("dead")}
+    assert before["up"]["received"] > 0 and before["dead"]["connect_failures"] == 3
+    upgrade(gp, 1)
+    assert {"up": target("up"), "dead": target("dead")} == before
+    assert echoes(port) and cut(dead_port)
+    wait_for(lambda: target("up")["total"] == 4 and target("dead")["connect_failures"] == 4,
+             what="the next connections counted on top")
+
+
+def test_with_workers_a_failed_hand_over_ends_the_wait_at_once(start_gportmap, echo_target, tmp_path):
+    """A worker whose hand-over fails (here: no memfd, injected) tells its master at
+    once: the master's ``upgrade_failed`` names the worker and its reason (it does
+    not wait for a worker that will not come back), and everything serves on."""
+    shim = tmp_path / "shim"
+    shim.mkdir()
+    (shim / "sitecustomize.py").write_text(
+        "import os\n\n\ndef _refuse(*args, **kwargs):\n    raise OSError('injected: no memfd here')\n\n\n"
+        "os.memfd_create = _refuse\n"
+    )
+    env = {"PYTHONPATH": os.pathsep.join([str(shim), str(ROOT), os.environ.get("PYTHONPATH", "")])}
+    port = free_port()
+    gp = start_gportmap({"rules": [tcp_rule(port, echo_target.port)], "settings": settings()}, "--workers", "2",
+                        env=env)
+    children = sorted(gp.children())
+    with connect(port) as held:
+        held.sendall(b"1")
+        assert recv_exactly(held, 1) == b"1"
+        gp.signal(signal.SIGUSR2)
+        (failed,) = wait_for(lambda: [e for e in gp.events("upgrade_failed") if e.get("worker") is None], 30,
+                             what="the master's upgrade_failed")
+        assert "could not upgrade" in failed["reason"] and "injected: no memfd here" in failed["reason"]
+        assert "this master is not upgraded" in failed["reason"]
+        assert not gp.events("upgraded") and not gp.events("worker_upgraded")
+        held.sendall(b"2")
+        assert recv_exactly(held, 1) == b"2"
+    assert echoes(port) and gp.proc.poll() is None and sorted(gp.children()) == children
+
+
+def test_a_drainer_lets_go_of_the_carried_udp_sessions(start_gportmap, echo_target, pki):
+    """With a drainer (a TLS connection finishing in the old code), the UDP sessions
+    are still the new program's: the drainer neither reads their replies nor logs
+    them closed, and the client's next datagram goes out from the same port."""
+    ca, server = pki
+    target = UdpEchoTarget()
+    tls_port, udp_port = free_port(), free_port(socket.SOCK_DGRAM)
+    rules = {"rules": [tcp_rule(tls_port, echo_target.port, name="tls",
+                                tls={"certFile": str(server.cert), "keyFile": str(server.key)}),
+                       {"protocol": "udp", "listenHost": LOOPBACK, "listenPort": udp_port, "targetHost": LOOPBACK,
+                        "targetPort": target.port, "name": "dns"}],
+             "settings": settings(drainTimeout=30)}
+    gp = start_gportmap(rules)
+    client = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    client.settimeout(10)
+    context = ssl.create_default_context(cafile=str(ca.path))
+    try:
+        with context.wrap_socket(connect(tls_port), server_hostname="127.0.0.1") as tls:
+            tls.sendall(b"before")
+            assert recv_exactly(tls, 6) == b"before"
+            for n in range(3):
+                client.sendto(f"7 {n}".encode(), (LOOPBACK, udp_port))
+                assert client.recv(100) == f"7 {n}".encode()
+                if n == 0:
+                    record = upgrade(gp, 1)
+                    assert (record["carried"], record["draining"]) == (1, 1)
+                    drainer = gp.wait_event("upgrade_draining", 10)[0]["drainer"]
+            tls.sendall(b"after")
+            assert recv_exactly(tls, 5) == b"after"
+        gp.wait_event("upgrade_drained", 30, drainer=drainer)
+        assert target.sources == {7: {next(iter(target.sources[7]))}}
+        assert not [e for e in gp.events("session_closed") if e.get("drainer")]
+        stats = rule(gp, "dns")
+        assert stats["udp"]["sessions"] == 1 and stats["connections"]["total"] == 1
+        assert stats["udp"]["packets_sent"] == 3
+    finally:
+        client.close()
+        target.close()

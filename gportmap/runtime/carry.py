@@ -16,6 +16,13 @@ forwarded, the kernel keeps the socket's state), and the connection's counters a
 clocks. ``time.monotonic`` is the system's ``CLOCK_MONOTONIC``, the same clock on
 both sides of ``exec``: start times and the idle deadline carry as they are.
 
+A carried UDP session is its upstream socket (connected to its target: the same
+source port, the same flow for the target), its client's address, its target and
+counters; no datagram is in flight inside the program (each is sent as it is
+read). The new program's rule server adopts its sessions as it starts, before it
+reads its listener (``StatsRegistry.carry_over``), so that a client's next datagram
+finds its session rather than opening a second one.
+
 Exporting reads ``HubRelay``'s attributes; the new program rebuilds each connection
 as a new ``HubRelay`` tracked by its rule's server (``adopt_relay``), counted once:
 the rule's counters are restored first with the carried connections taken out of
@@ -40,13 +47,15 @@ from gportmap.engine.hubrelay import HubRelay, _Direction
 from gportmap.engine.pipeline import HubConnection
 from gportmap.errors import GportmapError
 from gportmap.protocols.tcp import TcpServer
+from gportmap.protocols.udp import Hold, Session, UdpServer
 from gportmap.runtime.systemd import InheritedSocket, InheritedSockets
 from gportmap.stats import Connection, KernelDrops, StatsRegistry
 
-#: The version of the state document this code writes and reads.
-STATE_VERSION = 1
+#: The version of the state document this code writes and reads (2: UDP sessions
+#: carried, ``UpgradeState.sessions``).
+STATE_VERSION = 2
 #: Versions this code can read (the pre-flight asks the new code about the old one's).
-READABLE_VERSIONS = frozenset({1})
+READABLE_VERSIONS = frozenset({1, 2})
 #: The environment variable naming the memfd that holds the document.
 STATE_ENV = "GPORTMAP_UPGRADE_STATE"
 #: Name of carried listeners in ``rule_started`` records (systemd's are named by it).
@@ -124,6 +133,28 @@ class CarriedConnection:
 
 
 @dataclass(frozen=True)
+class CarriedSession:
+    """A UDP session: its upstream socket (kept open: the target sees the same
+    source port, the same flow), its client, its target, its counters and clocks.
+    No datagram is in flight in the program: each is sent as it is read, and what
+    waits sits in the kernel's buffers of the listener and of this socket."""
+
+    rule: str
+    fd: int
+    #: The client's address as ``recvfrom`` gives it (host, port[, flowinfo, scope]).
+    address: list[Any]
+    target: str  #: the pool target's address (``TargetState.address``)
+    started: float  #: CLOCK_MONOTONIC
+    last_active: float  #: CLOCK_MONOTONIC: the session timeout goes on
+    packets_received: int
+    packets_sent: int
+    bytes_received: int
+    bytes_sent: int
+    hold: str  #: ``udp.Hold``'s value: what the target knows of it
+    refused: bool = False
+
+
+@dataclass(frozen=True)
 class UpgradeState:
     """Everything the new program continues from."""
 
@@ -159,11 +190,17 @@ class UpgradeState:
     pool_generation: int = 0
     pool_count: int = 0
     retired: dict[str, dict[str, Any]] = field(default_factory=dict)
+    #: UDP sessions (version 2).
+    sessions: list[CarriedSession] = field(default_factory=list)
+    #: Drainers' reports (version 2): by drainer pid (as text), the memfd in which it
+    #: writes the bytes it relayed after the upgrade (``DrainerReport``), read once it ended.
+    drainer_reports: dict[str, int] = field(default_factory=dict)
 
     def encode(self) -> bytes:
         data = asdict(self)
         data["listeners"] = [asdict(item) for item in self.listeners]
         data["connections"] = [item.as_dict() for item in self.connections]
+        data["sessions"] = [asdict(item) for item in self.sessions]
         return json.dumps(data, separators=(",", ":")).encode()
 
     @classmethod
@@ -179,6 +216,7 @@ class UpgradeState:
         try:
             data["listeners"] = [CarriedListener(**item) for item in data["listeners"]]
             data["connections"] = [CarriedConnection.from_dict(item) for item in data["connections"]]
+            data["sessions"] = [CarriedSession(**item) for item in data.get("sessions", [])]
             return cls(**data)
         except (KeyError, TypeError, ValueError) as exc:
             raise UnreadableState(f"a malformed state document (version {version}): {exc!r}") from None
@@ -188,6 +226,8 @@ class UpgradeState:
         fds = [item.fd for item in self.listeners]
         for conn in self.connections:
             fds.extend(conn.fds)
+        fds.extend(item.fd for item in self.sessions)
+        fds.extend(self.drainer_reports.values())
         return fds
 
 
@@ -291,10 +331,11 @@ def restore_counters(registry: StatsRegistry, state: UpgradeState) -> None:
     carried connections are counted open again, so their ``total`` is taken out
     here). Connection ids go on past the old program's."""
     carried = {}
-    for conn in state.connections:
+    for conn in [*state.connections, *state.sessions]:
         carried[conn.rule] = carried.get(conn.rule, 0) + 1
     for name, counters in state.counters.items():
         counters = dict(counters, total=counters.get("total", 0) - carried.get(name, 0))
+        counters.pop("targets", None)  # into the rule's pool: ``continue_targets``
         stats = registry.rule(name, state.protocols.get(name, "tcp"))
         stats.add(counters, gauges=False)
         kernel = counters.get("udp_dropped", {}).get("kernel", 0)
@@ -344,9 +385,98 @@ def _hold_target(server: TcpServer, conn: Connection) -> None:
     counts it, its end gives it back), found by the address it reached."""
     for target in server.target_pool.targets:
         if target.address == conn.target:
-            target.active += 1
+            target.carried()
             conn.hold(target, conn.target)
             return
+
+
+def export_session(session: Session, rule: str) -> CarriedSession:
+    """One UDP session's state; its socket is made inheritable (kept across exec)."""
+    os.set_inheritable(session.upstream.fileno(), True)
+    return CarriedSession(
+        rule=rule,
+        fd=session.upstream.fileno(),
+        address=list(session.address),
+        target=session.target.address,
+        started=session.started,
+        last_active=session.last_active,
+        packets_received=session.packets_received,
+        packets_sent=session.packets_sent,
+        bytes_received=session.bytes_received,
+        bytes_sent=session.bytes_sent,
+        hold=session.hold.value,
+        refused=session.refused,
+    )
+
+
+def import_session(server: UdpServer, carried: CarriedSession) -> Session:
+    """Rebuild one carried UDP session on its rule's server, holding its target
+    again (found by address) as it held it in the old program. If that fails
+    (its target is no longer the rule's), the socket is closed and the error raised."""
+    try:
+        upstream = _socket.socket(fileno=carried.fd)
+    except OSError:
+        close_descriptors([carried.fd])
+        raise
+    try:
+        os.set_inheritable(carried.fd, False)  # a later exec carries it again only if told
+        target = next((t for t in server.target_pool.targets if t.address == carried.target), None)
+        if target is None:
+            raise ValueError(f"target {carried.target} is no longer one of rule {carried.rule}'s")
+        session = Session(tuple(carried.address), upstream, carried.last_active, target)
+        session.started = carried.started
+        session.packets_received, session.packets_sent = carried.packets_received, carried.packets_sent
+        session.bytes_received, session.bytes_sent = carried.bytes_received, carried.bytes_sent
+        session.hold, session.refused = Hold(carried.hold), carried.refused
+        server.adopt_session(session)
+    except Exception:
+        upstream.close()
+        raise
+    if session.hold is not Hold.GIVEN_BACK:
+        target.carried()
+    return session
+
+
+@dataclass(frozen=True)
+class DrainerReport:
+    """What a drainer relayed after the upgrade, by rule: bytes from clients and to
+    clients. Written by the drainer into a memfd as it ends, read by the program
+    that reaps it, which adds it to its rules' byte counters."""
+
+    bytes: dict[str, tuple[int, int]]
+
+    @staticmethod
+    def baseline(registry: StatsRegistry) -> dict[str, tuple[int, int]]:
+        return {rule.name: (rule.bytes_received, rule.bytes_sent) for rule in registry.rules()}
+
+    @classmethod
+    def since(cls, registry: StatsRegistry, baseline: dict[str, tuple[int, int]]) -> DrainerReport:
+        moved = {}
+        for name, (received, sent) in cls.baseline(registry).items():
+            was = baseline.get(name, (0, 0))
+            if (received, sent) != was:
+                moved[name] = (received - was[0], sent - was[1])
+        return cls(moved)
+
+    def write(self, fd: int) -> None:
+        os.pwrite(fd, json.dumps({"bytes": self.bytes}).encode(), 0)
+
+    @classmethod
+    def read(cls, fd: int, limit: int = 1 << 20) -> DrainerReport:
+        """The report in ``fd`` (empty if the drainer wrote none: killed)."""
+        raw = os.pread(fd, limit, 0)
+        if not raw:
+            return cls({})
+        data = json.loads(raw)
+        return cls({str(name): (int(pair[0]), int(pair[1])) for name, pair in data["bytes"].items()})
+
+    def add_to(self, registry: StatsRegistry) -> None:
+        """Count the drained bytes in this program's rules (those it still knows)."""
+        for name, (received, sent) in self.bytes.items():
+            for rule in registry.rules():
+                if rule.name == name:
+                    rule.bytes_received += received
+                    rule.bytes_sent += sent
 
 
 def close_descriptors(fds: Iterable[int]) -> None:

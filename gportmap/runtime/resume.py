@@ -6,28 +6,36 @@ The document is read before the rules are loaded (``Resume.from_environ``); the
 listeners are adopted as socket activation's are (``inherited``); the figures go on
 before the first rule starts (``prepare``: no connection may take a carried one's
 id); the connections are rebuilt once the rules run (``resume``), which logs
-``upgraded``. Drainers of the old program are this process's children: reaped here.
+``upgraded``. UDP sessions are left for their rules' servers, which adopt them as
+they start, before reading a datagram (``leave_sessions``). Drainers of the old
+program are this process's children: reaped here, and the bytes each relayed after
+the upgrade (its ``DrainerReport``) added to the rules' counters then.
 """
 
 from __future__ import annotations
 
-import logging
 import os
 import time
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import gevent
 
 from gportmap.config import Config, load, parse
+from gportmap.engine.pool import TargetPool
 from gportmap.errors import ConfigError
-from gportmap.log import get_logger, log_event
+from gportmap.events import ConfigInvalid, InternalError, RestartNeeded, Upgraded, UpgradeFailed
+from gportmap.log import emit, get_logger
+from gportmap.protocols.udp import UdpServer
 from gportmap.runtime.carry import (
     STATE_ENV,
+    CarriedSession,
     CarriedSockets,
+    DrainerReport,
     UnreadableState,
     UpgradeState,
     close_descriptors,
     import_connection,
+    import_session,
     restore_counters,
 )
 from gportmap.runtime.supervisor import RuleState, Supervisor
@@ -36,6 +44,7 @@ from gportmap.runtime.workers import HandedWorker, WorkerPool
 if TYPE_CHECKING:
     from gportmap.runtime.service import Service
     from gportmap.runtime.systemd import InheritedSockets
+    from gportmap.stats import StatsRegistry
 
 logger = get_logger("upgrade")
 
@@ -53,6 +62,11 @@ class Resume:
         self.sockets: CarriedSockets | None = None
         #: The drainers of earlier upgrades not yet ended (this process reaps them).
         self.pending: list[int] = list(state.drainers)
+        self.service: Service | None = None
+        #: UDP sessions not yet adopted by their rules' servers; those carried over
+        #: and those lost (``adopt_sessions``).
+        self.sessions_left: list[CarriedSession] = list(state.sessions)
+        self.sessions_carried = self.sessions_lost = 0
 
     @classmethod
     def from_environ(cls, environ: dict[str, str] | None = None) -> Resume | None:
@@ -77,9 +91,7 @@ class Resume:
             return cls(UpgradeState.decode(b"".join(chunks)))
         except (ValueError, OSError, UnreadableState) as exc:
             close_descriptors(_inherited_descriptors())
-            log_event(logger, logging.ERROR, "upgrade_failed",
-                      f"the upgrade's state cannot be read ({exc}): starting afresh, connections are lost",
-                      reason=str(exc))
+            emit(logger, UpgradeFailed(reason=str(exc), unreadable=True))
             return None
 
     def load(self, path: str) -> Config:
@@ -89,9 +101,14 @@ class Resume:
         try:
             return load(path)
         except ConfigError as exc:
-            log_event(logger, logging.ERROR, "config_invalid",
-                      f"{path}: the rules file is invalid since the upgrade's pre-flight; "
-                      "running the rules the old program ran", path=path, errors=exc.errors)
+            emit(
+                logger,
+                ConfigInvalid(
+                    path=path,
+                    errors=exc.errors,
+                    outcome="the rules file is invalid since the upgrade's pre-flight; running the rules the old program ran",
+                ),
+            )
             return parse(self.rules_raw(), path)
 
     def inherited(self, systemd: InheritedSockets | None) -> InheritedSockets | None:
@@ -109,12 +126,37 @@ class Resume:
 
     def prepare(self, service: Service) -> None:
         """Before the rules start (no connection is counted yet): the service's
-        figures and every rule's counters go on, and connection ids after the
-        old program's, so that no new connection takes a carried one's id."""
+        figures, every rule's and every target's counters go on, and connection
+        ids after the old program's, so that no new connection takes a carried
+        one's id; the carried UDP sessions wait for their servers, and the
+        running drainers' reports for their ends."""
         state = self.state
         service.continue_from(state.started_at, state.generation, state.reloads, state.digest)
+        self.service = service
+        for pid, fd in state.drainer_reports.items():
+            os.set_inheritable(fd, False)  # a later upgrade hands it on again if its drainer still runs
+            service.drainer_reports[int(pid)] = fd
         if isinstance(service.supervisor, Supervisor):  # a master's figures are its workers'
             restore_counters(service.supervisor.stats, state)
+            self.continue_targets(service.supervisor.stats, service.config)
+            self.leave_sessions(service.supervisor.stats)
+
+    def continue_targets(self, registry: StatsRegistry, config: Config) -> None:
+        """Every target's running totals (``/stats``' ``targets``: connections,
+        connect failures, bytes) go on from the old program's: the rule's pool is
+        made now, before its server, which takes it over (``TargetPool.for_rule``).
+        A target the rules file no longer has (known by its address) starts
+        nothing; a rule it no longer has keeps its rule counters only."""
+        for rule in config.enabled_rules:
+            counters = self.state.counters.get(rule.name)
+            if not counters or not counters.get("targets"):
+                continue
+            pool = TargetPool.for_rule(rule, registry.rule(rule.name, rule.protocol))
+            old = {entry.get("address"): entry for entry in counters["targets"]}
+            for target in pool.targets:
+                figures = old.get(target.address)
+                if figures is not None:
+                    target.continue_from(figures)
 
     def workers(self, wanted: int) -> int:
         """How many processes run after the upgrade: as many as before (a master keeps
@@ -122,9 +164,7 @@ class Resume:
         needs a restart."""
         count = self.state.pool_count or 1
         if wanted != count:
-            log_event(logger, logging.WARNING, "restart_needed",
-                      f"{wanted} worker(s) asked for, {count} running: an upgrade in place keeps them; "
-                      "restart gportmap to change it", workers=wanted, running=count)
+            emit(logger, RestartNeeded(workers=wanted, running=count))
         return count
 
     def adopt_workers(self, pool: WorkerPool) -> None:
@@ -146,7 +186,8 @@ class Resume:
         servers = {runner.rule.name: runner.server for runner in runners
                    if runner.server is not None and runner.state is RuleState.RUNNING}
         started = time.monotonic()
-        carried = lost = 0
+        carried = 0
+        lost = self.sessions_lost + self.end_sessions_left(supervisor.stats)
         for conn in state.connections:
             server = servers.get(conn.rule)
             if server is None or not hasattr(server, "adopt_relay"):
@@ -160,11 +201,15 @@ class Resume:
                 import_connection(server, conn)
             except Exception as exc:  # noqa: BLE001 - one connection lost (closed), never the start
                 lost += 1
-                logger.error(f"a carried connection of rule {conn.rule} could not be rebuilt: {exc!r}",
-                             exc_info=exc, extra={"event": "internal_error", "rule": conn.rule,
-                                                  "client": conn.client})
+                event = InternalError(
+                    rule=conn.rule,
+                    client=conn.client,
+                    what=f"a carried connection of rule {conn.rule} could not be rebuilt: {exc!r}",
+                )
+                emit(logger, event, exc_info=exc)
                 continue
             carried += 1
+        carried += self.sessions_carried  # a udp rule's connections are its sessions (as in /stats)
         imported = time.monotonic()
         if self.sockets is not None:
             self.sockets.settle()
@@ -173,16 +218,60 @@ class Resume:
         duration = imported - state.began
         pause = imported - state.frozen
         per_connection = (state.export_seconds + imported - started) / carried if carried else 0.0
-        log_event(
-            logger, logging.INFO, "upgraded",
-            f"upgraded in place in {duration:.3f}s: {carried} connection(s) carried "
-            f"(paused {pause * 1000:.1f} ms), {state.draining} finishing in the old code",
-            carried=carried, draining=state.draining, lost=lost, listeners=len(state.listeners),
-            workers=len(state.workers),
-            tail_bytes=sum(len(c.up.tail) + len(c.down.tail) for c in state.connections),
-            duration=round(duration, 4), pause=round(pause, 4),
-            per_connection_us=round(per_connection * 1e6, 1), pid=os.getpid(),
+        emit(
+            logger,
+            Upgraded(
+                carried=carried,
+                draining=state.draining,
+                lost=lost,
+                listeners=len(state.listeners),
+                workers=len(state.workers),
+                tail_bytes=sum(len(c.up.tail) + len(c.down.tail) for c in state.connections),
+                duration=round(duration, 4),
+                pause=round(pause, 4),
+                per_connection_us=round(per_connection * 1e6, 1),
+                pid=os.getpid(),
+            ),
         )
+
+    def leave_sessions(self, registry: StatsRegistry) -> None:
+        """The carried UDP sessions, left for their rules' servers: each adopts its
+        own as it starts, before it reads its listener (``take_carried``)."""
+        for name in {item.rule for item in self.sessions_left}:
+            registry.carry_over(name, lambda server, name=name: self.adopt_sessions(name, server, registry))
+
+    def adopt_sessions(self, rule: str, server: Any, registry: StatsRegistry) -> None:
+        """A rule's server starts: its carried sessions back on it (a hub-safe call:
+        nothing here yields or raises). A session that cannot be rebuilt (its
+        target is no longer the rule's) ends, its socket closed, counted lost."""
+        for item in [item for item in self.sessions_left if item.rule == rule]:
+            self.sessions_left.remove(item)
+            if type(server) is not UdpServer:  # no longer a plain udp rule (a port range: which port?)
+                close_descriptors([item.fd])
+                registry.rule(rule, server.rule.protocol).total += 1  # restore_counters took it out
+                self.sessions_lost += 1
+                continue
+            try:
+                import_session(server, item)
+            except Exception as exc:  # noqa: BLE001 - one session lost (closed), never the start
+                self.sessions_lost += 1
+                registry.rule(rule, server.rule.protocol).total += 1
+                event = InternalError(
+                    rule=rule, what=f"a carried UDP session of rule {rule} could not be rebuilt: {exc!r}"
+                )
+                emit(logger, event, exc_info=exc)
+                continue
+            self.sessions_carried += 1
+
+    def end_sessions_left(self, registry: StatsRegistry) -> int:
+        """Sessions whose rule did not start (gone from the rules file, or failing
+        to bind): they end, as a reload removing the rule would end them; how many."""
+        left, self.sessions_left = self.sessions_left, []
+        for item in left:
+            registry.take_carried(item.rule)
+            close_descriptors([item.fd])
+            registry.rule(item.rule, self.state.protocols.get(item.rule, "udp")).total += 1  # see restore_counters
+        return len(left)
 
     def _reap(self) -> None:
         """Wait for the drainers to end (they are this process's children now)."""
@@ -195,8 +284,28 @@ class Resume:
                     done = pid  # reaped elsewhere (gevent's child watcher)
                 if done:
                     pids.remove(pid)
+                    self._count_drained(pid)
             if pids:
                 gevent.sleep(self.reap_interval)
+
+
+    def _count_drained(self, pid: int) -> None:
+        """A drainer ended: the bytes it relayed after the upgrade go into this
+        program's rule counters (``DrainerReport``; a few hundred bytes of a memfd,
+        memory, not a disk). Nothing if it wrote none (killed)."""
+        service = self.service
+        fd = service.drainer_reports.pop(pid, None) if service is not None else None
+        if fd is None:
+            return
+        try:
+            report = DrainerReport.read(fd)
+        except (OSError, ValueError, KeyError, TypeError, IndexError) as exc:
+            emit(logger, InternalError(what=f"the report of drainer {pid} cannot be read: {exc!r}"))
+            return
+        finally:
+            os.close(fd)
+        if isinstance(service.supervisor, Supervisor):
+            report.add_to(service.supervisor.stats)
 
 
 def _inherited_descriptors() -> list[int]:

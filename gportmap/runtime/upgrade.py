@@ -1,5 +1,5 @@
 """Upgrade in place (SPEC §11): SIGUSR2 re-executes gportmap, same PID, carrying
-listeners and plain TCP connections.
+listeners, plain TCP connections and UDP sessions.
 
 The old program (``Upgrader``), in one greenlet:
 
@@ -11,15 +11,18 @@ The old program (``Upgrader``), in one greenlet:
    import, rejects the rules file, or does not read this state document's version:
    ``upgrade_failed`` with its output, and the running program serves on.
 3. Without yielding from here on (no hub callback may move a byte once the
-   connections' state is read): every running rule's listener and every plain
-   connection (``gportmap.runtime.carry``) is described in the state document and
-   made inheritable. If some connections cannot be carried (TLS, plugins,
+   connections' state is read): every running rule's listener, every plain
+   connection and every UDP session of a rule without plugins
+   (``gportmap.runtime.carry``) is described in the state document and made
+   inheritable. If some connections cannot be carried (TLS, plugins,
    WebSocket, handshakes in progress, rules the file no longer has), a child is
    forked first: the *drainer*
    keeps running the old code for exactly those, lets go of everything else
    (listeners closed, carried connections' descriptors closed without a shutdown,
-   the admin endpoint closed) and tells the parent so through a pipe, then drains
-   for up to ``drainTimeout`` and exits.
+   carried sessions forgotten, the admin endpoint closed) and tells the parent so
+   through a pipe, then drains for up to ``drainTimeout``, writes the bytes it
+   relayed meanwhile into a memfd the next program reads when it reaps it
+   (``DrainerReport``), and exits.
 4. ``execve`` of the same command line with ``$GPORTMAP_UPGRADE_STATE`` naming the
    memfd. Listening sockets never close: connection attempts wait in their
    backlog for the new program, none is refused. The signals whose default action
@@ -29,7 +32,8 @@ The old program (``Upgrader``), in one greenlet:
 With ``--workers``, the master runs the pre-flight, then has each worker in turn do
 steps 3 and 4 for itself (``Op.UPGRADE`` on their channel: a worker ignores SIGUSR2,
 which ``systemctl kill`` sends to every process) and waits for it to report from its
-new program; last, it re-executes itself, handing on its channels to the workers
+new program (a worker whose hand-over fails says so at once, ``Op.UPGRADE_FAILED``,
+and the upgrade stops there); last, it re-executes itself, handing on its channels to the workers
 (``WorkerPool.hand_over``/``adopt``). A channel is handed on between two frames:
 its send lock held, no frame half read.
 
@@ -58,17 +62,30 @@ from gevent.event import Event
 from gportmap import log as gportmap_log
 from gportmap.config import parse, read_rules_file
 from gportmap.errors import ConfigError
-from gportmap.log import flush_logs, get_logger, log_event, setup_logging
+from gportmap.events import (
+    UpgradeDrained,
+    UpgradeDrainerFailed,
+    UpgradeDraining,
+    UpgradeFailed,
+    UpgradeFailure,
+    UpgradeStarted,
+    UpgradeUnsupported,
+)
+from gportmap.log import emit, flush_logs, get_logger, setup_logging
 from gportmap.platform import Features, portable_mode
+from gportmap.protocols.udp import UdpServer
 from gportmap.runtime.carry import (
     STATE_ENV,
     STATE_VERSION,
     CarriedConnection,
     CarriedListener,
+    CarriedSession,
+    DrainerReport,
     UpgradeState,
     carried_relay,
     describe_listener,
     export_relay,
+    export_session,
     forget_relay,
 )
 from gportmap.runtime.supervisor import RuleState, Supervisor
@@ -171,63 +188,55 @@ class Upgrader:
         if self.draining_here:
             return
         if self.link is not None:
-            log_event(logger, logging.WARNING, "upgrade_unsupported",
-                      "SIGUSR2 to a worker is ignored: send it to the master, which upgrades its workers",
-                      reason="worker")
+            emit(logger, UpgradeUnsupported(reason="worker"))
             return
         self.run()
 
-    def run(self) -> None:
+    def run(self) -> str | None:
         """Upgrade now, unless one is under way: SIGUSR2 to the main process, or a
-        worker's master's order."""
+        worker's master's order. Returns only if the upgrade did not happen: why
+        (logged already; a worker tells its master, ``WorkerLink.on_upgrade``)."""
         if self.draining_here:
-            return
+            return "this process is a drainer"
         if self.busy:
-            log_event(logger, logging.WARNING, "upgrade_failed", "an upgrade is already in progress",
-                      reason="in progress")
-            return
+            emit(logger, UpgradeFailed(reason=UpgradeFailure.IN_PROGRESS))
+            return "an upgrade is already in progress"
         self.busy = True
         try:
-            self.upgrade()
+            return self.upgrade()
         except Exception as exc:  # noqa: BLE001 - a bug: logged with its traceback, serving goes on
             reason = f"internal error: {exc!r}"[:300]
-            logger.error(f"upgrade in place failed, the running gportmap serves on: {reason}", exc_info=exc,
-                         extra={"event": "upgrade_failed", "reason": reason})
+            emit(logger, UpgradeFailed(reason=reason), exc_info=exc)
+            return reason
         finally:
             self.busy = False
 
-    def upgrade(self) -> None:
-        """Upgrade now; returns only if the upgrade did not happen (logged why)."""
+    def upgrade(self) -> str:
+        """Upgrade now; returns only if the upgrade did not happen: why (logged)."""
         reason = unsupported_reason(self.features)
         if reason is not None:
-            log_event(logger, logging.WARNING, "upgrade_unsupported", f"cannot upgrade in place: {reason}",
-                      reason=reason)
-            return
+            emit(logger, UpgradeUnsupported(reason=reason))
+            return reason
         if self.stopping.is_set():
-            log_event(logger, logging.WARNING, "upgrade_failed", "gportmap is stopping: no upgrade",
-                      reason="stopping")
-            return
+            emit(logger, UpgradeFailed(reason=UpgradeFailure.STOPPING))
+            return "gportmap is stopping"
         began = time.monotonic()
         what = ("handing this worker over to the installed gportmap" if self.link is not None
                 else f"checking the installed gportmap against {self.service.path}")
-        log_event(logger, logging.INFO, "upgrade_started", f"upgrade in place: {what}",
-                  path=self.service.path, pid=os.getpid())
+        emit(logger, UpgradeStarted(path=self.service.path, pid=os.getpid(), what=what))
         keep = None
         if self.link is None:  # a worker's master checked the installed code already
             check = self.preflight()
             if not check.ok:
-                self._failed(check.reason)
-                return
+                return self._failed(check.reason)
             keep = self.rules_kept()
         pool = self.service.supervisor if isinstance(self.service.supervisor, WorkerPool) else None
         if pool is not None:
             error = pool.upgrade_workers()  # each in turn, carrying its connections
             if error is not None:
-                self._failed(f"{error}; this master is not upgraded (the workers upgraded so far are)")
-                return
+                return self._failed(f"{error}; this master is not upgraded (the workers upgraded so far are)")
         if not self.service.applier.join(self.reload_wait):
-            self._failed("a reload is still in progress; send SIGUSR2 again")
-            return
+            return self._failed("a reload is still in progress; send SIGUSR2 again")
         channels = self._channels(pool)
         for channel in channels:
             channel.hold()  # a frame being sent goes whole; none starts after it
@@ -245,8 +254,9 @@ class Upgrader:
             if self.stopping.is_set():
                 raise OSError("gportmap started stopping during the pre-flight")
             self.hand_over(began, keep, pool)
+            return self._failed("the exec did not happen")  # hand_over returns only by raising
         except OSError as exc:
-            self._failed(f"the hand-over failed: {exc}")
+            return self._failed(f"the hand-over failed: {exc}")
         finally:  # only reached if the exec did not happen
             for channel in channels:
                 channel.release()
@@ -259,9 +269,9 @@ class Upgrader:
             return [worker.channel for worker in pool.live() if worker.channel is not None]
         return []
 
-    def _failed(self, reason: str) -> None:
-        log_event(logger, logging.ERROR, "upgrade_failed",
-                  f"upgrade in place failed, the running gportmap serves on: {reason}", reason=reason)
+    def _failed(self, reason: str) -> str:
+        emit(logger, UpgradeFailed(reason=reason))
+        return reason
 
     # -- 1. the pre-flight -------------------------------------------------------------
 
@@ -315,13 +325,30 @@ class Upgrader:
                 hand.take(supervisor, keep)
             if self.link is not None:
                 hand.keep_open(self.link.channel.sock.fileno())  # the same --worker-fd in the next program
+            reports = {pid: fd for pid, fd in service.drainer_reports.items() if pid in self.drainers}
+            for fd in reports.values():  # drainers of earlier upgrades still running: handed on
+                hand.keep_open(fd)
             exported = time.monotonic()
             if not os.access(sys.executable, os.X_OK):
                 raise OSError(f"{sys.executable} is not executable")
         except Exception:
             hand.undo()
             raise
-        drainer = self._fork_drainer(hand.carried, hand.draining) if hand.draining > 0 else None
+        drainer = None
+        if hand.draining > 0:
+            try:
+                report = os.memfd_create("gportmap-drainer", 0)  # what it relays after the exec
+            except OSError:
+                hand.undo()
+                raise
+            try:
+                drainer = self._fork_drainer(hand, report)
+            except OSError:  # no process left, say: nothing was forked
+                os.close(report)
+                hand.undo()
+                raise
+            hand.keep_open(report)
+            reports[drainer] = report
         try:
             stats = supervisor.stats
             local = pool is None
@@ -345,7 +372,9 @@ class Upgrader:
                 retired={name: rs.counters() for name, rs in pool.stats.retired.items()} if pool else {},
                 listeners=hand.listeners,
                 connections=hand.connections,
+                sessions=hand.sessions,
                 drainers=self.drainers + ([drainer] if drainer else []),
+                drainer_reports={str(pid): fd for pid, fd in reports.items()},
                 draining=hand.draining,
                 export_seconds=exported - frozen,
             )
@@ -364,18 +393,24 @@ class Upgrader:
             if drainer is not None:
                 os.kill(drainer, signal.SIGKILL)
                 os.waitpid(drainer, 0)
+                os.close(reports[drainer])
             raise OSError(str(exc)) from exc
 
     # -- 3. the drainer ------------------------------------------------------------------
 
-    def _fork_drainer(self, carried: list[tuple[Any, Any, Any]], draining: int) -> int:
+    def _fork_drainer(self, hand: Handover, report: int) -> int:
         """Fork the process that finishes what cannot be carried; return its pid once
         it let go of the listeners (or after ``release_timeout``)."""
         ready_read, ready_write = os.pipe()
-        pid = os.fork()
+        try:
+            pid = os.fork()
+        except OSError:
+            os.close(ready_read)
+            os.close(ready_write)
+            raise
         if pid == 0:  # the drainer: never returns
             os.close(ready_read)
-            self._drain_in_child(carried, draining, ready_write)
+            self._drain_in_child(hand, ready_write, report)
         os.close(ready_write)
         try:
             _native_select([ready_read], [], [], self.release_timeout)  # blocks the hub on purpose
@@ -383,19 +418,25 @@ class Upgrader:
             os.close(ready_read)
         return pid
 
-    def _drain_in_child(self, carried: list[tuple[Any, Any, Any]], draining: int, ready: int) -> None:
+    def _drain_in_child(self, hand: Handover, ready: int, report: int) -> None:
+        """The drainer's life (never returns): let go of what the new program
+        carries, drain the rest, and report the bytes it relayed meanwhile in
+        ``report`` (a memfd the new program reads once it reaped this process)."""
         code = 0
         self.draining_here = True
+        supervisor: Supervisor = self.service.supervisor  # type: ignore[assignment]
+        baseline = DrainerReport.baseline(supervisor.stats)  # as the state document has them
         try:
             gportmap_log.after_fork()  # the parent's writer thread does not run here
             setup_logging(*self.service.overrides.logging(self.service.config.settings))
             for handler in logging.getLogger().handlers:
                 handler.addFilter(_DrainerField(os.getpid()))
-            supervisor: Supervisor = self.service.supervisor  # type: ignore[assignment]
-            for server, item, relay in carried:
+            for server, item, relay in hand.carried:
                 forget_relay(relay)
                 server.untrack(item)
                 supervisor.stats.close(relay.conn)
+            for udp, session in hand.carried_sessions:
+                udp.forget_session(session)
             supervisor.close_listeners()
             self.service.applier.close()
             self.service.stop_watching()
@@ -403,16 +444,14 @@ class Upgrader:
             os.write(ready, b"x")
             os.close(ready)
             drain = self.service.config.settings.drain_timeout
-            log_event(logger, logging.INFO, "upgrade_draining",
-                      f"drainer {os.getpid()}: finishing {draining} connection(s) that could not be carried, "
-                      f"for up to {drain:g}s", drainer=os.getpid(), draining=draining, drain_timeout=drain)
+            emit(logger, UpgradeDraining(drainer=os.getpid(), draining=hand.draining, drain_timeout=drain))
             supervisor.drain(drain)
-            log_event(logger, logging.INFO, "upgrade_drained", f"drainer {os.getpid()}: done",
-                      drainer=os.getpid())
+            DrainerReport.since(supervisor.stats, baseline).write(report)
+            emit(logger, UpgradeDrained(drainer=os.getpid()))
         except BaseException as exc:  # noqa: BLE001 - the drainer must end here, whatever happened
             code = 1
             try:
-                logger.error("the drainer failed", exc_info=exc, extra={"event": "upgrade_drainer_failed"})
+                emit(logger, UpgradeDrainerFailed(), exc_info=exc)
             except Exception:  # noqa: BLE001
                 pass
         finally:
@@ -434,6 +473,9 @@ class Handover:
         #: A master's workers (their channels), handed to the next master.
         self.workers: list[HandedWorker] = []
         self.kept: list[int] = []
+        #: UDP sessions carried, and (server, session) of each for the drainer.
+        self.sessions: list[CarriedSession] = []
+        self.carried_sessions: list[tuple[UdpServer, Any]] = []
 
     def keep_open(self, fd: int) -> None:
         """One more descriptor the next program finds where this one had it."""
@@ -442,17 +484,30 @@ class Handover:
 
     def take(self, supervisor: Supervisor, keep: frozenset[str] | None = None) -> None:
         """Listeners of the running rules (and systemd's sockets, kept for a rule a
-        reload adds), and every plain connection of those rules that ``keep`` names
-        (None: all); the others count as draining (with those of servers still
-        draining after a reload)."""
+        reload adds), and every plain connection and UDP session of those rules
+        that ``keep`` names (None: all); the other connections count as draining
+        (with those of servers still draining after a reload), the other sessions
+        end."""
         for runner in supervisor.runners.values():
             server = runner.server
             if runner.state is not RuleState.RUNNING or server is None:
                 continue
-            if server.listener is not None:
-                self.listeners.append(describe_listener(server.listener))
+            # every listening socket of the rule: a port range's too (SPEC §9, §11)
+            listening = getattr(server, "listening", None)
+            if listening is not None:
+                sockets = list(listening().values())
+            else:
+                sockets = [server.listener] if server.listener is not None else []
+            for sock in sockets:
+                self.listeners.append(describe_listener(sock))
+            if isinstance(server, UdpServer):
+                if keep is None or runner.rule.name in keep:  # else they end, as after a reload
+                    for session in server.carriable():
+                        self.sessions.append(export_session(session, runner.rule.name))
+                        self.carried_sessions.append((server, session))
+                continue
             if not hasattr(server, "relays"):
-                continue  # udp: sessions are not carried (they end; the listener is)
+                continue
             self.draining += server.active
             if keep is not None and runner.rule.name not in keep:
                 continue  # its rule goes: it drains, as after a reload
@@ -473,6 +528,7 @@ class Handover:
         fds = [item.fd for item in self.listeners] + [item.fd for item in self.workers] + self.kept
         for conn in self.connections:
             fds.extend(conn.fds)
+        fds.extend(item.fd for item in self.sessions)
         for fd in fds:
             try:
                 os.set_inheritable(fd, False)
