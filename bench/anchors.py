@@ -191,6 +191,33 @@ def missing_tool(kind: str, transport: str = "tcp") -> str | None:
     return None
 
 
+#: gportmap as users run it, beside the stripped-down ``gportmap`` column (WARNING, no
+#: admin endpoint, no watcher, no stats log): kind -> what the table calls it.
+GPORTMAP_VARIANTS = {
+    "gportmap-info": "gportmap at INFO",
+    "gportmap-user": "gportmap at INFO, admin+watcher",
+}
+
+
+def gportmap_settings(kind: str) -> tuple[dict[str, object], list[str]]:
+    """The ``settings`` and command-line flags of a gportmap ``kind``: ``gportmap``
+    forwards only (WARNING, admin off, watcher off, no stats log); ``gportmap-info``
+    the same at the default INFO level, which writes a record per connection to its
+    stderr (a log file the bench keeps); ``gportmap-user`` is the default settings
+    (INFO, admin endpoint on a free loopback port, rules-file watcher, stats log)."""
+    if kind == "gportmap-user":
+        return {"admin": {"listen": f"{LOOPBACK}:{free_port()}"}, "maxConnections": MAX_CONNECTIONS}, []
+    level = "INFO" if kind == "gportmap-info" else "WARNING"
+    settings: dict[str, object] = {
+        "admin": False,
+        "watch": False,
+        "statsInterval": 0,
+        "logLevel": level,
+        "maxConnections": MAX_CONNECTIONS,
+    }
+    return settings, ["--admin", "off", "--log-level", level]
+
+
 def reachable_connections() -> int:
     """Connections a proxy can hold here: two descriptors each, under the hard limit,
     with room for its listeners, logs and (HAProxy with splice) a few pipes."""
@@ -305,11 +332,13 @@ def start_proxy(
     transport: str = "tcp",
     workers: int = 1,
     tls: TlsFiles | None = None,
+    udp_probe: bytes = b"?",
 ) -> Proxy:
     """Start ``kind`` forwarding a free loopback port to ``target`` over ``transport``
     (tcp, udp, websocket, or tls: TLS terminated on the listener with the certificate
     ``tls``, plain TCP to the target) and wait until it answers (a TLS handshake for
-    tls); raises RuntimeError with the tail of its log when it does not."""
+    tls, ``udp_probe`` answered for udp); raises RuntimeError with the tail of its log
+    when it does not. ``kind`` is a proxy, or one of ``GPORTMAP_VARIANTS``."""
     if kind == "direct":
         return Proxy(kind, target, None)
     if (transport == "tls") != (tls is not None):
@@ -318,7 +347,7 @@ def start_proxy(
     name = f"{kind}-{transport}-w{workers}-{port}"
     confdir = workdir / name
     confdir.mkdir()
-    if kind == "gportmap":
+    if kind == "gportmap" or kind in GPORTMAP_VARIANTS:
         rule: dict[str, object] = {
             "protocol": "tcp" if transport == "tls" else transport,
             "listenHost": LOOPBACK,
@@ -332,19 +361,10 @@ def start_proxy(
             rule["maxMessageSize"] = 1 << 20
         if tls is not None:
             rule["tls"] = {"certFile": str(tls.cert), "keyFile": str(tls.key)}
-        rules = {
-            "settings": {
-                "admin": False,
-                "watch": False,
-                "statsInterval": 0,
-                "logLevel": "WARNING",
-                "maxConnections": MAX_CONNECTIONS,
-            },
-            "rules": [rule],
-        }
+        settings, flags = gportmap_settings(kind)
         path = confdir / "rules.json"
-        path.write_text(json.dumps(rules, indent=2))
-        cmd = [*gportmap_command(), str(path), "--admin", "off", "--log-level", "WARNING"]
+        path.write_text(json.dumps({"settings": settings, "rules": [rule]}, indent=2))
+        cmd = [*gportmap_command(), str(path), *flags]
         if workers > 1:
             cmd += ["--workers", str(workers)]
     elif kind == "socat":
@@ -378,7 +398,7 @@ def start_proxy(
     session = ""
     try:
         if transport == "udp":
-            wait_udp_answering(port, proc)
+            wait_udp_answering(port, proc, probe=udp_probe)
         elif transport == "tls":
             session = wait_tls_answering(port, proc)
         else:
@@ -460,17 +480,20 @@ def _tls_handshake(
             return f"{sock.version()} {cipher[0] if cipher else '?'}", sock.session
 
 
-def wait_udp_answering(port: int, proc: subprocess.Popen | None, deadline: float = 20.0) -> None:
-    """Wait until a datagram to ``port`` comes back (the target is an echo)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
-        probe.settimeout(0.2)
+def wait_udp_answering(
+    port: int, proc: subprocess.Popen | None, deadline: float = 20.0, probe: bytes = b"?"
+) -> None:
+    """Wait until ``probe`` sent to ``port`` is answered (the target is an echo, or a
+    DNS server given a query)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+        sock.settimeout(0.2)
         end = time.monotonic() + deadline
         while time.monotonic() < end:
             if proc is not None and proc.poll() is not None:
                 raise RuntimeError(f"exited with status {proc.returncode}")
-            probe.sendto(b"?", (LOOPBACK, port))
+            sock.sendto(probe, (LOOPBACK, port))
             try:
-                probe.recvfrom(64)
+                sock.recvfrom(512)
                 return
             except (TimeoutError, ConnectionRefusedError):
                 continue

@@ -20,7 +20,13 @@ from common import LOOPBACK
 
 
 def iperf3_gbps(port: int, streams: int, seconds: int) -> float:
-    """iperf3 client -> ``port`` (a proxy in front of ``iperf3 -s``): Gbit/s received.
+    """iperf3 client -> ``port`` (a proxy in front of ``iperf3 -s``): Gbit/s received."""
+    return iperf3_run(port, streams, seconds)["gbps"]
+
+
+def iperf3_run(port: int, streams: int, seconds: int) -> dict[str, float]:
+    """iperf3 client -> ``port`` (a proxy in front of ``iperf3 -s``): Gbit/s and bytes
+    received (``gbps``, ``bytes``).
 
     ``iperf3 -s`` runs one test at a time and takes a moment after one before it
     takes the next ("busy", or a reset control connection): an error is retried for
@@ -37,7 +43,8 @@ def iperf3_gbps(port: int, streams: int, seconds: int) -> float:
         except ValueError:
             report = {"error": f"iperf3 printed no report: {out[-200:]!r}"}
         if "error" not in report:
-            return report["end"]["sum_received"]["bits_per_second"] / 1e9
+            received = report["end"]["sum_received"]
+            return {"gbps": received["bits_per_second"] / 1e9, "bytes": float(received["bytes"])}
         if time.monotonic() >= retry_until:
             raise RuntimeError(f"iperf3: {report['error']}")
         time.sleep(0.3)
@@ -58,24 +65,30 @@ _UNITS = {"us": 1e-3, "ms": 1.0, "s": 1e3, "m": 60e3}
 
 
 def wrk_http(
-    port: int, seconds: int, connections: int, close: bool, tls: bool = False, cpu_pgid: int | None = None
+    port: int,
+    seconds: int,
+    connections: int,
+    close: bool,
+    tls: bool = False,
+    cpu_pgid: int | None = None,
+    threads: int = 1,
 ) -> dict[str, float]:
-    """wrk, one thread, ``connections`` connections, for ``seconds``: requests/s, p99 in
-    ms, and the errors wrk counted. ``close`` sends ``Connection: close`` (a new
-    connection per request); ``tls`` speaks https (wrk does not verify the certificate,
-    and resumes the session of its previous connection where the server allows it).
-    With ``cpu_pgid``, also the CPU time that process group (the proxy) spent while wrk
-    ran, in all and per request."""
-    cmd = ["wrk", "-t1", f"-c{connections}", f"-d{seconds}s", "--timeout", "5s", "--latency"]
+    """wrk, ``threads`` threads, ``connections`` connections, for ``seconds``:
+    requests/s, p99 in ms, and the errors wrk counted. ``close`` sends ``Connection:
+    close`` (a new connection per request); ``tls`` speaks https (wrk does not verify
+    the certificate, and resumes the session of its previous connection where the
+    server allows it). With ``cpu_pgid``, also the CPU time that process group (the
+    proxy) spent while wrk ran, in all and per request."""
+    cmd = ["wrk", f"-t{threads}", f"-c{connections}", f"-d{seconds}s", "--timeout", "5s", "--latency"]
     if close:
         cmd += ["-H", "Connection: close"]
     cmd.append(f"{'https' if tls else 'http'}://{LOOPBACK}:{port}/")
-    cpu_before = group_cpu_seconds(cpu_pgid) if cpu_pgid is not None else 0.0
-    try:
-        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=seconds + 30)
-    except subprocess.TimeoutExpired:
-        raise RuntimeError(f"wrk ran past {seconds + 30} s") from None
-    cpu = group_cpu_seconds(cpu_pgid) - cpu_before if cpu_pgid is not None else None
+    with ProxyCpu(cpu_pgid) as meter:
+        try:
+            proc = subprocess.run(cmd, capture_output=True, text=True, timeout=seconds + 30)
+        except subprocess.TimeoutExpired:
+            raise RuntimeError(f"wrk ran past {seconds + 30} s") from None
+    cpu = meter.seconds
     out = proc.stdout
     rate = re.search(r"Requests/sec:\s+([\d.]+)", out)
     p99 = re.search(r"^\s+99%\s+([\d.]+)(us|ms|s|m)\s*$", out, re.MULTILINE)
@@ -105,12 +118,19 @@ CLOCK_TICKS = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
 
 
 def group_cpu_seconds(pgid: int) -> float:
-    """User + system CPU seconds of every process in process group ``pgid`` (a proxy
-    and what it forked: nginx's workers, socat's children), with the children each
-    has reaped. A figure to subtract from a later one over the same group: the
-    ticks of /proc/PID/stat are 1/CLOCK_TICKS s, so a window of a second or more
-    keeps the rounding under 1 %."""
-    ticks = 0
+    """User + system CPU seconds of a proxy: every process in process group ``pgid``
+    (the proxy and what it forked: nginx's workers, socat's children) or descended
+    from its leader (gportmap's ``--workers`` each start a session of their own), with
+    the children each has reaped. A figure to subtract from a later one over the
+    same proxy: the ticks of /proc/PID/stat are 1/CLOCK_TICKS s, so a window of a
+    second or more keeps the rounding under 1 %."""
+    return _group_stat(pgid)[0]
+
+
+def _group_stat(pgid: int) -> tuple[float, int, int]:
+    """(CPU seconds as ``group_cpu_seconds``, processes counted, how many of them are
+    zombies)."""
+    table: dict[int, tuple[int, int, bool, int]] = {}  # pid -> ppid, pgrp, zombie, ticks
     for entry in os.scandir("/proc"):
         if not entry.name.isdigit():
             continue
@@ -121,9 +141,66 @@ def group_cpu_seconds(pgid: int) -> float:
         fields = stat[stat.rindex(")") + 2 :].split()
         # After the command: state ppid pgrp ...; utime stime cutime cstime are the
         # 14th-17th fields of the line, 11th-14th after the command.
-        if int(fields[2]) == pgid:
-            ticks += sum(int(n) for n in fields[11:15])
-    return ticks / CLOCK_TICKS
+        ticks = sum(int(n) for n in fields[11:15])
+        table[int(entry.name)] = (int(fields[1]), int(fields[2]), fields[0] in ("Z", "X"), ticks)
+
+    def counted(pid: int) -> bool:
+        for _ in range(64):  # up the tree to the leader, bounded
+            if pid not in table:
+                return False
+            ppid, pgrp, _, _ = table[pid]
+            if pid == pgid or pgrp == pgid:
+                return True
+            pid = ppid
+        return False
+
+    mine = [row for pid, row in table.items() if counted(pid)]
+    return sum(row[3] for row in mine) / CLOCK_TICKS, len(mine), sum(row[2] for row in mine)
+
+
+class ProxyCpu:
+    """The CPU time (user + system) a proxy's process group spends over one
+    measurement: ``with ProxyCpu(pgid) as meter: run()``, then ``meter.seconds``
+    (None when there is no proxy: ``pgid`` None, the direct path). Every row's CPU
+    figure comes from here, so that they all count the same way: the whole group
+    (nginx's workers, socat's children, gportmap's workers), read from /proc before
+    and after, with no sampling of its own in between."""
+
+    #: At the end of a measurement, how long at most to wait for the processes a
+    #: proxy forked per connection (socat, websockify) to exit and be reaped. A scan
+    #: of /proc is not atomic: a child reaped while it runs is counted neither in its
+    #: parent's cutime/cstime (read before the reap) nor on its own (gone after), or
+    #: else twice; once they are all reaped the reading is stable. Proxies that fork
+    #: nothing per connection do not wait.
+    REAP_WAIT = 3.0
+
+    def __init__(self, pgid: int | None) -> None:
+        self.pgid = pgid
+        self.seconds: float | None = None
+        self._before = 0.0
+        self._processes = 0
+
+    def __enter__(self) -> ProxyCpu:
+        if self.pgid is not None:
+            self._before, self._processes, _ = _group_stat(self.pgid)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self.pgid is None:
+            return
+        deadline = time.monotonic() + self.REAP_WAIT
+        seconds, processes, zombies = _group_stat(self.pgid)
+        while (zombies or processes > self._processes) and time.monotonic() < deadline:
+            time.sleep(0.02)
+            seconds, processes, zombies = _group_stat(self.pgid)
+        self.seconds = seconds - self._before
+
+    def per(self, units: float, scale: float = 1e6) -> float | None:
+        """CPU per unit of work, in 1/``scale`` s (µs by default): None without a
+        proxy or without work."""
+        if self.seconds is None or units <= 0:
+            return None
+        return self.seconds * scale / units
 
 
 # --- held connections ------------------------------------------------------------------
