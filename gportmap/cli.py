@@ -8,7 +8,7 @@ error. gportmap never daemonizes: supervisord, docker and systemd own the proces
 from __future__ import annotations
 
 import argparse
-import logging
+import gc
 import os
 import signal
 import sys
@@ -20,8 +20,19 @@ from gevent.event import Event
 from gportmap import __version__
 from gportmap.admin import AdminPlane
 from gportmap.config import Config, load, parse, parse_listen
+from gportmap.engine.hubrelay import HubRelay
 from gportmap.errors import ConfigError, GportmapError
-from gportmap.log import LEVELS, get_logger, log_event, route_gevent_errors, setup_logging
+from gportmap.events import (
+    ConfigInvalid,
+    Fatal,
+    ReloadIgnored,
+    Started,
+    Stopped,
+    Stopping,
+    UsageError,
+    WorkerFailed,
+)
+from gportmap.log import LEVELS, emit, get_logger, route_gevent_errors, setup_logging
 from gportmap.platform import Features, detect, raise_fd_limit
 from gportmap.runtime.applier import ReloadSource
 from gportmap.runtime.backend import RulesBackend
@@ -172,13 +183,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         config = resume.load(path) if resume is not None else load(path)
     except ConfigError as exc:
-        log_event(
+        emit(
             logger,
-            logging.ERROR,
-            "config_invalid",
-            f"{path}: the rules file is invalid ({exc.count}); nothing started",
-            path=path,
-            errors=exc.errors,
+            ConfigInvalid(path=path, errors=exc.errors, outcome=f"the rules file is invalid ({exc.count}); nothing started"),
         )
         return EXIT_USAGE
     overrides = Overrides(args.log_format, args.log_level, args.admin, args.workers)
@@ -191,27 +198,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     if resume is not None:
         workers = resume.workers(workers)  # an upgrade keeps the processes it had
     if workers > 1 and inherited is not None:
-        log_event(
-            logger,
-            logging.ERROR,
-            "usage_error",
-            f"{workers} workers cannot share the {len(inherited)} socket(s) passed by the service manager: "
-            "socket activation serves one process; run without --workers (and settings.workers), "
-            "or without the .socket unit",
-            workers=workers,
-            sockets=len(inherited),
-        )
+        emit(logger, UsageError(workers=workers, sockets=len(inherited)))
         inherited.close()
         return EXIT_USAGE
     if workers > 1 and not features.reuse_port:
-        log_event(
-            logger,
-            logging.ERROR,
-            "usage_error",
-            f"{workers} workers need SO_REUSEPORT load balancing (Linux), which this platform "
-            "does not offer (or GPORTMAP_PORTABLE is set): run one worker",
-            workers=workers,
-        )
+        emit(logger, UsageError(workers=workers))
         return EXIT_USAGE
     backend = (
         WorkerPool(workers, worker_command(workers, args.log_format, args.log_level)) if workers > 1 else None
@@ -221,7 +212,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return run(config, overrides, features, backend, inherited=inherited, resume=resume)
     except GportmapError as exc:
-        log_event(logger, logging.CRITICAL, "fatal", str(exc))
+        emit(logger, Fatal(error=str(exc)))
         return EXIT_FATAL
 
 
@@ -242,7 +233,7 @@ def worker_main(args: argparse.Namespace) -> int:
         config = parse(raw, path)
     except (OSError, GportmapError, ValueError) as exc:
         errors = exc.errors if isinstance(exc, ConfigError) else [str(exc)]
-        log_event(logger, logging.ERROR, "worker_failed", "the worker cannot start", errors=errors)
+        emit(logger, WorkerFailed(errors=errors, what="the worker cannot start"))
         return EXIT_USAGE
     overrides = Overrides(args.log_format, args.log_level, "off", args.workers, worker=args.worker_index)
     setup_logging(*overrides.logging(config.settings), worker=args.worker_index)
@@ -250,7 +241,7 @@ def worker_main(args: argparse.Namespace) -> int:
         inherited = resume.inherited(None) if resume is not None else None
         return run(config, overrides, detect(), link=link, inherited=inherited, resume=resume)
     except GportmapError as exc:
-        log_event(logger, logging.CRITICAL, "fatal", str(exc))
+        emit(logger, Fatal(error=str(exc)))
         return EXIT_FATAL
 
 
@@ -268,6 +259,7 @@ def run(
     of those workers. ``inherited``: sockets systemd passed (socket activation), or
     the listeners an upgrade in place handed over with ``resume``, its state."""
     features = features or detect()
+    HubRelay.configure(features)  # the relay mode (GPORTMAP_RELAY) as detected at start, once
     # Only the main process talks to systemd (NotifyAccess=main): never a worker.
     notifier = Notifier.from_environ() if link is None else Notifier(None)
     route_gevent_errors()
@@ -277,7 +269,7 @@ def run(
 
     def on_stop_signal(signum: int) -> None:
         if stop.is_set():
-            log_event(logger, logging.WARNING, "stopping", "second signal: stopping now", signal=signum)
+            emit(logger, Stopping(signal=signum))
             force.set()
         else:
             notifier.stopping(service.supervisor.stats.active)
@@ -288,13 +280,7 @@ def run(
 
     def on_reload_signal(signum: int) -> None:
         if link is not None:
-            log_event(
-                logger,
-                logging.WARNING,
-                "reload_ignored",
-                "SIGHUP to a worker is ignored: its master owns the rules file (send SIGHUP to the master)",
-                signal=signum,
-            )
+            emit(logger, ReloadIgnored(signal=signum))
             return
         service.request_reload(ReloadSource.SIGNAL)  # queued: the applier logs the outcome
 
@@ -341,22 +327,24 @@ def run(
     if resume is not None:
         resume.resume(service)
         upgrader.drainers = resume.pending  # still running: a further upgrade hands them on
+    # What start-up built (modules, the rules, a port range's thousands of listeners)
+    # lives as long as the process: out of the collector's sight, a full collection
+    # no longer walks it, and no longer stalls the hub for tens of milliseconds.
+    gc.freeze()
     if link is not None:
         link.serve(service, changes, stop)
     else:
         workers = backend.count if backend is not None else 1
-        log_event(
+        emit(
             logger,
-            logging.INFO,
-            "started",
-            f"gportmap {__version__} started with {len(config.enabled_rules)} enabled rule(s)"
-            + (f" in {workers} workers" if workers > 1 else ""),
-            version=__version__,
-            config=config.path,
-            pid=os.getpid(),
-            rules=len(config.enabled_rules),
-            workers=workers,
-            features=features.enabled(),
+            Started(
+                version=__version__,
+                config=config.path,
+                pid=os.getpid(),
+                rules=len(config.enabled_rules),
+                workers=workers,
+                features=features.enabled(),
+            ),
         )
         if inherited is not None:
             inherited.report_unmatched(config.enabled_rules)
@@ -368,19 +356,12 @@ def run(
     supervisor = service.supervisor
     drain = service.config.settings.drain_timeout
     supervisor.close_listeners()
-    log_event(
-        logger,
-        logging.INFO,
-        "stopping",
-        f"stopping: listeners closed, draining {supervisor.stats.active} connection(s) for up to {drain:g}s",
-        drain_timeout=drain,
-        active=supervisor.stats.active,
-    )
+    emit(logger, Stopping(drain_timeout=drain, active=supervisor.stats.active))
     supervisor.drain(drain, force)
     service.stop_watching()
     plane.stop()
     notifier.close()
-    log_event(logger, logging.INFO, "stopped", "stopped")
+    emit(logger, Stopped())
     return EXIT_OK
 
 

@@ -45,6 +45,9 @@ class CloseReason(enum.StrEnum):
     INTERNAL_ERROR = "internal_error"
     #: A plugin hook (``on_connect``, ``on_data``) failed or refused mid-connection.
     PLUGIN_ERROR = "plugin_error"
+    #: A network fault of the rule ended it on purpose (SPEC §12: limit_data,
+    #: timeout, reset_peer).
+    FAULT = "fault"
     #: UDP: the session saw no datagram either way for ``sessionTimeout``.
     EXPIRED = "expired"
     #: UDP: the session's socket to the target failed for good (not a transient
@@ -85,6 +88,15 @@ class RejectReason(enum.StrEnum):
     #: A WebSocket client's upgrade failed: none within handshakeTimeout, not an
     #: upgrade, a wrong path, version or key, a malformed request, or the client left.
     HANDSHAKE = "handshake"
+    #: A rule with ``routes`` (SPEC §13): the client's first bytes matched no route,
+    #: and there is no default route.
+    NO_ROUTE = "no_route"
+    #: ``acceptProxy``: a connection from a trusted proxy did not start with a valid
+    #: PROXY protocol header within the timeout (none, malformed, too long, EOF).
+    PROXY_HEADER = "proxy_header"
+    #: ``perClient``: the client (its address, after ``acceptProxy``) is at its
+    #: ``maxConnections`` or out of ``connectionRate`` tokens.
+    CLIENT_LIMIT = "client_limit"
 
 
 class DropReason(enum.StrEnum):
@@ -104,3 +116,5 @@ class DropReason(enum.StrEnum):
     #: The kernel dropped it on a full socket receive buffer before gportmap read
     #: it; read from the sockets when the figures are read, never per datagram.
     KERNEL = "kernel"
+    #: ``perClient.packetRate``: the client's address is out of datagram tokens.
+    CLIENT_LIMIT = "client_limit"

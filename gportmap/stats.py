@@ -9,11 +9,14 @@ a rule's figures survive when its server is replaced.
 from __future__ import annotations
 
 import itertools
+import os
+import resource
 import time
 from collections.abc import Callable
 from datetime import UTC, datetime
 from typing import Any, Protocol
 
+from gportmap.log import RateLimiter
 from gportmap.reasons import CloseReason, DropReason, RejectReason
 
 #: Reasons a connection can be refused before it is relayed (SPEC §5), in the order
@@ -47,13 +50,15 @@ class RuleStats:
         "udp_dropped",
         "errors",
         "handshaking",
+        "peak",
         "kernel",
         "pool",
         "remote_targets",
+        "failure_log",
     )
     #: What ``counters()`` reports: every figure (not the name, nor the sockets behind
-    #: ``kernel``; the pool's figures go as ``targets``).
-    FIGURES = __slots__[2:-3]
+    #: ``kernel``; the pool's figures go as ``targets``; nor the failure log's limiter).
+    FIGURES = __slots__[2:-4]
     #: Per-target figures that are running totals (summed over processes, kept
     #: from workers that are gone); ``active`` is a level, ``state`` a word.
     TARGET_TOTALS = ("total", "connect_failures")
@@ -73,16 +78,24 @@ class RuleStats:
         self.udp_dropped = dict.fromkeys(UDP_DROP_REASONS, 0)
         self.errors = dict.fromkeys(ERROR_REASONS, 0)  # connections ended by gportmap's fault
         self.handshaking = 0  # admitted, holding a Slot, not yet open (TLS handshake, WebSocket upgrade)
+        #: The most connections (udp: sessions) open at once since the rule's first
+        #: start; with workers, the master shows the sum of the live workers' peaks.
+        self.peak = 0
         self.kernel: KernelDrops | None = None  # udp: where udp_dropped["kernel"] comes from
         #: The rule's targets (``gportmap.engine.pool.TargetPool``), kept here with the
         #: counters so that they outlive the rule's servers; None until a server made it.
         self.pool: TargetFigures | None = None
         #: Target figures added from other processes (a master's sums), by name.
         self.remote_targets: dict[str, dict[str, Any]] | None = None
+        #: How many ``internal_error`` records (with their tracebacks) this rule
+        #: writes, per exception type (``gportmap.failures``): a bug hit by every
+        #: datagram must not write a traceback per datagram from the hub. Here, not
+        #: module-global, so that every registry (a test's, a worker's) has its own.
+        self.failure_log = RateLimiter(burst=5, interval=10.0)
 
     #: The attributes that are levels, not running totals: a worker that is gone
     #: takes its levels along, while its totals stay in the sums (``add``).
-    GAUGES = ("active", "udp_sessions", "handshaking")
+    GAUGES = ("active", "udp_sessions", "handshaking", "peak")
 
     def counters(self) -> dict[str, Any]:
         """Every figure as plain data: what a worker process reports to its master."""
@@ -163,6 +176,7 @@ class RuleStats:
                 "active": self.active,
                 # admitted, holding a place under maxConnections, still in their handshake
                 "handshaking": self.handshaking,
+                "peak": self.peak,
                 "total": self.total,
                 "rejected": sum(self.rejected.values()),
                 "rejected_by_reason": dict(self.rejected),
@@ -182,10 +196,42 @@ class RuleStats:
                 "dropped": sum(self.udp_dropped.values()),
                 "dropped_by_reason": dict(self.udp_dropped),
             }
-            if self.protocol == "udp"
+            if self.protocol == "udp" or self.udp_packets_received or self.udp_packets_sent  # or a UDP tunnel's exit
             else None,
             "targets": self.targets(),
         }
+
+    def frozen(self) -> RuleStats:
+        """A copy of the figures as they are now, for a reader in another thread (the
+        admin endpoint renders ``/metrics`` off the hub): every slot copied, its own
+        dicts, the targets as a fixed list of copies, no sockets behind it. Costs
+        some microseconds; taken on the hub, rule by rule."""
+        self.refresh_kernel_drops()
+        copy = RuleStats.__new__(RuleStats)
+        for name in RuleStats.__slots__:
+            value = getattr(self, name)
+            setattr(copy, name, dict(value) if isinstance(value, dict) else value)
+        targets = [{**entry, "bytes": dict(entry.get("bytes", {}))} for entry in self.targets()]
+        copy.kernel = None
+        copy.remote_targets = None
+        copy.pool = FixedTargets(targets)
+        return copy
+
+
+class FixedTargets:
+    """A rule's targets as they were when its figures were frozen (``RuleStats.frozen``)."""
+
+    __slots__ = ("entries",)
+
+    def __init__(self, entries: list[dict[str, Any]]) -> None:
+        self.entries = entries
+
+    @property
+    def up(self) -> bool:
+        return any(entry.get("state") == "up" for entry in self.entries)
+
+    def describe(self) -> list[dict[str, Any]]:
+        return self.entries
 
 
 class TargetFigures(Protocol):
@@ -263,13 +309,17 @@ class Connection:
         "bytes_received",
         "bytes_sent",
         "upstream",
+        "lease",
+        "listen",
     )
 
-    def __init__(self, conn_id: int, stats: RuleStats, client: str, target: str) -> None:
+    def __init__(self, conn_id: int, stats: RuleStats, client: str, target: str, listen: str = "") -> None:
         self.id = conn_id
         self.stats = stats
         self.client = client
         self.target = target
+        #: The address it came in on (SPEC §9: a rule may listen on many).
+        self.listen = listen
         self.started = time.time()
         self.started_mono = self.last_active = time.monotonic()
         self.bytes_received = 0
@@ -277,6 +327,9 @@ class Connection:
         #: The target of the pool it holds once connected (its ``target`` then names
         #: that one); given back when the connection is closed.
         self.upstream: Upstream | None = None
+        #: Its place in its client's ``perClient`` entry (``engine.clientlimit.Lease``),
+        #: given back when it is closed; None without ``perClient``.
+        self.lease: Releasable | None = None
 
     def hold(self, upstream: Upstream, address: str) -> None:
         """The connection reached ``upstream`` (at ``address``) and holds it until it
@@ -299,6 +352,12 @@ class Connection:
         return time.monotonic() - self.started_mono
 
 
+class Releasable(Protocol):
+    """A place taken at admission and given back once (``engine.clientlimit.Lease``)."""
+
+    def release(self) -> None: ...
+
+
 class Slot:
     """A connection's place under its rule's and the process's ``maxConnections``,
     taken at admission, before any handshake.
@@ -312,15 +371,21 @@ class Slot:
     is always safe.
     """
 
-    __slots__ = ("_registry", "stats", "held")
+    __slots__ = ("_registry", "stats", "held", "lease")
 
     def __init__(self, registry: StatsRegistry, stats: RuleStats) -> None:
         self._registry = registry
         self.stats = stats
         self.held = True  # counted in handshaking: neither opened nor released yet
+        #: The client's ``perClient`` place taken with it: given back with the slot,
+        #: or handed to the connection the slot becomes (``StatsRegistry.open``).
+        self.lease: Releasable | None = None
 
     def release(self) -> None:
         """Give the place back (the handshake failed, the client left, a refusal)."""
+        lease, self.lease = self.lease, None
+        if lease is not None:
+            lease.release()
         if self.held:
             self.held = False
             self.stats.handshaking -= 1
@@ -348,6 +413,19 @@ class StatsRegistry:
         self._rules: dict[str, RuleStats] = {}
         self._open: dict[int, Connection] = {}
         self._ids = itertools.count(index + 1, workers)
+        #: What an upgrade in place carried for a rule's next server, by rule name
+        #: (``carry_over``, ``take_carried``).
+        self._carried: dict[str, Callable[[Any], None]] = {}
+
+    def carry_over(self, rule: str, adopt: Callable[[Any], None]) -> None:
+        """An upgrade in place carried state of ``rule`` that its server must take
+        before it serves (UDP sessions: before its listener is read, or a client's
+        next datagram would open a second session): ``adopt(server)``, once."""
+        self._carried[rule] = adopt
+
+    def take_carried(self, rule: str) -> Callable[[Any], None] | None:
+        """What an upgrade in place left for ``rule``'s server (None: nothing); given once."""
+        return self._carried.pop(rule, None)
 
     def continue_ids(self, after: int) -> None:
         """Number new connections from ``after`` on (this process's share of them):
@@ -398,15 +476,26 @@ class StatsRegistry:
         return next(self._ids)
 
     def open(
-        self, stats: RuleStats, client: str, target: str, conn_id: int | None = None, slot: Slot | None = None
+        self,
+        stats: RuleStats,
+        client: str,
+        target: str,
+        conn_id: int | None = None,
+        slot: Slot | None = None,
+        listen: str = "",
     ) -> Connection:
         """Count and list a connection; ``slot`` (taken at admission) becomes it."""
+        lease = None
         if slot is not None:
+            lease, slot.lease = slot.lease, None  # the client's perClient place goes with it
             slot.release()  # the place it held is now the open connection's
-        conn = Connection(conn_id if conn_id is not None else next(self._ids), stats, client, target)
+        conn = Connection(conn_id if conn_id is not None else next(self._ids), stats, client, target, listen)
+        conn.lease = lease
         self._open[conn.id] = conn
         stats.active += 1
         stats.total += 1
+        if stats.active > stats.peak:
+            stats.peak = stats.active
         self.active += 1
         return conn
 
@@ -419,6 +508,9 @@ class StatsRegistry:
             upstream, conn.upstream = conn.upstream, None
             if upstream is not None:
                 upstream.release(conn)
+            lease, conn.lease = conn.lease, None
+            if lease is not None:
+                lease.release()
 
     def connections(self) -> list[Connection]:
         return list(self._open.values())
@@ -430,6 +522,7 @@ class StatsRegistry:
                 "id": conn.id,
                 "rule": conn.stats.name,
                 "client": conn.client,
+                "listen": conn.listen,
                 "target": conn.target,
                 "started": iso_time(conn.started),
                 "duration": round(conn.duration, 3),
@@ -439,8 +532,31 @@ class StatsRegistry:
         ]
 
 
+def process_figures() -> dict[str, int | None]:
+    """This process's descriptors and memory, for ``/stats``' ``process`` and the
+    dashboard: what an operator checks before "too many open files". Reads /proc
+    (Linux; a kernel answer, never disk I/O); ``None`` where the platform has none."""
+    try:
+        open_files: int | None = len(os.listdir("/proc/self/fd")) - 1  # less the listing's own
+    except OSError:
+        open_files = None
+    try:
+        with open("/proc/self/statm", "rb") as statm:
+            rss: int | None = int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError):
+        rss = None
+    soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+    return {
+        "open_files": open_files,
+        "open_files_limit": None if soft == resource.RLIM_INFINITY else soft,
+        "rss_bytes": rss,
+    }
+
+
 #: Descriptors kept out of the connection budget: listeners, the admin endpoint, the
 #: log, the watcher, gevent's own, a target being connected while a client is refused.
+#: The admin endpoint's connections are within it: it holds at most
+#: ``gportmap.admin.http.AdminServer.max_connections`` (32) and closes any more at once.
 FD_RESERVE = 64
 
 

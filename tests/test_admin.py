@@ -10,6 +10,8 @@ import socket
 import subprocess
 import sys
 import threading
+import urllib.error
+import urllib.request
 
 import pytest
 from conftest import (
@@ -89,7 +91,8 @@ def test_known_traffic_shows_exactly_in_stats_and_metrics(start_gportmap):
             "active": 5,
             "total": 5,
             "rejected": 2,
-            "rejected_by_reason": {"acl": 0, "limit": 2, "tls": 0, "plugin": 0, "handshake": 0},
+            "rejected_by_reason": {"acl": 0, "limit": 2, "tls": 0, "plugin": 0, "handshake": 0,
+                                   "no_route": 0, "proxy_header": 0, "client_limit": 0},
         }
         assert stats["bytes"] == {"received": 5 * len(up), "sent": 5 * len(down)}
         assert stats["state"] == "running" and stats["listen"] == f"127.0.0.1:{port}"
@@ -127,7 +130,7 @@ def test_every_spec_metric_is_present_with_its_labels_from_the_start(start_gport
     rules = {dict(labels)["rule"] for _, labels in families["gportmap_rule_up"]["samples"]}
     assert rules == {"a", "b"}
     reasons = {dict(labels)["reason"] for _, labels in families["gportmap_connections_rejected"]["samples"]}
-    assert reasons == {"acl", "limit", "tls", "plugin", "handshake"}
+    assert reasons == {"acl", "limit", "tls", "plugin", "handshake", "no_route", "proxy_header", "client_limit"}
     results = {dict(labels)["result"] for _, labels in families["gportmap_config_reloads"]["samples"]}
     assert results == {"success", "failure"}
     assert "process_resident_memory_bytes" in families and "process_open_fds" in families
@@ -154,6 +157,40 @@ def test_token_guards_every_endpoint_but_healthz(start_gportmap, echo_target):
     assert gp.admin(f"/?token={token}")[0] == 200  # the dashboard's own URL
     assert gp.admin("/?token=nope")[0] == 401
     assert gp.admin(f"/reload?token={token}", "POST")[0] == 401  # query tokens only for reading
+
+
+def test_a_browser_without_the_token_gets_a_page_that_says_how_and_a_form_that_does_it(
+    start_gportmap, echo_target, tmp_path
+):
+    """A token-protected dashboard opened in a browser: a 401 page naming
+    ``/?token=`` with a field for it (not a JSON error); API clients keep the JSON."""
+    from cdp import Chromium
+
+    token = "s3cret-token-for-tests"
+    gp = start_gportmap({"settings": {"admin": {"token": token}}, "rules": [tcp_rule(free_port(), echo_target.port)]})
+    request = urllib.request.Request(f"http://{LOOPBACK}:{gp.admin_port}/", headers={"Accept": "text/html,*/*"})
+    with pytest.raises(urllib.error.HTTPError) as answer:
+        urllib.request.urlopen(request, timeout=10)
+    assert answer.value.code == 401
+    assert answer.value.headers["Content-Type"].startswith("text/html")
+    page = answer.value.read().decode()
+    assert "/?token=TOKEN" in page and 'name="token"' in page and "http" not in page.split("<body>")[0]
+    status, body, headers = gp.admin("/")  # no Accept: text/html
+    assert (status, headers["Content-Type"]) == (401, "application/json")
+    assert json.loads(body)["error"].startswith("unauthorized")
+
+    chromium = Chromium(require_tool("chromium"), tmp_path / "profile")
+    try:
+        chromium.navigate(f"http://{LOOPBACK}:{gp.admin_port}/")
+        wait_for(lambda: chromium.evaluate("document.querySelector('input[name=token]') !== null"), timeout=15,
+                 what="the token page")
+        chromium.evaluate(f"document.querySelector('input[name=token]').value = {json.dumps(token)}")
+        chromium.evaluate("document.querySelector('form').submit()")
+        wait_for(lambda: chromium.evaluate("document.title") == "gportmap", timeout=15, what="the dashboard")
+        wait_for(lambda: (chromium.evaluate("document.getElementById('live')?.textContent") or "").startswith("live"),
+                 timeout=15, what="the dashboard reading /stats with the token")
+    finally:
+        chromium.close()
 
 
 def test_healthz_is_503_while_a_rule_cannot_bind(start_gportmap, echo_target):
@@ -324,6 +361,56 @@ def test_dashboard_in_headless_chromium_shows_live_numbers(start_gportmap, echo_
         print(f"dashboard screenshot: {shot}")
     finally:
         chromium.close()
+
+
+def test_dashboard_shows_limit_peak_reasons_failures_process_and_a_rule_without_targets(
+    start_gportmap, echo_target, tmp_path
+):
+    """What an operator looks for first (HAProxy's stats page has it): each rule's
+    limit and peak, new connections per second, rejections by reason, connect
+    failures, the process's descriptors and memory, and a rule whose only target
+    refuses shown as not serving rather than a green "running"."""
+    from cdp import Chromium
+
+    chromium = Chromium(require_tool("chromium"), tmp_path / "profile")
+    port, dead_port = free_port(), free_port()
+    gp = start_gportmap([
+        tcp_rule(port, echo_target.port, name="web", maxConnections=2),
+        tcp_rule(dead_port, free_port(), name="dead", maxFails=1, failTimeout=3600),
+    ])
+    cell = "document.querySelector('tr[data-rule=\"{}\"] .{}')?.textContent"
+    try:
+        chromium.navigate(f"http://{LOOPBACK}:{gp.admin_port}/")
+        wait_for(lambda: chromium.evaluate(cell.format("web", "limit")) == "2", timeout=15, what="the page")
+        assert chromium.evaluate(cell.format("dead", "state")) == "running"
+        held = [connect(port) for _ in range(2)]
+        for sock in held:
+            sock.sendall(b"x")
+            assert recv_exactly(sock, 1) == b"x"
+        with connect(port) as third:
+            assert closed_by_peer(third)  # over maxConnections: rejected, reason limit
+        for sock in held:
+            sock.close()
+        with connect(dead_port) as sock:
+            assert closed_by_peer(sock)  # the target refuses: a connect failure, then down
+        wait_for(lambda: chromium.evaluate(cell.format("web", "peak")) == "2", timeout=10, what="peak 2 on web")
+        wait_for(lambda: chromium.evaluate(cell.format("web", "active")) == "0", timeout=10, what="0 open on web")
+        wait_for(lambda: chromium.evaluate(cell.format("web", "reasons")) == "limit 1", timeout=10, what="reasons")
+        wait_for(lambda: chromium.evaluate(cell.format("dead", "state")) == "no target up", timeout=10, what="dead")
+        assert chromium.evaluate(cell.format("dead", "failures")) == "1"
+        assert chromium.evaluate("document.getElementById('t-rules').textContent") == "1 / 2"
+        files = chromium.evaluate("document.getElementById('t-files').textContent")
+        assert int(files.replace(",", "")) > 5
+        assert chromium.evaluate("document.getElementById('t-files-limit').textContent") != "–"
+        assert chromium.evaluate("document.getElementById('t-rss').textContent").endswith("MiB")
+        assert chromium.evaluate("document.getElementById('connections-link').getAttribute('href')") == "connections"
+    finally:
+        chromium.close()
+    stats = json.loads(gp.admin("/stats")[1])
+    web = next(rule for rule in stats["rules"] if rule["name"] == "web")
+    assert (web["limit"], web["connections"]["peak"], web["connections"]["active"]) == (2, 2, 0)
+    assert stats["connections"]["cap"] <= stats["connections"]["max"]
+    assert stats["process"]["open_files"] > 0 and stats["process"]["rss_bytes"] > 1_000_000
 
 
 def test_admin_settings_validation(tmp_path):

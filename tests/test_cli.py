@@ -88,7 +88,7 @@ MISTAKES = [
     ("bad_json", '[{"protocol": "tcp",, }]', "invalid JSON at line 1, column 21"),
     ("empty", "", "the file is empty"),
     ("top_level", '"rules"', 'the file must be a list of rules or an object with "rules"'),
-    ("wrong_type", [tcp_rule("80", 81)], "rules[0].listenPort: '80' is not of type 'integer'"),
+    ("wrong_type", [tcp_rule("80", 81)], "rules[0].listenPort: '80' is not a valid listenPort (a port from 1 to 65535, or a range \"A-B\")"),
     ("port_range", [tcp_rule(70000, 81)], "rules[0].listenPort: 70000 is greater than the maximum of 65535"),
     ("unknown_key", [{**tcp_rule(80, 81), "listenPrt": 80}], "rules[0].listenPrt: unknown key (did you mean 'listenPort'?)"),
     ("missing_key", [{"protocol": "tcp", "listenPort": 80, "targetHost": "127.0.0.1"}], "rules[0]: missing required key 'targetPort'"),

@@ -54,6 +54,12 @@ RULE_KEYS = (
     "maxFails",
     "failTimeout",
     "healthCheck",
+    "faults",
+    "routes",
+    "sniffTimeout",
+    "acceptProxy",
+    "perClient",
+    "keepAlive",
 )
 
 
@@ -245,6 +251,7 @@ def test_schema_is_valid_and_closes_every_object() -> None:
         "statsInterval",
         "allowTargets",
         "workers",
+        "toxiproxy",
     }
 
 
@@ -311,10 +318,11 @@ def test_duplicate_json_key_is_named_with_its_path() -> None:
 @pytest.mark.parametrize(
     ("value", "problem"),
     [
-        ("80", "'80' is not of type 'integer'"),
-        (80.5, "80.5 is not of type 'integer'"),
-        (True, "true is not of type 'integer'"),
-        (None, "null is not of type 'integer'"),
+        ("80", "'80' is not a valid targetPort (a port from 1 to 65535, or a range \"C-D\")"),
+        (80.5, "80.5 is not a valid targetPort (a port from 1 to 65535, or a range \"C-D\")"),
+        (True, "true is not a valid targetPort (a port from 1 to 65535, or a range \"C-D\")"),
+        (None, "null is not a valid targetPort (a port from 1 to 65535, or a range \"C-D\")"),
+        ("80-79", "'80-79' is not a range (the first port must not be above the last)"),
         (70000, "70000 is greater than the maximum of 65535"),
         (0, "0 is less than the minimum of 1"),
     ],
@@ -459,7 +467,7 @@ def test_keys_that_do_not_apply_to_the_protocol_are_errors() -> None:
         "rules.json: rules[0].sessionTimeout: applies only to udp rules (for tcp rules use 'idleTimeout')",
         "rules.json: rules[0].maxSessions: applies only to udp rules (for tcp rules use 'maxConnections')",
         "rules.json: rules[1].maxConnections: applies only to tcp and websocket rules (for udp rules use 'maxSessions')",
-        "rules.json: rules[1].connectTimeout: applies only to tcp and websocket rules",
+        'rules.json: rules[1].connectTimeout: applies to udp rules only with "targetProtocol": "websocket"',
         "rules.json: rules[1].idleTimeout: applies only to tcp and websocket rules (for udp rules use 'sessionTimeout')",
     ]
 

@@ -258,7 +258,7 @@ def test_a_bug_during_a_websocket_handshake_is_an_internal_error(monkeypatch, ec
     port = free_port()
     server = WebSocketServer(Rule("ws", "websocket", LOOPBACK, port, LOOPBACK, echo_server.server_port), context())
 
-    def connect_target(client=None):
+    def connect_target(client=None, pool=None):
         raise AttributeError("'NoneType' object has no attribute 'family'")
 
     monkeypatch.setattr(server, "connect_target", connect_target)

@@ -125,12 +125,14 @@ def test_the_scan_finds_literals_and_f_strings(tmp_path):
 
 def test_words_and_order_are_unchanged():
     """The public words, in the order /stats and the metrics list them (SPEC §5)."""
-    assert stats_module.REJECT_REASONS == ("acl", "limit", "tls", "plugin", "handshake")
-    assert stats_module.UDP_DROP_REASONS == ("sessions", "acl", "plugin", "error", "kernel")
+    assert stats_module.REJECT_REASONS == (
+        "acl", "limit", "tls", "plugin", "handshake", "no_route", "proxy_header", "client_limit"
+    )
+    assert stats_module.UDP_DROP_REASONS == ("sessions", "acl", "plugin", "error", "kernel", "client_limit")
     assert stats_module.ERROR_REASONS == ("internal_error",)
     assert {r.value for r in CloseReason} >= {"closed", "idle_timeout", "client_error", "target_error",
                                               "connect_failed", "stopped", "internal_error", "plugin_error",
-                                              "expired", "error"}
+                                              "expired", "error", "fault"}
     assert CloseReason.side_error("client") is CloseReason.CLIENT_ERROR
     assert CloseReason.side_error("target") is CloseReason.TARGET_ERROR
     for enum in (CloseReason, RejectReason, DropReason):
@@ -151,7 +153,8 @@ def test_counters_stay_keyed_by_plain_strings():
                   snapshot["udp"]["dropped_by_reason"], *figures.counters().values()):
         if isinstance(table, dict):
             assert all(type(key) is str for key in table)
-    assert '"rejected_by_reason": {"acl": 2, "limit": 0, "tls": 0, "plugin": 0, "handshake": 0}' in json.dumps(snapshot)
+    assert ('"rejected_by_reason": {"acl": 2, "limit": 0, "tls": 0, "plugin": 0, "handshake": 0, '
+            '"no_route": 0, "proxy_header": 0, "client_limit": 0}') in json.dumps(snapshot)
     assert snapshot["udp"]["dropped_by_reason"]["sessions"] == 1
     assert snapshot["connections"]["errors_by_reason"] == {"internal_error": 1}
 
@@ -210,10 +213,12 @@ def test_gportmap_reports_the_same_words(start_gportmap, echo_target):
     assert any('"reason": "closed"' in line for line in gp.lines())
 
     assert rule_stats(gp, "denied")["connections"]["rejected_by_reason"] == {
-        "acl": 1, "limit": 0, "tls": 0, "plugin": 0, "handshake": 0}
+        "acl": 1, "limit": 0, "tls": 0, "plugin": 0, "handshake": 0,
+        "no_route": 0, "proxy_header": 0, "client_limit": 0}
     assert rule_stats(gp, "echo")["connections"]["errors_by_reason"] == {"internal_error": 0}
     wait_for(lambda: rule_stats(gp, "dns")["udp"]["dropped_by_reason"]["acl"] == 1, what="udp drop counted")
-    assert set(rule_stats(gp, "dns")["udp"]["dropped_by_reason"]) == {"sessions", "acl", "plugin", "error", "kernel"}
+    assert set(rule_stats(gp, "dns")["udp"]["dropped_by_reason"]) == {
+        "sessions", "acl", "plugin", "error", "kernel", "client_limit"}
 
     status, body, _ = gp.admin("/metrics")
     assert status == 200

@@ -665,6 +665,7 @@ def test_rule_stats_count_sessions_packets_and_drops_by_reason():
             "plugin": 0,
             "error": 1,
             "kernel": 0,
+            "client_limit": 0,
         }
     finally:
         for sock in socks:

@@ -186,6 +186,7 @@ def test_origin_outside_origins_is_403_and_counted(start_gportmap, echo_target):
     sock.close()
     (rejected,) = gp.wait_event("connection_rejected", rule="web")
     assert rejected["reason"] == "acl"
+    assert rejected["error"] == "Origin 'https://evil.example' is not in origins"  # what to add to origins
     stats = next(r for r in gp.admin_json("/stats")["rules"] if r["name"] == "web")
     assert stats["connections"]["rejected_by_reason"]["acl"] == 1 and stats["connections"]["total"] == 0
     ws = websocket.create_connection(f"ws://127.0.0.1:{port}/", origin="https://app.example")

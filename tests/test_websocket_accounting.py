@@ -133,7 +133,8 @@ def test_failed_upgrades_keep_their_answer_and_are_counted_as_handshake(
     (record,) = gp.wait_event("connection_rejected", rule="ws", reason="handshake")
     assert record["error"] and record["client"].startswith("127.0.0.1:")
     stats = rule_stats(gp, "ws")["connections"]
-    assert stats["rejected_by_reason"] == {"acl": 0, "limit": 0, "tls": 0, "plugin": 0, "handshake": 1}
+    assert stats["rejected_by_reason"] == {
+        "acl": 0, "limit": 0, "tls": 0, "plugin": 0, "handshake": 1, "no_route": 0, "proxy_header": 0, "client_limit": 0}
     assert (stats["total"], stats["handshaking"]) == (0, 0)
     assert not gp.events("bad_request")  # one record per failed upgrade: the rejection
     assert not gp.events("internal_error")

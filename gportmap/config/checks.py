@@ -9,11 +9,12 @@ import ipaddress
 import re
 import socket
 from collections.abc import Iterable
-from dataclasses import dataclass, field
 from typing import Any
 
+from gportmap.config import faults
 from gportmap.config.messages import Problem, choices, show
-from gportmap.config.model import LOG_LEVELS, CheckType, Rule
+from gportmap.config.model import LOG_LEVELS, CheckType, PortRange, Rule
+from gportmap.config.overlap import collision_problem, collisions
 from gportmap.plugins.registry import BUILTIN as BUILTIN_PROTOCOLS
 from gportmap.security import network_span, parse_target_allow
 
@@ -42,6 +43,16 @@ def check_settings(settings: Any) -> list[Problem]:
             problems.append((("settings", "admin", "listen"), str(exc)))
     if isinstance(admin, dict) and "token" in admin and "tokenFile" in admin:
         problems.append((("settings", "admin"), "token and tokenFile are both given: keep one of them"))
+    toxiproxy = settings.get("toxiproxy")
+    if toxiproxy is True:
+        problems.append(
+            (("settings", "toxiproxy"), 'true is not allowed: give {"listen": "HOST:PORT"}, or false for off')
+        )
+    if isinstance(toxiproxy, dict) and isinstance(toxiproxy.get("listen"), str):
+        try:
+            parse_listen(toxiproxy["listen"])
+        except ValueError as exc:
+            problems.append((("settings", "toxiproxy", "listen"), str(exc)))
     return problems
 
 
@@ -52,11 +63,43 @@ def target_form(item: Any) -> str | None:
         return None
     pool = "targets" in item
     host, port = "targetHost" in item, "targetPort" in item
+    if "routes" in item:  # SPEC §13: the routes name the targets, each route its own
+        if pool or host or port or not isinstance(item["routes"], list):
+            return None
+        return "routes" if all(_route_target_form(route) for route in item["routes"]) else None
     if pool and not (host or port):
         return "targets"
     if host and port and not pool:
         return "targetHost"
     return None
+
+
+def _route_target_form(route: Any) -> bool:
+    """A route names its targets one way: ``targets``, or ``targetHost`` and ``targetPort``."""
+    if not isinstance(route, dict):
+        return False
+    pool, host, port = "targets" in route, "targetHost" in route, "targetPort" in route
+    return (pool and not host and not port) or (host and port and not pool)
+
+
+def _route_form_problems(index: int, item: dict[str, Any]) -> list[Problem]:
+    """Why a rule with ``routes`` is not built: a target of its own too, or a
+    route without exactly one way of naming its targets."""
+    own = [key for key in ("targets", "targetHost", "targetPort") if key in item]
+    if own:
+        keys = " and ".join(repr(key) for key in own)
+        return [(("rules", index), f"give either 'routes' or {keys}, not both (each route names its own targets)")]
+    problems: list[Problem] = []
+    for j, route in enumerate(item["routes"] if isinstance(item["routes"], list) else ()):
+        if isinstance(route, dict) and not _route_target_form(route):
+            if "targets" in route:
+                problem = "give either 'targets' or 'targetHost' and 'targetPort', not both"
+            elif "targetHost" in route or "targetPort" in route:
+                problem = f"missing required key {'targetPort' if 'targetHost' in route else 'targetHost'!r}"
+            else:
+                problem = "a route needs a target: 'targetHost' and 'targetPort', or 'targets'"
+            problems.append((("rules", index, "routes", j), problem))
+    return problems
 
 
 def check_target_forms(items: Any, invalid: set[int]) -> list[Problem]:
@@ -70,6 +113,9 @@ def check_target_forms(items: Any, invalid: set[int]) -> list[Problem]:
         if not isinstance(item, dict) or target_form(item) is not None:
             continue
         invalid.add(index)
+        if "routes" in item:
+            problems += _route_form_problems(index, item)
+            continue
         single = [key for key in ("targetHost", "targetPort") if key in item]
         if "targets" in item:
             problems.append(
@@ -85,7 +131,16 @@ def check_target_forms(items: Any, invalid: set[int]) -> list[Problem]:
 
 def target_paths(rule: Rule, item: Any) -> list[tuple[Any, tuple[Any, ...], tuple[Any, ...]]]:
     """(target, path of its host, path of its entry) of every target of ``rule``,
-    as the file wrote it (``targets[i]`` or ``targetHost``)."""
+    as the file wrote it (``targets[i]``, ``targetHost``, or a route's)."""
+    if isinstance(item, dict) and isinstance(item.get("routes"), list) and rule.routes:
+        paths = []
+        for j, (route, entry) in enumerate(zip(rule.routes, item["routes"], strict=True)):
+            base = ("rules", rule.index, "routes", j)
+            if "targets" in entry:
+                paths += [(t, (*base, "targets", i, "host"), (*base, "targets", i)) for i, t in enumerate(route.targets)]
+            else:
+                paths += [(route.targets[0], (*base, "targetHost"), base)]
+        return paths
     if isinstance(item, dict) and "targets" in item:
         return [
             (target, ("rules", rule.index, "targets", i, "host"), ("rules", rule.index, "targets", i))
@@ -102,12 +157,16 @@ def _check_pools(rules: list[Rule], items: list[Any]) -> list[Problem]:
         item = items[rule.index]
         seen: dict[tuple[str, int], int] = {}
         names: dict[str, int] = {}
-        for i, (target, host_path, entry_path) in enumerate(target_paths(rule, item)):
+        paths = target_paths(rule, item)
+        for i, (target, host_path, entry_path) in enumerate(paths):
             if (problem := host_problem(target.host)) is not None:
                 problems.append((host_path, problem))
             earlier = seen.setdefault(target.key, i)
             if earlier != i:
-                problems.append((entry_path, f"target {target.address} is already targets[{earlier}]"))
+                where = f"targets[{earlier}]"
+                if rule.routes:  # a route's pool is its own: a target belongs to one route
+                    where = f"a target of routes[{paths[earlier][2][3]}]"
+                problems.append((entry_path, f"target {target.address} is already {where}"))
                 continue
             earlier = names.setdefault(target.label, i)
             if earlier != i:
@@ -117,7 +176,64 @@ def _check_pools(rules: list[Rule], items: list[Any]) -> list[Problem]:
         if rule.targets and all(target.backup for target in rule.targets):
             problems.append((("rules", rule.index, "targets"), "every target is a backup: at least one must not be"))
         problems += _check_health(rule, item)
+        problems += _check_routes(rule, item)
     return problems
+
+
+def _check_routes(rule: Rule, item: Any) -> list[Problem]:
+    """``routes`` (SPEC §13): names once, one default at most, a match on every
+    other route, valid names to match, and what cannot go with peeking."""
+    if not rule.routes:
+        if "sniffTimeout" in item:
+            return [(("rules", rule.index, "sniffTimeout"), "applies only to rules with 'routes'")]
+        return []
+    problems: list[Problem] = []
+    base = ("rules", rule.index)
+    for key, why in (
+        ("tls", "routes peek at the client's own TLS handshake, so it cannot end here"),
+        ("targetTls", "the routes pass each client's bytes on as they came"),
+        ("targetProtocol", "a tunnel is not routed"),
+    ):
+        if key in item and (key != "targetProtocol" or rule.target_protocol != "tcp"):
+            problems.append(((*base, key), f"cannot go with 'routes': {why}"))
+    names: dict[str, int] = {}
+    default: int | None = None
+    for j, route in enumerate(rule.routes):
+        where = (*base, "routes", j)
+        earlier = names.setdefault(route.name, j)
+        if earlier != j:
+            problems.append(((*where, "name"), f"{show(route.name)} is already the name of routes[{earlier}]"))
+        if route.default:
+            if default is not None:
+                problems.append(((*where, "default"), f"routes[{default}] is the default already: keep one"))
+            default = j if default is None else default
+            for key in ROUTE_MATCH_KEYS:
+                if key in item["routes"][j]:
+                    problems.append(((*where, key), "a default route takes every client: it matches on nothing"))
+        elif route.match.empty:
+            keys = ", ".join(repr(key) for key in ROUTE_MATCH_KEYS)
+            problems.append((where, f"a route needs something to match: {keys} (or \"default\": true)"))
+        for key, patterns in (("sni", route.match.sni), ("http_host", route.match.host)):
+            for k, pattern in enumerate(patterns):
+                if (problem := name_pattern_problem(pattern)) is not None:
+                    problems.append(((*where, key, k), problem))
+    return problems
+
+
+#: A route's match keys (SPEC §13).
+ROUTE_MATCH_KEYS = ("sni", "alpn", "http_host", "protocol")
+
+
+def name_pattern_problem(pattern: str) -> str | None:
+    """Why ``pattern`` cannot match a server name: a DNS name, or ``*.`` then one."""
+    name = pattern[2:] if pattern.startswith("*.") else pattern
+    labels = name.split(".")
+    if "*" in name or not all(_LABEL.fullmatch(label) for label in labels) or len(name) > 253:
+        return (
+            f"{show(pattern)} is not a server name pattern "
+            "(a DNS name such as 'a.example.com', or '*.example.com' for any name under it)"
+        )
+    return None
 
 
 def _check_health(rule: Rule, item: Any) -> list[Problem]:
@@ -157,19 +273,29 @@ def check_rules(rules: list[Rule], items: list[Any]) -> list[Problem]:
                     f"{show(rule.name)} is not a valid name ({PATTERN_HINTS['name']})",
                 )
             )
-        if (problem := host_problem(rule.listen_host)) is not None:
-            problems.append((("rules", rule.index, "listenHost"), problem))
+        for host, host_path in _listen_host_paths(rule, items[rule.index]):
+            if (problem := host_problem(host)) is not None:
+                problems.append((host_path, problem))
         for key, path in (("path", rule.path), ("targetPath", rule.target_path)):
             if not URL_PATH.fullmatch(path) or (key == "path" and ("?" in path or "#" in path)):
                 problems.append((("rules", rule.index, key), f"{show(path)} is not {PATTERN_HINTS[key]}"))
     problems += _check_protocol_keys(rules, items)
     problems += _check_pools(rules, items)
     problems += _check_networks(rules)
+    problems += _check_edge(rules)
     problems += _check_names(rules, items)
+    bad_ports = _check_port_ranges(rules, items, problems)
     problems += _check_listen(
-        rule for rule in rules if rule.enabled and host_problem(rule.listen_host) is None
+        rule
+        for rule in rules
+        if rule.enabled
+        and rule.index not in bad_ports
+        and all(host_problem(host) is None for host in rule.listen_hosts)
     )
     problems += _check_self_loops(rules, items)
+    problems += _check_udp_tunnels(rules, items)
+    for rule in rules:  # SPEC §12
+        problems += faults.problems(items[rule.index].get("faults"), rule.protocol, ("rules", rule.index, "faults"))
     return problems
 
 
@@ -206,6 +332,39 @@ def _check_networks(rules: list[Rule]) -> list[Problem]:
                     network_span(text)  # parse_network's answer, faster for the plain spellings
                 except ValueError:
                     problems.append((("rules", rule.index, key, i), f"{show(text)} is not an IP address or CIDR network"))
+    return problems
+
+
+def _check_edge(rules: list[Rule]) -> list[Problem]:
+    """``acceptProxy``'s networks, and the ``perClient`` keys of the rule's protocol
+    (SPEC §13): a key another protocol uses would silently do nothing here."""
+    problems: list[Problem] = []
+    for rule in rules:
+        if rule.accept_proxy is not None:
+            for i, text in enumerate(rule.accept_proxy.trusted):
+                try:
+                    network_span(text)
+                except ValueError:
+                    where = ("rules", rule.index, "acceptProxy", "trusted", i)
+                    problems.append((where, f"{show(text)} is not an IP address or CIDR network"))
+        limits = rule.per_client
+        if limits is None:
+            continue
+        where = ("rules", rule.index, "perClient")
+        if rule.protocol == "udp":
+            wrong = {"maxConnections": limits.max_connections, "connectionRate": limits.connection_rate}
+            rate, rate_key, instead = limits.packet_rate, "packetRate", "packetRate"
+        else:
+            wrong = {"packetRate": limits.packet_rate}
+            rate, rate_key, instead = limits.connection_rate, "connectionRate", "connectionRate or maxConnections"
+        others = "tcp and websocket" if rule.protocol == "udp" else "udp"
+        for key, value in wrong.items():
+            if value is not None:
+                problems.append(((*where, key), f"applies to {others} rules only (use {instead})"))
+        if limits.burst is not None and rate is None:
+            problems.append(((*where, "burst"), f"is the bucket of {rate_key}: set {rate_key} too"))
+        if rule.protocol == "udp" and rate is None and all(value is None for value in wrong.values()):
+            problems.append((where, "a udp rule's perClient needs packetRate"))
     return problems
 
 
@@ -276,63 +435,92 @@ def _check_names(rules: list[Rule], items: list[Any]) -> list[Problem]:
     return problems
 
 
+def _listen_host_paths(rule: Rule, item: Any) -> list[tuple[str, tuple[Any, ...]]]:
+    """(host, its JSON path) of every listen address of ``rule`` (SPEC §9: a list or one)."""
+    if isinstance(item, dict) and isinstance(item.get("listenHost"), list):
+        return [(host, ("rules", rule.index, "listenHost", i)) for i, host in enumerate(rule.listen_hosts)]
+    return [(rule.listen_host, ("rules", rule.index, "listenHost"))]
+
+
+def _check_port_ranges(rules: list[Rule], items: list[Any], problems: list[Problem]) -> set[int]:
+    """SPEC §9: "A-B" with A <= B, both 1-65535; a "C-D" target range as long as the
+    listen range. The index of every rule with such a problem is returned (its
+    listeners are not compared with others')."""
+    bad: set[int] = set()
+    for rule in rules:
+        item = items[rule.index]
+        ranges: list[tuple[tuple[Any, ...], PortRange]] = []
+        if isinstance(item.get("listenPort"), str):
+            ranges.append((("rules", rule.index, "listenPort"), PortRange.of(item["listenPort"])))
+        for target, _, entry_path in target_paths(rule, item):
+            if target.ports is not None and rule.routes:  # a route's connection is not told its listen port
+                problems.append(((*entry_path, "port"), f"{show(target.ports.text)}: a route's target takes one port, not a range"))
+                bad.add(rule.index)
+            elif target.ports is not None:
+                port_path = (*entry_path, "port") if "targets" in item else ("rules", rule.index, "targetPort")
+                ranges.append((port_path, target.ports))
+        for path, ports in ranges:
+            for port in (ports.first, ports.last):
+                if not 1 <= port <= 65535:
+                    problems.append((path, f"{show(ports.text)}: port {port} is not from 1 to 65535"))
+                    bad.add(rule.index)
+                    break
+            else:
+                if ports.first > ports.last:
+                    problems.append((path, f"{show(ports.text)} is not a range (the first port must not be above the last)"))
+                    bad.add(rule.index)
+        listen = rule.listen_ports
+        assert listen is not None
+        for path, ports in ranges[1 if isinstance(item.get("listenPort"), str) else 0:]:
+            if rule.index not in bad and len(ports) != len(listen):
+                problems.append(
+                    (
+                        path,
+                        f"{show(ports.text)} is {len(ports):,} port{'s' if len(ports) != 1 else ''} but listenPort "
+                        f"{listen.text} is {len(listen):,}: a target range must be as long as the listen range "
+                        "(or give one port, which every listen port forwards to)",
+                    )
+                )
+                bad.add(rule.index)
+    return bad
+
+
 def _check_listen(enabled: Iterable[Rule]) -> list[Problem]:
-    """Two enabled rules whose listening sockets would collide at bind time; each rule
-    is reported against the first earlier one it collides with."""
+    """Two enabled rules whose listening sockets would collide at bind time, on
+    intervals (``gportmap.config.overlap``); each rule is reported against the first
+    earlier one it collides with, at their first common address."""
     problems: list[Problem] = []
-    by_port: dict[tuple[str, int], _PortListeners] = {}
-    for rule in enabled:
-        listeners = by_port.setdefault((rule.transport, rule.listen_port), _PortListeners())
-        host = _normal_host(rule.listen_host)
-        earlier = listeners.first_collision(host)
-        listeners.add(rule, host)
-        if earlier is None:
-            continue
-        why = _overlap(earlier.listen_host, rule.listen_host)
-        other = f"rules[{earlier.index}] ({show(earlier.name)})"
-        if why:
-            problem = f"listen address {rule.listen} overlaps {earlier.listen} of {other}: {why}"
-        else:
-            problem = (
-                f"listen address {rule.listen} is already used by {other}; "
-                f"two enabled {rule.transport} rules cannot listen on the same address and port"
-            )
-        problems.append((("rules", rule.index), problem))
+    for collision in collisions(enabled, _normal_host):
+        why = _overlap(collision.earlier.host, collision.later.host)
+        problems.append(collision_problem(collision, why))
     return problems
 
 
-@dataclass
-class _PortListeners:
-    """The enabled rules seen so far on one transport and port, indexed by what a later
-    host collides with (as ``_overlap`` decides), so that checking a rule costs the same
-    however many rules share its port."""
+#: ``targetProtocol`` values by rule protocol (SPEC §13: UDP rides the tunnel too).
+TARGET_PROTOCOLS = {"tcp": ("tcp", "websocket"), "udp": ("udp", "websocket"), "websocket": ("tcp", "udp")}
+#: Keys of a udp rule that mean something only on a tunnel entry.
+UDP_TUNNEL_KEYS = ("targetPath", "targetTls", "handshakeTimeout", "connectTimeout", "maxMessageSize")
 
-    by_host: dict[Any, Rule] = field(default_factory=dict)  # the first rule per normal host
-    first: Rule | None = None  # collides with a later '::'
-    first_ipv4: Rule | None = None  # the first on an IPv4 address: collides with a later '0.0.0.0'
-    ipv4_wildcard: Rule | None = None  # the first on '0.0.0.0': collides with later IPv4 addresses
-    ipv6_wildcard: Rule | None = None  # the first on '::': collides with everything later
 
-    def first_collision(self, host: Any) -> Rule | None:
-        """The earliest rule so far that a rule listening on ``host`` collides with."""
-        candidates = [self.by_host.get(host), self.ipv6_wildcard]
-        if isinstance(host, ipaddress.IPv4Address):
-            candidates.append(self.ipv4_wildcard)
-            if host.is_unspecified:
-                candidates.append(self.first_ipv4)
-        elif isinstance(host, ipaddress.IPv6Address) and host.is_unspecified:
-            candidates.append(self.first)
-        return min((rule for rule in candidates if rule is not None), key=lambda rule: rule.index, default=None)
-
-    def add(self, rule: Rule, host: Any) -> None:
-        self.by_host.setdefault(host, rule)
-        self.first = self.first or rule
-        if isinstance(host, ipaddress.IPv4Address):
-            self.first_ipv4 = self.first_ipv4 or rule
-            if host.is_unspecified:
-                self.ipv4_wildcard = self.ipv4_wildcard or rule
-        elif isinstance(host, ipaddress.IPv6Address) and host.is_unspecified:
-            self.ipv6_wildcard = self.ipv6_wildcard or rule
+def _check_udp_tunnels(rules: list[Rule], items: list[Any]) -> list[Problem]:
+    """``targetProtocol`` fits the rule's protocol; a udp rule's tunnel keys need
+    ``"targetProtocol": "websocket"``."""
+    problems: list[Problem] = []
+    for rule in rules:
+        item = items[rule.index]
+        allowed = TARGET_PROTOCOLS.get(rule.protocol)
+        if allowed is None or not isinstance(item, dict):
+            continue
+        where = ("rules", rule.index)
+        if "targetProtocol" in item and rule.target_protocol not in allowed:
+            text = " or ".join(repr(value) for value in allowed)
+            problem = f"a {rule.protocol} rule carries {text}, not {rule.target_protocol!r}"
+            problems.append(((*where, "targetProtocol"), problem))
+            continue
+        if rule.protocol == "udp" and rule.target_protocol != "websocket":
+            problems += [((*where, key), 'applies to udp rules only with "targetProtocol": "websocket"')
+                         for key in UDP_TUNNEL_KEYS if key in item]
+    return problems
 
 
 def _check_self_loops(rules: list[Rule], items: list[Any]) -> list[Problem]:
@@ -344,13 +532,14 @@ def _check_self_loops(rules: list[Rule], items: list[Any]) -> list[Problem]:
     problems: list[Problem] = []
     for rule in rules:
         for target, _, entry_path in target_paths(rule, items[rule.index]):
+            listen_host = next((host for host in rule.listen_hosts if _reaches(target.host, host)), None)
             if (
                 rule.protocol not in BUILTIN_PROTOCOLS
-                or target.port != rule.listen_port
+                or not _loops_on_port(rule, target)
                 or _target_transport(rule) != rule.transport
-                or host_problem(rule.listen_host) is not None  # reported already
+                or any(host_problem(host) is not None for host in rule.listen_hosts)  # reported already
                 or host_problem(target.host) is not None
-                or not _reaches(target.host, rule.listen_host)
+                or listen_host is None
             ):
                 continue
             what = (
@@ -365,6 +554,17 @@ def _check_self_loops(rules: list[Rule], items: list[Any]) -> list[Problem]:
                 )
             )
     return problems
+
+
+def _loops_on_port(rule: Rule, target: Any) -> bool:
+    """Whether some listen port of ``rule`` forwards to that same port of ``target``:
+    a "C-D" target does when C is the first listen port, a single port when it is
+    one of the listen ports."""
+    ports = rule.listen_ports
+    assert ports is not None
+    if target.ports is not None:
+        return target.port == ports.first
+    return target.port in ports
 
 
 def _target_transport(rule: Rule) -> str:
@@ -453,6 +653,9 @@ URL_PATH = re.compile(r"/[\x21-\x7e]{0,1023}")  # goes into a request line: no C
 
 PATTERN_HINTS = {
     "name": "1 to 64 letters, digits, '_', '.' or '-'",
+    "listenPort": 'a port from 1 to 65535, or a range "A-B"',
+    "targetPort": 'a port from 1 to 65535, or a range "C-D"',
+    "port": 'a port from 1 to 65535, or a range "C-D"',
     "path": "a URL path: '/' then printable ASCII, no spaces, no '?' or '#'",
     "targetPath": "a URL path: '/' then printable ASCII, no spaces",
 }
@@ -463,20 +666,23 @@ PATTERN_HINTS = {
 #: nothing, so it is an error.
 PROTOCOL_KEYS: dict[str, tuple[tuple[str, ...], str | None]] = {
     "maxConnections": (("tcp", "websocket"), "maxSessions"),
-    "connectTimeout": (("tcp", "websocket"), None),
+    "connectTimeout": (("tcp", "websocket", "udp"), None),
     "idleTimeout": (("tcp", "websocket"), "sessionTimeout"),
     "sessionTimeout": (("udp",), "idleTimeout"),
     "maxSessions": (("udp",), "maxConnections"),
-    "handshakeTimeout": (("websocket", "tcp"), None),
+    "handshakeTimeout": (("websocket", "tcp", "udp"), None),
     "path": (("websocket",), None),
     "origins": (("websocket",), None),
-    "maxMessageSize": (("websocket", "tcp"), None),
-    "targetProtocol": (("tcp",), None),
-    "targetPath": (("tcp",), None),
+    "maxMessageSize": (("websocket", "tcp", "udp"), None),
+    "targetProtocol": (("tcp", "udp", "websocket"), None),
+    "targetPath": (("tcp", "udp"), None),
     "proxyProtocol": (("tcp",), None),
     "tls": (("tcp", "websocket"), None),
-    "targetTls": (("tcp", "websocket"), None),
+    "targetTls": (("tcp", "websocket", "udp"), None),
     "retries": (("tcp", "websocket"), None),
+    "routes": (("tcp",), None),
+    "acceptProxy": (("tcp", "websocket"), None),
+    "keepAlive": (("tcp", "websocket"), None),
 }
 
 

@@ -30,6 +30,7 @@ from typing import Any
 
 import jsonschema
 
+from gportmap.config import faults
 from gportmap.config.checks import (
     PATTERN_HINTS,
     check_rules,
@@ -55,13 +56,20 @@ from gportmap.config.messages import (
     show,
 )
 from gportmap.config.model import (
+    AcceptProxy,
     AdminSettings,
     Balance,
     CheckType,
     Config,
     HealthCheck,
+    KeepAlive,
+    PerClient,
+    PortRange,
+    RouteMatch,
     Rule,
+    RuleRoute,
     Settings,
+    SniffProtocol,
     Target,
     TlsListen,
     TlsTarget,
@@ -344,12 +352,18 @@ def _schema_problems(document: dict[str, Any], invalid_rules: set[int]) -> Itera
             yield path, _describe(error, path)
 
 
+#: Keys that take a port or a range of ports ("A-B", SPEC §9).
+_PORT_KEYS = frozenset({"listenPort", "targetPort", "port"})
+
+
 def _describe(error: jsonschema.ValidationError, path: JsonPath) -> str:
     """jsonschema's wording, except where a user deserves better."""
     value, shown = error.instance, show(error.instance)
     limit: Any = error.validator_value
     key = path[-1] if path else ""
     match error.validator:
+        case "type" if key in _PORT_KEYS and limit == ["integer", "string"]:  # a port or a range (SPEC §9)
+            return f"{shown} is not a valid {key} ({PATTERN_HINTS[str(key)]})"
         case "type":
             expected = ", ".join(repr(name) for name in ([limit] if isinstance(limit, str) else limit))
             return f"{shown} is not of type {expected}"
@@ -383,10 +397,10 @@ def _describe(error: jsonschema.ValidationError, path: JsonPath) -> str:
 _RULE_KEYS: dict[str, tuple[str, Callable[[Any], Any]]] = {
     "name": ("name", str),
     "protocol": ("protocol", str),
-    "listenHost": ("listen_host", str),
-    "listenPort": ("listen_port", int),  # int(80.0): the schema accepts integral floats
+    "listenHost": ("listen_host", lambda value: _first_host(value)),
+    "listenPort": ("listen_port", lambda value: _first_port(value)),  # int(80.0): the schema accepts integral floats
     "targetHost": ("target_host", str),
-    "targetPort": ("target_port", int),
+    "targetPort": ("target_port", lambda value: _first_port(value)),
     "enabled": ("enabled", bool),
     "maxConnections": ("max_connections", int),
     "connectTimeout": ("connect_timeout", float),
@@ -408,10 +422,16 @@ _RULE_KEYS: dict[str, tuple[str, Callable[[Any], Any]]] = {
     "maxFails": ("max_fails", int),
     "failTimeout": ("fail_timeout", float),
     "healthCheck": ("health_check", lambda value: _health_check(value)),
+    "keepAlive": ("keep_alive", lambda value: KeepAlive(**value)),
+    "faults": ("faults", faults.build_all),
+    "routes": ("routes", lambda items: tuple(_route(i, item) for i, item in enumerate(items))),
+    "sniffTimeout": ("sniff_timeout", float),
+    "acceptProxy": ("accept_proxy", lambda value: _accept_proxy(value)),
+    "perClient": ("per_client", lambda value: _per_client(value)),
 }
 _TARGET_KEYS: dict[str, tuple[str, Callable[[Any], Any]]] = {
     "host": ("host", str),
-    "port": ("port", int),
+    "port": ("port", lambda value: _first_port(value)),
     "weight": ("weight", int),
     "backup": ("backup", bool),
     "name": ("name", str),
@@ -437,11 +457,60 @@ _SETTINGS_KEYS: dict[str, tuple[str, Callable[[Any], Any]]] = {
     "statsInterval": ("stats_interval", float),
     "allowTargets": ("allow_targets", tuple),
     "workers": ("workers", lambda value: value),
+    "toxiproxy": ("toxiproxy", lambda value: faults.toxiproxy_settings(value)),
 }
 
 
 def _target(item: dict[str, Any]) -> Target:
-    return Target(**{name: convert(item[key]) for key, (name, convert) in _TARGET_KEYS.items() if key in item})
+    target = Target(**{name: convert(item[key]) for key, (name, convert) in _TARGET_KEYS.items() if key in item})
+    if isinstance(item.get("port"), str):  # "C-D" (SPEC §9)
+        target = replace(target, ports=PortRange.of(item["port"]))
+    return target
+
+
+def _first_port(value: int | str) -> int:
+    """A port, or the first of "A-B" (SPEC §9: the rule's first listener, the range's base)."""
+    return PortRange.of(value).first if isinstance(value, str) else int(value)
+
+
+def _first_host(value: str | list[str]) -> str:
+    """``listenHost``, or the first of its list (SPEC §9)."""
+    return value[0] if isinstance(value, list) else str(value)
+
+
+def _listen_values(item: dict[str, Any]) -> dict[str, Any]:
+    """SPEC §9's keys of a rule: its listen ports, listen addresses and target range."""
+    values: dict[str, Any] = {}
+    if "listenPort" in item:
+        values["listen_ports"] = PortRange.of(item["listenPort"])
+    if isinstance(item.get("listenHost"), list):
+        values["listen_hosts"] = tuple(str(host) for host in item["listenHost"])
+    if isinstance(item.get("targetPort"), str):
+        values["target_ports"] = PortRange.of(item["targetPort"])
+    return values
+
+
+def _route(index: int, item: dict[str, Any]) -> RuleRoute:
+    """One entry of ``routes`` (SPEC §13); its targets know their route's name.
+    Names and patterns are matched in lower case (DNS names are case-insensitive)."""
+    name = item.get("name", f"route-{index}")
+    if "targets" in item:
+        targets = tuple(replace(_target(entry), route=name) for entry in item["targets"])
+    elif "targetHost" in item and "targetPort" in item:
+        targets = (Target(item["targetHost"], int(item["targetPort"]), route=name),)
+    else:
+        targets = ()  # reported by check_target_forms; the rule is not built
+    return RuleRoute(
+        name=name,
+        match=RouteMatch(
+            sni=tuple(pattern.lower().rstrip(".") for pattern in item.get("sni", ())),
+            alpn=tuple(item.get("alpn", ())),
+            host=tuple(pattern.lower().rstrip(".") for pattern in item.get("http_host", ())),
+            protocol=SniffProtocol(item["protocol"]) if "protocol" in item else None,
+        ),
+        targets=targets,
+        default=bool(item.get("default", False)),
+    )
 
 
 def _health_check(value: dict[str, Any]) -> HealthCheck:
@@ -449,6 +518,21 @@ def _health_check(value: dict[str, Any]) -> HealthCheck:
     if "timeout" not in values:  # the default, but never past a shorter interval
         values["timeout"] = min(HealthCheck.timeout, values.get("interval", HealthCheck.interval))
     return HealthCheck(**values)
+
+
+def _accept_proxy(value: dict[str, Any]) -> AcceptProxy:
+    """``acceptProxy`` (SPEC §13); the CIDRs are checked in ``checks``."""
+    return AcceptProxy(trusted=tuple(value["trusted"]), timeout=float(value.get("timeout", AcceptProxy.timeout)))
+
+
+def _per_client(value: dict[str, Any]) -> PerClient:
+    """``perClient`` (SPEC §13); which keys apply to which protocol is ``checks``'."""
+    return PerClient(
+        max_connections=int(value["maxConnections"]) if "maxConnections" in value else None,
+        connection_rate=float(value["connectionRate"]) if "connectionRate" in value else None,
+        packet_rate=float(value["packetRate"]) if "packetRate" in value else None,
+        burst=int(value["burst"]) if "burst" in value else None,
+    )
 
 
 def _status_range(item: int | str) -> tuple[int, int]:
@@ -478,6 +562,8 @@ def _build_rules(document: dict[str, Any], invalid: set[int]) -> list[Rule]:
         if target_form(item) is None:
             continue  # both forms, neither or half of one: reported by check_target_forms
         values = {name: convert(item[key]) for key, (name, convert) in _RULE_KEYS.items() if key in item}
+        if "routes" in values:  # SPEC §13: the rule's pool holds every route's targets
+            values["targets"] = tuple(target for route in values["routes"] for target in route.targets)
         if "targets" in values:  # the first target stands for the pool where one address is asked for
             values["target_host"], values["target_port"] = values["targets"][0].key
         if "max_fails" not in values and len(values.get("targets", ())) <= 1:
@@ -487,7 +573,8 @@ def _build_rules(document: dict[str, Any], invalid: set[int]) -> list[Rule]:
             # would only add an outage to the one it had.
             values["max_fails"] = 0
         values.setdefault("listen_host", "0.0.0.0")
-        values.setdefault("name", f"{values['protocol']}-{values['listen_port']}")
+        values.setdefault("name", f"{values['protocol']}-{PortRange.of(item['listenPort']).text}")
+        values.update(_listen_values(item))
         rules.append(Rule(index=index, **values))
     return rules
 

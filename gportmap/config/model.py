@@ -6,10 +6,14 @@ downstream reads the raw JSON.
 from __future__ import annotations
 
 import enum
+import functools
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
+from gportmap.config.faults import RuleSource
+
 if TYPE_CHECKING:
+    from gportmap.config.faults import Fault, ToxiproxySettings
     from gportmap.plugins import PluginSpec
 
 
@@ -73,6 +77,51 @@ class CheckType(enum.Enum):
     SEND_EXPECT = "send-expect"  #: send ``send``; up when the reply contains ``expect`` (UDP for udp rules)
 
 
+@dataclass(frozen=True, order=True)
+class PortRange:
+    """``listenPort`` or ``targetPort`` (SPEC §9): the ports ``first`` to ``last``,
+    inclusive; a single port is a range of one. Always an interval, never a set of
+    every port: a 10,000-port rule costs two integers here."""
+
+    first: int
+    last: int
+
+    @classmethod
+    def of(cls, value: int | str | PortRange) -> PortRange:
+        """80 -> 80-80; "20000-20099" -> 20000-20099 (the schema checked the text)."""
+        if isinstance(value, PortRange):
+            return value
+        if isinstance(value, str):
+            low, _, high = value.partition("-")
+            return cls(int(low), int(high or low))
+        return cls(int(value), int(value))
+
+    def __len__(self) -> int:
+        return self.last - self.first + 1
+
+    def __contains__(self, port: object) -> bool:
+        return isinstance(port, int) and self.first <= port <= self.last
+
+    @property
+    def text(self) -> str:
+        """"80" or "20000-20099": how logs and the diff name it."""
+        return str(self.first) if self.first == self.last else f"{self.first}-{self.last}"
+
+
+@dataclass(frozen=True)
+class Listen:
+    """One listen address of a rule with its ports: ``host`` listens on every port
+    of ``ports`` over ``transport`` (a socket per port)."""
+
+    transport: str
+    host: str
+    ports: PortRange
+
+    @property
+    def text(self) -> str:
+        return format_address(self.host, self.ports.text)
+
+
 @dataclass(frozen=True)
 class Target:
     """One entry of a rule's ``targets`` (or its ``targetHost``/``targetPort``:
@@ -83,6 +132,11 @@ class Target:
     weight: int = 1
     backup: bool = False
     name: str = ""  # "" -> "host:port" (``label``)
+    #: The ``routes`` entry it belongs to (SPEC §13), "" for a rule's own targets.
+    route: str = ""
+    #: ``port`` as "C-D" (SPEC §9): listen port A+i forwards to ``port`` + i (``port``
+    #: is C, what health checks probe). None: every listen port forwards to ``port``.
+    ports: PortRange | None = None
 
     @property
     def key(self) -> tuple[str, int]:
@@ -96,6 +150,22 @@ class Target:
     def label(self) -> str:
         """The target's name in stats, metrics and logs."""
         return self.name or self.address
+
+    @property
+    def address_text(self) -> str:
+        """``address``, with the whole "C-D" range for a range target."""
+        return self.address if self.ports is None else format_address(self.host, self.ports.text)
+
+
+@dataclass(frozen=True)
+class KeepAlive:
+    """``keepAlive`` of a rule: TCP keepalive probes on the client's and the target's
+    connection (SO_KEEPALIVE, TCP_KEEPIDLE/INTVL/CNT), so that a peer that vanished
+    without a FIN or RST is found after about ``idle + interval * count`` seconds."""
+
+    idle: int = 60  #: seconds without traffic before the first probe
+    interval: int = 10  #: seconds between probes
+    count: int = 6  #: unanswered probes that end the connection
 
 
 @dataclass(frozen=True)
@@ -115,6 +185,65 @@ class HealthCheck:
 
 
 @dataclass(frozen=True)
+class AcceptProxy:
+    """``acceptProxy`` of a tcp or websocket rule (SPEC §13): connections from
+    ``trusted`` networks must start with a PROXY v1/v2 header within ``timeout``."""
+
+    trusted: tuple[str, ...]
+    timeout: float = 3.0
+
+
+@dataclass(frozen=True)
+class PerClient:
+    """``perClient`` of a rule (SPEC §13), per client address; None: no such limit.
+    tcp/websocket: ``max_connections`` concurrent, ``connection_rate`` new per second;
+    udp: ``packet_rate`` datagrams per second. ``burst``: the token bucket's size
+    (default: the rate, rounded up, at least 1)."""
+
+    max_connections: int | None = None
+    connection_rate: float | None = None
+    packet_rate: float | None = None
+    burst: int | None = None
+
+
+class SniffProtocol(enum.Enum):
+    """``match.protocol`` of a route (SPEC §13): what the client's first bytes are."""
+
+    SSH = "ssh"  #: an SSH version banner ("SSH-"); also a client silent for sniffTimeout
+    TLS = "tls"  #: a TLS handshake record
+    HTTP = "http"  #: an HTTP/1.x request line (or the HTTP/2 preface)
+    SOCKS5 = "socks5"  #: a SOCKS5 greeting
+
+
+@dataclass(frozen=True)
+class RouteMatch:
+    """What a route matches: its ``sni``, ``alpn``, ``http_host`` (``host`` here)
+    and ``protocol`` keys. Every key given must hold (and); within a list, any
+    entry (or). Names are lower case; ``*.example.com`` matches one or more labels
+    in front of ``example.com``."""
+
+    sni: tuple[str, ...] = ()
+    alpn: tuple[str, ...] = ()
+    host: tuple[str, ...] = ()  # HTTP Host header, without its port
+    protocol: SniffProtocol | None = None
+
+    @property
+    def empty(self) -> bool:
+        return not (self.sni or self.alpn or self.host or self.protocol)
+
+
+@dataclass(frozen=True)
+class RuleRoute:
+    """One entry of a tcp rule's ``routes`` (SPEC §13): what it matches (or
+    ``default``) and its targets, a pool of its own (``Target.route`` is its name)."""
+
+    name: str
+    match: RouteMatch
+    targets: tuple[Target, ...]
+    default: bool = False
+
+
+@dataclass(frozen=True)
 class Settings:
     """The file's ``settings`` object; every key is optional."""
 
@@ -127,6 +256,8 @@ class Settings:
     stats_interval: float = 60.0  # 0: no periodic stats records
     allow_targets: tuple[str, ...] = ()  # empty: any target
     workers: int | str = 1  # processes sharing the ports; "auto": one per core
+    #: SPEC §12: where Toxiproxy's HTTP API listens; None: off.
+    toxiproxy: ToxiproxySettings | None = None
 
 
 @dataclass(frozen=True)
@@ -170,10 +301,35 @@ class Rule:
     fail_timeout: float = 10.0  # seconds a target is out before one attempt is let through
     health_check: HealthCheck | None = None
     index: int = field(default=0, compare=False)
+    keep_alive: KeepAlive | None = None  # tcp, websocket: TCP keepalive on both sides
+    #: tcp: pick the target by the client's first bytes (SPEC §13); ``targets`` then
+    #: holds every route's targets, in order (each knows its ``route``).
+    routes: tuple[RuleRoute, ...] = ()
+    sniff_timeout: float = 3.0  # routes: how long to wait for the client's first bytes
+    #: SPEC §9: every listen address (``listen_host`` is the first) and the listen
+    #: ports (``listen_port`` is the first); empty/None: just those two.
+    listen_hosts: tuple[str, ...] = ()
+    listen_ports: PortRange | None = None
+    #: ``targetPort`` as "C-D" (the single target's ``ports``); None: one port.
+    target_ports: PortRange | None = None
+    #: tcp, websocket: PROXY headers accepted from trusted senders (SPEC §13).
+    accept_proxy: AcceptProxy | None = None
+    #: Limits per client address (SPEC §13).
+    per_client: PerClient | None = None
+    #: Network faults (SPEC §12). Left out of ``==``: a change of faults alone
+    #: keeps the rule's server and connections; the service publishes the new
+    #: faults to the running server (``gportmap.engine.faults.FaultBoard``).
+    faults: tuple[Fault, ...] = field(default=(), compare=False)
+    #: Where the rule comes from: the rules file, or the Toxiproxy API (in memory).
+    source: RuleSource = RuleSource.FILE
 
     def __post_init__(self) -> None:
         if not self.targets:  # built from targetHost/targetPort: a pool of one
-            object.__setattr__(self, "targets", (Target(self.target_host, self.target_port),))
+            object.__setattr__(self, "targets", (Target(self.target_host, self.target_port, ports=self.target_ports),))
+        if not self.listen_hosts:
+            object.__setattr__(self, "listen_hosts", (self.listen_host,))
+        if self.listen_ports is None:
+            object.__setattr__(self, "listen_ports", PortRange(self.listen_port, self.listen_port))
 
     @property
     def transport(self) -> str:
@@ -182,17 +338,40 @@ class Rule:
 
     @property
     def key(self) -> tuple[str, str, int]:
-        """What identifies a rule across reloads (SPEC §4)."""
+        """The rule's first listener (transport, first host, first port): what
+        identifies a single-port rule across reloads (SPEC §4); a reload matches
+        each of ``listeners`` on its own (SPEC §9)."""
         return (self.transport, self.listen_host, self.listen_port)
 
     @property
-    def listen(self) -> str:
-        return format_address(self.listen_host, self.listen_port)
+    def listeners(self) -> tuple[Listen, ...]:
+        """Every listen address with the rule's ports (SPEC §9)."""
+        ports = self.listen_ports or PortRange(self.listen_port, self.listen_port)
+        return tuple(Listen(self.transport, host, ports) for host in self.listen_hosts)
 
     @property
+    def listener_count(self) -> int:
+        """Listening sockets the rule opens: addresses x ports."""
+        return len(self.listen_hosts) * len(self.listen_ports or (self.listen_port,))
+
+    @property
+    def listen(self) -> str:
+        """Where it listens, compactly: "0.0.0.0:80", "0.0.0.0:20000-20099",
+        "127.0.0.1:53,127.0.0.2:53" (a single listener's address as before)."""
+        return ",".join(listen.text for listen in self.listeners)
+
+    @functools.cached_property
     def target(self) -> str:
-        """The target's address; a pool's addresses, comma-separated."""
-        return ",".join(target.address for target in self.targets)
+        """The target's address; a pool's addresses, comma-separated ("C-D" ranges whole).
+        Cached: records name it per connection, and a rule never changes."""
+        return ",".join(target.address_text for target in self.targets)
+
+    def target_port_for(self, target: Target, listen_port: int) -> int:
+        """The port of ``target`` that a connection on ``listen_port`` goes to: C+i
+        for listen port A+i with a "C-D" target, else the target's one port."""
+        if target.ports is None:
+            return target.port
+        return target.port + (listen_port - (self.listen_ports.first if self.listen_ports else self.listen_port))
 
 
 @dataclass(frozen=True)
@@ -211,7 +390,7 @@ class Config:
         return tuple(rule for rule in self.rules if rule.enabled)
 
 
-def format_address(host: str, port: int) -> str:
+def format_address(host: str, port: int | str) -> str:
     """``host:port``, with an IPv6 host in brackets as URLs and logs expect."""
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 

@@ -28,6 +28,11 @@ from gevent.event import AsyncResult
 
 from gportmap.engine.net import WRITE, connect_error_text
 from gportmap.engine.pool import TargetPool, TargetState
+from gportmap.engine.sockopts import apply_keep_alive
+
+#: A TCP socket created non-blocking (Linux; elsewhere ``setblocking`` is needed after).
+_NONBLOCK_AT_BIRTH = hasattr(socket, "SOCK_NONBLOCK")
+_STREAM_NONBLOCK = socket.SOCK_STREAM | getattr(socket, "SOCK_NONBLOCK", 0)
 
 
 class HubConnect:
@@ -85,8 +90,10 @@ class HubConnect:
             self.index += 1
             sock = None
             try:
-                sock = _socket.socket(family, socket.SOCK_STREAM)
-                sock.setblocking(False)
+                # non-blocking from birth: one system call fewer than setblocking() after
+                sock = _socket.socket(family, _STREAM_NONBLOCK)
+                if not _NONBLOCK_AT_BIRTH:
+                    sock.setblocking(False)
                 err = sock.connect_ex(sockaddr)
             except OSError as exc:  # out of descriptors, an address of the wrong family
                 if sock is not None:
@@ -248,6 +255,9 @@ class PoolConnect:
 
     def _connected(self, sock: _socket.socket) -> None:
         self.step = None
+        keep_alive = self.pool.rule.keep_alive
+        if keep_alive is not None:
+            apply_keep_alive(sock, keep_alive)
         self.on_connected(sock, self.target)
 
     def _failed(self, error: OSError, text: str | None = None) -> None:

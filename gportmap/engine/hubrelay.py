@@ -68,6 +68,7 @@ from gportmap.engine.relay import BUFFER_SIZE, SPLICE_FLAGS, SideError, close_fd
 from gportmap.engine.stage import NEED_DATA, Stage, StageError, chain
 from gportmap.engine.tls import TlsStage
 from gportmap.failures import report_internal_error
+from gportmap.platform import Features, relay_mode
 from gportmap.reasons import CloseReason
 from gportmap.stats import Connection
 
@@ -78,9 +79,6 @@ _BUFFER = memoryview(bytearray(BUFFER_SIZE))
 #: Bytes out of a stage: shared like ``_BUFFER`` (what was read into ``_BUFFER`` is
 #: copied into the stage before anything is taken out).
 _PLAIN = memoryview(bytearray(BUFFER_SIZE))
-#: ``GPORTMAP_RELAY=splice`` insists on splice: from the first byte, not only once a
-#: direction streams, so that the splice path sees every kind of traffic.
-SPLICE_FIRST = os.environ.get("GPORTMAP_RELAY", "").strip().lower() == "splice"
 _monotonic = time.monotonic
 _splice = getattr(os, "splice", None)
 
@@ -119,6 +117,17 @@ class HubRelay:
     #: module docstring). An idle loop answers at once; under load an idle cut
     #: comes at most this late.
     settle_timeout = 1.0
+    #: Splice every plain direction from its first byte, not only once it streams,
+    #: so that the splice path sees every kind of traffic (``GPORTMAP_RELAY=splice``:
+    #: ``Features.splice_first``). None until ``configure`` sets it from the
+    #: process's features at start; a relay made before that reads the environment
+    #: once (``gportmap.platform.relay_mode``) and sets it.
+    splice_first: bool | None = None
+
+    @classmethod
+    def configure(cls, features: Features) -> None:
+        """Take the process's relay policy from its features (once, at start)."""
+        cls.splice_first = features.splice_first
 
     def __init__(
         self,
@@ -146,7 +155,9 @@ class HubRelay:
         if client_stage is None and target_stage is None:
             splice = zero_copy and _splice is not None
             if splice_first is None:
-                splice_first = SPLICE_FIRST
+                splice_first = HubRelay.splice_first
+                if splice_first is None:
+                    splice_first = HubRelay.splice_first = relay_mode() == "splice"
             self.up = _Direction(self, client, target, "client", "target", True, splice, splice_first)
             self.down = _Direction(self, target, client, "target", "client", False, splice, splice_first)
         else:

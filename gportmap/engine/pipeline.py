@@ -334,6 +334,9 @@ class HubConnection:
         """The client's address for ``balance: source`` (the one balancer that needs it)."""
         if self.route.pool.rule.balance is not Balance.SOURCE:
             return None
+        proxied = getattr(self.owner, "proxied", None)  # acceptProxy: the header's client
+        if proxied is not None and proxied.source is not None:
+            return str(proxied.source[0])
         try:
             return str(self.client.getpeername()[0])
         except OSError:

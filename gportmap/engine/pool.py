@@ -24,6 +24,9 @@ The interface other parts use, and keep to (added to, never changed):
   result; ``rise`` passes in a row bring a target up, ``fall`` failures take it
   down. ``target.addresses`` (``gportmap.engine.resolver``) for the probe.
 - ``pool.up`` (any target up), ``pool.describe()`` (``/stats``' ``targets``).
+- ``target.carried()`` / ``target.continue_from(figures)``: after an upgrade in
+  place, a carried connection or session holds its target again, and the old
+  program's running totals of the target go on (``gportmap.runtime.carry``).
 
 Passive health (HAProxy's ``observe layer4``, nginx's ``max_fails``): ``maxFails``
 connect failures in a row take a target out for ``failTimeout`` seconds; after
@@ -36,7 +39,6 @@ from __future__ import annotations
 
 import bisect
 import hashlib
-import logging
 import random
 import time
 from collections.abc import Callable, Collection, Sequence
@@ -44,7 +46,8 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 from gportmap.config.model import Balance, HealthCheck, Rule, Target
 from gportmap.engine.resolver import TargetAddresses
-from gportmap.log import get_logger, log_event
+from gportmap.events import TargetDown, TargetUp
+from gportmap.log import emit, get_logger
 from gportmap.stats import iso_time
 
 if TYPE_CHECKING:
@@ -187,6 +190,25 @@ class TargetState:
             self.bytes_received += conn.bytes_received
             self.bytes_sent += conn.bytes_sent
 
+    # -- upgrade in place (gportmap.runtime.carry, gportmap.runtime.resume) -----------
+
+    def carried(self) -> None:
+        """A connection (or UDP session) carried over by an upgrade in place holds
+        it again in the new program: counted active, as in the old program, and
+        given back by ``release`` or ``cancelled`` at its end. Its connect was
+        counted by the old program already (``continue_from``)."""
+        self.active += 1
+
+    def continue_from(self, figures: dict[str, Any]) -> None:
+        """The old program's running totals of this target (its ``describe()``
+        entry) go on from here, before this program counts anything of its own;
+        its level (``active``) and its health are this program's."""
+        self.total += int(figures.get("total", 0))
+        self.connect_failures += int(figures.get("connect_failures", 0))
+        moved = figures.get("bytes") or {}
+        self.bytes_received += int(moved.get("received", 0))
+        self.bytes_sent += int(moved.get("sent", 0))
+
     # -- active checks (the prober) --------------------------------------------------
 
     def check_passed(self) -> None:
@@ -248,11 +270,9 @@ class TargetState:
             return
         rule = self.pool.rule.name
         if now_up:
-            log_event(logger, logging.INFO, "target_up", f"rule {rule}: target {self.name} is up",
-                      rule=rule, target=self.name, address=self.address)
+            emit(logger, TargetUp(rule=rule, target=self.name, address=self.address))
         else:
-            log_event(logger, logging.WARNING, "target_down", f"rule {rule}: target {self.name} is down: {reason}",
-                      rule=rule, target=self.name, address=self.address, reason=reason)
+            emit(logger, TargetDown(rule=rule, target=self.name, address=self.address, reason=reason))
 
     def describe(self) -> dict[str, Any]:
         """Its entry in ``/stats`` (SPEC §8)."""
@@ -268,6 +288,7 @@ class TargetState:
             "bytes": {"received": self.bytes_received, "sent": self.bytes_sent},
             "last_check": iso_time(self.last_check) if self.last_check is not None else None,
             "last_error": self.last_error,
+            **({"route": self.spec.route} if self.spec.route else {}),  # SPEC §13: a route's target
         }
 
 

@@ -39,6 +39,7 @@ import gevent
 from gevent.monkey import get_original
 from gevent.socket import wait_read, wait_write
 
+from gportmap.engine.faults import FaultClose, FaultSession, reset_on_close
 from gportmap.engine.idle import waiting
 from gportmap.failures import report_internal_error
 from gportmap.plugins import DOWNSTREAM, UPSTREAM, HookError, Reject, log_hook_error
@@ -232,7 +233,9 @@ class Relay:
     counted and logged with its traceback); ``error`` then holds the error text.
     """
 
-    __slots__ = ("client", "target", "conn", "idle", "pool", "reason", "error", "transform", "zero_copy", "reading")
+    __slots__ = (
+        "client", "target", "conn", "idle", "pool", "reason", "error", "transform", "zero_copy", "reading", "faults"
+    )
 
     def __init__(
         self,
@@ -243,6 +246,7 @@ class Relay:
         pool: BufferPool,
         transform: Callable[[str, bytes], bytes] | None = None,
         zero_copy: bool = False,
+        faults: FaultSession | None = None,
     ) -> None:
         self.client = client
         self.target = target
@@ -256,7 +260,12 @@ class Relay:
         self.transform = transform
         #: Move bytes with splice(2) through a pipe, never through userspace. Only for
         #: plain sockets without an on_data plugin; falls back to copying if refused.
-        self.zero_copy = zero_copy and transform is None
+        self.zero_copy = zero_copy and transform is None and faults is None
+        #: The connection's network faults (``gportmap.engine.faults``): timed steps
+        #: between each read and its write; None for a rule without faults.
+        self.faults = faults
+        if faults is not None:
+            faults.on_error = self._fault_lane_failed
         #: The descriptor each direction (upload, download) waits to read, -1 while
         #: it does not: what the idle clock checks for waiting bytes.
         self.reading = [-1, -1]
@@ -288,6 +297,8 @@ class Relay:
             if isinstance(exc, HookError):
                 log_hook_error(exc, self.conn.stats.name, self.conn.client)
             self._abort(CloseReason.PLUGIN_ERROR, str(exc))
+        except FaultClose as exc:
+            self.fault_abort(exc)
         except Exception as exc:  # noqa: BLE001 - a bug: end this connection, not the other direction's wait
             conn = self.conn
             self._abort(CloseReason.INTERNAL_ERROR, report_internal_error(conn.stats, conn.client, conn.target, exc))
@@ -299,6 +310,35 @@ class Relay:
             self.error = error
         shutdown(self.client, socket.SHUT_RDWR)
         shutdown(self.target, socket.SHUT_RDWR)
+
+    def fault_abort(self, exc: FaultClose) -> None:
+        """A fault ends the connection (``gportmap.engine.faults``): limit_data and
+        timeout with a FIN both ways, reset_peer with a RST to both peers (SO_LINGER
+        0, then only the read sides shut to wake the directions: the close resets)."""
+        if self.reason is None:
+            self.reason = CloseReason.FAULT
+            self.error = f"fault {exc.kind.value}"
+        if self.faults is not None:
+            self.faults.ended.set()
+        if not exc.reset:
+            self._abort(CloseReason.FAULT, self.error)
+            return
+        for sock in (self.client, self.target):
+            reset_on_close(sock)
+            shutdown(sock, socket.SHUT_RD)
+
+    def _fault_lane_failed(self, exc: BaseException) -> None:
+        """A write of a fault's lane (latency's pipeline, in a greenlet of its own)
+        failed: the connection ends as it would had a direction failed."""
+        if isinstance(exc, FaultClose):
+            self.fault_abort(exc)
+        elif isinstance(exc, SideError):
+            self._abort(CloseReason.side_error(exc.side), exc.error.strerror or str(exc.error))
+        elif isinstance(exc, IdleTimeout):
+            self._abort(CloseReason.IDLE_TIMEOUT, None)
+        else:
+            conn = self.conn
+            self._abort(CloseReason.INTERNAL_ERROR, report_internal_error(conn.stats, conn.client, conn.target, exc))
 
     def _wait_to_read(self, fd: int, uploading: bool) -> None:
         """Wait until ``fd`` is readable, with the idle clock; meanwhile the clock
@@ -390,6 +430,8 @@ class Relay:
                     except OSError as exc:
                         raise SideError(src_side, exc) from None
                     if not n:
+                        if self.faults is not None:
+                            self.faults.before_close(uploading)  # what latency holds, then slow_close
                         shutdown(dst, socket.SHUT_WR)  # forward the FIN, keep the other way open
                         return False
                     conn.last_active = time.monotonic()
@@ -398,9 +440,17 @@ class Relay:
                     chunk = buf[:n]
                     if self.transform is not None:
                         chunk = memoryview(self.transform(UPSTREAM if uploading else DOWNSTREAM, bytes(chunk)))
-                    send_all(
-                        dst, dst_fd, chunk, dst_side, conn, idle, None if uploading else conn.add_sent, self.reading
-                    )
+                    on_sent = None if uploading else conn.add_sent
+                    if self.faults is not None:
+                        self.faults.forward(
+                            uploading,
+                            chunk,
+                            lambda piece, on_sent=on_sent: send_all(
+                                dst, dst_fd, piece, dst_side, conn, idle, on_sent, self.reading
+                            ),
+                        )
+                    else:
+                        send_all(dst, dst_fd, chunk, dst_side, conn, idle, on_sent, self.reading)
                     if switch and n == len(buf):
                         return True
                     if n < len(buf) and not has_pending(src):

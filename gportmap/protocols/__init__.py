@@ -13,9 +13,10 @@ installed metadata, the built-ins are still found.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
+from gportmap.engine.faults import FaultBoard
 from gportmap.engine.relay import BufferPool
 from gportmap.log import RateLimiter
 from gportmap.plugins import find_class
@@ -37,6 +38,8 @@ class ServerContext:
     splice: bool = False
     #: Listeners are bound with SO_REUSEPORT: this process is one of several workers.
     reuse_port: bool = False
+    #: The faults in force per rule (SPEC §12), published by the service after each apply.
+    faults: FaultBoard = field(default_factory=FaultBoard)
 
 
 def server_class(protocol: str) -> type:
@@ -45,4 +48,8 @@ def server_class(protocol: str) -> type:
 
 
 def create_server(rule: Rule, context: ServerContext):  # -> a protocol server
+    if rule.protocol == "udp" and rule.listener_count > 1:  # SPEC §9: a session table per socket
+        from gportmap.protocols.udprange import UdpRangeServer  # imports this package: not at the top
+
+        return UdpRangeServer(rule, context)
     return server_class(rule.protocol)(rule, context)

@@ -24,13 +24,13 @@ is closed (``Connection.hold``; ``StatsRegistry.close`` gives it back).
 from __future__ import annotations
 
 import _socket
+import dataclasses
 import functools
-import logging
 import socket
 import ssl
 import time
 import weakref
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 
 import gevent
 import gevent.socket
@@ -40,15 +40,24 @@ from gevent.pool import Pool
 from gevent.server import StreamServer
 
 from gportmap.config import Rule
-from gportmap.config.model import Balance
+from gportmap.config.faults import RuleSource
+from gportmap.config.model import Balance, format_address
 from gportmap.engine import proxyproto
+from gportmap.engine.acceptor import Acceptor, ListenKey
+from gportmap.engine.clientlimit import ClientTable, limits_for
 from gportmap.engine.connector import PoolConnect, await_connect, retry_connect
-from gportmap.engine.net import bind_listener, connect_error_text, set_nodelay
+from gportmap.engine.faults import FaultSession
+from gportmap.engine.net import bind_listener, connect_error_text, peer_text, set_nodelay
 from gportmap.engine.pipeline import Route, await_target_ready, target_setup_error
 from gportmap.engine.pool import TargetPool
+from gportmap.engine.portshift import Shifts, local_port
+from gportmap.engine.proxyaccept import TrustedProxies, await_proxy_header
+from gportmap.engine.proxyproto import ProxyHeader, ProxyHeaderError
+from gportmap.engine.sockopts import apply_keep_alive
 from gportmap.engine.tls import TlsStage
+from gportmap.events import ConnectionClosed, ConnectionRejected, TlsVerifyOff
 from gportmap.failures import report_internal_error
-from gportmap.log import get_logger, log_event
+from gportmap.log import emit, get_logger
 from gportmap.plugins import ConnView, HookError, PluginChain, Reject, log_hook_error
 from gportmap.protocols import ServerContext
 from gportmap.reasons import CloseReason, RejectReason
@@ -102,6 +111,17 @@ class StreamRuleServer:
         self.explicit_server_name = target_tls.server_name if target_tls else None
         self.server_name = (target_tls.server_name or rule.target_host) if target_tls else None
         self.plugins = PluginChain(rule.plugins)
+        #: ``acceptProxy`` (SPEC §13): whose connections start with a PROXY header.
+        accept = rule.accept_proxy
+        self.trusted = TrustedProxies(accept.trusted, accept.timeout) if accept is not None else None
+        #: Connections whose header is still awaited in hub callbacks (tcp's hub path).
+        self.awaiting_header = 0
+        #: The header a greenlet's connection came with, for the onward
+        #: ``proxyProtocol`` and ``balance: source``; gone with the greenlet.
+        self._proxied: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+        #: ``perClient`` (SPEC §13): the bounded table of clients, or None.
+        limits = limits_for(rule.per_client, udp=False)
+        self.clients = ClientTable(limits) if limits is not None else None
 
     def _make_server(self, listener: socket.socket) -> StreamServer:
         raise NotImplementedError
@@ -127,19 +147,90 @@ class StreamRuleServer:
     def start(self, listener: socket.socket | None = None) -> None:
         """Start accepting, on ``listener`` if handed over, else on a new socket."""
         self.listener = listener or bind_listener(self.rule.listen_host, self.rule.listen_port)
+        apply_keep_alive(self.listener, self.rule.keep_alive)  # inherited by every accepted socket
         self._server = self._make_server(self.listener)
         self._server.start()
         if self.rule.target_tls is not None and not self.rule.target_tls.verify:
-            log_event(
-                logger,
-                logging.WARNING,
-                "tls_verify_off",
-                f"rule {self.rule.name}: targetTls.verify is false, the targets' certificates are not checked",
-                rule=self.rule.name,
-                target=self.rule.target,
-            )
+            emit(logger, TlsVerifyOff(rule=self.rule.name, target=self.rule.target))
+
+    # -- several listening sockets (SPEC §9: ranges, lists of addresses) -------------
+
+    #: The rule's listening sockets when it has several (``start_many``): one
+    #: ``Acceptor`` with a socket and a watcher per port; None for a single socket.
+    doors: Acceptor | None = None
+
+    def start_many(self, sockets: dict[ListenKey, socket.socket]) -> None:
+        """Accept on every one of ``sockets`` (bound already; a range's ports, a list's
+        addresses): a watcher each, all feeding this rule's one handler, limits and
+        counters. The target port of a connection follows the port it came in on."""
+        for sock in sockets.values():
+            apply_keep_alive(sock, self.rule.keep_alive)  # inherited by every accepted socket
+        template = self._make_server(next(iter(sockets.values())))  # never started: the handler
+        self.doors = Acceptor(template, self.rule.name)
+        self.doors.add(sockets.items())
+        self.doors.start()
+        if self.rule.target_tls is not None and not self.rule.target_tls.verify:
+            emit(logger, TlsVerifyOff(rule=self.rule.name, target=self.rule.target))
+
+    def add_listeners(self, sockets: dict[ListenKey, socket.socket]) -> None:
+        """More sockets for a server started by ``start_many`` (a reload hands a
+        large range over in slices)."""
+        for sock in sockets.values():
+            apply_keep_alive(sock, self.rule.keep_alive)
+        assert self.doors is not None
+        self.doors.add(sockets.items())
+
+    def take_listeners(self, keys: Iterable[ListenKey]) -> dict[ListenKey, socket.socket]:
+        """Stop accepting on ``keys`` and hand their sockets on, still open."""
+        return dict(self.doors.take(keys)) if self.doors is not None else {}
+
+    def listening(self) -> dict[ListenKey, socket.socket]:
+        """Every listening socket this server holds, by (host, port)."""
+        if self.doors is not None:
+            return self.doors.sockets()
+        if self.listener is not None:
+            return {(self.rule.listen_host, self.rule.listen_port): self.listener}
+        return {}
+
+    @functools.cached_property
+    def shifts(self) -> Shifts:
+        """Per listen port, the pool its connections see ("C-D" targets, SPEC §9)."""
+        moved = any(target.ports is not None for target in self.rule.targets)
+        return Shifts(self.rule.listen_port, moved)
+
+    def listen_text(self, client: object) -> str | None:
+        """The address ``client`` (an accepted socket) came in on, for a rule with
+        several listeners (SPEC §9: ``/connections`` shows it); None (the rule's one
+        address) for a rule with one, without a system call."""
+        if self.rule.listener_count == 1:
+            return None
+        for candidate in (client, getattr(client, "sock", None)):  # bare, gevent's or staged
+            getsockname = getattr(candidate, "getsockname", None)
+            if getsockname is not None:
+                try:
+                    host, port = getsockname()[:2]
+                except (OSError, ValueError):
+                    return None  # reset already: the rule's address stands
+                return format_address(host, port)
+        return None
+
+    def pool_at(self, pool: TargetPool, client: object) -> TargetPool:
+        """``pool`` as a connection accepted on ``client`` sees it: its "C-D" targets
+        moved to the port of the listener it came in on."""
+        if not self.shifts.active:
+            return pool
+        return self.shifts.pool(pool, local_port(client))
+
+    def route_at(self, route: Route, client: object) -> Route:
+        """``route`` for a connection accepted on ``client`` (see ``pool_at``)."""
+        if not self.shifts.active:
+            return route
+        pool = self.pool_at(route.pool, client)
+        return route if pool is route.pool else dataclasses.replace(route, pool=pool)
 
     def stop_accepting(self) -> None:
+        if self.doors is not None:
+            self.doors.stop()
         if self._server is not None:
             self._server.stop_accepting()
 
@@ -153,6 +244,8 @@ class StreamRuleServer:
     def close(self) -> None:
         """Close the listening socket: new connection attempts are refused from now on."""
         self.stop_accepting()
+        if self.doors is not None:
+            self.doors.close()
         if self.listener is not None:
             self.listener.close()
             self.listener = None
@@ -251,10 +344,39 @@ class StreamRuleServer:
         if not self.admission.admits(address):
             self.reject(client_text, RejectReason.ACL)
             return None
+        lease = None
+        if self.clients is not None:  # perClient, after allow/deny, before the rule's limit
+            lease = self.clients.admit(address)
+            if isinstance(lease, str):
+                self.reject(client_text, RejectReason.CLIENT_LIMIT, lease)
+                return None
         slot = self.context.stats.reserve(self.stats, self.rule.max_connections)
         if slot is None:
+            if lease is not None:
+                lease.release()
             self.reject(client_text, RejectReason.LIMIT)
+            return slot
+        slot.lease = lease  # given back with the slot, or kept by the connection it becomes
         return slot
+
+    def read_proxy_header(self, sock: object, address: tuple) -> tuple | None:
+        """``acceptProxy`` for a greenlet, before admission: the client's address,
+        which is the PROXY header's source when ``address`` is a trusted proxy's
+        (the header read within the timeout, in hub callbacks, nothing past it
+        taken off ``sock``), else ``address`` itself, never parsed. None when a
+        trusted sender brought no valid header in time: counted and logged as
+        rejected ``proxy_header``; the caller closes the socket."""
+        if self.trusted is None or not self.trusted.trusts(address):
+            return address
+        try:
+            header = await_proxy_header(sock, self.trusted.timeout)
+        except ProxyHeaderError as exc:
+            self.reject(peer_text(address), RejectReason.PROXY_HEADER, str(exc))  # the proxy's address
+            return None
+        if header.source is None:
+            return address
+        self._proxied[getcurrent()] = header
+        return header.source
 
     def tls_accept(self, sock: socket.socket, client_text: str) -> socket.socket | None:
         """The client's TLS handshake, in its own greenlet and within handshakeTimeout
@@ -316,11 +438,28 @@ class StreamRuleServer:
         chain = self.plugins
         return lambda direction, data: chain.data(view, direction, data)
 
-    def open(self, client_text: str, view: ConnView | None = None, slot: Slot | None = None) -> Connection:
+    def faulty(self) -> bool:
+        """New connections take a greenlet relay with network faults (SPEC §12): the
+        rule has faults now, or is a Toxiproxy proxy (whose toxics may come at any time)."""
+        rule = self.rule
+        return rule.source is RuleSource.TOXIPROXY or bool(self.context.faults.faults(rule.name, rule.faults))
+
+    def fault_session(self) -> FaultSession | None:
+        """The faults of one new connection (``gportmap.engine.faults``), or None
+        when the rule has none now."""
+        if not self.faulty():
+            return None
+        return FaultSession(self.context.faults, self.rule.name, self.rule.faults)
+
+    def open(
+        self, client_text: str, view: ConnView | None = None, slot: Slot | None = None, listen: str | None = None
+    ) -> Connection:
         """Count and list a connection; ``slot`` (from ``admit_slot``) becomes it.
-        Opened in a greenlet, it is the one that greenlet's ``connect_target`` is for."""
+        Opened in a greenlet, it is the one that greenlet's ``connect_target`` is for.
+        ``listen``: the address it came in on (``listen_text``); the rule's by default."""
         conn = self.context.stats.open(
-            self.stats, client_text, self.rule.target, view.id if view else None, slot=slot
+            self.stats, client_text, self.rule.target, view.id if view else None, slot=slot,
+            listen=self.rule.listen if listen is None else listen,
         )
         current = getcurrent()
         if current is not get_hub():
@@ -333,13 +472,14 @@ class StreamRuleServer:
         work: Callable[[Connection], Outcome],
         view: ConnView | None = None,
         slot: Slot | None = None,
+        listen: str | None = None,
     ) -> None:
         """Run ``work`` as one admitted connection: counted, and logged when it ends
         (by the hub relay, when ``work`` handed the connection to one). An
         unexpected exception (a bug here or in a plugin package's protocol) ends
         this connection only, as ``internal_error``; it is not passed on to the
         hub, which would log it a second time without the rule or the client."""
-        conn = self.open(client_text, view, slot)
+        conn = self.open(client_text, view, slot, listen)
         reason, error = CloseReason.INTERNAL_ERROR, None  # whatever escapes below is not a clean close
         try:
             reason, error = work(conn)
@@ -372,16 +512,9 @@ class StreamRuleServer:
             for failure in self.plugins.close(view, summary):
                 log_hook_error(failure, self.rule.name, view.client)
         self.context.stats.close(conn)
-        failed = reason == CloseReason.CONNECT_FAILED
-        level = logging.WARNING if failed or reason == CloseReason.INTERNAL_ERROR else logging.INFO
-        if not logger.isEnabledFor(level):
+        if not logger.isEnabledFor(ConnectionClosed.level_for(reason)):
             return  # the common case under load: build no record at all
-        fields = {"error": error} if error else {}
-        log_event(
-            logger,
-            level,
-            "connection_closed",
-            f"cannot reach target: {error}" if failed else "connection closed",
+        event = ConnectionClosed(
             rule=self.rule.name,
             client=conn.client,
             target=conn.target,
@@ -389,11 +522,13 @@ class StreamRuleServer:
             bytes_sent=conn.bytes_sent,
             duration=round(conn.duration, 3),
             reason=reason,
-            **fields,
+            error=error,
         )
+        emit(logger, event)
 
     def connect_target(
-        self, client: socket.socket | None = None, tls: bool = True, conn: Connection | None = None
+        self, client: socket.socket | None = None, tls: bool = True, conn: Connection | None = None,
+        pool: TargetPool | None = None,
     ) -> socket.socket:
         """A connection to a target of the rule's pool, for a greenlet: the connect
         (``gportmap.engine.connector``, in hub callbacks; host names resolved here
@@ -406,10 +541,10 @@ class StreamRuleServer:
         ``retries``; OSError when none could be readied (counted), ClientGone (not
         counted, no target connection made) if the client reset before its address
         could be read. ``conn`` (default: the one this greenlet opened) holds the
-        target until it is closed."""
+        target until it is closed. ``pool``: a route's (SPEC §13), else the rule's."""
         header, key, conn = self._connect_prelude(client, conn)
         timeout = self.rule.connect_timeout
-        raw, connector = await_connect(self.target_pool, key, timeout)
+        raw, connector = await_connect(self.pool_at(pool or self.target_pool, client), key, timeout)
         while True:
             upstream = gevent.socket.socket(raw.family, raw.type, raw.proto, fileno=raw.detach())
             sent = header is None
@@ -435,7 +570,8 @@ class StreamRuleServer:
         return upstream
 
     def connect_staged(
-        self, client: socket.socket | _socket.socket | None = None, conn: Connection | None = None
+        self, client: socket.socket | _socket.socket | None = None, conn: Connection | None = None,
+        pool: TargetPool | None = None,
     ) -> tuple[_socket.socket, TlsStage | None]:
         """``connect_target`` for a greenlet that relays on the hub: the connect, the
         PROXY protocol header and the TLS handshake with the target (a ``TlsStage``,
@@ -445,7 +581,7 @@ class StreamRuleServer:
         without ``targetTls``); raises as ``connect_target``."""
         header, key, conn = self._connect_prelude(client, conn)
         timeout = self.rule.connect_timeout
-        raw, connector = await_connect(self.target_pool, key, timeout)
+        raw, connector = await_connect(self.pool_at(pool or self.target_pool, client), key, timeout)
         while True:
             stage = None
             try:
@@ -472,12 +608,17 @@ class StreamRuleServer:
         client has left), the client's address for ``balance: source``, and the
         connection that will hold the target."""
         header = None
-        if self.rule.proxy_protocol is not None and client is not None:
+        proxied = self._proxied.get(getcurrent())
+        if self.rule.proxy_protocol is not None and proxied is not None:
+            header = proxyproto.header(self.rule.proxy_protocol, proxied.source, proxied.destination)
+        elif self.rule.proxy_protocol is not None and client is not None:
             header = _proxy_header(self.rule.proxy_protocol, client)
         if conn is None:
             conn = self._opened.pop(getcurrent(), None)
         key = None
-        if client is not None and self.rule.balance is Balance.SOURCE:
+        if proxied is not None and self.rule.balance is Balance.SOURCE:
+            key = str(proxied.source[0])
+        elif client is not None and self.rule.balance is Balance.SOURCE:
             try:
                 key = str(client.getpeername()[0])
             except OSError:
@@ -505,20 +646,15 @@ class StreamRuleServer:
         self.stats.rejected[reason] += 1
         allowed, suppressed = self.context.rejections.allow((self.rule.name, reason))
         if allowed:
-            extra: dict[str, object] = {"suppressed": suppressed} if suppressed else {}
-            if error:
-                extra["error"] = error
-            log_event(
-                logger,
-                logging.WARNING,
-                "connection_rejected",
-                "connection rejected",
+            event = ConnectionRejected(
                 rule=self.rule.name,
                 client=client_text,
                 target=self.rule.target,
                 reason=reason,
-                **extra,
+                suppressed=suppressed,
+                error=error,
             )
+            emit(logger, event)
 
 
 class Admitted:
@@ -527,17 +663,29 @@ class Admitted:
     asks of its owner (``gportmap.engine.pipeline.HubOwner``, whose docstrings
     say what each method is for), answered for this rule's server."""
 
-    __slots__ = ("server", "client_text", "slot", "view", "conn")
+    __slots__ = ("server", "client_text", "slot", "view", "conn", "proxied", "listen")
 
-    def __init__(self, server: StreamRuleServer, client_text: str, slot: Slot, view: ConnView | None = None) -> None:
+    def __init__(
+        self,
+        server: StreamRuleServer,
+        client_text: str,
+        slot: Slot,
+        view: ConnView | None = None,
+        proxied: ProxyHeader | None = None,
+    ) -> None:
         self.server = server
         self.client_text = client_text
         self.slot = slot
         self.view = view
         self.conn: Connection | None = None
+        #: The PROXY header the connection came with (``acceptProxy``): its
+        #: addresses, not the socket's, go into an onward ``proxyProtocol``.
+        self.proxied = proxied
+        #: The address it came in on, for a rule with several (``listen_text``).
+        self.listen: str | None = None
 
     def opened(self) -> Connection:
-        self.conn = self.server.open(self.client_text, self.view, self.slot)
+        self.conn = self.server.open(self.client_text, self.view, self.slot, self.listen)
         return self.conn
 
     def release(self) -> None:
@@ -549,6 +697,8 @@ class Admitted:
 
     def preamble(self, client) -> bytes:
         version = self.server.rule.proxy_protocol
+        if version is not None and self.proxied is not None and self.proxied.source is not None:
+            return proxyproto.header(version, self.proxied.source, self.proxied.destination)
         return b"" if version is None else _proxy_header(version, client)
 
     def internal_error(self, exc: BaseException) -> str:

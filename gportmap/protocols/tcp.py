@@ -30,8 +30,11 @@ import functools
 import socket
 
 import gevent.socket
+from gevent import getcurrent
 from gevent.server import StreamServer
 
+from gportmap.config.faults import RuleSource
+from gportmap.engine.faults import FaultClose, fault_transform
 from gportmap.engine.hubrelay import HubRelay, adopt
 from gportmap.engine.net import peer_text, set_nodelay
 from gportmap.engine.pipeline import (
@@ -39,10 +42,14 @@ from gportmap.engine.pipeline import (
     await_handshake,
     client_handshake_error,
 )
+from gportmap.engine.proxyaccept import HubProxyRead
+from gportmap.engine.proxyproto import ProxyHeader
 from gportmap.engine.relay import Relay
+from gportmap.engine.routes import RoutedConnection, RoutePool, RouteTable, await_route
 from gportmap.engine.stage import StagedSocket, TransformStage
 from gportmap.engine.tls import TlsStage
 from gportmap.engine.wsbridge import WsBridge
+from gportmap.engine.wsframe import CLOSE_GOING_AWAY
 from gportmap.engine.wsstage import WsStage
 from gportmap.engine.wstunnel import HandshakeError, open_tunnel
 from gportmap.plugins import ConnView
@@ -57,6 +64,9 @@ class RawAcceptServer(StreamServer):
     and taking the descriptor back out cost ~7% of a new connection), and the
     handler wraps it itself when it does. The server closes the bare socket when
     the handler returns, which is a no-op once its descriptor was taken."""
+
+    #: What an ``Acceptor`` over several sockets hands the handler: bare sockets too.
+    raw_accept = True
 
     def do_read(self) -> tuple[_socket.socket, tuple] | None:
         listener = self.socket
@@ -90,6 +100,8 @@ class TcpServer(StreamRuleServer):
         rule = self.rule
         if type(self) is not TcpServer or (self.plugins.transforms and self.plugins.may_block):
             return RelayPath.GREENLET
+        if rule.source is RuleSource.TOXIPROXY:
+            return RelayPath.GREENLET  # its toxics come and go while connections run
         if self.plugins.active or self._literal is None or rule.target_protocol == "websocket":
             return RelayPath.STAGED
         return RelayPath.HUB
@@ -101,19 +113,31 @@ class TcpServer(StreamRuleServer):
 
     # -- RelayPath.HUB -------------------------------------------------------------
 
-    def _handle_in_hub(self, raw: _socket.socket, address: tuple) -> None:
+    def _handle_in_hub(self, raw: _socket.socket, address: tuple, proxied: ProxyHeader | None = None) -> None:
         """Runs on the hub (``spawn=None``): it must never block, nor raise. An
         unexpected exception raised to the accept loop would be logged without the
         rule, stop accepting for a while and leave the connection counted open; it
-        ends this connection only, as ``internal_error``."""
+        ends this connection only, as ``internal_error``. ``proxied``: the PROXY
+        header it came with (``acceptProxy``); ``address`` is then the header's."""
         client_text = peer_text(address)
+        if self.faulty() and self._spawn_faulty(raw, address, proxied):
+            return  # the greenlet reads any PROXY header itself (or takes the one read here)
+        if proxied is None and self.trusted is not None and self.trusted.trusts(address):
+            self._read_proxy_in_hub(raw, address)
+            return
         admitted = pipeline = None
         try:
             slot = self.admit_slot(address, client_text)
             if slot is None:
                 return  # StreamServer closes the client socket
-            admitted = Admitted(self, client_text, slot)
-            pipeline = HubConnection(adopt(raw), self.route, admitted)
+            admitted = Admitted(self, client_text, slot, proxied=proxied)
+            admitted.listen = self.listen_text(raw)
+            if self.rule.routes:  # SPEC §13: the route by the client's first bytes, then as below
+                no_route = functools.partial(self.reject, client_text, RejectReason.NO_ROUTE)
+                pipeline = RoutedConnection(adopt(raw), self.route_table, admitted, no_route)
+            else:
+                route = self.route_at(self.route, raw)  # before adopt(): it reads raw's port
+                pipeline = HubConnection(adopt(raw), route, admitted)
             self.adopt_connection(pipeline, admitted)
         except Exception as exc:  # noqa: BLE001 - a bug: contained to this connection
             text = self.internal_error(exc, client_text)
@@ -124,21 +148,89 @@ class TcpServer(StreamRuleServer):
                     self.finish(admitted.conn, CloseReason.INTERNAL_ERROR, text)
                 admitted.release()
 
+    def _read_proxy_in_hub(self, raw: _socket.socket, address: tuple) -> None:
+        """``acceptProxy`` on the hub path: the header of a trusted proxy's
+        connection read in hub callbacks (``HubProxyRead``, tracked as a relay so
+        that a stop ends it), then the connection admitted as the header's client.
+        The socket is this method's to close from here on (the accept loop's close
+        is a no-op on the descriptor taken out of ``raw``).
+
+        Connections waiting for their header hold no place under the limits yet
+        (admission needs the header's address), so their number is bounded on its
+        own: at the rule's ``maxConnections``, past which one is refused at once
+        as ``limit`` (a greenlet path is bounded by its pool instead)."""
+        proxy_text = peer_text(address)
+        if self.awaiting_header >= self.context.stats.share(self.rule.max_connections):
+            self.reject(proxy_text, RejectReason.LIMIT)
+            return  # StreamServer closes the client socket
+        sock = adopt(raw)
+
+        def settle() -> None:
+            """Every end of the wait passes here once."""
+            if read in self.relays:
+                self.awaiting_header -= 1
+                self.untrack(read)
+
+        def on_header(header: ProxyHeader) -> None:
+            settle()
+            self._handle_in_hub(sock, header.source or address, header)
+            if sock.fileno() != -1:  # refused at admission: nothing took the socket
+                sock.close()
+
+        def on_failed(text: str) -> None:
+            settle()
+            sock.close()
+            self.reject(proxy_text, RejectReason.PROXY_HEADER, text)
+
+        def on_crash(exc: Exception) -> None:
+            settle()
+            sock.close()
+            self.internal_error(exc, proxy_text)
+
+        def on_done(reason: str, error: str | None) -> None:  # a stop while waiting
+            settle()
+            sock.close()
+
+        read = HubProxyRead(sock, self.trusted.timeout, on_header, on_failed, on_crash)
+        read.on_done = on_done
+        self.awaiting_header += 1
+        try:
+            self._track(read)  # starts it
+        except Exception as exc:  # noqa: BLE001 - a bug: contained to this connection, never to the hub
+            read.cancel()
+            on_crash(exc)
+
     # -- RelayPath.STAGED and RelayPath.GREENLET: a greenlet per connection first ---
 
-    def _handle(self, raw: socket.socket | _socket.socket, address: tuple) -> None:
+    def _handle(
+        self, raw: socket.socket | _socket.socket, address: tuple, proxied: ProxyHeader | None = None
+    ) -> None:
+        """A connection in a greenlet of its own; ``proxied``: its PROXY header when
+        the hub read it already (``address`` is then the header's client)."""
         client_text = peer_text(address)
         try:
+            if proxied is not None:
+                self._proxied[getcurrent()] = proxied  # what an onward proxyProtocol sends
+            elif self.trusted is not None:  # acceptProxy: the header's client, or refused
+                address = self.read_proxy_header(raw, address)
+                if address is None:
+                    return  # StreamServer closes the client socket
+                client_text = peer_text(address)
             slot = self.admit_slot(address, client_text)
             if slot is None:
                 return  # StreamServer closes the client socket
             try:
-                if self.path is RelayPath.STAGED:
-                    self._serve_staged(raw, client_text, slot)
+                pool = None
+                if self.rule.routes:
+                    pool = self._sniff_route(raw, client_text)
+                    if pool is None:
+                        return
+                if self.path is RelayPath.STAGED and not self.faulty():
+                    self._serve_staged(raw, client_text, slot, pool)
                     return
                 client = gevent.socket.socket(fileno=raw.detach())  # plugins, tunnels, SSLSocket wait on it
                 try:
-                    self._serve(client, client_text, slot)
+                    self._serve(client, client_text, slot, pool)
                 finally:
                     client.close()
             finally:
@@ -147,9 +239,31 @@ class TcpServer(StreamRuleServer):
             # (``account`` contains what comes after): logged with the rule, not by the hub.
             self.internal_error(exc, client_text)
 
+    # -- routes (SPEC §13, ``gportmap.engine.routes``) --------------------------------
+
+    @functools.cached_property
+    def route_table(self) -> RouteTable:
+        """The rule's routes, each with its pool (and its hub ``Route``)."""
+        return RouteTable.build(self.rule, self.target_pool, self.route)
+
+    def _sniff_route(self, raw: _socket.socket, client_text: str) -> RoutePool | None:
+        """A greenlet's wait for the route of its client (the sniffing itself runs
+        in hub callbacks); None when the client left or no route takes it (counted
+        as rejected ``no_route``)."""
+        try:
+            route = await_route(raw, self.route_table)
+        except OSError:
+            return None  # the client reset while it was looked at: nothing to count
+        if route is None:
+            self.reject(client_text, RejectReason.NO_ROUTE)
+            return None
+        return self.route_table.pools[route.name]
+
     # -- RelayPath.STAGED ----------------------------------------------------------
 
-    def _serve_staged(self, raw: socket.socket | _socket.socket, client_text: str, slot: Slot) -> None:
+    def _serve_staged(
+        self, raw: socket.socket | _socket.socket, client_text: str, slot: Slot, pool: RoutePool | None = None
+    ) -> None:
         """Plugin hooks and the name lookup here; the handshakes and the relay in
         hub callbacks (this greenlet waits for the handshakes, then ends)."""
         view = self.view(client_text)
@@ -170,22 +284,23 @@ class TcpServer(StreamRuleServer):
 
             def work(conn: Connection) -> Outcome:
                 nonlocal handed
-                outcome = self._relay_staged(client, client_tls, conn, view)
+                outcome = self._relay_staged(client, client_tls, conn, view, pool)
                 handed = outcome == DETACHED
                 return outcome
 
-            self.account(client_text, work, view, slot)
+            self.account(client_text, work, view, slot, self.listen_text(client))
         finally:
             if not handed:
                 client.close()
 
     def _relay_staged(
-        self, client: _socket.socket, client_tls: TlsStage | None, conn: Connection, view: ConnView | None
+        self, client: _socket.socket, client_tls: TlsStage | None, conn: Connection, view: ConnView | None,
+        pool: RoutePool | None = None,
     ) -> Outcome:
         try:
             # The connect, the PROXY header and the TLS handshake with the target
             # (a stage), on the hub, each failure retried on another target.
-            target, target_tls = self.connect_staged(client, conn)
+            target, target_tls = self.connect_staged(client, conn, pool)
         except OSError as exc:
             return self.connect_failed(exc)
         handed = False
@@ -217,25 +332,39 @@ class TcpServer(StreamRuleServer):
 
     # -- RelayPath.GREENLET --------------------------------------------------------
 
-    def _serve(self, client: socket.socket, client_text: str, slot: Slot | None = None) -> None:
+    def _serve(
+        self, client: socket.socket, client_text: str, slot: Slot | None = None, pool: RoutePool | None = None
+    ) -> None:
         view = self.view(client_text)
         if not self.plugins_accept(view, client_text):
             return
+        listen = self.listen_text(client)
         if self.server_tls is None:
-            self.account(client_text, lambda conn: self._forward(client, conn, view), view, slot)
+            self.account(client_text, lambda conn: self._forward_routed(client, conn, view, pool), view, slot, listen)
             return
         tls = self.tls_accept(client, client_text)
         if tls is None:
             return
         try:
-            self.account(client_text, lambda conn: self._forward(tls, conn, view), view, slot)
+            self.account(client_text, lambda conn: self._forward_routed(tls, conn, view, pool), view, slot, listen)
         finally:
             tls.close()
 
-    def _forward(self, client: socket.socket, conn: Connection, view: ConnView | None) -> Outcome:
+    def _forward_routed(
+        self, client: socket.socket, conn: Connection, view: ConnView | None, pool: RoutePool | None
+    ) -> Outcome:
+        """``_forward``, with a route's pool only when there is one: a protocol of a
+        plugin package written before ``gportmap.protocols.plugin.StreamProtocol``
+        overrides ``_forward(client, conn, view)`` and still works on rules without
+        routes (deprecated: docs/plugins.md)."""
+        return self._forward(client, conn, view) if pool is None else self._forward(client, conn, view, pool)
+
+    def _forward(
+        self, client: socket.socket, conn: Connection, view: ConnView | None, pool: RoutePool | None = None
+    ) -> Outcome:
         rule, context = self.rule, self.context
         try:
-            upstream = self.connect_target(client)
+            upstream = self.connect_target(client, pool=pool)
         except OSError as exc:
             return self.connect_failed(exc)
         try:
@@ -250,13 +379,48 @@ class TcpServer(StreamRuleServer):
                 except HandshakeError as exc:
                     self.stats.connect_failures += 1
                     return CloseReason.CONNECT_FAILED, str(exc)
+                faults = self.fault_session()
+                bridge: WsBridge | None = None
+
+                def cut(exc: FaultClose) -> None:  # a fault ends the tunnelled connection (limit_data)
+                    if bridge is not None:
+                        bridge._abort(CloseReason.FAULT, f"fault {exc.kind.value}", CLOSE_GOING_AWAY)
+
+                if faults is not None:  # SPEC §12: on the tunnelled byte stream, in the bridge's greenlets
+                    transform = fault_transform(faults, transform, cut)
                 bridge = WsBridge(
                     upstream, leftover, client, conn, rule.idle_timeout, context.buffers, rule.max_message_size, True,
                     transform,
                 )
-                return bridge.run(), bridge.error
+                try:
+                    return bridge.run(), bridge.error
+                finally:
+                    if faults is not None:
+                        faults.end()
             plain = self.server_tls is None and self.client_tls is None
-            relay = Relay(client, upstream, conn, rule.idle_timeout, context.buffers, transform, context.splice and plain)
-            return relay.run(), relay.error
+            faults = self.fault_session()
+            relay = Relay(
+                client, upstream, conn, rule.idle_timeout, context.buffers, transform, context.splice and plain, faults
+            )
+            if faults is None:
+                return relay.run(), relay.error
+            faults.arm(relay.fault_abort)
+            try:
+                return relay.run(), relay.error
+            finally:
+                faults.end()
         finally:
             upstream.close()
+
+    # -- network faults (SPEC §12, ``gportmap.engine.faults``) ----------------------
+
+    def _spawn_faulty(self, raw: _socket.socket, address: tuple, proxied: ProxyHeader | None = None) -> bool:
+        """A hub rule that has faults now: hand the connection to a greenlet (the
+        greenlet relay runs them), with the PROXY header already read in the hub if
+        any. False when the pool is full: the hub path then refuses it as any
+        connection over the limit."""
+        if self.pool.full():
+            return False
+        moved = _socket.socket(raw.family, raw.type, raw.proto, fileno=raw.detach())
+        self.pool.spawn(self._handle, moved, address, proxied)
+        return True

@@ -65,6 +65,7 @@ from __future__ import annotations
 
 import _socket  # the C socket type: never cooperative, safe to call from the hub
 import errno
+import functools
 import logging
 import socket
 import struct
@@ -79,15 +80,19 @@ from gevent.event import Event
 
 from gportmap.config import Rule
 from gportmap.config.model import Balance
+from gportmap.engine.clientlimit import ClientTable, limits_for
+from gportmap.engine.faults import DelayLine, FaultSession
 from gportmap.engine.idle import waiting
 from gportmap.engine.net import bind_listener, peer_text
 from gportmap.engine.pool import TargetPool, TargetState, client_key
+from gportmap.engine.udptunnel import TunnelEntry
+from gportmap.events import DatagramDropped, ListenerError, SessionClosed, TargetUnresolved, UdpIcmpError
 from gportmap.failures import report_internal_error
-from gportmap.log import get_logger, log_event
+from gportmap.log import emit, get_logger
 from gportmap.plugins import DOWNSTREAM, UPSTREAM, ConnView, HookError, PluginChain, Reject, log_hook_error
 from gportmap.protocols import ServerContext
 from gportmap.reasons import CloseReason, DropReason
-from gportmap.security import Admission
+from gportmap.security import Admission, client_context
 from gportmap.stats import retire_kernel_drops, watch_kernel_drops
 
 logger = get_logger("udp")
@@ -176,6 +181,7 @@ class Session:
         "error",
         "closed",
         "view",
+        "faults",
     )
 
     def __init__(self, address: tuple, upstream: _socket.socket, now: float, target: TargetState) -> None:
@@ -194,6 +200,7 @@ class Session:
         self.error: str | None = None
         self.closed = False
         self.view: ConnView | None = None  # what plugins see of it (None: no plugins)
+        self.faults: FaultSession | None = None  # its network faults, once the rule has any (SPEC §12)
 
     @property
     def client(self) -> str:
@@ -237,6 +244,17 @@ class UdpServer:
         self._last_read_iteration = -2  # the loop iteration of the last listener read
         self._kernel_done = 0
         self._retired = False
+        #: ``perClient.packetRate`` (SPEC §13): a token bucket per client address in
+        #: a bounded table (``gportmap.engine.clientlimit``), or None.
+        limits = limits_for(rule.per_client, udp=True)
+        self.clients = ClientTable(limits) if limits is not None else None
+        #: ``targetProtocol: "websocket"`` (SPEC §13): each session's tunnel to the
+        #: exit, by client address (``gportmap.engine.udptunnel``); None: plain UDP.
+        self.tunnels: dict[tuple, TunnelEntry] | None = {} if rule.target_protocol == "websocket" else None
+        tls = rule.target_tls
+        self._tunnel_tls = client_context(tls.ca_file, tls.verify) if tls is not None and self.tunnels is not None else None
+        #: Datagrams held back by latency or bandwidth faults (SPEC §12), bounded.
+        self._delays = DelayLine(self._loop)
 
     # -- the supervisor's surface -------------------------------------------------
 
@@ -250,6 +268,9 @@ class UdpServer:
         self._replies = raw
         self._listener_base, self._listener_counted = kernel_drops(raw), True
         watch_kernel_drops(self.stats, self.kernel_drops)
+        carried = self.context.stats.take_carried(self.rule.name)
+        if carried is not None:
+            carried(self)  # an upgrade in place's sessions, before any datagram is read
         self._reader = self._loop.io(raw.fileno(), _READ)
         self._reader.start(self._on_datagrams, raw)
         if not self.target_pool.literal:
@@ -309,6 +330,7 @@ class UdpServer:
         self._listener_counted = False
 
     def _shut_down(self) -> None:
+        self._delays.close()
         self._end_sessions(list(self.sessions.values()), CloseReason.STOPPED)
         self._stop_sweeping()
         if self._resolver is not None:
@@ -355,9 +377,12 @@ class UdpServer:
                 try:
                     session = sessions.get(address)
                     if session is None:
-                        session = self._open(address, now)
+                        session = self._open(address, now)  # perClient's first token: _admit
                         if session is None:
                             continue
+                    elif self.clients is not None and not self.clients.allows(address, now):
+                        self._drop(DropReason.CLIENT_LIMIT, peer_text(address), "over perClient.packetRate")
+                        continue
                     session.last_active = now
                     session.packets_received += 1
                     session.bytes_received += size
@@ -365,6 +390,8 @@ class UdpServer:
                         data = self._through_plugins(session, UPSTREAM, data)
                         if not data:
                             continue
+                    if self._faults_now() and not self._faulted(session, True, data):
+                        continue  # lost, or held back by a fault
                     try:
                         session.upstream.send(data)
                     except OSError as exc:  # a reported ICMP error, a full send buffer, EMSGSIZE
@@ -372,7 +399,7 @@ class UdpServer:
                             self._refused(session, exc)
                         self._drop(DropReason.ERROR, session.client, f"cannot send to the target: {_error_text(exc)}")
                     else:
-                        if session.hold is Hold.PENDING and session.packets_received > 1:
+                        if session.hold is Hold.PENDING and session.packets_received > 1 and self.tunnels is None:
                             self._established(session)  # the first went without an ICMP error
                 except Exception as exc:  # noqa: BLE001 - a bug: only this client's session ends
                     self._internal_error(address, exc, sessions.get(address))
@@ -389,16 +416,10 @@ class UdpServer:
             return
         allowed, suppressed = self.context.rejections.allow((self.rule.name, "udp", "icmp"))
         if allowed:
-            extra = {"suppressed": suppressed} if suppressed else {}
-            log_event(
-                logger,
-                logging.DEBUG,
-                "udp_icmp_error",
-                f"the listening socket reported: {_error_text(exc)}",
-                rule=self.rule.name,
-                listen=self.rule.listen,
-                **extra,
+            event = UdpIcmpError(
+                rule=self.rule.name, listen=self.rule.listen, suppressed=suppressed, error=_error_text(exc)
             )
+            emit(logger, event)
 
     def _internal_error(self, address: tuple, exc: Exception, session: Session | None) -> None:
         """An unexpected exception while serving ``address``: counted and logged with
@@ -418,22 +439,23 @@ class UdpServer:
             self._stop_reading()
         allowed, suppressed = self.context.rejections.allow((self.rule.name, "udp", "listener"))
         if allowed or fatal:
-            extra = {"suppressed": suppressed} if suppressed else {}
-            log_event(
-                logger,
-                logging.ERROR if fatal else logging.WARNING,
-                "listener_error",
-                f"cannot read the listening socket: {_error_text(exc)}",
+            event = ListenerError(
                 rule=self.rule.name,
                 listen=self.rule.listen,
-                **extra,
+                suppressed=suppressed,
+                error=_error_text(exc),
+                fatal=fatal,
             )
+            emit(logger, event)
 
     def _admit(self, address: tuple) -> bool:
         """The one place a new client address is let in or turned away; ACL and plugin
         checks belong here too. Turning away costs no memory: nothing is stored."""
         if not self.admission.admits(address):
             self._drop(DropReason.ACL, peer_text(address), "client address not admitted (allow/deny)")
+            return False
+        if self.clients is not None and not self.clients.allows(address, time.monotonic()):  # after allow/deny
+            self._drop(DropReason.CLIENT_LIMIT, peer_text(address), "over perClient.packetRate")
             return False
         if len(self.sessions) >= self.context.stats.share(self.rule.max_sessions):  # a worker's share
             self._drop(
@@ -494,6 +516,14 @@ class UdpServer:
             self._drop(DropReason.ERROR, peer_text(address), f"the address of target {target.name} is not resolved (yet)")
             return None
         family, sockaddr = sockaddr
+        if self.tunnels is not None:  # SPEC §13: the session rides a WebSocket to the exit
+            try:
+                upstream = self._tunnel(address, target, family, sockaddr)
+            except OSError as exc:  # EMFILE, ENFILE, ENOBUFS: no socket pair
+                target.cancelled()
+                self._drop(DropReason.ERROR, peer_text(address), f"cannot open a socket: {_error_text(exc)}")
+                return None
+            return self._start_session(address, upstream, now, target, view)
         try:
             upstream = _socket.socket(family, socket.SOCK_DGRAM)
         except OSError as exc:  # EMFILE, ENFILE, ENOBUFS
@@ -508,6 +538,12 @@ class UdpServer:
             target.attempt_failed(_error_text(exc))
             self._drop(DropReason.ERROR, peer_text(address), f"cannot reach target {target.name}: {_error_text(exc)}")
             return None
+        return self._start_session(address, upstream, now, target, view)
+
+    def _start_session(
+        self, address: tuple, upstream: _socket.socket, now: float, target: TargetState, view: ConnView | None
+    ) -> Session:
+        """Table, watch and count a new session on its ``upstream`` socket."""
         session = Session(address, upstream, now, target)
         session.view = view or None
         session.watcher = watcher = self._loop.io(upstream.fileno(), _READ)
@@ -517,10 +553,41 @@ class UdpServer:
         stats.udp_sessions += 1
         stats.active += 1  # a udp rule's connections are its sessions
         stats.total += 1
+        if stats.active > stats.peak:
+            stats.peak = stats.active
         self._idle.clear()
         if self._sweeper is None:
             self._sweep_in(self.rule.session_timeout)
         return session
+
+    # -- UDP over the WebSocket tunnel (SPEC §13, ``gportmap.engine.udptunnel``) -----
+
+    def _tunnel(self, address: tuple, target: TargetState, family: int, sockaddr: tuple) -> _socket.socket:
+        """A new session's tunnel to ``target`` (a WebSocket exit): the session's end
+        of its socket pair. The connect and the upgrade run in the tunnel's greenlet;
+        until then the session's datagrams wait in the pair (a full one drops them)."""
+        rule = self.rule
+        tls = rule.target_tls
+        server_name = (tls.server_name or target.spec.host) if tls is not None else None
+
+        def opened() -> None:
+            session = self.sessions.get(address)
+            if session is not None and session.upstream is entry.session_socket and session.hold is Hold.PENDING:
+                self._established(session)
+
+        def ended(reason: CloseReason, error: str | None) -> None:
+            session = self.sessions.get(address)
+            if session is None or session.upstream is not entry.session_socket:
+                return
+            if reason is CloseReason.CONNECT_FAILED and session.hold is Hold.PENDING:
+                session.hold = Hold.GIVEN_BACK
+                target.attempt_failed(error or "the tunnel could not be opened")
+            session.error = error
+            self._end_sessions([session], reason)
+
+        entry = TunnelEntry(rule, (family, sockaddr), target.address, self._tunnel_tls, server_name, opened, ended)
+        self.tunnels[address] = entry
+        return entry.session_socket
 
     # -- target to client (a hub callback per session) -----------------------------
 
@@ -553,6 +620,8 @@ class UdpServer:
                         return
                     if not data:
                         continue
+                if self._faults_now() and not self._faulted(session, False, data):
+                    continue  # lost, or held back by a fault
                 replies = self._replies
                 if replies is None:
                     return  # closed: this session is being ended
@@ -573,6 +642,49 @@ class UdpServer:
             stats = self.stats
             stats.udp_packets_sent += sent
             stats.bytes_sent += sent_bytes
+
+    # -- network faults (SPEC §12, ``gportmap.engine.faults``) ------------------------
+
+    def _faults_now(self) -> bool:
+        """The rule has faults now (they apply to the next datagram of every session)."""
+        return bool(self.context.faults.faults(self.rule.name, self.rule.faults))
+
+    def _faulted(self, session: Session, uploading: bool, data: bytes) -> bool:
+        """One datagram through the faults: True to send it now as usual; its
+        duplicates and delayed copies are sent from here (a full delay line drops
+        them, counted as ``error``)."""
+        if session.faults is None:
+            session.faults = FaultSession(self.context.faults, self.rule.name, self.rule.faults)
+        now = False
+        for delay in session.faults.datagram(uploading, len(data)):
+            if delay <= 0 and not now:
+                now = True
+            elif delay <= 0:
+                self._send_copy(session, uploading, data)
+            elif not self._delays.later(delay, functools.partial(self._send_copy, session, uploading, data)):
+                self._drop(DropReason.ERROR, session.client, "too many datagrams held back by faults")
+        return now
+
+    def _send_copy(self, session: Session, uploading: bool, data: bytes) -> None:
+        """Send a duplicated or delayed datagram (a hub callback: never raises)."""
+        if session.closed:
+            return
+        try:
+            if uploading:
+                session.upstream.send(data)
+                return
+            replies = self._replies
+            if replies is None:
+                return
+            replies.sendto(data, session.address)
+            session.packets_sent += 1
+            session.bytes_sent += len(data)
+            self.stats.udp_packets_sent += 1
+            self.stats.bytes_sent += len(data)
+        except OSError as exc:
+            self._drop(DropReason.ERROR, session.client, f"cannot send: {_error_text(exc)}")
+        except Exception as exc:  # noqa: BLE001 - a bug: this session ends, the rule goes on
+            self._internal_error(session.address, exc, session)
 
     # -- session ends ------------------------------------------------------------------
 
@@ -646,6 +758,8 @@ class UdpServer:
                 session.watcher = None
             self._kernel_done += kernel_drops(session.upstream)
             session.upstream.close()
+            if self.tunnels is not None and (entry := self.tunnels.pop(session.address, None)) is not None:
+                entry.stop()  # its WebSocket is closed: the exit ends its side now
             self._give_back(session)
             if self.sessions.get(session.address) is session:
                 del self.sessions[session.address]
@@ -669,12 +783,9 @@ class UdpServer:
             }
             for failure in self.plugins.close(session.view, summary):
                 log_hook_error(failure, self.rule.name, session.client)
-        fields = {"error": session.error} if session.error else {}
-        log_event(
-            logger,
-            logging.WARNING if session.reason in (CloseReason.ERROR, CloseReason.INTERNAL_ERROR) else logging.INFO,
-            "session_closed",
-            f"session closed ({session.reason})",
+        if not logger.isEnabledFor(SessionClosed.level_for(session.reason)):
+            return  # build no record at all
+        event = SessionClosed(
             rule=self.rule.name,
             client=session.client,
             target=session.target.address,
@@ -684,8 +795,9 @@ class UdpServer:
             bytes_sent=session.bytes_sent,
             duration=duration,
             reason=session.reason,
-            **fields,
+            error=session.error,
         )
+        emit(logger, event)
 
     # -- drops and the target's address ---------------------------------------------
 
@@ -694,18 +806,15 @@ class UdpServer:
         self.stats.udp_dropped[reason] += 1
         allowed, suppressed = self.context.rejections.allow((self.rule.name, "udp", reason))
         if allowed:
-            extra = {"suppressed": suppressed} if suppressed else {}
-            log_event(
-                logger,
-                logging.WARNING,
-                "datagram_dropped",
-                f"dropped: {why}",
+            event = DatagramDropped(
                 rule=self.rule.name,
                 client=client,
                 target=self.rule.target,
                 reason=reason,
-                **extra,
+                suppressed=suppressed,
+                why=why,
             )
+            emit(logger, event)
 
     # -- the session's target (the pool) ------------------------------------------
 
@@ -766,18 +875,73 @@ class UdpServer:
                 except OSError as exc:  # socket.gaierror included; tried again by the next new client
                     allowed, suppressed = self.context.rejections.allow((rule.name, "udp", "resolve"))
                     if allowed:
-                        extra = {"suppressed": suppressed} if suppressed else {}
-                        log_event(
-                            logger,
-                            logging.WARNING,
-                            "target_unresolved",
-                            f"cannot resolve target {target.spec.host}: {_error_text(exc)}",
+                        event = TargetUnresolved(
                             rule=rule.name,
                             target=target.address,
-                            **extra,
+                            suppressed=suppressed,
+                            host=target.spec.host,
+                            error=_error_text(exc),
                         )
+                        emit(logger, event)
         finally:
             self._resolver = None
+
+    # -- upgrade in place (gportmap.runtime.carry) ---------------------------------------
+
+    def carriable(self) -> list[Session]:
+        """The sessions an upgrade in place can carry into the new program: every
+        open one, unless the rule has plugins (their ``on_close`` is owed, and
+        what they keep of a session lives in this process)."""
+        if self.plugins.active or self.tunnels is not None:  # a tunnel's WebSocket stays here
+            return []
+        return [session for session in self.sessions.values() if not session.closed]
+
+    def forget_session(self, session: Session) -> None:
+        """In the drainer (a copy of the old program): let go of a session the new
+        program carries. Its watcher stops and this copy of its socket closes (the
+        new program holds the socket itself: its port stays the flow's), without a
+        record, a plugin call or giving its target back."""
+        if session.closed:
+            return
+        session.closed = True
+        if session.watcher is not None:
+            session.watcher.stop()
+            session.watcher.close()
+            session.watcher = None
+        session.upstream.close()
+        if self.sessions.get(session.address) is session:
+            del self.sessions[session.address]
+        self.stats.udp_sessions -= 1
+        self.stats.active -= 1
+        if not self.sessions:
+            self._idle.set()
+            self._stop_sweeping()
+
+    def adopt_session(self, session: Session) -> None:
+        """In the new program: serve a session the old one carried (its socket,
+        still connected to the same target from the same port, its counters and
+        clocks set; its target held again by the caller). Counted open again as
+        ``restore_counters`` took it out of the rule's ``total``. Called from
+        ``start`` before the listener is read (``StatsRegistry.take_carried``), so
+        no datagram of its client can open a second session."""
+        if session.address in self.sessions:
+            raise ValueError(f"a session of {session.client} is open already")
+        session.upstream.setblocking(False)
+        # The kernel counts the socket's drops since it was made: the old program
+        # reported those already (``restore_counters``), this one counts from here.
+        self._kernel_done -= kernel_drops(session.upstream)
+        session.watcher = watcher = self._loop.io(session.upstream.fileno(), _READ)
+        watcher.start(self._on_replies, session)
+        self.sessions[session.address] = session
+        stats = self.stats
+        stats.udp_sessions += 1
+        stats.active += 1
+        stats.total += 1
+        if stats.active > stats.peak:
+            stats.peak = stats.active
+        self._idle.clear()
+        if self._sweeper is None:  # soon: the sweep finds the earliest deadline (once, not per session)
+            self._sweep_in(0)
 
 
 def _error_text(exc: OSError) -> str:

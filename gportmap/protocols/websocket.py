@@ -54,11 +54,13 @@ from gevent.pywsgi import WSGIServer
 from geventwebsocket.handler import WebSocketHandler
 
 from gportmap.engine import wsframe
+from gportmap.engine.faults import FaultClose, fault_transform
 from gportmap.engine.hubrelay import HubRelay, adopt
 from gportmap.engine.net import peer_text, set_nodelay
 from gportmap.engine.pipeline import await_handshake, client_handshake_error
 from gportmap.engine.stage import StagedSocket, TransformStage
 from gportmap.engine.tls import TlsStage
+from gportmap.engine.udptunnel import DatagramPump, connect_datagram
 from gportmap.engine.wsbridge import WsBridge
 from gportmap.engine.wsstage import WsStage
 from gportmap.log import ClientErrorsAsLog, get_logger
@@ -109,6 +111,11 @@ class _RuleWSGIServer(WSGIServer):
         client_text = peer_text(address)
         slot = None
         try:
+            if owner.trusted is not None:  # acceptProxy: the header's client, or refused
+                address = owner.read_proxy_header(sock, address)
+                if address is None:
+                    return
+                client_text = peer_text(address)
             slot = owner.admit_slot(address, client_text)
             if slot is None:
                 return
@@ -309,7 +316,10 @@ class _BridgeHandler(ClientErrorsAsLog, WebSocketHandler):
         if not valid_key:
             return self._fail("invalid Sec-WebSocket-Key", "400 Bad Request", "invalid Sec-WebSocket-Key")
         if rule.origins and environ.get("HTTP_ORIGIN") not in rule.origins:
-            owner.reject(self.client_text, RejectReason.ACL)
+            # the record names the Origin refused: what an operator adds to origins
+            origin = environ.get("HTTP_ORIGIN")
+            shown = "no Origin header" if origin is None else f"Origin {origin[:200]!r} is not in origins"
+            owner.reject(self.client_text, RejectReason.ACL, shown)
             self.settled = True
             return self._refuse("403 Forbidden", "origin not allowed")
         self.view = owner.view(self.client_text)
@@ -319,7 +329,11 @@ class _BridgeHandler(ClientErrorsAsLog, WebSocketHandler):
         self.deadline.cancel()
         self.conn = owner.open(self.client_text, self.view, self.slot)  # the slot becomes the connection
         try:
-            self.upstream = owner.connect_target()
+            if rule.target_protocol == "udp":  # SPEC §13: a UDP tunnel's exit
+                self.upstream, target = connect_datagram(owner.pool_at(owner.target_pool, self.socket))
+                self.conn.hold(target, target.address)
+            else:
+                self.upstream = owner.connect_target(pool=owner.pool_at(owner.target_pool, self.socket))  # SPEC §9
         except OSError as exc:
             self.outcome = owner.connect_failed(exc)
             return self._refuse("502 Bad Gateway", "the target cannot be reached")
@@ -346,15 +360,31 @@ class _BridgeHandler(ClientErrorsAsLog, WebSocketHandler):
         client = self.socket
         set_nodelay(client if not isinstance(client, StagedSocket) else client.sock)
         leftover = self._buffered_bytes()
+        if rule.target_protocol == "udp":
+            self._pump_datagrams(client, leftover)
+            return
         transform = owner.transform(self.view)
-        if transform is None or not owner.plugins.may_block:
+        faults = owner.fault_session()
+        bridge: WsBridge | None = None
+
+        def cut(exc: FaultClose) -> None:  # a fault ends the connection (limit_data): a Close, then the end
+            if bridge is not None:
+                bridge._abort(CloseReason.FAULT, f"fault {exc.kind.value}", wsframe.CLOSE_GOING_AWAY)
+
+        if faults is not None:  # SPEC §12: the faults act on the payload stream, in the bridge's greenlets
+            transform = fault_transform(faults, transform, cut)
+        elif transform is None or not owner.plugins.may_block:
             self._hand_to_relay(client, leftover, transform)
             return
         bridge = WsBridge(
             client, leftover, self.upstream, self.conn, rule.idle_timeout, owner.context.buffers, rule.max_message_size, False,
             transform,
         )
-        self.outcome = (bridge.run(), bridge.error)
+        try:
+            self.outcome = (bridge.run(), bridge.error)
+        finally:
+            if faults is not None:
+                faults.end()
 
     def _hand_to_relay(
         self, client: socket.socket | StagedSocket, leftover: bytes, transform: Callable[[str, bytes], bytes] | None
@@ -381,6 +411,26 @@ class _BridgeHandler(ClientErrorsAsLog, WebSocketHandler):
             raise
         self.detached = True
         owner.adopt_relay(relay, self.conn, self.view)
+
+    def _pump_datagrams(self, client: socket.socket | StagedSocket, leftover: bytes) -> None:
+        """A UDP tunnel's exit (SPEC §13): each binary message one datagram to the
+        target, each datagram back one message, in this greenlet (and the pump's
+        two) until the WebSocket closes or ``idleTimeout`` passes in silence."""
+        owner, rule, conn = self.owner, self.owner.rule, self.conn
+        stats = owner.stats
+        client.settimeout(None)
+
+        def count_in(size: int) -> None:
+            conn.add_received(size)
+            stats.udp_packets_received += 1
+
+        def count_out(size: int) -> None:
+            conn.add_sent(size)
+            stats.udp_packets_sent += 1
+
+        pump = DatagramPump(client, self.upstream, False, leftover, rule.idle_timeout, rule.max_message_size,
+                            count_in, count_out, owner.transform(self.view))
+        self.outcome = pump.run()
 
     def _buffered_bytes(self) -> bytes:
         """Bytes pywsgi's reader already took from the socket past the request (a

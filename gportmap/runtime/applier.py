@@ -26,14 +26,14 @@ the manner of HAProxy's master and nginx's reload:
 from __future__ import annotations
 
 import enum
-import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import gevent
 from gevent.event import AsyncResult, Event
 
-from gportmap.log import get_logger, log_event
+from gportmap.events import InternalError, ReloadRefused
+from gportmap.log import emit, get_logger
 from gportmap.runtime.supervisor import Changes
 from gportmap.runtime.transaction import Transaction, TxOutcome
 
@@ -214,10 +214,12 @@ class Applier:
         try:
             outcome = self._apply(request)
         except Exception as exc:  # a bug: contained, the next request is served
-            logger.exception(
-                "applying the rules raised: the reload failed, the applier goes on",
-                extra={"event": "internal_error", "source": request.source.value, "error": repr(exc)[:200]},
+            event = InternalError(
+                source=request.source.value,
+                error=repr(exc)[:200],
+                what="applying the rules raised: the reload failed, the applier goes on",
             )
+            emit(logger, event, exc_info=exc)
             outcome = ReloadOutcome(OutcomeStatus.FAILED, errors=(f"internal error: {exc!r}"[:300],))
         if len(batch) > 1:
             return ReloadOutcome(outcome.status, outcome.changes, outcome.errors, served=len(batch))
@@ -227,12 +229,5 @@ class Applier:
 def refused(source: ReloadSource, log: bool = True, count: int = 1) -> ReloadOutcome:
     """The answer to a reload asked for while gportmap stops (logged unless ``log`` is off)."""
     if log:
-        log_event(
-            logger,
-            logging.WARNING,
-            "reload_refused",
-            "gportmap is stopping: the reload is refused, no listener opens again",
-            source=source.value,
-            requests=count,
-        )
+        emit(logger, ReloadRefused(source=source.value, requests=count))
     return ReloadOutcome(OutcomeStatus.REFUSED, errors=("gportmap is stopping: reloads are refused",))

@@ -46,7 +46,6 @@ import _socket
 import errno
 import heapq
 import itertools
-import logging
 import random
 import re
 import socket
@@ -70,8 +69,9 @@ from gportmap.engine.pool import TargetPool, TargetState
 from gportmap.engine.resolver import Address
 from gportmap.engine.stage import NEED_DATA
 from gportmap.engine.tls import TlsError, TlsStage
+from gportmap.events import InternalError
 from gportmap.failures import report_internal_error
-from gportmap.log import get_logger, log_event
+from gportmap.log import emit, get_logger
 from gportmap.runtime.workers import Verdict, WorkerPool
 from gportmap.security import client_context
 
@@ -521,8 +521,8 @@ class HealthProber:
         try:
             self.sync()
         except Exception as exc:  # noqa: BLE001 - a bug: logged, the next look tries again
-            logger.error(f"health checks: cannot follow the rules: {exc!r}", exc_info=exc,
-                         extra={"event": "internal_error", "error": repr(exc)[:200]})
+            event = InternalError(error=repr(exc)[:200], what=f"health checks: cannot follow the rules: {exc!r}")
+            emit(logger, event, exc_info=exc)
 
     def _follow(self) -> None:
         while True:
@@ -752,8 +752,7 @@ class HealthProber:
             target = f"{watch.key[0]}:{watch.key[1]}"
             report_internal_error(pool.stats, "health-check", target, exc)
         else:
-            log_event(logger, logging.ERROR, "internal_error", f"health checks: unexpected error: {exc!r}",
-                      error=repr(exc)[:200])
+            emit(logger, InternalError(error=repr(exc)[:200], what=f"health checks: unexpected error: {exc!r}"))
 
 
 def _checks_over(pool: TargetPool) -> list[TargetState]:
@@ -860,8 +859,10 @@ class SharedVerdicts:
             try:
                 self.backend.share_health(batch)
             except Exception as exc:  # noqa: BLE001 - a bug: logged, the next change goes all the same
-                log_event(logger, logging.ERROR, "internal_error",
-                          f"health checks: cannot send verdicts to the workers: {exc!r}", error=repr(exc)[:200])
+                emit(
+                    logger,
+                    InternalError(error=repr(exc)[:200], what=f"health checks: cannot send verdicts to the workers: {exc!r}"),
+                )
 
 
 def running_pools(backend: RulesBackend) -> Callable[[], list[TargetPool]]:

@@ -15,7 +15,6 @@ so the watcher's event for that write applies nothing a second time.
 from __future__ import annotations
 
 import hashlib
-import logging
 import os
 import time
 from collections.abc import Callable
@@ -35,13 +34,23 @@ from gportmap.config.edit import (
     write_atomically,
 )
 from gportmap.errors import ConfigError, WatcherError
-from gportmap.log import get_logger, log_event, setup_logging
+from gportmap.events import (
+    ConfigInvalid,
+    ConfigReloaded,
+    ReloadAbandoned,
+    RestartNeeded,
+    RulesChanged,
+    WatcherFallback,
+    Watching,
+)
+from gportmap.log import emit, get_logger, setup_logging
 from gportmap.runtime.applier import Applier, OutcomeStatus, ReloadOutcome, ReloadRequest, ReloadSource
 from gportmap.runtime.impact import assess
+from gportmap.runtime.overlay import ChangeRefused, HeldRules, RuntimeChange
 from gportmap.runtime.supervisor import Changes, Supervisor
 from gportmap.runtime.transaction import EDIT_STATUS, Transaction, TxOutcome, TxStatus, etag_matches
 from gportmap.runtime.watcher import InotifyWatcher, PollWatcher, create_watcher
-from gportmap.stats import RuleStats, iso_time
+from gportmap.stats import RuleStats, iso_time, process_figures
 
 if TYPE_CHECKING:
     from gportmap.runtime.backend import RulesBackend
@@ -109,8 +118,11 @@ class RuleView:
             listen=self.rule.listen,
             target=self.rule.target,
             enabled=self.rule.enabled,
+            limit=self.rule.max_sessions if self.rule.protocol == "udp" else self.rule.max_connections,
             state=self.state,
             error=self.error,
+            source=self.rule.source.value,
+            faults=[fault.describe() for fault in self.rule.faults],
         )
         if data.get("udp") is None:
             data.pop("udp", None)
@@ -141,6 +153,9 @@ class Service:
         #: When this program image started (an upgrade in place starts a new one in
         #: the same process): the master sees a worker come back upgraded by it.
         self.booted = time.monotonic()
+        #: Drainers of upgrades in place still running, by pid: the memfd in which
+        #: each reports the bytes it relayed after the upgrade (``runtime.resume``).
+        self.drainer_reports: dict[int, int] = {}
         self.supervisor: RulesBackend = backend if backend is not None else Supervisor(splice=splice)
         self.reloads = {"success": 0, "failure": 0}
         #: The number of the rules version running: 1 at start, +1 per applied reload
@@ -154,6 +169,8 @@ class Service:
         #: Every reload goes through here, one at a time (started once the first
         #: config runs: a SIGHUP during start-up is queued and served after it).
         self.applier = Applier(self._serve_reload)
+        #: Rules held in memory beside the file's (the Toxiproxy API's proxies, SPEC §12).
+        self.held = HeldRules()
         self._watcher: PollWatcher | InotifyWatcher | None = None
         #: Called with the config after the start and after every applied reload:
         #: what follows the settings above the runtime (the admin endpoint and the
@@ -172,7 +189,8 @@ class Service:
         self.generation = generation if digest == self.config.digest else generation + 1
 
     def start(self) -> Changes:
-        changes = self.supervisor.apply(self.config)
+        changes = self.supervisor.apply(self._running(self.config))
+        self._publish_faults()
         self._update_watcher()
         self._apply_services()
         self.applier.start()
@@ -213,6 +231,8 @@ class Service:
     def _serve_reload(self, request: ReloadRequest) -> ReloadOutcome:
         """The applier's work for one (coalesced) request: read, validate, apply; or
         one transaction (a write of the rule API, a dry run), served alone."""
+        if isinstance(request.transaction, RuntimeChange):
+            return self._serve_runtime(request.transaction)
         if request.transaction is not None:
             result = self._serve_transaction(request.transaction)
             status = {TxStatus.DONE: OutcomeStatus.APPLIED, TxStatus.CREATED: OutcomeStatus.APPLIED}
@@ -241,7 +261,66 @@ class Service:
         except ConfigError as exc:
             self._fail(source, exc.errors, exc.count)
             return ReloadOutcome(OutcomeStatus.INVALID, errors=tuple(exc.errors))
-        return ReloadOutcome(OutcomeStatus.APPLIED, self._apply(config, source))
+        try:
+            changes = self._apply(config, source)
+        except ConfigError as exc:  # SPEC §9: its listeners do not fit this process's open-file limit
+            self._fail(source, exc.errors)
+            return ReloadOutcome(OutcomeStatus.INVALID, errors=tuple(exc.errors))
+        return ReloadOutcome(OutcomeStatus.APPLIED, changes)
+
+    # -- rules held in memory (SPEC §12: Toxiproxy's proxies) -------------------------
+
+    def _running(self, config: Config) -> Config:
+        """What runs: the file's rules and, after them, the rules held in memory."""
+        return self.held.merge(config)
+
+    def _publish_faults(self) -> None:
+        """Tell the running servers each rule's faults (a change of faults alone
+        leaves a rule unchanged for the supervisor: ``Rule.faults``)."""
+        context = getattr(self.supervisor, "context", None)
+        running = getattr(self.supervisor, "config", None)
+        if context is not None and running is not None:
+            context.faults.publish(running.enabled_rules)
+
+    def faults_applied(self) -> dict[tuple[str, str], int]:
+        """(rule, fault type) -> how often it acted (``gportmap_faults_applied_total``)."""
+        context = getattr(self.supervisor, "context", None)
+        return dict(context.faults.applied) if context is not None else {}
+
+    def apply_runtime(self, change: RuntimeChange) -> ReloadOutcome:
+        """Change the rules held in memory and apply, in the applier's turn, and
+        wait: ``change.result`` or ``change.refused`` says how it went."""
+        outcome = self.applier.submit(ReloadRequest(ReloadSource.API, True, None, change), wait=True)  # type: ignore[arg-type]
+        assert outcome is not None
+        return outcome
+
+    def _serve_runtime(self, change: RuntimeChange) -> ReloadOutcome:
+        """One write of the rules held in memory, in the applier's turn: change
+        them, apply the file's config merged with them, check; a refusal at any
+        step restores them (``change.undo``) and what runs."""
+        try:
+            change.result = change.run()
+        except ChangeRefused as exc:
+            change.refused = exc
+            return ReloadOutcome(OutcomeStatus.INVALID, errors=(str(exc),))
+        try:
+            changes = self._apply(self.config, "toxiproxy")
+        except ConfigError as exc:  # the process cannot hold the new listeners (its open-file limit)
+            change.refused = ChangeRefused(500, "; ".join(exc.errors))
+            if change.undo is not None:
+                change.undo()
+                self._apply(self.config, "toxiproxy")
+            return ReloadOutcome(OutcomeStatus.INVALID, errors=tuple(exc.errors))
+        if change.check is not None:
+            try:
+                change.check()
+            except ChangeRefused as exc:
+                change.refused = exc
+                if change.undo is not None:
+                    change.undo()
+                    changes = self._apply(self.config, "toxiproxy")
+                return ReloadOutcome(OutcomeStatus.INVALID, changes, errors=(str(exc),))
+        return ReloadOutcome(OutcomeStatus.APPLIED, changes)
 
     def _serve_transaction(self, tx: Transaction) -> TxOutcome:
         """One write or dry run, in the applier's turn: nothing else reloads meanwhile,
@@ -286,18 +365,7 @@ class Service:
     def _log_write(self, tx: Transaction, name: str | None, changes: Changes, etag: str) -> None:
         fields = changes.as_fields()
         del fields["unchanged"]  # config_reloaded lists them; here: what this write did
-        log_event(
-            logger,
-            logging.INFO,
-            "rules_changed",
-            f"{tx.method} of rule {name} by {tx.client}: {len(changes.added)} added, "
-            f"{len(changes.changed)} changed, {len(changes.removed)} removed",
-            client=tx.client,
-            method=tx.method,
-            rule=name,
-            changes=fields,
-            etag=etag,
-        )
+        emit(logger, RulesChanged(client=tx.client, method=tx.method, rule=name, changes=fields, etag=etag))
 
     def rules_document(self) -> tuple[str, RulesText]:
         """(digest, text) of the rules file that runs, as written: ``GET /rules``."""
@@ -318,7 +386,8 @@ class Service:
 
     def _apply_config(self, config: Config, source: str) -> Changes:
         old_settings = self.config.settings
-        changes = self.supervisor.apply(config)
+        changes = self.supervisor.apply(self._running(config))
+        self._publish_faults()
         self.config = config
         self.generation += 1
         self.reloads["success"] += 1
@@ -334,22 +403,18 @@ class Service:
         self._update_watcher()
         self._apply_services()
         if "workers" in settings_changed:
-            log_event(
-                logger,
-                logging.WARNING,
-                "restart_needed",
-                "settings.workers changed: the number of workers is read at start-up, restart gportmap to apply it",
-                workers=config.settings.workers,
-            )
-        log_event(
+            emit(logger, RestartNeeded(workers=config.settings.workers))
+        emit(
             logger,
-            logging.DEBUG if self.worker else logging.INFO,  # the master logs the reload once
-            "config_reloaded",
-            f"rules reloaded ({source}): {len(changes.added)} added, {len(changes.changed)} changed, "
-            f"{len(changes.removed)} removed, {len(changes.unchanged)} unchanged",
-            source=source,
-            settings_changed=settings_changed,
-            **changes.as_fields(),
+            ConfigReloaded(
+                source=source,
+                settings_changed=settings_changed,
+                added=changes.added,
+                changed=changes.changed,
+                removed=changes.removed,
+                unchanged=changes.unchanged,
+                in_worker=bool(self.worker),  # the master logs the reload once
+            ),
         )
         return changes
 
@@ -358,14 +423,14 @@ class Service:
         the list is clipped ("at least 1,000 errors")."""
         self.reloads["failure"] += 1
         self.last_error = list(errors)
-        log_event(
+        emit(
             logger,
-            logging.ERROR,
-            "config_invalid",
-            f"{self.path}: new rules rejected ({source}), the running rules stay: {count or f'{len(errors)} error(s)'}",
-            path=self.path,
-            source=source,
-            errors=list(errors),
+            ConfigInvalid(
+                path=self.path,
+                source=source,
+                errors=list(errors),
+                outcome=f"new rules rejected ({source}), the running rules stay: {count or f'{len(errors)} error(s)'}",
+            ),
         )
 
     def file_changed(self) -> None:
@@ -379,12 +444,7 @@ class Service:
         self.stop_watching()
         self.applier.close()
         if not self.applier.join(timeout):
-            log_event(
-                logger,
-                logging.WARNING,
-                "reload_abandoned",
-                f"a reload still in progress after {timeout:g}s is left unfinished: nothing more of it starts",
-            )
+            emit(logger, ReloadAbandoned(timeout=timeout))
 
     def _update_watcher(self) -> None:
         """Start or stop watching as ``settings.watch`` says."""
@@ -394,18 +454,11 @@ class Service:
             try:
                 self._watcher.start()
             except WatcherError as exc:
-                log_event(logger, logging.WARNING, "watcher_fallback", f"{exc}; polling instead")
+                emit(logger, WatcherFallback(why=f"{exc}; polling instead"))
                 self.watch_mode = "poll"
                 self._watcher = create_watcher(self.watch_mode, self.path, self.file_changed)
                 self._watcher.start()
-            log_event(
-                logger,
-                logging.INFO,
-                "watching",
-                f"watching {self.path} for changes ({self.watch_mode})",
-                path=self.path,
-                mode=self.watch_mode,
-            )
+            emit(logger, Watching(path=self.path, mode=self.watch_mode))
         elif not want and self._watcher is not None:
             self._watcher.stop()
             self._watcher = None
@@ -419,8 +472,9 @@ class Service:
             for rule, state, error in self.supervisor.rule_states()
         ]
 
-    def snapshot(self) -> dict[str, Any]:
-        """The /stats document (SPEC §5)."""
+    def snapshot(self, rules: list[dict[str, Any]] | None = None) -> dict[str, Any]:
+        """The /stats document (SPEC §5); ``rules``: the rules' entries, built by the
+        caller (the admin endpoint builds them in slices, yielding between them)."""
         return {
             "version": __version__,
             "pid": os.getpid(),
@@ -440,8 +494,11 @@ class Service:
             "connections": {
                 "active": self.supervisor.stats.active,
                 "max": self.config.settings.max_connections,
+                # what this process may hold: its share of max, within its open-file limit
+                "cap": self.supervisor.stats.process_limit,
             },
-            "rules": [view.snapshot() for view in self.rule_views()],
+            "process": process_figures(),
+            "rules": rules if rules is not None else [view.snapshot() for view in self.rule_views()],
             "workers": self.supervisor.describe_workers(),
         }
 
@@ -453,6 +510,7 @@ class Service:
             "pid": os.getpid(),
             "boot": self.booted,
             "active": stats.active,
+            "cap": stats.process_limit,
             "rules": {rule_stats.name: rule_stats.counters() for rule_stats in stats.rules()},
             "states": [[rule.name, state, error] for rule, state, error in self.supervisor.rule_states()],
         }

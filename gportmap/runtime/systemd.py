@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import _socket
 import ipaddress
-import logging
 import os
 import socket
 import time
@@ -43,7 +42,8 @@ import gevent
 import gevent.socket
 
 from gportmap.config import Rule, format_address
-from gportmap.log import get_logger, log_event
+from gportmap.events import ListenFds, NotifyFailed, SocketUnmatched, SocketUnusable
+from gportmap.log import emit, get_logger
 
 if TYPE_CHECKING:
     from gportmap.runtime.service import Service
@@ -142,13 +142,12 @@ class Notifier:
     def _failed(self, exc: OSError) -> None:
         self.failures += 1
         if self.failures == 1:
-            log_event(
+            emit(
                 logger,
-                logging.WARNING,
-                "notify_failed",
-                f"cannot notify the service manager: {exc.strerror or exc}; later failures are not logged",
-                address=self.address.replace("\0", "@", 1) if self.address else None,
-                error=exc.strerror or str(exc),
+                NotifyFailed(
+                    address=self.address.replace("\0", "@", 1) if self.address else None,
+                    error=exc.strerror or str(exc),
+                ),
             )
 
     # -- the life cycle ------------------------------------------------------------------
@@ -320,16 +319,12 @@ class InheritedSockets:
         if not passed:
             return None
         sockets = [sock for sock in (_inspect(item) for item in passed) if sock is not None]
-        log_event(
+        emit(
             logger,
-            logging.INFO,
-            "listen_fds",
-            f"{len(passed)} socket(s) passed by the service manager, {len(sockets)} usable: "
-            + ", ".join(sock.describe() for sock in sockets),
-            passed=len(passed),
-            sockets=[
-                {"fd": s.fd, "name": s.name, "listen": s.listen, "transport": s.transport} for s in sockets
-            ],
+            ListenFds(
+                passed=len(passed),
+                sockets=[{"fd": s.fd, "name": s.name, "listen": s.listen, "transport": s.transport} for s in sockets],
+            ),
         )
         return cls(sockets)
 
@@ -351,17 +346,7 @@ class InheritedSockets:
         adopted = {id(self.take(rule)) for rule in rules if rule.enabled}
         unmatched = [sock for sock in self.sockets if id(sock) not in adopted]
         for sock in unmatched:
-            log_event(
-                logger,
-                logging.WARNING,
-                "socket_unmatched",
-                f"no enabled rule listens on {sock.describe()}, passed by the service manager: "
-                "nothing accepts there until a reload adds a rule with that transport, address and port",
-                fd=sock.fd,
-                fd_name=sock.name,
-                listen=sock.listen,
-                transport=sock.transport,
-            )
+            emit(logger, SocketUnmatched(fd=sock.fd, fd_name=sock.name, listen=sock.listen, transport=sock.transport))
         return unmatched
 
     def close(self) -> None:
@@ -418,12 +403,4 @@ def _inspect(passed: ListenFd) -> InheritedSocket | None:
 
 
 def _unusable(passed: ListenFd, problem: str) -> None:
-    log_event(
-        logger,
-        logging.WARNING,
-        "socket_unusable",
-        f"descriptor {passed.fd} ({passed.name}) passed by the service manager is {problem}: closed",
-        fd=passed.fd,
-        name=passed.name,
-        problem=problem,
-    )
+    emit(logger, SocketUnusable(fd=passed.fd, name=passed.name, problem=problem))

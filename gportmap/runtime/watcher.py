@@ -38,7 +38,6 @@ file. ``alive`` says whether a watch is in place right now.
 from __future__ import annotations
 
 import enum
-import logging
 import os
 import stat
 import time
@@ -50,8 +49,9 @@ from gevent import getcurrent
 from gevent.socket import wait_read
 
 from gportmap.errors import WatcherError
+from gportmap.events import InternalError, WatcherFallback, WatcherRearmed, WatcherRestarted
 from gportmap.inotify import Inotify, InotifyEvent, Mask
-from gportmap.log import get_logger, log_event
+from gportmap.log import emit, get_logger
 from gportmap.platform import Features
 
 logger = get_logger("watcher")
@@ -64,20 +64,13 @@ def choose_mode(features: Features, environ: dict | os._Environ = os.environ) ->
     """``$GPORTMAP_WATCHER`` if set, else inotify where it works, else poll."""
     wanted = environ.get(WATCHER_ENV, "").strip().lower()
     if wanted and wanted not in MODES:
-        log_event(
+        emit(
             logger,
-            logging.WARNING,
-            "watcher_fallback",
-            f"{WATCHER_ENV}={wanted!r} is not one of {', '.join(MODES)}; choosing automatically",
+            WatcherFallback(why=f"{WATCHER_ENV}={wanted!r} is not one of {', '.join(MODES)}; choosing automatically"),
         )
         wanted = ""
     if wanted == "inotify" and not features.inotify:
-        log_event(
-            logger,
-            logging.WARNING,
-            "watcher_fallback",
-            "inotify is not available here; polling the rules file instead",
-        )
+        emit(logger, WatcherFallback(why="inotify is not available here; polling the rules file instead"))
         return "poll"
     return wanted or ("inotify" if features.inotify else "poll")
 
@@ -159,17 +152,8 @@ class _SelfRestarting:
 
     def _log_restart(self, exc: Exception, backoff: float) -> None:
         self.restarts += 1
-        logger.error(
-            f"watching {self.path} failed: {exc!r}; starting the watch again in {backoff:g}s",
-            exc_info=exc,
-            extra={
-                "event": "watcher_restarted",
-                "path": self.path,
-                "error": repr(exc)[:200],
-                "retry_in": backoff,
-                "restarts": self.restarts,
-            },
-        )
+        event = WatcherRestarted(path=self.path, error=repr(exc)[:200], retry_in=backoff, restarts=self.restarts)
+        emit(logger, event, exc_info=exc)
 
     def _notify(self) -> None:
         """Call the callback; an exception out of it (a bug) is logged once, with its
@@ -177,11 +161,12 @@ class _SelfRestarting:
         try:
             self.on_change()
         except Exception as exc:  # noqa: BLE001 - contained: the next change must still be seen
-            logger.error(
-                f"the rules file's change callback raised {exc!r}; the watch goes on",
-                exc_info=exc,
-                extra={"event": "internal_error", "path": self.path, "error": repr(exc)[:200]},
+            event = InternalError(
+                path=self.path,
+                error=repr(exc)[:200],
+                what=f"the rules file's change callback raised {exc!r}; the watch goes on",
             )
+            emit(logger, event, exc_info=exc)
         if self._stopped:
             raise gevent.GreenletExit  # stop() was called from the callback
 
@@ -516,22 +501,10 @@ class InotifyWatcher(_SelfRestarting):
         return changed
 
     def _log_rearmed(self, reason: RearmReason, plan: WatchPlan, errors: list[str]) -> None:
-        if plan.missing is not None:
-            message = f"{plan.missing} does not exist: waiting for it to appear"
-        else:
-            message = f"following {self.path} in {plan.file_folder}"
-        fields: dict = {"path": self.path, "why": reason.value, "folder": plan.file_folder}
-        if plan.missing is not None:
-            fields["waiting_for"] = plan.missing
-        if errors:
-            fields["errors"] = errors[:10]
-        log_event(
-            logger,
-            logging.INFO,
-            "watcher_rearmed",
-            f"re-armed the watch ({reason.value}): {message}",
-            **fields,
+        event = WatcherRearmed(
+            path=self.path, why=reason.value, folder=plan.file_folder, waiting_for=plan.missing, errors=errors[:10]
         )
+        emit(logger, event)
 
 
 def create_watcher(mode: str, path: str, on_change: Callable[[], None]) -> PollWatcher | InotifyWatcher:

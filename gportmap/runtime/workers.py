@@ -36,7 +36,8 @@ killed with SIGKILL leaves no orphan holding the ports.
 
 An upgrade in place (``gportmap.runtime.upgrade``) asks each worker in turn to
 re-execute itself (``Op.UPGRADE``; it comes back on the same channel, same PID,
-``WorkerLink.resumed``), then re-executes the master, which adopts the running
+``WorkerLink.resumed``, or says at once that it could not, ``Op.UPGRADE_FAILED``),
+then re-executes the master, which adopts the running
 workers (``WorkerPool.adopt``, ``AdoptedProcess``) instead of starting them.
 
 ``WorkerPool`` has the surface of ``Supervisor`` that ``Service`` and the run loop
@@ -51,7 +52,6 @@ import binascii
 import enum
 import itertools
 import json
-import logging
 import os
 import signal
 import socket
@@ -71,7 +71,24 @@ from gevent.pool import Pool
 from gportmap.config import Config, Rule
 from gportmap.engine.pool import TargetPool, TargetState
 from gportmap.errors import ConfigError, GportmapError
-from gportmap.log import get_logger, log_event
+from gportmap.events import (
+    InternalError,
+    MasterBadMessage,
+    MasterGone,
+    WorkerAnswerLate,
+    WorkerBadMessage,
+    WorkerChannelError,
+    WorkerConfigInvalid,
+    WorkerExited,
+    WorkerFailed,
+    WorkerRequestLate,
+    WorkerResync,
+    WorkerStarted,
+    WorkerStopped,
+    WorkerUnresponsive,
+    WorkerUpgraded,
+)
+from gportmap.log import emit, get_logger
 from gportmap.runtime.supervisor import Changes
 from gportmap.stats import RuleStats, iso_time
 
@@ -115,6 +132,9 @@ class Op(enum.Enum):
     REPORT = "report"  #: master -> worker: your figures now (with the open connections on demand)
     PUSH = "push"  #: worker -> master: figures and generation, every push interval; the heartbeat
     UPGRADE = "upgrade"  #: master -> worker: upgrade in place now (the master checked the installed code)
+    #: worker -> master, unasked: its upgrade in place did not happen (``reason``): the
+    #: master stops waiting for it at once.
+    UPGRADE_FAILED = "upgrade_failed"
     HEALTH = "health"  #: master -> worker, unanswered: targets' states by the master's checks (``Verdict``)
 
 
@@ -334,7 +354,8 @@ class WorkerLink:
         self._first: Request | None = None
         self._resumed = False
         #: Runs an upgrade in place of this worker (``Op.UPGRADE``); set by the run loop.
-        self.on_upgrade: Callable[[], None] | None = None
+        #: Returns only if the upgrade did not happen: why (or None: logged only).
+        self.on_upgrade: Callable[[], str | None] | None = None
         self.greenlet: gevent.Greenlet | None = None
         self._last_report: dict[str, Any] | None = None
 
@@ -383,12 +404,12 @@ class WorkerLink:
             pusher = gevent.spawn(self._push_loop, service)
             self._read_loop(service)
         except (OSError, ChannelError) as exc:
-            log_event(logger, logging.ERROR, "worker_channel_error", f"channel to the master broke: {exc}")
+            emit(logger, WorkerChannelError(error=str(exc)))
         finally:
             if pusher is not None:
                 pusher.kill(block=False)
         if not stop.is_set():
-            log_event(logger, logging.WARNING, "master_gone", "the master process is gone: stopping")
+            emit(logger, MasterGone())
             stop.set()
 
     def _read_loop(self, service: Service) -> None:
@@ -399,12 +420,7 @@ class WorkerLink:
             try:
                 message = self.channel.recv()
             except MalformedMessage as exc:
-                log_event(
-                    logger,
-                    logging.WARNING,
-                    "master_bad_message",
-                    f"a message from the master was dropped: {exc}",
-                )
+                emit(logger, MasterBadMessage(what=f"a message from the master was dropped: {exc}"))
                 continue
             if message is None:
                 return
@@ -418,13 +434,12 @@ class WorkerLink:
         items = message.get("verdicts")
         verdicts = [v for v in map(Verdict.from_wire, items if isinstance(items, list) else []) if v is not None]
         if not isinstance(items, list) or len(verdicts) != len(items):
-            log_event(logger, logging.WARNING, "master_bad_message",
-                      "a health message from the master had malformed entries: they were dropped")
+            emit(logger, MasterBadMessage(what="a health message from the master had malformed entries: they were dropped"))
         try:
             apply_verdicts(service, verdicts)
         except Exception as exc:  # noqa: BLE001 - a bug: logged, the link goes on
-            logger.exception("applying the master's health verdicts raised",
-                             extra={"event": "internal_error", "error": repr(exc)[:200]})
+            event = InternalError(error=repr(exc)[:200], what="applying the master's health verdicts raised")
+            emit(logger, event, exc_info=exc)
 
     def _handle(self, service: Service, message: dict[str, Any]) -> None:
         """Answer one request, whatever happens while answering it."""
@@ -433,26 +448,27 @@ class WorkerLink:
             request = Request.parse(message)
             answer = self._answer(service, request)
         except BadRequest as exc:
-            log_event(
-                logger, logging.WARNING, "master_bad_message", f"a request from the master was refused: {exc}"
-            )
+            emit(logger, MasterBadMessage(what=f"a request from the master was refused: {exc}"))
             answer = {"ok": False, "errors": [str(exc)]}
         except Exception as exc:  # a bug: answered and logged, the link goes on
-            logger.exception(
-                "answering the master raised: the request failed, the link goes on",
-                extra={
-                    "event": "internal_error",
-                    "request": str(message.get("op"))[:50],
-                    "error": repr(exc)[:200],
-                },
+            event = InternalError(
+                request=str(message.get("op"))[:50],
+                error=repr(exc)[:200],
+                what="answering the master raised: the request failed, the link goes on",
             )
+            emit(logger, event, exc_info=exc)
             answer = {"ok": False, "errors": [f"internal error: {exc!r}"[:300]]}
         try:
             self._send_answer(request_id, answer)
         except (OSError, ChannelError):
             return  # the channel broke: the reader sees it and stops the worker
         if message.get("op") == Op.UPGRADE.value and answer.get("ok") and self.on_upgrade is not None:
-            self.on_upgrade()  # returns only if this worker was not upgraded (logged why)
+            reason = self.on_upgrade()  # returns only if this worker was not upgraded (logged why)
+            try:  # the master waits for this worker to come back: it is told at once instead
+                self.channel.send({"op": Op.UPGRADE_FAILED.value, "generation": self.applied,
+                                   "reason": (reason or "see this worker's upgrade_failed record")[:1000]})
+            except (OSError, ChannelError):
+                return
 
     def _answer(self, service: Service, request: Request) -> dict[str, Any]:
         if request.op is Op.REPORT:
@@ -496,13 +512,7 @@ class WorkerLink:
         try:
             self.channel.send(answer)
         except (TypeError, ValueError, FrameTooLarge) as exc:
-            log_event(
-                logger,
-                logging.ERROR,
-                "internal_error",
-                f"an answer to the master cannot be sent: {exc!s:.200}",
-                error=repr(exc)[:200],
-            )
+            emit(logger, InternalError(error=repr(exc)[:200], what=f"an answer to the master cannot be sent: {exc!s:.200}"))
             self.channel.send(
                 {"id": request_id, "generation": self.applied, "ok": False, "errors": [str(exc)[:300]]}
             )
@@ -519,10 +529,10 @@ class WorkerLink:
                 return  # the channel broke: the reader sees it too and stops the worker
             except Exception as exc:  # a bug: logged once per run of failures, the heartbeat goes on
                 if not failing:
-                    logger.exception(
-                        "the figures for the master cannot be built: pushing the heartbeat alone",
-                        extra={"event": "internal_error", "error": repr(exc)[:200]},
+                    event = InternalError(
+                        error=repr(exc)[:200], what="the figures for the master cannot be built: pushing the heartbeat alone"
                     )
+                    emit(logger, event, exc_info=exc)
                 failing = True
                 try:
                     self.channel.send(self._push_message())
@@ -623,6 +633,8 @@ class WorkerProcess:
         #: it was (the whole state is sent once it ends).
         self.health_sending = False
         self.health_behind = False
+        #: Why its last upgrade in place did not happen, as it said (``Op.UPGRADE_FAILED``).
+        self.upgrade_error: str | None = None
         self._pending: dict[int, AsyncResult] = {}
         self._ids = itertools.count(1)
 
@@ -659,17 +671,11 @@ class WorkerProcess:
         try:
             return waiter.get(timeout=timeout)
         except gevent.Timeout:
-            log_event(
+            emit(
                 logger,
-                logging.WARNING,
-                "worker_request_late",
-                f"worker {self.index} (pid {self.pid}) did not answer {op.value!r} within {timeout:g}s: "
-                "going on without it",
-                worker=self.index,
-                pid=self.pid,
-                request=op.value,
-                timeout=timeout,
-                **({"generation": fields["generation"]} if "generation" in fields else {}),
+                WorkerRequestLate(
+                    worker=self.index, pid=self.pid, request=op.value, timeout=timeout, generation=fields.get("generation")
+                ),
             )
             return None
         finally:
@@ -696,17 +702,13 @@ class WorkerProcess:
         if message.get("op") == Op.PUSH.value:
             self.applying = _int_field(message, "applying")
             return
+        if message.get("op") == Op.UPGRADE_FAILED.value:
+            self.upgrade_error = str(message.get("reason"))[:1000]
+            return
         request_id = _int_field(message, "id")
         waiter = self._pending.pop(request_id, None) if request_id is not None else None
         if waiter is None:
-            log_event(
-                logger,
-                logging.DEBUG,
-                "worker_answer_late",
-                f"worker {self.index} answered request {request_id} after its caller stopped waiting: dropped",
-                worker=self.index,
-                request_id=request_id,
-            )
+            emit(logger, WorkerAnswerLate(worker=self.index, request_id=request_id))
             return
         waiter.set(message)
 
@@ -763,6 +765,12 @@ class AggregateStats:
     @property
     def active(self) -> int:
         return sum(worker.report.get("active", 0) for worker in self.pool.live() if worker.report)
+
+    @property
+    def process_limit(self) -> int:
+        """The connections the live workers may hold together: each one's share of
+        ``maxConnections`` within its own open-file limit, summed."""
+        return sum(worker.report.get("cap", 0) for worker in self.pool.live() if worker.report)
 
     def rule(self, name: str, protocol: str) -> RuleStats:
         total = RuleStats(name, protocol)
@@ -853,9 +861,12 @@ class WorkerPool:
 
     # -- upgrade in place ------------------------------------------------------------
 
-    #: Seconds one worker has to come back upgraded (its pre-flight is the master's:
-    #: this is its hand-over and its new program's start).
-    upgrade_timeout = 60.0
+    #: Seconds one worker has to come back upgraded: its hand-over's own bounded waits
+    #: (its logs flushed, 2 s; a channel frame arriving, 2 s; its drainer letting go,
+    #: ``Upgrader.release_timeout``) and its new program's start (about a second, a
+    #: few on a loaded host). Its pre-flight is the master's; a hand-over that fails
+    #: says so at once (``Op.UPGRADE_FAILED``): this bounds only one that hangs.
+    upgrade_timeout = 15.0
 
     def upgrade_workers(self) -> str | None:
         """Upgrade every running worker in place, one at a time (``Op.UPGRADE``; each
@@ -864,6 +875,7 @@ class WorkerPool:
         for worker in list(self.live()):
             boot = (worker.report or {}).get("boot")
             pid = worker.pid
+            worker.upgrade_error = None
             answer = worker.request(Op.UPGRADE, {}, self.request_timeout)
             if answer is None or not answer.get("ok"):
                 errors = "; ".join((answer or {}).get("errors", [])) or "no answer"
@@ -872,11 +884,12 @@ class WorkerPool:
             while (worker.report or {}).get("boot") == boot:
                 if worker.pid != pid or worker.state is not WorkerState.RUNNING:
                     return f"worker {worker.index} (pid {pid}) exited during its upgrade"
+                if worker.upgrade_error is not None:
+                    return f"worker {worker.index} (pid {pid}) could not upgrade: {worker.upgrade_error}"
                 if time.monotonic() > deadline:
                     return f"worker {worker.index} (pid {pid}) did not come back within {self.upgrade_timeout:g}s"
                 gevent.sleep(0.05)
-            log_event(logger, logging.INFO, "worker_upgraded", f"worker {worker.index} (pid {pid}) upgraded in place",
-                      worker=worker.index, pid=pid)
+            emit(logger, WorkerUpgraded(worker=worker.index, pid=pid))
         return None
 
     def hand_over(self) -> list[HandedWorker]:
@@ -1048,8 +1061,7 @@ class WorkerPool:
         except (OSError, ChannelError, FrameTooLarge):
             pass  # the channel broke: the worker's reader and monitor take over
         except Exception as exc:  # noqa: BLE001 - a bug: logged; the next change is sent all the same
-            logger.exception("the health verdicts for a worker cannot be sent",
-                             extra={"event": "internal_error", "error": repr(exc)[:200]})
+            emit(logger, InternalError(error=repr(exc)[:200], what="the health verdicts for a worker cannot be sent"), exc_info=exc)
         finally:
             if worker.channel is channel:
                 worker.health_sending = False
@@ -1073,8 +1085,7 @@ class WorkerPool:
         try:
             verdicts = self.health_state()
         except Exception as exc:  # noqa: BLE001 - a bug: logged; the next change is sent all the same
-            logger.exception("the health state for a worker cannot be built",
-                             extra={"event": "internal_error", "error": repr(exc)[:200]})
+            emit(logger, InternalError(error=repr(exc)[:200], what="the health state for a worker cannot be built"), exc_info=exc)
             return
         self.share_health(verdicts, [worker])
 
@@ -1125,15 +1136,9 @@ class WorkerPool:
         if answer is None:
             return None
         if not answer.get("ok"):
-            log_event(
+            emit(
                 logger,
-                logging.ERROR,
-                "worker_config_invalid",
-                f"worker {worker.index} could not apply generation {generation}; it keeps its old rules "
-                "and is sent them again later",
-                worker=worker.index,
-                generation=generation,
-                errors=answer.get("errors", []),
+                WorkerConfigInvalid(worker=worker.index, generation=generation, errors=answer.get("errors", [])),
             )
             return None
         return _changes_of(answer)
@@ -1154,15 +1159,7 @@ class WorkerPool:
             min(worker.resync_delay * 2, self.resync_most) if worker.resync_delay else self.resync_first
         )
         worker.resync_at = now + worker.resync_delay
-        log_event(
-            logger,
-            logging.WARNING,
-            "worker_resync",
-            f"worker {worker.index} runs generation {worker.generation}, not {wanted}: sending it the current rules",
-            worker=worker.index,
-            had=worker.generation,
-            wanted=wanted,
-        )
+        emit(logger, WorkerResync(worker=worker.index, had=worker.generation, wanted=wanted))
         worker.applies_in_flight += 1  # until the greenlet takes over: no second resync meanwhile
         gevent.spawn(self._resync, worker)
 
@@ -1205,7 +1202,7 @@ class WorkerPool:
         except OSError as exc:
             master_end.close()
             worker_end.close()
-            log_event(logger, logging.ERROR, "worker_failed", f"cannot start worker {worker.index}: {exc}")
+            emit(logger, WorkerFailed(what=f"cannot start worker {worker.index}: {exc}"))
             gevent.spawn_later(self.restart_most, self._restart, worker)
             return None
         worker_end.close()
@@ -1225,28 +1222,22 @@ class WorkerPool:
             self.start_timeout,
         )
         if answer is None or not answer.get("ok"):
-            log_event(
+            emit(
                 logger,
-                logging.ERROR,
-                "worker_failed",
-                f"worker {worker.index} (pid {process.pid}) did not start",
-                worker=worker.index,
-                pid=process.pid,
-                errors=(answer or {}).get("errors", []),
+                WorkerFailed(
+                    worker=worker.index,
+                    pid=process.pid,
+                    errors=(answer or {}).get("errors", []),
+                    what=f"worker {worker.index} (pid {process.pid}) did not start",
+                ),
             )
             worker.kill()
             return None
         if process.returncode is None and worker.process is process:
             worker.state = WorkerState.RUNNING
-        log_event(
+        emit(
             logger,
-            logging.INFO,
-            "worker_started",
-            f"worker {worker.index} started (pid {process.pid})",
-            worker=worker.index,
-            pid=process.pid,
-            restarts=worker.restarts,
-            generation=generation,
+            WorkerStarted(worker=worker.index, pid=process.pid, restarts=worker.restarts, generation=generation),
         )
         self._share_state(worker)  # a down target is down here too from the start
         self._check_generation(worker)  # rules applied while it started skipped it
@@ -1259,13 +1250,7 @@ class WorkerPool:
                 try:
                     message = channel.recv()
                 except MalformedMessage as exc:
-                    log_event(
-                        logger,
-                        logging.WARNING,
-                        "worker_bad_message",
-                        f"a message from worker {worker.index} was dropped: {exc}",
-                        worker=worker.index,
-                    )
+                    emit(logger, WorkerBadMessage(worker=worker.index, error=str(exc)))
                     continue
                 if message is None:
                     return  # it exited: its monitor takes over
@@ -1275,14 +1260,7 @@ class WorkerPool:
                 self._check_generation(worker)
         except (OSError, ChannelError) as exc:
             if worker.channel is channel and not self.stopping:
-                log_event(
-                    logger,
-                    logging.ERROR,
-                    "worker_channel_error",
-                    f"the channel to worker {worker.index} (pid {worker.pid}) broke: {exc}; killing it",
-                    worker=worker.index,
-                    pid=worker.pid,
-                )
+                emit(logger, WorkerChannelError(worker=worker.index, pid=worker.pid, error=str(exc)))
                 worker.kill()
 
     def _watch(self) -> None:
@@ -1299,15 +1277,7 @@ class WorkerPool:
                     self._kill_silent(worker)
 
     def _kill_silent(self, worker: WorkerProcess) -> None:
-        log_event(
-            logger,
-            logging.ERROR,
-            "worker_unresponsive",
-            f"worker {worker.index} (pid {worker.pid}) sent nothing for {worker.silent_for():.0f}s: killing it",
-            worker=worker.index,
-            pid=worker.pid,
-            silent_for=round(worker.silent_for(), 3),
-        )
+        emit(logger, WorkerUnresponsive(worker=worker.index, pid=worker.pid, silent_for=round(worker.silent_for(), 3)))
         worker.kill()
 
     def _monitor(self, worker: WorkerProcess, process: gevent.subprocess.Popen) -> None:
@@ -1319,14 +1289,7 @@ class WorkerPool:
         self.stats.retire(worker.report)
         worker.detach()
         if self.stopping:
-            log_event(
-                logger,
-                logging.INFO,
-                "worker_stopped",
-                f"worker {worker.index} stopped",
-                worker=worker.index,
-                code=code,
-            )
+            emit(logger, WorkerStopped(worker=worker.index, code=code))
             return
         lived = time.time() - worker.started_at
         delay = (
@@ -1334,17 +1297,7 @@ class WorkerPool:
             if lived >= self.stable
             else min(self.restart_first * 2 ** min(worker.restarts, 10), self.restart_most)
         )
-        how = f"killed by signal {-code}" if code < 0 else f"exit code {code}"
-        log_event(
-            logger,
-            logging.ERROR,
-            "worker_exited",
-            f"worker {worker.index} (pid {process.pid}) exited unexpectedly ({how}); restarting in {delay:g}s",
-            worker=worker.index,
-            pid=process.pid,
-            code=code,
-            restart_in=delay,
-        )
+        emit(logger, WorkerExited(worker=worker.index, pid=process.pid, code=code, restart_in=delay))
         gevent.spawn_later(delay, self._restart, worker)
 
     def _restart(self, worker: WorkerProcess) -> None:
