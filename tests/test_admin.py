@@ -186,8 +186,16 @@ def test_a_browser_without_the_token_gets_a_page_that_says_how_and_a_form_that_d
                  what="the token page")
         chromium.evaluate(f"document.querySelector('input[name=token]').value = {json.dumps(token)}")
         chromium.evaluate("document.querySelector('form').submit()")
-        wait_for(lambda: chromium.evaluate("document.title") == "gportmap", timeout=15, what="the dashboard")
-        wait_for(lambda: (chromium.evaluate("document.getElementById('live')?.textContent") or "").startswith("live"),
+
+        def page(expression: str) -> object:
+            """The expression on the page; None while the form's navigation replaces it."""
+            try:
+                return chromium.evaluate(expression)
+            except RuntimeError:  # "Inspected target navigated or closed": try again
+                return None
+
+        wait_for(lambda: page("document.title") == "gportmap", timeout=15, what="the dashboard")
+        wait_for(lambda: str(page("document.getElementById('live')?.textContent")).startswith("live"),
                  timeout=15, what="the dashboard reading /stats with the token")
     finally:
         chromium.close()

@@ -35,7 +35,8 @@ from gportmap.reasons import CloseReason, RejectReason
 PACKAGE = Path(gportmap.__file__).resolve().parent
 ROOT = PACKAGE.parent
 for _module in pkgutil.walk_packages(gportmap.__path__, "gportmap."):
-    importlib.import_module(_module.name)  # event classes may live next to their use
+    if _module.name != "gportmap.__main__":  # it monkeypatches the whole process (gevent) on import
+        importlib.import_module(_module.name)  # event classes may live next to their use
 EVENT_CLASSES = sorted(all_events(), key=lambda cls: cls.event)
 CLASS_NAMES = {cls.__name__ for cls in EVENT_CLASSES}
 

@@ -16,6 +16,7 @@ import socket
 
 import pytest
 
+import gportmap.inotify
 from gportmap.engine import hubrelay
 from gportmap.engine.hubrelay import HubRelay
 from gportmap.failures import report_internal_error
@@ -65,6 +66,8 @@ def test_each_registry_limits_its_own_internal_error_records(records) -> None:
 def test_the_relay_mode_is_read_at_start_into_the_features(monkeypatch, relay: str, splice_first: bool) -> None:
     monkeypatch.delenv("GPORTMAP_PORTABLE", raising=False)
     monkeypatch.setenv("GPORTMAP_RELAY", relay)
+    # not this test's business, and it makes an inotify instance in this process
+    monkeypatch.setattr(gportmap.inotify, "available", lambda: True)
     features = detect()
     assert features.splice_first is splice_first
     assert "splice_first" not in features.enabled()  # a policy, not a platform feature (the started record)
@@ -76,6 +79,7 @@ def test_the_relay_mode_is_read_at_start_into_the_features(monkeypatch, relay: s
 def test_the_hub_relay_takes_its_policy_from_the_features(monkeypatch) -> None:
     monkeypatch.setattr(HubRelay, "splice_first", None)
     monkeypatch.setenv("GPORTMAP_RELAY", "splice")
+    monkeypatch.setattr(gportmap.inotify, "available", lambda: True)
     HubRelay.configure(detect())
     assert HubRelay.splice_first is True
     monkeypatch.setenv("GPORTMAP_RELAY", "copy")  # too late: read at start, not per connection
