@@ -662,6 +662,27 @@ class RuleStopped(Event):
         return f"rule {self.rule} stopped on {self.listen}"
 
 
+@define("rule_server_retired")
+class RuleServerRetired(Event):
+    """A changed rule's previous server, whose listeners a reload handed to the new
+    one, finished its connections (what was left at drainTimeout was cut). The rule
+    served throughout: ``rule_stopped`` here read like an outage."""
+
+    rule: str
+    cut_connections: int
+
+    def record_level(self) -> int:
+        return logging.WARNING if self.cut_connections else logging.INFO
+
+    def message(self) -> str:
+        if self.cut_connections:
+            return (
+                f"rule {self.rule}: {self.cut_connections} connection(s) still open on the server it ran "
+                "before the reload were cut at drainTimeout"
+            )
+        return f"rule {self.rule}: the server it ran before the reload finished its connections"
+
+
 # -- the rules file: loads, reloads, edits, the watcher -----------------------------
 
 

@@ -456,7 +456,7 @@ def test_kernel_drops_on_a_full_receive_buffer_are_counted_and_survive_a_handove
         gp.rules_path.write_text(json.dumps(changed))
         gp.signal(signal.SIGHUP)
         gp.wait_event("config_reloaded", changed=["full"])
-        gp.wait_event("rule_stopped", rule="full")  # the old server drained and folded its figures
+        gp.wait_event("rule_server_retired", rule="full")  # the old server drained and folded its figures
         assert udp_stats(gp, "full")["dropped_by_reason"]["kernel"] == first
         # ... and goes on counting on the new server.
         flood_while_stopped(gp, port, count)

@@ -26,6 +26,30 @@ LISTEN_BACKLOG = 1024
 #: libev event masks (a watcher waiting to read, to write).
 READ, WRITE = 1, 2
 
+
+class DeadlineRead:
+    """A wait in hub callbacks for a socket's first bytes, under one deadline: a
+    read watcher calls ``_on_readable`` at each readiness, a timer ``_on_timeout``
+    once. What reads a PROXY header (``proxyaccept``) and what sniffs a route
+    (``routes``) both wait this way; they declare the ``sock``, ``timeout``,
+    ``reader`` and ``timer`` slots and the two callbacks."""
+
+    __slots__ = ()
+
+    def start(self) -> None:
+        loop = gevent.get_hub().loop
+        self.timer = loop.timer(self.timeout)
+        self.timer.start(self._on_timeout, update=True)  # from now, not from the loop's last wake-up
+        self.reader = loop.io(self.sock.fileno(), READ)
+        self.reader.start(self._on_readable)
+
+    def cancel(self) -> None:
+        """Stop the watchers (the socket is its owner's to close)."""
+        for watcher in (self.reader, self.timer):
+            if watcher is not None:
+                watcher.close()
+        self.reader = self.timer = None
+
 _WILDCARDS = {"0.0.0.0", "::", ""}
 
 

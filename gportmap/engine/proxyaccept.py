@@ -22,10 +22,9 @@ import _socket
 import socket
 from collections.abc import Callable, Iterable
 
-from gevent import get_hub
 from gevent.event import AsyncResult
 
-from gportmap.engine.net import READ
+from gportmap.engine.net import DeadlineRead
 from gportmap.engine.proxyproto import V1_MAX_LENGTH, V2_FIXED, ProxyHeader, ProxyHeaderError, parse_header
 from gportmap.security import NetworkSet, client_key
 
@@ -45,7 +44,7 @@ class TrustedProxies:
         return key is not None and self.networks.covers(*key)
 
 
-class HubProxyRead:
+class HubProxyRead(DeadlineRead):
     """Reads one header from ``sock`` (a bare non-blocking socket) within
     ``timeout`` seconds. Calls exactly one of ``on_header(header)`` and
     ``on_failed(text)`` (a malformed or oversized header, the client gone, the
@@ -79,20 +78,6 @@ class HubProxyRead:
         self.reader = self.timer = None
         #: For a protocol server that tracks it as a relay (``abort`` on a stop).
         self.on_done: Callable[[str, str | None], None] | None = None
-
-    def start(self) -> None:
-        loop = get_hub().loop
-        self.timer = loop.timer(self.timeout)
-        self.timer.start(self._on_timeout, update=True)
-        self.reader = loop.io(self.sock.fileno(), READ)
-        self.reader.start(self._on_readable)
-
-    def cancel(self) -> None:
-        """Stop the watchers (the socket is its owner's)."""
-        for watcher in (self.reader, self.timer):
-            if watcher is not None:
-                watcher.close()
-        self.reader = self.timer = None
 
     def abort(self, reason: str, error: str | None = None) -> None:
         """A stop while the header is awaited: the watchers stop and the owner's

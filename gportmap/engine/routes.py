@@ -31,11 +31,10 @@ import socket
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from gevent import get_hub
 from gevent.event import AsyncResult
 
 from gportmap.config.model import Rule, RuleRoute
-from gportmap.engine.net import READ
+from gportmap.engine.net import DeadlineRead
 from gportmap.engine.pipeline import HubConnection, HubOwner, Route
 from gportmap.engine.pool import TargetPool, make_balancer
 from gportmap.engine.sniff import SNIFF_CAP, Verdict, decide
@@ -74,7 +73,7 @@ class RouteTable:
         return cls(rule.routes, rule.sniff_timeout, pools, hub_routes)
 
 
-class Sniffer:
+class Sniffer(DeadlineRead):
     """Peeks at one client's first bytes in hub callbacks until ``decide`` names
     a route, or none is left, or ``timeout`` passes (then what has come is all
     there is; nothing at all: the ``ssh`` route, else the default). Calls
@@ -103,20 +102,6 @@ class Sniffer:
         self.on_crash = on_crash
         self.reader = self.timer = None
         self.lowat = 1
-
-    def start(self) -> None:
-        loop = get_hub().loop
-        self.timer = loop.timer(self.timeout)
-        self.timer.start(self._on_timeout, update=True)
-        self.reader = loop.io(self.sock.fileno(), READ)
-        self.reader.start(self._on_readable)
-
-    def cancel(self) -> None:
-        """Stop every watcher (the socket is its owner's to close)."""
-        for watcher in (self.reader, self.timer):
-            if watcher is not None:
-                watcher.close()
-        self.reader = self.timer = None
 
     def _guarded(self, step: Callable[[], None]) -> None:
         try:

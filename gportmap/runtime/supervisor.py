@@ -39,7 +39,14 @@ from gportmap.config.model import PortRange
 from gportmap.engine.net import BindRetry, bind_listener, bind_resolved, resolve_listen
 from gportmap.engine.relay import BufferPool
 from gportmap.errors import BindError, ConfigError, GportmapError
-from gportmap.events import ConnectionsCapped, ListenersChanged, RuleFailed, RuleStarted, RuleStopped
+from gportmap.events import (
+    ConnectionsCapped,
+    ListenersChanged,
+    RuleFailed,
+    RuleServerRetired,
+    RuleStarted,
+    RuleStopped,
+)
 from gportmap.log import RateLimiter, emit, get_logger
 from gportmap.protocols import ServerContext, create_server
 from gportmap.runtime.listeners import ListenKey, Plan, RuleKey, RulePlan, Span, plan, spans, subtract, texts
@@ -146,6 +153,9 @@ class RuleRunner:
         self._backoff = BindRetry()
         #: Its single listener went to a successor (``give``): retiring keeps it open.
         self._given = False
+        #: Retired by a reload that handed its listeners to a new server of the same
+        #: rule: its end is that server's predecessor finishing, not the rule stopping.
+        self.handed_on = False
 
     def _on(self, event: RuleEvent) -> RuleState:
         self.state = next_state(self.state, event)
@@ -416,7 +426,10 @@ class RuleRunner:
         left = self.server.active
         self.server.kill()
         self._on(RuleEvent.DRAINED)
-        emit(logger, RuleStopped(rule=self.rule.name, listen=self.rule.listen, cut_connections=left))
+        if self.handed_on:
+            emit(logger, RuleServerRetired(rule=self.rule.name, cut_connections=left))
+        else:
+            emit(logger, RuleStopped(rule=self.rule.name, listen=self.rule.listen, cut_connections=left))
 
 
 class Supervisor:
@@ -504,10 +517,13 @@ class Supervisor:
             changes.changed.append(rule.name)
             self.hand_over([(running[donor], given) for donor, given in rule_plan.takes.items()], runner)
             self._log_listeners(rule, rule_plan, reload.dropped)
-        for key in reload.donors:
-            donor = running[key]
+        donors = [(key, running[key]) for key in reload.donors]
+        for key, donor in donors:
             if self.runners.get(key) is donor:
                 del self.runners[key]
+        serving = {runner.rule.name for runner in self.runners.values()}
+        for _key, donor in donors:
+            donor.handed_on = donor.rule.name in serving  # the rule runs on, on its new server
             donor.retire(keep_listener=False)  # what it did not give is closed
             self._drain_later(donor, drain)
         self.config = config
