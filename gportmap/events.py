@@ -511,9 +511,19 @@ class FdLimitCapped(Event):
 
 @define("connections_capped", logging.WARNING)
 class ConnectionsCapped(Event):
+    """The open-file limit holds connections under maxConnections. A WARNING when it
+    takes a real share of them away; INFO when the cap is within ``slight`` of it (a
+    20,000 hard limit leaves 9,967 of the default 10,000: nothing to act on)."""
+
     open_files: int
     limit: int
     max_connections: int
+
+    #: The share of maxConnections the cap may take away and still be only INFO.
+    slight = 0.05
+
+    def record_level(self) -> int:
+        return logging.INFO if self.limit >= self.max_connections * (1 - self.slight) else logging.WARNING
 
     def message(self) -> str:
         return (

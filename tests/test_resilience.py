@@ -74,3 +74,36 @@ def test_a_tiny_fd_limit_is_survived_and_logged_as_json(tmp_path: Path, echo_tar
         proc.kill()
         proc.wait()
     assert os.path.exists(log)
+
+
+def test_a_cap_that_takes_little_is_info_and_one_that_takes_much_a_warning(tmp_path: Path, echo_target) -> None:
+    """issue 24: a 20,000 open-file limit holds the default 10,000 connections to
+    9,967; that is no reason for a WARNING at every start. A limit that takes a real
+    share away still is one."""
+    hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
+    limits = [256] + ([20_000] if hard == resource.RLIM_INFINITY or hard >= 20_000 else [])
+    levels = {}
+    for limit in limits:
+        rules = tmp_path / f"rules-{limit}.json"
+        rules.write_text(json.dumps([tcp_rule(free_port(), echo_target.port, name="r")]))
+        log = tmp_path / f"log-{limit}"
+
+        def set_limit(limit: int = limit) -> None:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (limit, limit))
+
+        with open(log, "wb") as out:
+            proc = subprocess.Popen(
+                [sys.executable, "-m", "gportmap", str(rules), "--log-format", "json"],
+                stderr=out, stdin=subprocess.DEVNULL, preexec_fn=set_limit,
+            )
+        try:
+            def capped(log: Path = log) -> list[dict]:
+                records = [json.loads(line) for line in log.read_text().splitlines() if line.strip()]
+                return [r for r in records if r["event"] == "connections_capped"]
+
+            levels[limit] = wait_for(capped, what=f"connections_capped at {limit}")[0]["level"]
+        finally:
+            proc.kill()
+            proc.wait()
+    assert levels.pop(256) == "WARNING"  # 96 of 10,000
+    assert all(level == "INFO" for level in levels.values()), levels  # 9,967 of 10,000
