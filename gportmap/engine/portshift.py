@@ -131,14 +131,21 @@ class Shifts:
         return shifted
 
 
-def local_port(sock: Any) -> int | None:
-    """The port ``sock`` (an accepted connection, bare, gevent's or staged) was
-    accepted on: its listener's port. None when it cannot be read (the client reset)."""
+def local_address(sock: Any) -> tuple[str, int] | None:
+    """The (host, port) ``sock`` (an accepted connection, bare, gevent's or staged)
+    was accepted on. None when it cannot be read (the client reset)."""
     for candidate in (sock, getattr(sock, "sock", None)):
         getsockname = getattr(candidate, "getsockname", None)
         if getsockname is not None:
             try:
-                return int(getsockname()[1])
-            except (OSError, IndexError, TypeError):
+                host, port = getsockname()[:2]
+                return str(host), int(port)
+            except (OSError, ValueError, TypeError):
                 return None
     return None
+
+
+def local_port(sock: Any) -> int | None:
+    """The port ``sock`` was accepted on: its listener's port (see ``local_address``)."""
+    address = local_address(sock)
+    return address[1] if address is not None else None

@@ -50,7 +50,7 @@ from gportmap.engine.faults import FaultSession
 from gportmap.engine.net import bind_listener, connect_error_text, peer_text, set_nodelay
 from gportmap.engine.pipeline import Route, await_target_ready, target_setup_error
 from gportmap.engine.pool import TargetPool
-from gportmap.engine.portshift import Shifts, local_port
+from gportmap.engine.portshift import Shifts, local_address, local_port
 from gportmap.engine.proxyaccept import TrustedProxies, await_proxy_header
 from gportmap.engine.proxyproto import ProxyHeader, ProxyHeaderError
 from gportmap.engine.sockopts import apply_keep_alive
@@ -204,15 +204,8 @@ class StreamRuleServer:
         address) for a rule with one, without a system call."""
         if self.rule.listener_count == 1:
             return None
-        for candidate in (client, getattr(client, "sock", None)):  # bare, gevent's or staged
-            getsockname = getattr(candidate, "getsockname", None)
-            if getsockname is not None:
-                try:
-                    host, port = getsockname()[:2]
-                except (OSError, ValueError):
-                    return None  # reset already: the rule's address stands
-                return format_address(host, port)
-        return None
+        address = local_address(client)
+        return format_address(*address) if address is not None else None  # None: reset, the rule's stands
 
     def pool_at(self, pool: TargetPool, client: object) -> TargetPool:
         """``pool`` as a connection accepted on ``client`` sees it: its "C-D" targets
