@@ -189,6 +189,7 @@ def test_arbitrary_byte_streams_close_only_their_own_connection(start_gportmap, 
     wait_for(lambda: active(gp, "fz") == 1, timeout=15, what="the fuzzed connections to be reclaimed")
     wait_for(lambda: gp.open_fds() <= fds, timeout=10, what=f"fds back to {fds} (now {gp.open_fds()})")
     assert not gp.events("internal_error")
+    gp.wait_event("connection_closed", 10, count=examples)  # records follow the figures through the log writer
     closed = gp.events("connection_closed")
     assert len(closed) == examples and {r["reason"] for r in closed} <= {"closed", "client_error"}
     steady.close()
