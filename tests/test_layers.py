@@ -153,3 +153,17 @@ def test_both_backends_implement_the_declared_surface(cls_path: str):
     init = inspect.getsource(cls.__init__)
     for attribute in RulesBackend.__annotations__:
         assert f"self.{attribute}" in init, f"{name} does not set {attribute}"
+
+
+#: Within the admin layer, the endpoint's one-job modules sit below its routes
+#: (``http``): the guard and the renderings never import them, so a route cannot
+#: reach around the limits and the limits hold for every route.
+ADMIN_BELOW_ROUTES = ["gportmap/admin/guard.py", "gportmap/admin/render.py"]
+
+
+@pytest.mark.parametrize("relative", ADMIN_BELOW_ROUTES)
+def test_the_admin_guard_and_renderings_never_import_the_routes(relative: str):
+    path = PACKAGE.parent / relative
+    assert path.exists(), f"{relative} is gone: update ADMIN_BELOW_ROUTES"
+    upward = [f"line {line}: {target}" for target, line in imports(path) if target == "gportmap.admin.http"]
+    assert not upward, f"{relative} imports the routes:\n" + "\n".join(upward)

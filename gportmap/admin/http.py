@@ -2,22 +2,15 @@
 reload, the dashboard page, and the rule API (SPEC §10: ``/rules``).
 
 A gevent pywsgi server in the same hub as the data path, so it is an edge of its
-own (issue 20) and must never stall forwarding (issue 18):
+own (issue 20) and must never stall forwarding (issue 18). This module holds the
+routes and what they answer; the rest is in one module per job:
 
-- its connections are capped (``AdminServer.max_connections``, inside the
-  descriptor reserve of ``gportmap.stats.FD_RESERVE``): past the cap a new
-  connection is closed at once and counted, so a flood of idle connections cannot
-  take the descriptors forwarding needs;
-- a request head must arrive whole within ``header_timeout`` (slowloris), a
-  keep-alive connection is closed after ``idle_timeout`` without a request, a body
-  must arrive within ``body_timeout``, and heads and bodies are bounded in size;
-- failed authentication is logged once per client per interval with a count, and
-  slowed per client address by a token bucket (``AuthThrottle``): past it, 429;
-- ``/metrics``, ``/stats`` and ``/connections`` copy the figures on the hub rule by
-  rule, yielding every ``slice_rules`` rules, and format the text in the hub's
-  thread pool; concurrent requests share one rendering that started after they
-  arrived (``Coalesced``), so ten scrapers cost one rendering at a time, never a
-  stale answer.
+- ``gportmap.admin.guard``: the connection cap, the request deadlines and size
+  limits, the throttle of wrong tokens, the endpoint's own figures and records
+  (the limits are ``AdminServer``'s documented class attributes);
+- ``gportmap.admin.render``: ``/metrics``, ``/stats`` and ``/connections``, copied
+  on the hub in slices and formatted in the hub's thread pool, one shared rendering
+  at a time (``Coalesced``).
 
 A request, however malformed, is answered or closed by pywsgi and never touches
 forwarding. If its address cannot be bound, gportmap logs it, keeps forwarding,
@@ -26,40 +19,30 @@ and retries with back-off.
 
 from __future__ import annotations
 
-import enum
 import hmac
-import http.client
 import ipaddress
-import json
-import logging
 import math
-import time
-from collections import OrderedDict
 from collections.abc import Callable, Iterable
-from dataclasses import replace
 from importlib import resources
-from typing import TYPE_CHECKING, Any, Generic, TypeVar
+from typing import TYPE_CHECKING, Any
 from urllib.parse import parse_qs
 
 import gevent
-from gevent.event import AsyncResult
-from gevent.pywsgi import WSGIHandler, WSGIServer
 
+from gportmap.admin.guard import AdminFigures, AuthThrottle, CutReason, EdgeLog, GuardedServer
+from gportmap.admin.render import Renderings, json_text
 from gportmap.admin.toxiproxy import ToxiproxyApi
 from gportmap.config import AdminSettings
 from gportmap.config.edit import EditOp, RuleEdit, read_json
 from gportmap.engine.net import BindRetry, bind_listener, peer_text
-from gportmap.engine.routes import describe_routes
 from gportmap.errors import BindError
-from gportmap.events import AdminFailed, AdminStarted, Event, define, if_set
-from gportmap.log import ClientErrorsAsLog, RateLimiter, emit, get_logger
+from gportmap.events import AdminFailed, AdminStarted
+from gportmap.log import emit, get_logger
 from gportmap.runtime.applier import OutcomeStatus, ReloadOutcome, ReloadSource
 from gportmap.runtime.transaction import Transaction, TxOutcome, TxStatus, parse_if_match
-from gportmap.security import client_ip
+from gportmap.runtime.workers import WorkerPool
 
 if TYPE_CHECKING:
-    from types import ModuleType
-
     from gportmap.runtime.service import Service
 
 logger = get_logger("admin")
@@ -117,392 +100,11 @@ class _Refused(Exception):
         self.status = status
 
 
-class CutReason(enum.StrEnum):
-    """Why the endpoint closed a connection on its own (``/stats``' ``admin.cut``)."""
-
-    HEADER_TIMEOUT = "header_timeout"  # no whole request head within header_timeout
-    IDLE_TIMEOUT = "idle_timeout"  # keep-alive: no next request within idle_timeout
-    BODY_TIMEOUT = "body_timeout"  # the body did not arrive within body_timeout (answered 408)
-    SEND_TIMEOUT = "send_timeout"  # the client did not read the answer: a send waited body_timeout
-    HEAD_TOO_LARGE = "head_too_large"  # the head is over max_head bytes (answered 400)
-
-
-class AdminFigures:
-    """The endpoint's own counters (``/stats``' ``admin``, ``gportmap_admin_*``):
-    plain integers, kept by the ``AdminServer`` across moves of its address."""
-
-    __slots__ = ("open", "refused", "cut", "auth_failures", "auth_throttled")
-
-    def __init__(self) -> None:
-        self.open = 0  # connections open now
-        self.refused = 0  # closed at once: the cap was reached
-        self.cut = dict.fromkeys(CutReason, 0)
-        self.auth_failures = 0  # wrong tokens (answered 401, some after a delay)
-        self.auth_throttled = 0  # answered 429
-
-    def as_dict(self, max_connections: int) -> dict[str, Any]:
-        return {
-            "connections": self.open,
-            "max_connections": max_connections,
-            "refused": self.refused,
-            "cut": {str(reason): count for reason, count in self.cut.items()},
-            "auth_failures": self.auth_failures,
-            "auth_throttled": self.auth_throttled,
-        }
-
-
-@define("admin_busy", logging.WARNING)
-class AdminBusy(Event):
-    """Connections closed at once because the endpoint holds its cap (rate-limited)."""
-
-    client: str
-    max_connections: int
-    suppressed: int = if_set(0)
-
-    def message(self) -> str:
-        return (
-            f"admin endpoint holds {self.max_connections} connections: a new one from {self.client} "
-            "was closed at once"
-        )
-
-
-@define("admin_cut", logging.WARNING)
-class AdminCut(Event):
-    """A connection the endpoint closed on a deadline or an oversized head (rate-limited)."""
-
-    client: str
-    reason: CutReason
-    seconds: float
-    suppressed: int = if_set(0)
-
-    def message(self) -> str:
-        return f"admin connection from {self.client} closed: {self.reason} ({self.seconds:g}s)"
-
-
-@define("admin_auth_failed", logging.WARNING)
-class AdminAuthFailed(Event):
-    """Failed authentication from one client address: the first at once, then at most
-    one record per interval with the count since the last one."""
-
-    client: str
-    failures: int
-    throttled: int
-    path: str
-    interval: float
-
-    def message(self) -> str:
-        refused = f", {self.throttled} more refused (429)" if self.throttled else ""
-        return f"{self.failures} failed authentication(s) from {self.client}{refused} (last: {self.path})"
-
-
-class _Client:
-    """One client address's failed authentications (``AuthThrottle``)."""
-
-    __slots__ = ("tokens", "stamp", "logged_at", "failures", "throttled", "path")
-
-    def __init__(self, burst: float, now: float) -> None:
-        self.tokens = burst  # failures it may still make at once; below 0, a debt
-        self.stamp = now  # when tokens was last brought up to date
-        self.logged_at = -math.inf  # its last record (monotonic)
-        self.failures = 0  # failures since its last record
-        self.throttled = 0  # 429 answers since its last record
-        self.path = ""
-
-
-class AuthThrottle:
-    """Wrong tokens per client address: slowed by a token bucket, and logged at most
-    once per interval per client with a count.
-
-    An address may give ``burst`` wrong tokens at once; past that every wrong one
-    is answered 401 only after a delay that grows with its debt (``refill``
-    seconds per failure not yet paid back), so a guesser gets one answer per
-    ``refill`` seconds however many connections it opens. When the next delay
-    would pass ``max_delay`` the address is *locked*: every request of it that
-    needs the token is answered 429 with Retry-After at once, the right token
-    included (an answer that differed would tell a guesser when it is right).
-    Clients with the right token are never delayed; a request with no token at all
-    is no guess (a browser, a scraper without its token) and is answered 401 alone.
-    The delay runs in the request's greenlet, never on the hub. IPv6 clients are
-    keyed by their /64. The table keeps the ``capacity`` addresses seen last (LRU);
-    one that falls out starts afresh."""
-
-    def __init__(
-        self, burst: int, refill: float, max_delay: float, capacity: int, log_interval: float, figures: AdminFigures
-    ) -> None:
-        self.burst = burst
-        self.refill = refill
-        self.max_delay = max_delay
-        self.capacity = capacity
-        self.log_interval = log_interval
-        self.figures = figures
-        self._clients: OrderedDict[str, _Client] = OrderedDict()
-
-    @staticmethod
-    def key(address: str) -> str:
-        """The address a client is counted by: its IP, or the /64 of an IPv6 one."""
-        ip = client_ip(address)
-        if ip is None:
-            return address[:64]
-        if ip.version == 6:
-            return str(ipaddress.ip_network((int(ip) >> 64 << 64, 64)))
-        return str(ip)
-
-    def locked(self, key: str) -> float:
-        """Seconds ``key`` stays locked (answered 429); 0: not locked."""
-        client = self._clients.get(key)
-        if client is None:
-            return 0.0
-        self._refill(client)
-        return max(0.0, (1 - client.tokens) * self.refill - self.max_delay)
-
-    def throttled(self, key: str) -> None:
-        """A request of ``key`` was answered 429."""
-        self.figures.auth_throttled += 1
-        client = self._clients.get(key)
-        if client is not None:
-            client.throttled += 1
-
-    def failed(self, key: str, path: str) -> float:
-        """A request of ``key`` gave a wrong token: the seconds its 401 waits."""
-        self.figures.auth_failures += 1
-        now = time.monotonic()
-        client = self._clients.get(key)
-        if client is None:
-            client = self._clients[key] = _Client(float(self.burst), now)
-            if len(self._clients) > self.capacity:
-                self._clients.popitem(last=False)
-        else:
-            self._clients.move_to_end(key)
-            self._refill(client)
-        client.tokens -= 1
-        client.failures += 1
-        client.path = path[:100]
-        if now - client.logged_at >= self.log_interval:
-            self._log(key, client, now)
-        return min(self.max_delay, max(0.0, -client.tokens * self.refill))
-
-    def flush(self) -> None:
-        """Log the counts of clients whose interval is over (the endpoint calls this
-        every ``log_interval``), and forget clients that paid back their debt."""
-        now = time.monotonic()
-        for key, client in list(self._clients.items()):
-            if client.failures or client.throttled:
-                if now - client.logged_at >= self.log_interval:
-                    self._log(key, client, now)
-                continue
-            self._refill(client)
-            if client.tokens >= self.burst and now - client.logged_at >= self.log_interval:
-                del self._clients[key]
-
-    def _refill(self, client: _Client) -> None:
-        now = time.monotonic()
-        client.tokens = min(float(self.burst), client.tokens + (now - client.stamp) / self.refill)
-        client.stamp = now
-
-    def _log(self, key: str, client: _Client, now: float) -> None:
-        emit(
-            logger,
-            AdminAuthFailed(
-                client=key,
-                failures=client.failures,
-                throttled=client.throttled,
-                path=client.path,
-                interval=self.log_interval,
-            ),
-        )
-        client.logged_at = now
-        client.failures = client.throttled = 0
-
-    def __len__(self) -> int:
-        return len(self._clients)
-
-
-T = TypeVar("T")
-
-
-class Coalesced(Generic[T]):
-    """One rendering at a time, shared by the requests that wait for it.
-
-    A request is answered by a rendering that *started after it arrived*: one that
-    arrives while another runs waits for the next, which serves every request that
-    queued meanwhile. So the answer is never older than the request (a test that
-    reads a counter after an action sees the action), and ten scrapers in a loop
-    cost one rendering at a time instead of ten.
-
-    Renderings back to back would still keep the process busy all the time (the
-    thread's formatting competes with the hub for the interpreter): the next one
-    starts only after a pause of ``(1 / duty - 1)`` times the last one's duration,
-    so renderings take at most ``duty`` of the time. A request waits longer then;
-    its answer is no older for it. The pause is at most ``max_pause``: a rendering
-    that took long because it *waited* (``/connections`` asking a stopped worker,
-    up to its 5 s) cost no CPU, and must not hold the next request for three times
-    as long."""
-
-    #: The longest pause between two renderings, in seconds.
-    max_pause: float = 1.0
-
-    def __init__(self, make: Callable[[], T], duty: float = 0.25) -> None:
-        self.make = make
-        self.duty = duty
-        self._next: AsyncResult | None = None
-        self._worker: gevent.Greenlet | None = None
-        self._ready_at = 0.0  # monotonic time the next rendering may start
-
-    def get(self) -> T:
-        if self._next is None:
-            self._next = AsyncResult()
-        waiting = self._next
-        if self._worker is None:
-            self._worker = gevent.spawn(self._run)
-        return waiting.get()
-
-    def _run(self) -> None:
-        try:
-            while self._next is not None:
-                pause = self._ready_at - time.monotonic()
-                if pause > 0:
-                    gevent.sleep(pause)
-                waiting, self._next = self._next, None
-                started = time.monotonic()
-                try:
-                    waiting.set(self.make())
-                except Exception as exc:  # the requests that waited answer 500; the next may work
-                    waiting.set_exception(exc)
-                ended = time.monotonic()
-                self._ready_at = ended + min((ended - started) * (1 / self.duty - 1), self.max_pause)
-        finally:
-            self._worker = None
-
-
-class _BoundedHead:
-    """The connection's reader as the header parser sees it: at most ``left`` bytes,
-    then ``LineTooLong`` (pywsgi answers 400 and closes)."""
-
-    def __init__(self, reader: Any, left: int, handler: _Handler) -> None:
-        self._reader = reader
-        self._left = left
-        self._handler = handler
-
-    def readline(self, limit: int = -1) -> bytes:
-        want = self._left + 1 if limit is None or limit < 0 else min(limit, self._left + 1)
-        line = self._reader.readline(want)
-        self._left -= len(line)
-        if self._left < 0:
-            self._handler.too_large = True
-            raise http.client.LineTooLong("request head")
-        return line
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._reader, name)
-
-
-class _Handler(ClientErrorsAsLog, WSGIHandler):
-    """pywsgi's handler with the endpoint's deadlines and size limits; malformed
-    requests never print a traceback (``ClientErrorsAsLog``).
-
-    The head timer starts when a request is awaited (at accept, or at the first
-    byte of a keep-alive connection's next request) and stops once the head is
-    parsed; the body has its own deadline (``AdminServer._read_body``); each
-    send or receive after that gives up after ``body_timeout``."""
-
-    too_large = False
-
-    def handle(self) -> None:
-        admin: AdminServer = self.server.admin
-        self._timer: gevent.Timeout | None = None
-        self._served = 0
-        self.socket.settimeout(admin.body_timeout)
-        try:
-            super().handle()
-        except gevent.Timeout as exc:
-            if exc is not self._timer:
-                raise
-            reason, seconds = exc.reason, exc.seconds  # type: ignore[attr-defined]
-            admin.figures.cut[reason] += 1
-            admin.note_cut(self.client_address, reason, seconds)
-        finally:
-            if self._timer is not None:
-                self._timer.close()
-
-    def handle_one_request(self) -> Any:
-        admin: AdminServer = self.server.admin
-        if self._served:  # keep-alive: the next request's first byte within idle_timeout
-            self._arm(CutReason.IDLE_TIMEOUT, admin.idle_timeout)
-            try:
-                if not self.rfile.peek(1):
-                    return None
-            except OSError:
-                return None
-            finally:
-                self._timer.cancel()  # type: ignore[union-attr]
-        self._arm(CutReason.HEADER_TIMEOUT, admin.header_timeout)
-        self.too_large = False
-        try:
-            result = super().handle_one_request()
-        finally:
-            self._timer.cancel()  # type: ignore[union-attr]
-        if self.too_large:
-            admin.figures.cut[CutReason.HEAD_TOO_LARGE] += 1
-        self._served += 1
-        return result
-
-    def handle_error(self, t: Any, v: Any, tb: Any) -> None:
-        """pywsgi's hook for an exception while answering: a client that stopped
-        reading (a send timed out) is a client's doing, not an internal error."""
-        if isinstance(v, TimeoutError):
-            admin: AdminServer = self.server.admin
-            admin.figures.cut[CutReason.SEND_TIMEOUT] += 1
-            admin.note_cut(self.client_address, CutReason.SEND_TIMEOUT, admin.body_timeout)
-            self.close_connection = True
-            return
-        super().handle_error(t, v, tb)
-
-    def _arm(self, reason: CutReason, seconds: float) -> None:
-        if self._timer is not None:
-            self._timer.close()
-        timer = self._timer = gevent.Timeout(seconds)
-        timer.reason = reason  # type: ignore[attr-defined]
-        timer.start()
-
-    def read_requestline(self) -> str:
-        line = super().read_requestline()  # at most 8 KiB (pywsgi's MAX_REQUEST_LINE)
-        self._head_left = self.server.admin.max_head - len(line)
-        return line
-
-    def MessageClass(self, fp: Any, *args: Any) -> Any:  # noqa: N802 (pywsgi's name)
-        return super().MessageClass(_BoundedHead(fp, max(0, self._head_left), self), *args)
-
-    def get_environ(self) -> dict:
-        if self._timer is not None:
-            self._timer.cancel()  # the head is in: the application runs without it
-        return super().get_environ()
-
-
-class _Server(WSGIServer):
-    """pywsgi's server with the endpoint's connection cap: a connection past it is
-    closed as soon as it is accepted, before any greenlet exists for it."""
-
-    def __init__(self, listener: Any, admin: AdminServer) -> None:
-        super().__init__(listener, admin, log=None, error_log=logger, handler_class=_Handler)
-        self.admin = admin
-
-    def do_handle(self, *args: Any) -> None:
-        admin, figures = self.admin, self.admin.figures
-        if figures.open >= admin.max_connections:
-            figures.refused += 1
-            args[0].close()
-            admin.note_busy(args[1])
-            return
-        figures.open += 1
-        super().do_handle(*args)
-
-    def do_close(self, *args: Any) -> None:
-        self.admin.figures.open -= 1
-        super().do_close(*args)
-
-
 class AdminServer:
-    """Serves the admin endpoint for one ``Service``; ``apply`` follows settings changes."""
+    """Serves the admin endpoint for one ``Service``; ``apply`` follows settings changes.
+
+    Its class attributes are the endpoint's limits, which ``gportmap.admin.guard``
+    enforces; the renderings' own (slices, duty) are ``gportmap.admin.render.Renderings``'."""
 
     #: Connections held at once; a new one past it is closed as soon as it is
     #: accepted and counted (``admin.refused``). It is part of the descriptors
@@ -534,13 +136,6 @@ class AdminServer:
     #: At most one ``admin_auth_failed`` record per client address per this many
     #: seconds, with the count since the previous one.
     auth_log_interval = 60.0
-    #: Rules whose figures ``/metrics`` and ``/stats`` copy on the hub between two
-    #: yields (each copy costs microseconds; the formatting runs in a thread).
-    slice_rules = 100
-    #: The share of time renderings of one document may take when requests for it
-    #: come back to back (``Coalesced``): a 150 ms ``/metrics`` of 1,000 rules is
-    #: followed by a 450 ms pause before the next one starts.
-    render_duty = 0.25
 
     #: The largest request body read, in bytes (one rule, or a merge patch); a larger
     #: one is answered 413 without being parsed. A rule with an allow list of 100,000
@@ -551,11 +146,9 @@ class AdminServer:
         self.service = service
         self.settings: AdminSettings | None = None
         self.error: str | None = None
-        self._server: WSGIServer | None = None
+        self._server: GuardedServer | None = None
         self._retry: gevent.Greenlet | None = None
         self._backoff = BindRetry()
-        #: Imported at the first scrape: prometheus_client is a tenth of a start's imports.
-        self._exposition: ModuleType | None = None  # gportmap.admin.metrics, once imported
         self._dashboard = resources.files("gportmap.admin").joinpath("static", "dashboard.html").read_bytes()
         self.figures = AdminFigures()
         self.auth = AuthThrottle(
@@ -567,13 +160,8 @@ class AdminServer:
             self.figures,
         )
         self._flusher: gevent.Greenlet | None = None
-        self._busy_log = RateLimiter(burst=1, interval=10.0)
-        self._cut_log = RateLimiter(burst=1, interval=10.0)
-        self._renders: dict[str, Coalesced[bytes]] = {
-            "/metrics": Coalesced(self._render_metrics, self.render_duty),
-            "/stats": Coalesced(self._render_stats, self.render_duty),
-            "/connections": Coalesced(self._render_connections, self.render_duty),
-        }
+        self.edge = EdgeLog(self.max_connections)
+        self.renderings = Renderings(service, lambda: self.figures.as_dict(self.max_connections))
         #: Toxiproxy's API (SPEC §12), on its own address, following settings.toxiproxy
         #: with this endpoint (``apply``, ``stop``: an upgrade's drainer keeps neither).
         self.toxiproxy = ToxiproxyApi(service)
@@ -583,6 +171,7 @@ class AdminServer:
             "/connections": {"GET": self._connections},
             "/reload": {"POST": self._reload},
             "/": {"GET": self._page},
+            "/workers/restart": {"POST": self._restart_worker},
         }
 
     # -- life cycle -------------------------------------------------------------------
@@ -618,7 +207,7 @@ class AdminServer:
             self._retry = self._backoff.schedule(self._start)
             return
         self.error = None
-        self._server = _Server(listener, self)
+        self._server = GuardedServer(listener, self)
         self._server.start()
         self._flusher = gevent.spawn(self._flush_auth_log)
         emit(logger, AdminStarted(listen=settings.listen, token=settings.token is not None))
@@ -654,7 +243,7 @@ class AdminServer:
         methods = self._routes.get(path)
         if methods is None:
             return self._respond(
-                start_response, 404, _json({"error": f"no such endpoint: {path}"}), "application/json"
+                start_response, 404, json_text({"error": f"no such endpoint: {path}"}), "application/json"
             )
         handler = methods.get("GET" if method == "HEAD" and "GET" in methods else method)
         if handler is None:
@@ -662,7 +251,7 @@ class AdminServer:
             return self._respond(
                 start_response,
                 405,
-                _json({"error": f"use {allowed}"}),
+                json_text({"error": f"use {allowed}"}),
                 "application/json",
                 [("Allow", allowed)],
             )
@@ -695,7 +284,7 @@ class AdminServer:
             return 401, _TOKEN_PAGE, "text/html; charset=utf-8", [("WWW-Authenticate", 'Bearer realm="gportmap"')]
         return (
             401,
-            _json({"error": "unauthorized: send 'Authorization: Bearer <token>'"}),
+            json_text({"error": "unauthorized: send 'Authorization: Bearer <token>'"}),
             "application/json",
             [("WWW-Authenticate", 'Bearer realm="gportmap"')],
         )
@@ -743,69 +332,19 @@ class AdminServer:
             ):  # it listens, but every connection would be closed at once (SPEC §8)
                 failing.append({"rule": view.name, "listen": view.rule.listen, "error": _no_target(targets)})
         if failing:
-            return 503, _json({"status": "failing", "failing": failing}), "application/json"
-        return 200, _json({"status": "ok"}), "application/json"
+            return 503, json_text({"status": "failing", "failing": failing}), "application/json"
+        return 200, json_text({"status": "ok"}), "application/json"
 
     def _metrics(self, environ: dict) -> tuple[int, bytes, str]:
-        body = self._renders["/metrics"].get()
-        assert self._exposition is not None  # imported by the rendering
-        return 200, body, self._exposition.CONTENT_TYPE
+        body = self.renderings.metrics.get()
+        assert self.renderings.exposition is not None  # imported by the rendering
+        return 200, body, self.renderings.exposition.CONTENT_TYPE
 
     def _stats(self, environ: dict) -> tuple[int, bytes, str]:
-        return 200, self._renders["/stats"].get(), "application/json"
+        return 200, self.renderings.stats.get(), "application/json"
 
     def _connections(self, environ: dict) -> tuple[int, bytes, str]:
-        return 200, self._renders["/connections"].get(), "application/json"
-
-    # -- renderings (``Coalesced``): figures copied on the hub in slices, text made in a thread
-
-    def _render_metrics(self) -> bytes:
-        # The first scrape imports prometheus_client, in the thread pool: an import
-        # reads files, which must not block the hub.
-        if self._exposition is None:
-            self._exposition = _in_thread(_metrics_module)
-        views = []
-        for index, view in enumerate(self.service.rule_views()):
-            if view.state != "disabled":
-                views.append(replace(view, stats=view.stats.frozen()))
-            if index % self.slice_rules == self.slice_rules - 1:
-                gevent.sleep(0)
-        admin_figures = self.figures.as_dict(self.max_connections)
-        frozen = self._exposition.FrozenService(self.service, views, admin_figures)
-        return _in_thread(self._exposition.render_frozen, frozen)
-
-    def _render_stats(self) -> bytes:
-        rules = []
-        for index, view in enumerate(self.service.rule_views()):
-            snapshot = view.snapshot()  # fresh dicts and lists: the thread reads only them
-            if view.rule.routes:  # SPEC §13: each route, its targets and connections
-                snapshot["routes"] = describe_routes(view.rule, snapshot.get("targets", []))
-            rules.append(snapshot)
-            if index % self.slice_rules == self.slice_rules - 1:
-                gevent.sleep(0)
-        document = self.service.snapshot(rules)
-        document["admin"] = self.figures.as_dict(self.max_connections)
-        return _in_thread(_json, document)
-
-    def _render_connections(self) -> bytes:
-        return _in_thread(_json, self.service.open_connections())
-
-    # -- the endpoint's own edge: records, rate-limited ------------------------------------
-
-    def note_busy(self, address: Any) -> None:
-        """A connection was closed at the cap (the accept callback, on the hub: logging
-        only queues the line)."""
-        allowed, suppressed = self._busy_log.allow("busy")
-        if allowed:
-            emit(
-                logger,
-                AdminBusy(client=_address_text(address), max_connections=self.max_connections, suppressed=suppressed),
-            )
-
-    def note_cut(self, address: Any, reason: CutReason, seconds: float) -> None:
-        allowed, suppressed = self._cut_log.allow(reason)
-        if allowed:
-            emit(logger, AdminCut(client=_address_text(address), reason=reason, seconds=seconds, suppressed=suppressed))
+        return 200, self.renderings.connections.get(), "application/json"
 
     def _flush_auth_log(self) -> None:
         while True:
@@ -819,7 +358,7 @@ class AdminServer:
         try:
             dry_run = _dry_run(environ)
         except _Refused as exc:
-            return exc.status, _json({"error": str(exc)}), "application/json"
+            return exc.status, json_text({"error": str(exc)}), "application/json"
         if dry_run:
             status, body, content_type, _ = self._transaction_answer(
                 self.service.transact(Transaction(None, dry_run=True, client=_client(environ), method="POST"))
@@ -834,7 +373,31 @@ class AdminServer:
         if outcome.errors:
             body["errors"] = list(outcome.errors)
         body["coalesced"] = outcome.served
-        return status, _json(body), "application/json"
+        return status, json_text(body), "application/json"
+
+    def _restart_worker(self, environ: dict) -> tuple[int, bytes, str]:
+        """``POST /workers/restart?worker=N``: restart worker N in place, carrying its
+        connections (``WorkerPool.restart_worker``); answered once it serves again
+        (a pre-flight and a start: seconds), or 409 with why it was not restarted."""
+        pool = self.service.supervisor
+        values = parse_qs(environ.get("QUERY_STRING", "")).get("worker", [])
+        index = int(values[0]) if len(values) == 1 and values[0].isdigit() else None
+        refusal = self._write_refusal()
+        if refusal is not None:
+            status, body = 403, {"error": refusal}
+        elif not isinstance(pool, WorkerPool):
+            status, body = 409, {"error": "gportmap runs without workers (--workers): no worker to restart"}
+        elif index is None:
+            status, body = 400, {"error": "say which worker: ?worker=N (its index in /stats' workers)"}
+        elif index >= pool.count:
+            status, body = 404, {"error": f"there is no worker {index}: the workers are 0 to {pool.count - 1}"}
+        else:
+            error = pool.restart_worker(index)  # this request's greenlet waits; forwarding does not
+            if error is not None:
+                status, body = 409, {"error": error, "worker": index}
+            else:
+                status, body = 200, {"status": "restarted", "worker": index}
+        return status, json_text(body), "application/json"
 
     # -- the rule API (SPEC §10) ----------------------------------------------------------
 
@@ -874,11 +437,11 @@ class AdminServer:
         methods = [method for method in allowed if writable or method in ("GET", "HEAD")]
         headers = [("ETag", f'"{digest}"'), ("Allow", ", ".join(methods))]
         if name is None:
-            return 200, _json({"settings": text.settings, "rules": text.rules}), "application/json", headers
+            return 200, json_text({"settings": text.settings, "rules": text.rules}), "application/json", headers
         index = text.index_of(name)
         if index is None:
             return _error(404, f"no rule named {name!r}")
-        return 200, _json(text.rules[index]), "application/json", headers
+        return 200, json_text(text.rules[index]), "application/json", headers
 
     def _write_refusal(self) -> str | None:
         """Why writes are refused here (SPEC §10), or None: with a token every request
@@ -926,45 +489,15 @@ class AdminServer:
         headers = [("ETag", f'"{result.etag}"')] if result.etag and status in (200, 201, 412) else []
         if result.status is TxStatus.CREATED and result.name:
             headers.append(("Location", f"/rules/{result.name}"))
-        return status, _json(_transaction_body(result)), "application/json", headers
+        return status, json_text(_transaction_body(result)), "application/json", headers
 
     def _page(self, environ: dict) -> tuple[int, bytes, str]:
         return 200, self._dashboard, "text/html; charset=utf-8"
 
 
-def _in_thread(function: Callable[..., T], *args: Any) -> T:
-    """``function(*args)`` in the hub's thread pool. Its exception comes back as a
-    value and is raised here: one leaving a pool function would also be reported
-    to the hub's error handler."""
-
-    def call() -> Any:
-        try:
-            return function(*args)
-        except Exception as exc:  # noqa: BLE001 (raised again in the calling greenlet)
-            return _Raised(exc)
-
-    outcome = gevent.get_hub().threadpool.apply(call)
-    if isinstance(outcome, _Raised):
-        raise outcome.exc
-    return outcome
-
-
-class _Raised:
-    __slots__ = ("exc",)
-
-    def __init__(self, exc: Exception) -> None:
-        self.exc = exc
-
-
 def _gave_token(environ: dict) -> bool:
     """The request carries a token (a header, or the dashboard's ``?token=``)."""
     return "HTTP_AUTHORIZATION" in environ or "token" in parse_qs(environ.get("QUERY_STRING", ""))
-
-
-def _address_text(address: Any) -> str:
-    if isinstance(address, tuple) and len(address) >= 2:
-        return peer_text(address[:2])
-    return str(address)
 
 
 #: What a browser gets for the dashboard without the token (``settings.admin.token``
@@ -984,12 +517,8 @@ or <code>gportmap ctl --token-file FILE stats</code>.</p></body></html>
 """
 
 
-def _json(data: Any) -> bytes:
-    return json.dumps(data, indent=1).encode() + b"\n"
-
-
 def _error(status: int, message: str, headers: list[tuple[str, str]] | None = None) -> Answer:
-    return status, _json({"error": message}), "application/json", headers or []
+    return status, json_text({"error": message}), "application/json", headers or []
 
 
 def _transaction_body(result: TxOutcome) -> dict[str, Any]:
@@ -1045,10 +574,3 @@ def _no_target(targets: list[dict[str, Any]]) -> str:
     names = ", ".join(str(target["name"]) for target in targets[:10])
     more = f" and {len(targets) - 10} more" if len(targets) > 10 else ""
     return f"no target is up ({names}{more} down)"
-
-
-def _metrics_module() -> ModuleType:
-    """``gportmap.admin.metrics``, imported on first use (it pulls in prometheus_client)."""
-    from gportmap.admin import metrics
-
-    return metrics

@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING, Any
 
 import gevent
 
+from gportmap.admin.render import in_slices
 from gportmap.events import StatsRecord
 from gportmap.log import emit, get_logger
 
@@ -48,9 +49,7 @@ class StatsLogger:
 
     def log_now(self, source: str = "signal") -> None:
         rules: list[dict[str, Any]] = []
-        for index, view in enumerate(self.service.rule_views()):
-            if index and not index % self.slice_rules:
-                gevent.sleep(0)  # thousands of rules: let connections run between slices
+        for view in in_slices(self.service.rule_views(), self.slice_rules):
             stats = view.stats
             before = self._previous.get(view.name, (0, 0))
             self._previous[view.name] = (stats.bytes_received, stats.bytes_sent)

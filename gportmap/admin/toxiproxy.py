@@ -29,6 +29,7 @@ from typing import TYPE_CHECKING, Any
 import gevent
 from gevent.pywsgi import WSGIHandler, WSGIServer
 
+from gportmap.admin.render import in_thread
 from gportmap.config import Config
 from gportmap.config.checks import check_targets
 from gportmap.config.faults import (
@@ -280,7 +281,7 @@ class ToxiproxyApi:
         if not allowed:
             return
         rule = held.rule(0)
-        problems = gevent.get_hub().threadpool.apply(check_targets, ([rule], {"allowTargets": list(allowed)}))
+        problems = in_thread(check_targets, [rule], {"allowTargets": list(allowed)})
         if problems:
             raise ChangeRefused(403, problems[0][1])
 
@@ -413,7 +414,7 @@ def _address(text: str, what: str) -> tuple[str, int]:
 def _free_port(host: str) -> int:
     """A port the kernel gives for ``listen: HOST:0`` (Toxiproxy's random port),
     asked in the thread pool (a host name is looked up)."""
-    return gevent.get_hub().threadpool.apply(_bind_free, (host,))
+    return in_thread(_bind_free, host)
 
 
 def _bind_free(host: str) -> int:

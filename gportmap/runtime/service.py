@@ -50,7 +50,7 @@ from gportmap.runtime.overlay import ChangeRefused, HeldRules, RuntimeChange
 from gportmap.runtime.supervisor import Changes, Supervisor
 from gportmap.runtime.transaction import EDIT_STATUS, Transaction, TxOutcome, TxStatus, etag_matches
 from gportmap.runtime.watcher import InotifyWatcher, PollWatcher, create_watcher
-from gportmap.stats import RuleStats, iso_time, process_figures
+from gportmap.stats import RuleStats, iso_time
 
 if TYPE_CHECKING:
     from gportmap.runtime.backend import RulesBackend
@@ -474,7 +474,10 @@ class Service:
 
     def snapshot(self, rules: list[dict[str, Any]] | None = None) -> dict[str, Any]:
         """The /stats document (SPEC §5); ``rules``: the rules' entries, built by the
-        caller (the admin endpoint builds them in slices, yielding between them)."""
+        caller (the admin endpoint builds them in slices, yielding between them).
+        Its ``process`` figures are the admin endpoint's to add, in its rendering
+        thread: listing /proc/self/fd takes milliseconds at 20,000 descriptors, which
+        must not run on the hub (``gportmap.admin.render``)."""
         return {
             "version": __version__,
             "pid": os.getpid(),
@@ -497,7 +500,6 @@ class Service:
                 # what this process may hold: its share of max, within its open-file limit
                 "cap": self.supervisor.stats.process_limit,
             },
-            "process": process_figures(),
             "rules": rules if rules is not None else [view.snapshot() for view in self.rule_views()],
             "workers": self.supervisor.describe_workers(),
         }
