@@ -136,6 +136,9 @@ def build_parser() -> argparse.ArgumentParser:
     commands.add_parser("rm", parents=[writes], help="delete rule NAME").add_argument("name")
     commands.add_parser("reload", parents=[dry], help="reload the rules file now")
     commands.add_parser("connections", parents=[common], help="the open connections")
+    commands.add_parser(
+        "restart-worker", parents=[common], help="restart worker N in place, carrying its connections (--workers)"
+    ).add_argument("worker", type=int)
     return parser
 
 
@@ -260,6 +263,8 @@ def _request(args: argparse.Namespace) -> tuple[str, str, Any, bool]:
         return (*reads[command], None, False)
     if command == "reload":
         return ("POST", "/reload", None, dry_run)
+    if command == "restart-worker":
+        return ("POST", f"/workers/restart?worker={args.worker}", None, False)
     if command == "add":
         return ("POST", "/rules", _read_rule(args.file), dry_run)
     if command == "set":
@@ -311,6 +316,8 @@ def _show(args: argparse.Namespace, answer: Answer, out: TextIO) -> None:
         _show_plan(data, out)
     elif command == "reload":
         out.write("reloaded: " + _summary(data) + "\n")
+    elif command == "restart-worker":
+        out.write(f"worker {data.get('worker')} restarted in place: its connections carried\n")
     else:
         verb = {
             "add": "added",

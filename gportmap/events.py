@@ -980,6 +980,9 @@ class Upgraded(Event):
     pause: float
     per_connection_us: float
     pid: int
+    #: Of ``carried``, the UDP sessions (``carried`` counts them too, as ``/stats``
+    #: counts a udp rule's sessions as its connections).
+    sessions: int = 0
 
     def message(self) -> str:
         return (
@@ -1143,3 +1146,63 @@ class MasterBadMessage(Event):
 
     def message(self) -> str:
         return self.what
+
+
+@define("worker_restarting", logging.WARNING)
+class WorkerRestarting(Event):
+    """The master restarts a live worker on purpose, carrying its connections
+    (``gportmap.runtime.workers``: a hand-over restart): ``reason`` says why."""
+
+    worker: int
+    pid: int
+    reason: str
+    generation: int
+    wanted: int
+
+    def message(self) -> str:
+        if self.reason == "generation":
+            why = f"it stays on rules generation {self.generation}, not {self.wanted}"
+        else:
+            why = f"asked for ({self.reason})"
+        return f"restarting worker {self.worker} (pid {self.pid}) in place, carrying its connections: {why}"
+
+
+@define("worker_restarted")
+class WorkerRestarted(Event):
+    worker: int
+    pid: int
+    reason: str
+
+    def message(self) -> str:
+        return f"worker {self.worker} (pid {self.pid}) restarted in place ({self.reason}): its connections carried"
+
+
+@define("worker_restart_failed", logging.ERROR)
+class WorkerRestartFailed(Event):
+    """A restart on purpose did not happen; the worker serves on as it was."""
+
+    worker: int
+    pid: int | None = optional()
+    reason: str = ""
+    error: str = ""
+
+    def message(self) -> str:
+        return f"worker {self.worker} (pid {self.pid}) was not restarted in place ({self.reason}): {self.error}"
+
+
+@define("workers_settled")
+class WorkersSettled(Event):
+    """Before an upgrade of the master hands its workers on: workers still
+    starting (or waiting for their restart) were waited for, and those that did
+    not come up in time were stopped, for the next master to start them."""
+
+    waited: float
+    stopped: list[int]
+
+    def message(self) -> str:
+        if self.stopped:
+            return (
+                f"worker(s) {', '.join(map(str, self.stopped))} still starting after {self.waited:g}s: "
+                "stopped; the upgraded master starts them"
+            )
+        return f"every worker is running (waited {self.waited:g}s for those starting)"

@@ -91,6 +91,23 @@ def test_concurrent_connections_per_client_and_leases_given_back_once():
     assert len(table.live) == 0 and len(table.idle) == 1
 
 
+def test_connections_carried_by_an_upgrade_take_their_places_without_tokens():
+    """After an upgrade in place each carried connection takes its client's live
+    place back (``ClientTable.carried``): more carried connections than the burst
+    are all counted, spend no token, and the client's next new connection meets
+    its limit as before the upgrade."""
+    clock = Clock()
+    table = ClientTable(ClientLimits(max_connections=5, rate=1.0, burst=2), clock)
+    carried = [table.carried((CLIENT_A, port)) for port in range(5)]
+    assert table.live[table.key((CLIENT_A, 1))].live == 5
+    assert "maxConnections" in table.admit((CLIENT_A, 9))  # five live: the limit holds
+    carried[0].release()
+    assert not isinstance(table.admit((CLIENT_A, 9)), str)  # the burst's tokens were not spent
+    for lease in carried[1:]:
+        lease.release()
+    assert len(table.live) == 1
+
+
 def test_the_lru_stays_bounded_and_never_evicts_a_client_with_live_connections(monkeypatch):
     monkeypatch.setattr(ClientTable, "max_idle", 100)
     table = ClientTable(ClientLimits(max_connections=1, rate=1000.0, burst=1000))
@@ -339,6 +356,7 @@ def send_from_each(addresses: list[str], port: int) -> None:
             sock.sendto(b"x", (LOOPBACK, port))
 
 
+@pytest.mark.slow  # a load test (100,000 sources)
 def test_100000_spoofed_sources_leave_the_client_table_bounded(monkeypatch):
     """In process, where the table can be read: its idle entries never pass
     ``max_idle`` (lowered here to 1,000), and the live sessions stay within
@@ -378,6 +396,7 @@ def test_100000_spoofed_sources_leave_the_client_table_bounded(monkeypatch):
         target.close()
 
 
+@pytest.mark.slow  # a load test (spoofed sources, memory)
 def test_spoofed_sources_leave_the_process_memory_bounded(start_gportmap):
     """As a subprocess with the default table bound: a second 100,000 new source
     addresses, after a first 100,000 filled the table, do not grow gportmap."""

@@ -112,6 +112,19 @@ class ClientTable:
         entry.live += 1
         return Lease(self, key)
 
+    def carried(self, address: object) -> Lease:
+        """A connection carried over by an upgrade in place: its live place again,
+        without a token and never refused (it was admitted before the upgrade; a
+        client with more carried connections than its burst must not be refused for
+        a moment after it)."""
+        key = self.key(address)
+        entry = self._entry(key, self.clock())
+        if entry.live == 0:
+            self.idle.pop(key, None)
+            self.live[key] = entry
+        entry.live += 1
+        return Lease(self, key)
+
     def allows(self, address: object, now: float) -> bool:
         """A datagram from ``address`` (udp ``perClient.packetRate``): a token, or False."""
         return self._take(self._entry(self.key(address), now))

@@ -156,7 +156,10 @@ class RoutedConnection:
     ``HubConnection`` on the chosen route's ``Route`` (which takes over
     ``on_done``). No route: ``on_no_route()`` (the server counts the refusal),
     then the end. Tracked by its server like a ``HubConnection``: ``start``,
-    ``abort``, ``on_done``."""
+    ``abort``, ``on_done``. An upgrade in place carries it once routed (its
+    ``inner`` connection's relay, ``gportmap.runtime.carry.carried_relay``);
+    while it sniffs it has taken nothing off its socket but holds no connection
+    yet, and it finishes in the drainer."""
 
     __slots__ = ("client", "table", "owner", "on_no_route", "sniffer", "inner", "on_done", "finished")
 

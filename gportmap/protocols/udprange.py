@@ -9,6 +9,11 @@ over all of them, with the supervisor's surface. They share the rule's counters
 and its pool (``RuleStats``), and ``maxSessions`` counts the rule's sessions over
 all its ports (``RuleStats.active``, which includes a draining predecessor's).
 
+An upgrade in place carries each port's sessions (``gportmap.runtime.carry``):
+a session is named by the address of its port's socket (``UdpPort.listen_key``),
+and the new program's port on that same socket (carried too) adopts it as it
+starts, before it reads a datagram, exactly as a single-socket rule's server does.
+
 Kernel drops are one source for the whole rule (``UdpRangeServer.kernel_drops``),
 not one per port: a 10,000-port rule would otherwise make every retirement of a
 port scan a list of 10,000.
@@ -37,12 +42,17 @@ class UdpPort(UdpServer):
         super().__init__(rule, context)
         assert rule.listen_ports is not None
         self.offset = listen_port - rule.listen_ports.first
+        #: The address of its socket, (host, port), as the kernel names it: what
+        #: an upgrade in place knows its sessions by (set by ``start``).
+        self.listen_key: tuple[str, int] | None = None
         if shared is not None:  # one of each per rule, not per port (their own are freed here)
             self.admission = shared.admission
             self.plugins = shared.plugins
             self.clients = shared.clients  # perClient counts a client over every port
 
     def start(self, listener: socket.socket | None = None) -> None:
+        if listener is not None:  # before super().start: it adopts carried sessions by it
+            self.listen_key = tuple(listener.getsockname()[:2])
         super().start(listener)
         kernel = self.stats.kernel
         if kernel is not None and kernel.sources and kernel.sources[-1] == self.kernel_drops:
@@ -112,6 +122,11 @@ class UdpRangeServer:
 
     def listening(self) -> dict[ListenKey, socket.socket]:
         return {key: self.ports[key].listener for key in self.reading if self.ports[key].listener is not None}
+
+    def parts(self) -> list[UdpPort]:
+        """The ports it reads: an upgrade in place carries their sessions (those of
+        a port a reload handed on are not carried, as a draining rule's are not)."""
+        return [self.ports[key] for key in self.reading]
 
     def release_listener(self) -> socket.socket | None:
         return None  # several sockets: the supervisor takes them with take_listeners

@@ -16,12 +16,24 @@ forwarded, the kernel keeps the socket's state), and the connection's counters a
 clocks. ``time.monotonic`` is the system's ``CLOCK_MONOTONIC``, the same clock on
 both sides of ``exec``: start times and the idle deadline carry as they are.
 
+A routed connection (``routes``, SPEC §13) is carried once its route is chosen
+and its relay runs: it is then a plain relay like any other, and the state names
+its route (``CarriedConnection.route``) so that it holds that route's target
+again. One still sniffing its client's first bytes is not carried: it finishes in
+the drainer (it has taken nothing off its socket, but it holds no connection yet,
+only its admission; the window is the client's first bytes, ``sniffTimeout`` at
+most). A connection that came through a trusted proxy (``acceptProxy``) is
+carried with its header's client: ``/connections``, its record and its
+``perClient`` place are that client's in the new program too.
+
 A carried UDP session is its upstream socket (connected to its target: the same
 source port, the same flow for the target), its client's address, its target and
-counters; no datagram is in flight inside the program (each is sent as it is
-read). The new program's rule server adopts its sessions as it starts, before it
-reads its listener (``StatsRegistry.carry_over``), so that a client's next datagram
-finds its session rather than opening a second one.
+counters, and for a rule with several listening sockets (a port range, SPEC
+§9) the address of the one it came in on: each socket has its sessions, and
+replies go out through it. No datagram is in flight inside the program (each is
+sent as it is read). The new program's rule server (a range's port) adopts its
+sessions as it starts, before it reads its listener (``StatsRegistry.carry_over``),
+so that a client's next datagram finds its session rather than opening a second one.
 
 Exporting reads ``HubRelay``'s attributes; the new program rebuilds each connection
 as a new ``HubRelay`` tracked by its rule's server (``adopt_relay``), counted once:
@@ -45,17 +57,20 @@ import gevent.socket
 
 from gportmap.engine.hubrelay import HubRelay, _Direction
 from gportmap.engine.pipeline import HubConnection
+from gportmap.engine.routes import RoutedConnection
 from gportmap.errors import GportmapError
 from gportmap.protocols.tcp import TcpServer
 from gportmap.protocols.udp import Hold, Session, UdpServer
+from gportmap.protocols.udprange import UdpPort, UdpRangeServer
 from gportmap.runtime.systemd import InheritedSocket, InheritedSockets
 from gportmap.stats import Connection, KernelDrops, StatsRegistry
 
 #: The version of the state document this code writes and reads (2: UDP sessions
-#: carried, ``UpgradeState.sessions``).
-STATE_VERSION = 2
+#: carried, ``UpgradeState.sessions``; 3: a connection's route and listen
+#: address, a session's listening socket for a port range).
+STATE_VERSION = 3
 #: Versions this code can read (the pre-flight asks the new code about the old one's).
-READABLE_VERSIONS = frozenset({1, 2})
+READABLE_VERSIONS = frozenset({1, 2, 3})
 #: The environment variable naming the memfd that holds the document.
 STATE_ENV = "GPORTMAP_UPGRADE_STATE"
 #: Name of carried listeners in ``rule_started`` records (systemd's are named by it).
@@ -114,6 +129,10 @@ class CarriedConnection:
     bytes_sent: int
     up: CarriedDirection
     down: CarriedDirection
+    #: Version 3. The ``routes`` entry whose target it reached ("" for none).
+    route: str = ""
+    #: The address it came in on (``/connections``' ``listen``; "": the rule's).
+    listen: str = ""
 
     def as_dict(self) -> dict[str, Any]:
         data = asdict(self)
@@ -152,6 +171,9 @@ class CarriedSession:
     bytes_sent: int
     hold: str  #: ``udp.Hold``'s value: what the target knows of it
     refused: bool = False
+    #: Version 3. The listening socket it came in on, (host, port), for a rule
+    #: with several (a port range); None for a rule with one.
+    listen: list[Any] | None = None
 
 
 @dataclass(frozen=True)
@@ -241,10 +263,13 @@ def reads_version(version: int) -> bool:
 
 def carried_relay(item: object, server: object) -> HubRelay | None:
     """The plain relay behind one tracked connection of ``server``, or None when it
-    cannot be carried: a TLS stage, a connection still in its handshake or connect,
-    a rule with plugins (their ``on_close`` is owed), a plugin package's protocol."""
+    cannot be carried: a TLS stage, a connection still in its handshake or connect
+    (or still sniffing for its route), a rule with plugins (their ``on_close`` is
+    owed), a plugin package's protocol."""
     if type(server) is not TcpServer or server.plugins.active:
         return None
+    if isinstance(item, RoutedConnection):
+        item = item.inner  # None while it sniffs
     relay = item.relay if isinstance(item, HubConnection) else item
     if type(relay) is not HubRelay or relay.reason is not None:
         return None
@@ -273,7 +298,15 @@ def export_relay(relay: HubRelay, rule: str) -> CarriedConnection:
         bytes_sent=conn.bytes_sent,
         up=up,
         down=down,
+        route=_route_of(conn),
+        listen=conn.listen,
     )
+
+
+def _route_of(conn: Connection) -> str:
+    """The route whose target ``conn`` holds ("" for a rule without routes)."""
+    spec = getattr(conn.upstream, "spec", None)
+    return getattr(spec, "route", "") or ""
 
 
 def forget_relay(relay: HubRelay) -> None:
@@ -360,7 +393,8 @@ def import_connection(server: TcpServer, carried: CarriedConnection) -> HubRelay
             sock.setblocking(False)
             os.set_inheritable(fd, False)  # a later exec carries it again only if told
         client_raw, target_raw = socks
-        conn: Connection = registry.open(server.stats, carried.client, carried.target, conn_id=carried.id)
+        conn: Connection = registry.open(server.stats, carried.client, carried.target, conn_id=carried.id,
+                                         listen=carried.listen or server.rule.listen)
         conn.started, conn.started_mono = carried.started, carried.started_mono
         conn.last_active = carried.last_active
         conn.bytes_received, conn.bytes_sent = carried.bytes_received, carried.bytes_sent
@@ -374,24 +408,60 @@ def import_connection(server: TcpServer, carried: CarriedConnection) -> HubRelay
         for sock in socks:
             sock.close()
         raise
-    _hold_target(server, conn)
+    _hold_target(server, conn, carried.route)
+    _hold_client(server, conn)
     server.adopt_relay(relay, conn)  # starts both readers; from here on the relay reports its end
     relay.resume((carried.up.tail, carried.up.done), (carried.down.tail, carried.down.done))
     return relay
 
 
-def _hold_target(server: TcpServer, conn: Connection) -> None:
+def _hold_target(server: TcpServer, conn: Connection, route: str = "") -> None:
     """A carried connection holds its target of the rule's pool again (leastconn
-    counts it, its end gives it back), found by the address it reached."""
+    counts it, its end gives it back), found by the address it reached and, for a
+    routed one, its route (so that route's figures in ``/stats`` count it)."""
     for target in server.target_pool.targets:
-        if target.address == conn.target:
+        if target.address == conn.target and (not route or target.spec.route == route):
             target.carried()
             conn.hold(target, conn.target)
             return
 
 
-def export_session(session: Session, rule: str) -> CarriedSession:
-    """One UDP session's state; its socket is made inheritable (kept across exec)."""
+def _hold_client(server: TcpServer, conn: Connection) -> None:
+    """``perClient``: a carried connection takes its client's place again (the
+    header's client for one behind a trusted proxy: ``conn.client``), so that the
+    client's count in the new program includes it. It takes no token of
+    ``connectionRate`` and is never refused: it was admitted before the upgrade
+    (``ClientTable.carried``)."""
+    if server.clients is None:
+        return
+    conn.lease = server.clients.carried(client_host(conn.client))
+
+
+def client_host(text: str) -> str:
+    """The host of a client address as ``peer_text`` wrote it ("1.2.3.4:5",
+    "[::1]:5"), for the ``perClient`` table's key."""
+    if text.startswith("["):
+        return text[1:text.find("]")]
+    return text.rpartition(":")[0] or text
+
+
+def udp_sessions(server: object) -> list[tuple[UdpServer, Session]] | None:
+    """Every carriable session of a UDP rule's server, with the single-socket
+    server that holds it (the rule's, or for a port range the port's: its
+    ``UdpRangeServer.parts``); None when ``server`` is not a UDP rule's."""
+    if isinstance(server, UdpServer):
+        parts: list[UdpServer] = [server]
+    elif isinstance(server, UdpRangeServer):
+        parts = server.parts()
+    else:
+        return None
+    return [(part, session) for part in parts for session in part.carriable()]
+
+
+def export_session(session: Session, rule: str, part: UdpServer | None = None) -> CarriedSession:
+    """One UDP session's state; its socket is made inheritable (kept across exec).
+    ``part``: the server holding it, which names its listening socket when it is
+    one port of a rule with several."""
     os.set_inheritable(session.upstream.fileno(), True)
     return CarriedSession(
         rule=rule,
@@ -406,6 +476,7 @@ def export_session(session: Session, rule: str) -> CarriedSession:
         bytes_sent=session.bytes_sent,
         hold=session.hold.value,
         refused=session.refused,
+        listen=list(part.listen_key) if isinstance(part, UdpPort) else None,
     )
 
 

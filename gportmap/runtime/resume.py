@@ -26,6 +26,7 @@ from gportmap.errors import ConfigError
 from gportmap.events import ConfigInvalid, InternalError, RestartNeeded, Upgraded, UpgradeFailed
 from gportmap.log import emit, get_logger
 from gportmap.protocols.udp import UdpServer
+from gportmap.protocols.udprange import UdpPort
 from gportmap.runtime.carry import (
     STATE_ENV,
     CarriedSession,
@@ -231,6 +232,7 @@ class Resume:
                 pause=round(pause, 4),
                 per_connection_us=round(per_connection * 1e6, 1),
                 pid=os.getpid(),
+                sessions=self.sessions_carried,
             ),
         )
 
@@ -243,10 +245,21 @@ class Resume:
     def adopt_sessions(self, rule: str, server: Any, registry: StatsRegistry) -> None:
         """A rule's server starts: its carried sessions back on it (a hub-safe call:
         nothing here yields or raises). A session that cannot be rebuilt (its
-        target is no longer the rule's) ends, its socket closed, counted lost."""
+        target is no longer the rule's) ends, its socket closed, counted lost.
+
+        A port of a rule with several (``UdpPort``) takes the sessions of its own
+        socket only (``CarriedSession.listen``) and leaves the others for the next
+        port to start; a session whose rule changed between one socket and
+        several is lost (its replies would leave from another socket)."""
+        port = getattr(server, "listen_key", None)  # a port of a range: its socket's address
+        later = []
         for item in [item for item in self.sessions_left if item.rule == rule]:
+            where = tuple(item.listen) if item.listen is not None else None
+            if port is not None and where is not None and where != port:
+                later.append(item)  # another port's
+                continue
             self.sessions_left.remove(item)
-            if type(server) is not UdpServer:  # no longer a plain udp rule (a port range: which port?)
+            if type(server) not in (UdpServer, UdpPort) or (where is None) != (port is None):
                 close_descriptors([item.fd])
                 registry.rule(rule, server.rule.protocol).total += 1  # restore_counters took it out
                 self.sessions_lost += 1
@@ -262,6 +275,8 @@ class Resume:
                 emit(logger, event, exc_info=exc)
                 continue
             self.sessions_carried += 1
+        if later:  # the next port of the rule to start takes them (or ``end_sessions_left``)
+            registry.carry_over(rule, lambda server, rule=rule: self.adopt_sessions(rule, server, registry))
 
     def end_sessions_left(self, registry: StatsRegistry) -> int:
         """Sessions whose rule did not start (gone from the rules file, or failing

@@ -29,7 +29,10 @@ The old program (``Upgrader``), in one greenlet:
    ends a process are blocked across the exec and released once the new program's
    handlers are in place (``HELD_SIGNALS``).
 
-With ``--workers``, the master runs the pre-flight, then has each worker in turn do
+With ``--workers``, the master runs the pre-flight, waits for workers starting or
+restarting to come up and stops those that do not in time (``WorkerPool.settle``:
+no process outlives the exec, no slot gets two workers; none is started until
+the exec, or ``thaw`` if it fails), then has each worker in turn do
 steps 3 and 4 for itself (``Op.UPGRADE`` on their channel: a worker ignores SIGUSR2,
 which ``systemctl kill`` sends to every process) and waits for it to report from its
 new program (a worker whose hand-over fails says so at once, ``Op.UPGRADE_FAILED``,
@@ -87,6 +90,7 @@ from gportmap.runtime.carry import (
     export_relay,
     export_session,
     forget_relay,
+    udp_sessions,
 )
 from gportmap.runtime.supervisor import RuleState, Supervisor
 from gportmap.runtime.workers import Channel, HandedWorker, WorkerPool
@@ -178,6 +182,10 @@ class Upgrader:
         #: This process is a drainer: a signal meant for the main process (``systemctl
         #: kill`` signals the whole group by default) upgrades nothing here.
         self.draining_here = False
+        if link is None and isinstance(service.supervisor, WorkerPool):
+            # A worker restarted in place on purpose runs the installed code: the
+            # master checks it first, as for an upgrade.
+            service.supervisor.installed_check = self.check_installed
 
     # -- the signal ------------------------------------------------------------------
 
@@ -231,10 +239,24 @@ class Upgrader:
                 return self._failed(check.reason)
             keep = self.rules_kept()
         pool = self.service.supervisor if isinstance(self.service.supervisor, WorkerPool) else None
-        if pool is not None:
+        if pool is None:
+            return self._exec(began, keep, None)
+        if not pool.handing.acquire(timeout=pool.upgrade_timeout):
+            return self._failed(f"a worker was still being restarted in place after {pool.upgrade_timeout:g}s; "
+                                "send SIGUSR2 again")
+        try:  # every slot running (or stopped, for the next master to start) before any is handed on
+            pool.settle()
             error = pool.upgrade_workers()  # each in turn, carrying its connections
             if error is not None:
                 return self._failed(f"{error}; this master is not upgraded (the workers upgraded so far are)")
+            return self._exec(began, keep, pool)
+        finally:  # only reached if the exec did not happen
+            pool.thaw()
+            pool.handing.release()
+
+    def _exec(self, began: float, keep: frozenset[str] | None, pool: WorkerPool | None) -> str:
+        """The hand-over and the exec, once the workers (if any) are upgraded;
+        returns only if the exec did not happen: why (logged)."""
         if not self.service.applier.join(self.reload_wait):
             return self._failed("a reload is still in progress; send SIGUSR2 again")
         channels = self._channels(pool)
@@ -274,6 +296,15 @@ class Upgrader:
         return reason
 
     # -- 1. the pre-flight -------------------------------------------------------------
+
+    def check_installed(self) -> str | None:
+        """The installed code can take over from this one here (the platform
+        allows it, the pre-flight passes): None, else why not."""
+        reason = unsupported_reason(self.features)
+        if reason is not None:
+            return reason
+        check = self.preflight()
+        return None if check.ok else check.reason
 
     def preflight_command(self) -> list[str]:
         return [sys.executable, "-m", "gportmap", "--check", self.service.path, "--upgrade-state", str(STATE_VERSION)]
@@ -500,11 +531,12 @@ class Handover:
                 sockets = [server.listener] if server.listener is not None else []
             for sock in sockets:
                 self.listeners.append(describe_listener(sock))
-            if isinstance(server, UdpServer):
+            sessions = udp_sessions(server)  # a udp rule's (a port range's: each port's), or None
+            if sessions is not None:
                 if keep is None or runner.rule.name in keep:  # else they end, as after a reload
-                    for session in server.carriable():
-                        self.sessions.append(export_session(session, runner.rule.name))
-                        self.carried_sessions.append((server, session))
+                    for part, session in sessions:
+                        self.sessions.append(export_session(session, runner.rule.name, part))
+                        self.carried_sessions.append((part, session))
                 continue
             if not hasattr(server, "relays"):
                 continue

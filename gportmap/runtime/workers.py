@@ -38,7 +38,21 @@ An upgrade in place (``gportmap.runtime.upgrade``) asks each worker in turn to
 re-execute itself (``Op.UPGRADE``; it comes back on the same channel, same PID,
 ``WorkerLink.resumed``, or says at once that it could not, ``Op.UPGRADE_FAILED``),
 then re-executes the master, which adopts the running
-workers (``WorkerPool.adopt``, ``AdoptedProcess``) instead of starting them.
+workers (``WorkerPool.adopt``, ``AdoptedProcess``) instead of starting them. Before
+it hands them on, the master waits (``WorkerPool.settle_timeout``) for workers
+still starting or waiting for their restart, and stops (SIGKILL, reaped) those that
+did not come up in time: the next master starts them, so no process is orphaned
+and no slot gets two workers.
+
+A live worker the master restarts *on purpose* is restarted the same way, so that
+the restart loses nothing (``WorkerPool.restart_worker``): after the master's
+pre-flight of the installed code, the worker re-executes itself in place (same
+PID, ``Op.UPGRADE``), carrying its listeners, plain connections and UDP sessions
+with their counters, a drainer finishing the rest. That happens to a worker still
+on another generation after ``WorkerPool.resync_restart_after`` failed resyncs (a
+fresh program applies the current rules where the old one kept failing), and when
+asked for (``restart_worker``). A worker that stopped answering (the heartbeat) has
+nothing to hand over: it is killed and started afresh.
 
 ``WorkerPool`` has the surface of ``Supervisor`` that ``Service`` and the run loop
 use (``apply``, ``rule_states``, ``stats``, ``close_listeners``, ``drain``), so the
@@ -82,13 +96,19 @@ from gportmap.events import (
     WorkerExited,
     WorkerFailed,
     WorkerRequestLate,
+    WorkerRestarted,
+    WorkerRestartFailed,
+    WorkerRestarting,
     WorkerResync,
+    WorkersSettled,
     WorkerStarted,
     WorkerStopped,
     WorkerUnresponsive,
     WorkerUpgraded,
 )
 from gportmap.log import emit, get_logger
+from gportmap.platform import raise_fd_limit
+from gportmap.runtime.listeners import check_open_files
 from gportmap.runtime.supervisor import Changes
 from gportmap.stats import RuleStats, iso_time
 
@@ -136,6 +156,15 @@ class Op(enum.Enum):
     #: master stops waiting for it at once.
     UPGRADE_FAILED = "upgrade_failed"
     HEALTH = "health"  #: master -> worker, unanswered: targets' states by the master's checks (``Verdict``)
+
+
+class RestartReason(enum.Enum):
+    """Why the master restarts a live worker in place (``WorkerPool.restart_worker``)."""
+
+    #: Still on another rules generation after ``resync_restart_after`` failed resyncs.
+    GENERATION = "generation"
+    #: Asked for (an operator, a test).
+    OPERATOR = "operator"
 
 
 class WorkerState(enum.Enum):
@@ -635,6 +664,10 @@ class WorkerProcess:
         self.health_behind = False
         #: Why its last upgrade in place did not happen, as it said (``Op.UPGRADE_FAILED``).
         self.upgrade_error: str | None = None
+        #: Resyncs in a row that failed (``WorkerPool.resync_restart_after``).
+        self.resync_failures = 0
+        #: Restarts in place on purpose (``WorkerPool.restart_worker``): same PID.
+        self.restarts_in_place = 0
         self._pending: dict[int, AsyncResult] = {}
         self._ids = itertools.count(1)
 
@@ -643,7 +676,7 @@ class WorkerProcess:
         self.process, self.pid, self.channel = process, process.pid, channel
         self.state, self.report, self.killed = WorkerState.STARTING, None, False
         self.generation, self.applying, self.applies_in_flight = 0, None, 0
-        self.resync_at, self.resync_delay = 0.0, 0.0
+        self.resync_at, self.resync_delay, self.resync_failures = 0.0, 0.0, 0
         self.health_sending = self.health_behind = False
         self.started_at, self.heard_at = time.time(), time.monotonic()
 
@@ -735,6 +768,7 @@ class WorkerProcess:
             "pid": self.pid,
             "state": self.state.value,
             "restarts": self.restarts,
+            "restarts_in_place": self.restarts_in_place,
             "uptime": round(time.time() - self.started_at, 3) if running else 0.0,
             "generation": self.generation,
             "silent_for": round(self.silent_for(), 3) if running else None,
@@ -827,6 +861,19 @@ class WorkerPool:
     #: Resync back-off: a worker on the wrong generation is sent the current rules at
     #: once, then after 1 s, doubling up to 30 s while it stays behind.
     resync_first, resync_most = 1.0, 30.0
+    #: Failed resyncs in a row (its apply failed or timed out) after which a worker
+    #: still on the wrong generation is restarted in place, carrying its connections
+    #: (``restart_worker``): the fresh program (started from the rules it ran) is
+    #: sent the current ones at once, without the old process's state that made
+    #: them fail. The back-off goes on across it: a worker that fails again is
+    #: restarted again after as many more failed resyncs, further apart each time
+    #: (once the back-off is at ``resync_most``, one restart per 90 s at most).
+    resync_restart_after = 3
+    #: Seconds an upgrade of the master waits, before it hands its workers on, for
+    #: workers starting or restarting to come up (a start is about a second, a
+    #: restart's back-off up to ``restart_most``); those still starting then are
+    #: stopped and the upgraded master starts them.
+    settle_timeout = 15.0
     #: Restart back-off: a worker that dies soon after starting is restarted after
     #: 0.5 s, doubling up to 10 s; one that ran for ``stable`` seconds starts over at 0.5 s.
     restart_first, restart_most, stable = 0.5, 10.0, 30.0
@@ -858,6 +905,23 @@ class WorkerPool:
         #: The master's last check of each target of a rule, by target name:
         #: (time.time(), last error), for ``/stats`` (set by the same prober).
         self.checks_of: Callable[[str], dict[str, tuple[float | None, str | None]]] | None = None
+        #: The pre-flight of the installed code (set by the master's ``Upgrader``):
+        #: None when it can take over from this program, else why not. A restart in
+        #: place runs it first (None here: restarts go ahead unchecked).
+        self.installed_check: Callable[[], str | None] | None = None
+        #: Held by whatever hands workers over (an upgrade of the master, a restart
+        #: in place): one at a time.
+        self.handing = Semaphore()
+        #: An upgrade of the master is handing the workers on: no worker is started
+        #: meanwhile (``_restart`` waits; ``thaw`` if the upgrade does not happen).
+        self.frozen = False
+        #: Worker processes being spawned right now (``_start``).
+        self._spawning = 0
+        #: The open-file limit every worker runs with: the master raises its own soft
+        #: limit here, as a single process does, and the workers inherit it (None:
+        #: unlimited). ``apply`` refuses a version whose listeners do not fit it
+        #: before any worker sees it (``check_open_files``, as each worker checks).
+        self.open_files = raise_fd_limit()
 
     # -- upgrade in place ------------------------------------------------------------
 
@@ -873,24 +937,116 @@ class WorkerPool:
         carries its own listeners and connections): None when all came back, else
         why not (the workers upgraded so far stay upgraded)."""
         for worker in list(self.live()):
-            boot = (worker.report or {}).get("boot")
             pid = worker.pid
-            worker.upgrade_error = None
-            answer = worker.request(Op.UPGRADE, {}, self.request_timeout)
-            if answer is None or not answer.get("ok"):
-                errors = "; ".join((answer or {}).get("errors", [])) or "no answer"
-                return f"worker {worker.index} (pid {pid}) refused to upgrade: {errors}"
-            deadline = time.monotonic() + self.upgrade_timeout
-            while (worker.report or {}).get("boot") == boot:
-                if worker.pid != pid or worker.state is not WorkerState.RUNNING:
-                    return f"worker {worker.index} (pid {pid}) exited during its upgrade"
-                if worker.upgrade_error is not None:
-                    return f"worker {worker.index} (pid {pid}) could not upgrade: {worker.upgrade_error}"
-                if time.monotonic() > deadline:
-                    return f"worker {worker.index} (pid {pid}) did not come back within {self.upgrade_timeout:g}s"
-                gevent.sleep(0.05)
+            error = self._upgrade_one(worker)
+            if error is not None:
+                return error
             emit(logger, WorkerUpgraded(worker=worker.index, pid=pid))
         return None
+
+    def _upgrade_one(self, worker: WorkerProcess) -> str | None:
+        """Have one running worker re-execute itself in place, carrying its
+        listeners and connections (``Op.UPGRADE``), and wait for it to report from
+        its new program: None when it did, else why not (it serves on as it was)."""
+        boot = (worker.report or {}).get("boot")
+        pid = worker.pid
+        worker.upgrade_error = None
+        answer = worker.request(Op.UPGRADE, {}, self.request_timeout)
+        if answer is None or not answer.get("ok"):
+            errors = "; ".join((answer or {}).get("errors", [])) or "no answer"
+            return f"worker {worker.index} (pid {pid}) refused to upgrade: {errors}"
+        deadline = time.monotonic() + self.upgrade_timeout
+        while (worker.report or {}).get("boot") == boot:
+            if worker.pid != pid or worker.state is not WorkerState.RUNNING:
+                return f"worker {worker.index} (pid {pid}) exited during its upgrade"
+            if worker.upgrade_error is not None:
+                return f"worker {worker.index} (pid {pid}) could not upgrade: {worker.upgrade_error}"
+            if time.monotonic() > deadline:
+                return f"worker {worker.index} (pid {pid}) did not come back within {self.upgrade_timeout:g}s"
+            gevent.sleep(0.05)
+        return None
+
+    def restart_worker(self, index: int, reason: RestartReason = RestartReason.OPERATOR) -> str | None:
+        """Restart live worker ``index`` on purpose without losing a connection: the
+        pre-flight of the installed code (``installed_check``), then the worker
+        re-executes itself in place (``_upgrade_one``): same PID, its listeners,
+        plain connections and UDP sessions carried with its counters, the rest
+        finishing in a drainer. None when it is done, else why not (logged; the
+        worker serves on as it was). A restart while another hand-over (an
+        upgrade, another restart) is under way is refused, not queued."""
+        if not 0 <= index < self.count:
+            return f"there is no worker {index}: the workers are 0 to {self.count - 1}"
+        worker = self.workers[index]
+        pid = worker.pid
+
+        def failed(error: str) -> str:
+            emit(logger, WorkerRestartFailed(worker=index, pid=pid, reason=reason.value, error=error))
+            return error
+
+        if self.stopping:
+            return failed("gportmap is stopping")
+        if worker.state is not WorkerState.RUNNING or worker.channel is None:
+            return failed(f"worker {index} is not running (starting, or waiting for its restart)")
+        if not self.handing.acquire(blocking=False):
+            return failed("an upgrade or another restart in place is under way")
+        try:
+            emit(logger, WorkerRestarting(worker=index, pid=pid or 0, reason=reason.value,
+                                          generation=worker.generation, wanted=self.generation))
+            if self.installed_check is not None:
+                error = self.installed_check()
+                if error is not None:
+                    return failed(f"the installed gportmap cannot take over: {error}")
+            if worker.pid != pid or worker.state is not WorkerState.RUNNING:
+                return failed(f"worker {index} exited meanwhile")
+            error = self._upgrade_one(worker)
+            if error is not None:
+                return failed(error)
+            worker.restarts_in_place += 1
+            worker.resync_at = 0.0  # the current rules at once (the back-off delay goes on growing)
+            emit(logger, WorkerRestarted(worker=index, pid=pid or 0, reason=reason.value))
+        finally:
+            self.handing.release()
+        self._check_generation(worker)
+        return None
+
+    def settle(self) -> None:
+        """Before an upgrade of this master hands its workers on: wait up to
+        ``settle_timeout`` for every worker to run, then freeze (no worker starts
+        until ``thaw``) and stop those still starting, waiting until they are
+        reaped: the next master starts them (its first apply starts every worker
+        it was not handed), so none is orphaned and no slot runs two."""
+        began = time.monotonic()
+        deadline = began + self.settle_timeout
+        waited = False
+        while not self.stopping and not all(self._running(worker) for worker in self.workers):
+            waited = True
+            if time.monotonic() >= deadline:
+                break
+            gevent.sleep(0.05)
+        self.frozen = True
+        end = time.monotonic() + self.stop_grace
+        while self._spawning and time.monotonic() < end:  # a spawn under way: its process is seen next
+            gevent.sleep(0.02)
+        stopped = []
+        for worker in self.workers:
+            process = worker.process
+            if worker.state is WorkerState.STARTING and process is not None and process.poll() is None:
+                worker.kill()
+                stopped.append(worker.index)
+                end = time.monotonic() + self.stop_grace
+                while process.poll() is None and time.monotonic() < end:
+                    gevent.sleep(0.02)
+        if waited or stopped:
+            emit(logger, WorkersSettled(waited=round(time.monotonic() - began, 3), stopped=stopped))
+
+    def thaw(self) -> None:
+        """The upgrade did not happen: workers start again (those waiting do, at their next try)."""
+        self.frozen = False
+
+    @staticmethod
+    def _running(worker: WorkerProcess) -> bool:
+        process = worker.process
+        return worker.state is WorkerState.RUNNING and process is not None and process.poll() is None
 
     def hand_over(self) -> list[HandedWorker]:
         """The running workers for the next program of this master; their channels
@@ -898,7 +1054,7 @@ class WorkerPool:
         handed = []
         for worker in self.workers:
             if worker.state is not WorkerState.RUNNING or worker.channel is None or worker.pid is None:
-                continue  # a worker starting or restarting now: the next master starts it again
+                continue  # stopped or gone (``settle`` stopped those still starting): the next master starts it
             fd = worker.channel.sock.fileno()
             os.set_inheritable(fd, True)
             handed.append(HandedWorker(worker.index, worker.pid, fd, worker.restarts, worker.started_at,
@@ -931,6 +1087,7 @@ class WorkerPool:
         """Start the workers (first call) or hand them the new rules, as the next
         generation; the changes are those the workers report (they are identical:
         same rules, same old rules)."""
+        check_open_files(config, self.open_files)  # ConfigError: no worker sees a version that cannot fit
         first = self.config is None
         self._remember_rules()
         self.config = config
@@ -1146,11 +1303,11 @@ class WorkerPool:
     def _check_generation(self, worker: WorkerProcess) -> None:
         """A running worker on another generation than the current one, and not
         busy with it, is sent the current rules again (with back-off)."""
-        if self.stopping or worker.state is not WorkerState.RUNNING:
-            return
+        if self.stopping or worker.state is not WorkerState.RUNNING or self.handing.locked():
+            return  # (a hand-over under way: the worker is re-executing; it is looked at after)
         wanted = self.generation
         if worker.generation == wanted:
-            worker.resync_at, worker.resync_delay = 0.0, 0.0
+            worker.resync_at, worker.resync_delay, worker.resync_failures = 0.0, 0.0, 0
             return
         now = time.monotonic()
         if worker.applying == wanted or worker.applies_in_flight or now < worker.resync_at:
@@ -1165,8 +1322,17 @@ class WorkerPool:
 
     def _resync(self, worker: WorkerProcess) -> None:
         worker.applies_in_flight -= 1
+        pid = worker.pid
         if self._send_config(worker, "resync") is not None:
+            worker.resync_failures = 0
             self._share_state(worker)  # targets it has only now
+            return
+        if worker.pid != pid or worker.state is not WorkerState.RUNNING or self.stopping:
+            return  # another process now: it starts its count afresh
+        worker.resync_failures += 1
+        if worker.resync_failures >= self.resync_restart_after and worker.generation != self.generation:
+            worker.resync_failures = 0
+            self.restart_worker(worker.index, RestartReason.GENERATION)  # its own greenlet already
 
     # -- processes -----------------------------------------------------------------------
 
@@ -1190,6 +1356,7 @@ class WorkerPool:
             "--worker-index",
             str(worker.index),
         ]
+        self._spawning += 1  # (the spawn yields: ``settle`` waits for it to be seen as starting)
         try:
             process = gevent.subprocess.Popen(
                 command,
@@ -1200,6 +1367,7 @@ class WorkerPool:
                 stdin=gevent.subprocess.DEVNULL,
             )
         except OSError as exc:
+            self._spawning -= 1
             master_end.close()
             worker_end.close()
             emit(logger, WorkerFailed(what=f"cannot start worker {worker.index}: {exc}"))
@@ -1208,6 +1376,7 @@ class WorkerPool:
         worker_end.close()
         channel = Channel(master_end)
         worker.attach(process, channel)
+        self._spawning -= 1
         worker.reader = gevent.spawn(self._read, worker, channel)
         gevent.spawn(self._monitor, worker, process)
         generation = self.generation
@@ -1302,6 +1471,9 @@ class WorkerPool:
 
     def _restart(self, worker: WorkerProcess) -> None:
         if self.stopping:
+            return
+        if self.frozen:  # an upgrade hands the workers on: the next master starts this one
+            gevent.spawn_later(self.restart_first, self._restart, worker)
             return
         worker.restarts += 1
         self._start(worker)
