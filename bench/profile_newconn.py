@@ -14,6 +14,15 @@ backend, profiled two ways, beside HAProxy (mode tcp, one thread) on the same tr
 
     python bench/profile_newconn.py --seconds 5 --json /tmp/profile.json
     python bench/profile_newconn.py --log-level INFO      # the default level's cost
+    # before and after, in the same minutes: the last commit in a worktree beside
+    git worktree add /var/tmp/old HEAD
+    python bench/profile_newconn.py --log-level WARNING,INFO --old /var/tmp/old --rounds 7
+
+Every gportmap (one per level, and per tree with ``--old``) and HAProxy take turns
+in each round, and the report gives each pair's ratio round by round (new over
+old, INFO over WARNING, each over HAProxy): on a shared machine the load of the
+moment moves every absolute figure by ±20 %, a ratio of two runs seconds apart
+much less.
 
 Needs wrk, nginx, strace, haproxy (its rows are skipped without it) and py-spy
 (``pip install py-spy``; ``--py-spy PATH``). Everything runs on 127.0.0.1; every
@@ -64,8 +73,13 @@ def start_nginx(procs: Processes, workdir: Path) -> int:
     return port
 
 
-def start_gportmap(procs: Processes, workdir: Path, target: int, level: str) -> anchors.Proxy:
-    """gportmap with one tcp rule, admin and watcher off, at ``level`` (logging to a file)."""
+def start_gportmap(
+    procs: Processes, workdir: Path, target: int, level: str, tree: Path | None = None, label: str = "gportmap"
+) -> anchors.Proxy:
+    """gportmap with one tcp rule, admin and watcher off, at ``level`` (logging to a
+    file). ``tree``: run the package from that source tree instead (another
+    checkout, e.g. a ``git worktree`` of the last commit: old and new code measured
+    in the same minutes)."""
     port = anchors.free_port()
     rules = {
         "settings": {"admin": False, "watch": False, "statsInterval": 0, "logLevel": level,
@@ -73,10 +87,15 @@ def start_gportmap(procs: Processes, workdir: Path, target: int, level: str) -> 
         "rules": [{"protocol": "tcp", "listenHost": LOOPBACK, "listenPort": port, "targetHost": LOOPBACK,
                    "targetPort": target, "maxConnections": MAX_CONNECTIONS}],
     }  # fmt: skip
-    path = workdir / f"gportmap-{level}.json"
+    path = workdir / f"{label}-{level}.json"
     path.write_text(json.dumps(rules))
-    proc = procs.start(f"gportmap-{level}", [*anchors.gportmap_command(), str(path), "--admin", "off",
-                                             "--log-level", level])  # fmt: skip
+    # Both sides started alike (``-m gportmap``), from their tree: this checkout's by
+    # default. Not from this directory: ``-m`` puts the working directory first on
+    # the path, before PYTHONPATH, and every side would run this checkout.
+    command = [sys.executable, "-m", "gportmap"]
+    env = {**os.environ, "PYTHONPATH": str(tree or Path(__file__).resolve().parent.parent)}
+    proc = procs.start(f"{label}-{level}", [*command, str(path), "--admin", "off", "--log-level", level],
+                       env=env, cwd=workdir)  # fmt: skip
     anchors.wait_tcp_listening(port, proc)
     return anchors.Proxy("gportmap", port, proc)
 
@@ -213,45 +232,62 @@ def main() -> int:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--seconds", type=int, default=5, help="length of each traced run (1-30)")
-    parser.add_argument("--log-level", default="WARNING", help="gportmap's log level (WARNING, INFO)")
-    parser.add_argument("--py-spy", default=shutil.which("py-spy") or "", help="the py-spy program")
+    parser.add_argument("--log-level", default="WARNING",
+                        help="gportmap's log level, or several comma-separated (WARNING,INFO): one "
+                             "gportmap per level, measured in turns")  # fmt: skip
+    parser.add_argument("--old", type=Path,
+                        help="also run the package from this source tree (a worktree of the last "
+                             "commit), at every level, in the same turns: before and after")  # fmt: skip
+    parser.add_argument("--rounds", type=int, default=SPLIT_ROUNDS, help="untraced rounds of the CPU split (1-9)")
+    parser.add_argument("--no-trace", action="store_true", help="the CPU split only (no strace, no py-spy)")
+    parser.add_argument("--py-spy", default=shutil.which("py-spy") or anchors._venv_script("py-spy") or "",
+                        help="the py-spy program")  # fmt: skip
     parser.add_argument("--json", type=Path, help="also write every count and share here")
     parser.add_argument("--raw", type=Path, help="also keep py-spy's collapsed stacks here")
     args = parser.parse_args()
     seconds = max(1, min(args.seconds, 30))
+    rounds = max(1, min(args.rounds, 9))
+    levels = [level.strip().upper() for level in args.log_level.split(",") if level.strip()]
     for tool in ("wrk", "nginx", "strace"):
         if anchors._venv_script(tool) is None:
             print(f"profile_newconn: {tool} is not installed", file=sys.stderr)
             return 2
-    report: dict[str, object] = {"seconds": seconds, "log_level": args.log_level}
+    report: dict[str, object] = {"seconds": seconds, "log_level": ",".join(levels), "rounds": rounds}
     anchors.raise_fd_soft_limit()
     with tempfile.TemporaryDirectory(prefix="gportmap-profile-") as tmp:
         workdir = Path(tmp)
         procs = Processes(workdir)
         try:
             backend = start_nginx(procs, workdir)
-            gportmap = start_gportmap(procs, workdir, backend, args.log_level)
-            loads.wrk_http(gportmap.port, 1, CONNECTIONS, close=True)  # warm up
-            haproxy = None
+            # Every proxy measured, by the label its rows carry.
+            proxies: dict[str, anchors.Proxy] = {}
+            for level in levels:
+                proxies[f"gportmap {level}"] = start_gportmap(procs, workdir, backend, level)
+                if args.old is not None:
+                    proxies[f"old {level}"] = start_gportmap(procs, workdir, backend, level, args.old, "old")
             if anchors.missing_tool("haproxy") is None:
-                haproxy = anchors.start_proxy(procs, workdir, "haproxy", backend)
-                loads.wrk_http(haproxy.port, 1, CONNECTIONS, close=True)
-            for _ in range(SPLIT_ROUNDS):  # taking turns: the load of the moment hits both
-                for name, proxy in (("gportmap", gportmap), ("haproxy", haproxy)):
-                    if proxy is not None:
-                        split = cpu_split(proxy.proc.pid, proxy.port, seconds)
-                        report.setdefault(f"cpu_{name}", []).append(split)  # type: ignore[union-attr]
-            report["strace_gportmap"] = strace_counts(gportmap.proc.pid, gportmap.port, seconds, workdir)
-            if haproxy is not None:
-                report["strace_haproxy"] = strace_counts(haproxy.proc.pid, haproxy.port, seconds, workdir)
-            if args.py_spy and os.path.exists(args.py_spy):
-                report["py_spy"] = py_spy_profile(
-                    args.py_spy, gportmap.proc.pid, gportmap.port, seconds, workdir, args.raw
-                )
-            else:
-                print(
-                    "profile_newconn: py-spy not found (pip install py-spy; --py-spy PATH)", file=sys.stderr
-                )
+                proxies["haproxy"] = anchors.start_proxy(procs, workdir, "haproxy", backend)
+            for proxy in proxies.values():
+                loads.wrk_http(proxy.port, 1, CONNECTIONS, close=True)  # warm up
+            cpu: dict[str, list[dict]] = {name: [] for name in proxies}
+            for _ in range(rounds):  # taking turns: the load of the moment hits every proxy
+                for name, proxy in proxies.items():
+                    cpu[name].append(cpu_split(proxy.proc.pid, proxy.port, seconds))
+            report["cpu"] = cpu
+            if not args.no_trace:
+                report["strace"] = {
+                    name: strace_counts(proxy.proc.pid, proxy.port, seconds, workdir)
+                    for name, proxy in proxies.items()
+                }
+                first = proxies[f"gportmap {levels[0]}"]
+                if args.py_spy and os.path.exists(args.py_spy):
+                    report["py_spy"] = py_spy_profile(
+                        args.py_spy, first.proc.pid, first.port, seconds, workdir, args.raw
+                    )
+                else:
+                    print(
+                        "profile_newconn: py-spy not found (pip install py-spy; --py-spy PATH)", file=sys.stderr
+                    )
         finally:
             procs.stop_all()
     print_report(report)
@@ -260,35 +296,59 @@ def main() -> int:
     return 0
 
 
+def paired_ratios(cpu: dict[str, list[dict]], a: str, b: str) -> tuple[list[float], list[float]]:
+    """``a`` over ``b`` in each round (measured within seconds of each other: a
+    shared machine's load of the moment cancels out better than in the medians)."""
+    total = [(x["user_us"] + x["system_us"]) / (y["user_us"] + y["system_us"]) for x, y in zip(cpu[a], cpu[b])]
+    rate = [x["rate"] / y["rate"] for x, y in zip(cpu[a], cpu[b])]
+    return total, rate
+
+
+def spread(values: list[float]) -> str:
+    return f"{statistics.median(values):.2f} [{min(values):.2f}-{max(values):.2f}]"
+
+
 def print_report(report: dict) -> None:
-    splits = {name: report.get(f"cpu_{name}") for name in ("gportmap", "haproxy")}
-    if splits["gportmap"]:
-        print(f"Proxy CPU per new connection, untraced (wrk -c{UNTRACED_CONNECTIONS}, median of {SPLIT_ROUNDS}; "
-              f"gportmap at {report['log_level']})")  # fmt: skip
-        print("| proxy | user µs | system µs | connections/s |\n| --- | --- | --- | --- |")
-        for name, runs in splits.items():
-            if runs:
-                user, system, rate = (
-                    statistics.median(run[k] for run in runs) for k in ("user_us", "system_us", "rate")
-                )
-                print(f"| {name} | {user:.1f} | {system:.1f} | {rate:.0f} |")
+    cpu = report.get("cpu") or {}
+    if cpu:
+        print(f"Proxy CPU per new connection, untraced (wrk -c{UNTRACED_CONNECTIONS}, median of "
+              f"{report['rounds']} rounds taken in turns, [min-max])")  # fmt: skip
+        print("| proxy | user µs | system µs | total µs | connections/s |\n| --- | --- | --- | --- | --- |")
+        for name, runs in cpu.items():
+            cells = []
+            for key in ("user_us", "system_us", "total_us", "rate"):
+                values = [run[key] if key != "total_us" else run["user_us"] + run["system_us"] for run in runs]
+                digits = 0 if key == "rate" else 1
+                cells.append(f"{statistics.median(values):.{digits}f} [{min(values):.{digits}f}-"
+                             f"{max(values):.{digits}f}]")  # fmt: skip
+            print(f"| {name} | " + " | ".join(cells) + " |")
         print()
-    mine, theirs = report.get("strace_gportmap"), report.get("strace_haproxy") or {}
-    if mine:
-        print(f"System calls per new connection (strace -c -f, wrk -c{CONNECTIONS} Connection: close; "
-              f"gportmap at {report['log_level']})")  # fmt: skip
-        print("| syscall | gportmap | HAProxy |\n| --- | --- | --- |")
-        names = list(mine["per_connection"])
-        names += [n for n in theirs.get("per_connection", {}) if n not in names]
+        pairs = [(f"gportmap {level}", f"old {level}") for level in report["log_level"].split(",")]
+        levels = report["log_level"].split(",")
+        if len(levels) > 1:
+            pairs += [(f"{tree} {level}", f"{tree} {levels[0]}") for tree in ("gportmap", "old") for level in levels[1:]]
+        pairs += [(f"{tree} {level}", "haproxy") for tree in ("gportmap", "old") for level in levels]
+        ratios = [(a, b, paired_ratios(cpu, a, b)) for a, b in pairs if a in cpu and b in cpu]
+        if ratios:
+            print("Paired ratios, round by round (median [min-max]): total CPU per connection, and rate")
+            print("| this | over that | CPU | rate |\n| --- | --- | --- | --- |")
+            for a, b, (cpu_ratios, rate_ratios) in ratios:
+                print(f"| {a} | {b} | {spread(cpu_ratios)} | {spread(rate_ratios)} |")
+            print()
+    traces = report.get("strace") or {}
+    if traces:
+        print(f"System calls per new connection (strace -c -f, wrk -c{CONNECTIONS} Connection: close)")
+        labels = list(traces)
+        print("| syscall | " + " | ".join(labels) + " |\n|" + " --- |" * (len(labels) + 1))
+        names: list[str] = []
+        for trace in traces.values():
+            names += [n for n in trace["per_connection"] if n not in names]
         for name in names:
-            ours, other = (
-                mine["per_connection"].get(name, 0.0),
-                theirs.get("per_connection", {}).get(name, 0.0),
-            )
-            if max(ours, other) >= 0.05:
-                print(f"| {name} | {ours:.2f} | {other:.2f} |")
-        print(f"| **total** | **{mine['total_per_connection']:.1f}** | "
-              f"**{theirs.get('total_per_connection', 0.0):.1f}** |")  # fmt: skip
+            row = [traces[label]["per_connection"].get(name, 0.0) for label in labels]
+            if max(row) >= 0.05:
+                print(f"| {name} | " + " | ".join(f"{v:.2f}" for v in row) + " |")
+        print("| **total** | " + " | ".join(f"**{traces[label]['total_per_connection']:.1f}**" for label in labels)
+              + " |")  # fmt: skip
     spy = report.get("py_spy")
     if spy:
         print(

@@ -7,6 +7,8 @@ stderr is one JSON object.
 
 Nothing here writes to stderr from the hub: a record is formatted where it is logged
 and handed to a bounded queue that one native thread writes out (``StderrQueue``).
+The record made once per connection is not even formatted there: ``emit_fields``
+queues its field values and the writer thread makes the line.
 A stderr that nobody reads (a full pipe) then costs log lines, counted and reported
 as ``log_records_dropped``, never the forwarding itself.
 """
@@ -15,9 +17,12 @@ from __future__ import annotations
 
 import atexit
 import copy
+import dataclasses
+import functools
 import logging
 import os
 import select
+import stat
 import sys
 import time
 from collections import deque
@@ -51,7 +56,11 @@ def emit(logger: logging.Logger, event: Event, exc_info: Any = None) -> None:
     costs no message and no dict; where even making the event would cost (once per
     connection), the call site checks ``isEnabledFor`` before it makes one.
     ``exc_info``: an exception whose traceback goes with the record."""
-    level = event.record_level()
+    _log_event(logger, event, event.record_level(), exc_info)
+
+
+def _log_event(logger: logging.Logger, event: Event, level: int, exc_info: Any = None) -> None:
+    """``emit``'s work: through ``logging`` (a ``LogRecord``, the handlers)."""
     if logger.isEnabledFor(level):
         fields = event.fields()
         fields["event"] = event.event
@@ -59,9 +68,61 @@ def emit(logger: logging.Logger, event: Event, exc_info: Any = None) -> None:
         logger._log(level, event.message(), (), exc_info=exc_info, extra=fields)  # noqa: SLF001
 
 
+def emit_fields(logger: logging.Logger, level: int, kind: type[Event], values: tuple) -> None:
+    """``emit`` for a record made once per connection (``connection_closed``), at
+    ``level`` (the caller has checked ``logger.isEnabledFor(level)``): ``values``
+    are the event's fields in ``kind``'s order. When the record would reach only
+    the process's ``StderrQueueHandler`` (the usual case: nothing else attached,
+    no filter but the ``worker`` field), the hub queues the tuple as it is, with
+    the time, and the writer thread makes the event, its message and its line: no
+    ``LogRecord``, no dict, no formatting on the hub, and a text line made without
+    a ``LogRecord`` at all. The line is the one ``emit`` would have written, byte
+    for byte. Otherwise (a test's capture handler, a filter) it is ``emit``."""
+    handler = _direct_handler(logger, level)
+    if handler is None:
+        _log_event(logger, kind(**dict(zip(_field_names(kind), values))), level)
+        return
+    handler.queue.put_later((handler, logger.name, level, kind, values, time.time()))
+
+
+def _direct_handler(logger: logging.Logger, level: int) -> StderrQueueHandler | None:
+    """The one handler a record of ``logger`` at ``level`` would reach, when it is
+    a ``StderrQueueHandler`` and nothing on the way filters or also handles it
+    (what ``Logger.handle`` and ``callHandlers`` would do, answered without a
+    record: the first logger up the chain with handlers has this one only, and the
+    record goes no further: that logger does not propagate, or is the root); else
+    None."""
+    if logger.filters or logger.disabled:
+        return None
+    current: logging.Logger | None = logger
+    while current is not None:
+        handlers = current.handlers
+        if handlers:
+            if len(handlers) != 1 or (current.propagate and current.parent is not None):
+                return None
+            handler = handlers[0]
+            if (type(handler) is not StderrQueueHandler or level < handler.level
+                    or any(type(f) is not _WorkerField for f in handler.filters)):  # fmt: skip
+                return None
+            return handler
+        if not current.propagate:
+            return None  # no handler at all: logging's last resort
+        current = current.parent
+    return None
+
+
+@functools.lru_cache(maxsize=64)  # bounded by the event classes that use emit_fields
+def _field_names(kind: type[Event]) -> tuple[str, ...]:
+    return tuple(f.name for f in dataclasses.fields(kind))
+
+
 def _utc_timestamp(created: float) -> str:
-    seconds = time.gmtime(created)
-    return time.strftime("%Y-%m-%dT%H:%M:%S", seconds) + f".{int(created % 1 * 1000):03d}Z"
+    return _utc_second(int(created)) + f".{int(created % 1 * 1000):03d}Z"
+
+
+@functools.lru_cache(maxsize=4)  # a pure function of the second: records of one second share it
+def _utc_second(seconds: int) -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(seconds))
 
 
 class TextFormatter(logging.Formatter):
@@ -69,31 +130,38 @@ class TextFormatter(logging.Formatter):
 
     def format(self, record: logging.LogRecord) -> str:
         event = getattr(record, "event", None) or "log"
-        parts = [
-            _utc_timestamp(record.created),
-            record.levelname,
-            f"{event}: {record.getMessage()}",
-        ]
-        multiline: list[str] = []
-        for key, value in record.__dict__.items():
-            if key in _RESERVED or key.startswith("_"):
-                continue
-            if isinstance(value, (list, tuple)) and key == "errors":
-                multiline.extend(f"  {item}" for item in value)
-                continue
-            if isinstance(value, (list, tuple)) and value and all(isinstance(v, dict) for v in value):
-                # e.g. the per-rule figures of a ``stats`` record: one indented line each
-                multiline.extend(
-                    "  " + " ".join(f"{k}={_text_value(v)}" for k, v in item.items()) for item in value
-                )
-                continue
-            parts.append(f"{key}={_text_value(value)}")
-        line = " ".join(parts)
-        if multiline:
-            line += "\n" + "\n".join(multiline)
+        fields = ((k, v) for k, v in record.__dict__.items() if k not in _RESERVED and not k.startswith("_"))
+        line = _text_line(record.created, record.levelname, event, record.getMessage(), fields)
         if record.exc_info:
             line += "\n" + self.formatException(record.exc_info)
         return line
+
+
+def _text_line(created: float, levelname: str, event: str, message: str, fields: Any) -> str:
+    """``TextFormatter``'s line of one record without its traceback: ``fields`` the
+    (key, value) pairs shown, in order (a record's, or a queued event's: see
+    ``StderrQueue._format_later``)."""
+    parts = [_utc_timestamp(created), levelname, f"{event}: {message}"]
+    multiline: list[str] = []
+    for key, value in fields:
+        kind = type(value)
+        if kind is int or (kind is str and value and " " not in value):  # most fields: as they are
+            parts.append(f"{key}={value}")
+            continue
+        if isinstance(value, (list, tuple)) and key == "errors":
+            multiline.extend(f"  {item}" for item in value)
+            continue
+        if isinstance(value, (list, tuple)) and value and all(isinstance(v, dict) for v in value):
+            # e.g. the per-rule figures of a ``stats`` record: one indented line each
+            multiline.extend(
+                "  " + " ".join(f"{k}={_text_value(v)}" for k, v in item.items()) for item in value
+            )
+            continue
+        parts.append(f"{key}={_text_value(value)}")
+    line = " ".join(parts)
+    if multiline:
+        line += "\n" + "\n".join(multiline)
+    return line
 
 
 def _text_value(value: Any) -> str:
@@ -182,6 +250,11 @@ class StderrQueue:
     #: Bytes per write(2): whole lines up to PIPE_BUF, so that a write to a pipe that
     #: worker processes share is atomic (a longer line is written on its own).
     write_size: int = getattr(select, "PIPE_BUF", 512)
+    #: Bytes per write(2) when stderr is a regular file: there every write appends
+    #: whole (the kernel serialises writes to one file), so a batch goes out in
+    #: one write: each write costs the writer thread the GIL back, and every
+    #: handoff of the GIL stalls the hub (futex calls and a context switch).
+    file_write_size: int = 64 * 1024
     #: Seconds the exit flush (atexit) waits for the writer: a stderr that nobody
     #: reads delays the exit by at most this much.
     exit_flush_timeout: float = 5.0
@@ -190,11 +263,18 @@ class StderrQueue:
     #: Seconds the writer waits once woken before it writes, so that the records of a
     #: busy moment go out in one batch for one wake-up (a record is that much later).
     gather_delay: float = 0.005
+    #: Bytes a record queued unformatted (``put_later``) counts for under
+    #: ``max_bytes`` until the writer has made its line (a connection's record is
+    #: about 200 bytes; its length is not known before).
+    later_size: int = 512
 
     def __init__(self, fd: int, encoding: str = "utf-8") -> None:
         self.fd = fd
         self.encoding = encoding
-        self._lines: deque[bytes] = deque()
+        #: Encoded lines, and records to format (``put_later``), in their order.
+        self._lines: deque[bytes | tuple] = deque()
+        #: The writer's own: lines taken off ``_lines`` (formatted) for the next write.
+        self._ready: deque[bytes] = deque()
         self._bytes_in = self._bytes_out = 0
         self._dropped = self._lost = self._reported = self._written = 0
         self._report_after: int | None = None
@@ -203,7 +283,15 @@ class StderrQueue:
             _drop_record_template(logging.Filterer()),
         )
         self._busy = self._stopping = False
+        #: What a record formatted here (``_format_later``) copies: made on the
+        #: caller's side, as ``_drop_record_template`` says why.
+        self._template = logging.LogRecord(LOGGER_NAME, logging.INFO, __file__, 0, "", (), None)
         self._wake_pending = False
+        try:
+            if stat.S_ISREG(os.fstat(fd).st_mode):
+                self.write_size = self.file_write_size
+        except OSError:
+            pass  # no stderr: every write fails, and is counted
         self._wake_read, self._wake_write = os.pipe()
         os.set_blocking(self._wake_write, False)
         _start_native_thread(self._run, ())
@@ -218,6 +306,19 @@ class StderrQueue:
             return False
         self._bytes_in += len(line)
         self._lines.append(line)
+        self._wake()
+        return True
+
+    def put_later(self, item: tuple) -> bool:
+        """Queue one record for the writer to format (``emit_fields``): (handler,
+        logger name, level, event class, field values, time). False (and counted)
+        if the queue is full."""
+        queued = self._bytes_in - self._bytes_out
+        if len(self._lines) >= self.max_lines or queued + self.later_size > self.max_bytes:
+            self.count_dropped()
+            return False
+        self._bytes_in += self.later_size
+        self._lines.append(item)
         self._wake()
         return True
 
@@ -246,7 +347,7 @@ class StderrQueue:
 
     def idle(self) -> bool:
         """Every queued line written and every drop reported (or given up on)."""
-        return not self._lines and not self._busy and self.dropped() == self._reported
+        return not self._lines and not self._ready and not self._busy and self.dropped() == self._reported
 
     def flush(self, timeout: float) -> bool:
         """Wait up to ``timeout`` seconds for the writer to drain; True if it did.
@@ -286,7 +387,7 @@ class StderrQueue:
     def _drain(self) -> None:
         self._busy = True
         try:
-            while self._lines:
+            while self._lines or self._ready:
                 self._write_batch()
                 self._report_drops()
             self._report_drops()
@@ -294,18 +395,67 @@ class StderrQueue:
             self._busy = False
 
     def _write_batch(self) -> None:
-        batch = [self._lines.popleft()]
+        ready = self._ready
+        if not self._take():
+            return
+        batch = [ready.popleft()]
         size = len(batch[0])
-        while self._lines and size + len(self._lines[0]) <= self.write_size:
-            line = self._lines.popleft()
+        while (ready or self._take()) and size + len(ready[0]) <= self.write_size:
+            line = ready.popleft()
             batch.append(line)
             size += len(line)
-        self._bytes_out += size
         try:
             self._write_all(b"".join(batch))
         except OSError:
             self._lost += len(batch)  # stderr closed or broken: counted, not retried
         self._written += len(batch)
+
+    def _take(self) -> bool:
+        """Make sure a line is ready to write (taking the next one off the queue,
+        formatting a queued record); False when there is none."""
+        while not self._ready:
+            if not self._lines:
+                return False
+            item = self._lines.popleft()
+            if type(item) is bytes:
+                self._bytes_out += len(item)
+                self._ready.append(item)
+                continue
+            self._bytes_out += self.later_size
+            line = self._format_later(item)
+            if line is None:
+                self._lost += 1  # a field that cannot be shown: counted, as the handler counts it
+            else:
+                self._ready.append(line)
+        return True
+
+    def _format_later(self, item: tuple) -> bytes | None:
+        """The line of a record queued by ``emit_fields``, as its handler would
+        have formatted it on the hub: the text format straight from the event's
+        fields, another format through a copy of a template record (no
+        ``LogRecord.__init__`` in this thread)."""
+        handler, name, level, kind, values, created = item
+        try:
+            event = kind(**dict(zip(_field_names(kind), values)))
+            fields = event.fields()
+            fields["event"] = event.event
+            formatter = handler.formatter
+            if type(formatter) is TextFormatter:
+                shown = [(k, v) for k, v in fields.items() if k != "event"]
+                for found in handler.filters:  # _WorkerField only (emit_fields checked)
+                    shown.append(("worker", found.worker))
+                text = _text_line(created, logging.getLevelName(level), event.event, event.message(), shown)
+            else:
+                record = copy.copy(self._template)
+                record.name, record.levelno, record.levelname = name, level, logging.getLevelName(level)
+                record.msg, record.created, record.msecs = event.message(), created, created % 1 * 1000
+                record.__dict__.update(fields)
+                for found in handler.filters:
+                    found.filter(record)
+                text = handler.format(record)
+            return (text + "\n").encode(self.encoding, "backslashreplace")
+        except Exception:  # noqa: BLE001 - a writer that died here would end all logging
+            return None
 
     def _write_all(self, data: bytes) -> None:
         view = memoryview(data)
@@ -321,7 +471,7 @@ class StderrQueue:
         if dropped == self._reported:
             return
         if self._report_after is None:
-            self._report_after = self._written + len(self._lines)
+            self._report_after = self._written + len(self._lines) + len(self._ready)
         if self._written < self._report_after:
             return
         self._report_after = None

@@ -21,6 +21,8 @@ import _socket
 import errno
 import os
 import socket
+import time
+from collections import deque
 from collections.abc import Callable, Sequence
 
 from gevent import get_hub
@@ -33,6 +35,89 @@ from gportmap.engine.sockopts import apply_keep_alive
 #: A TCP socket created non-blocking (Linux; elsewhere ``setblocking`` is needed after).
 _NONBLOCK_AT_BIRTH = hasattr(socket, "SOCK_NONBLOCK")
 _STREAM_NONBLOCK = socket.SOCK_STREAM | getattr(socket, "SOCK_NONBLOCK", 0)
+
+
+class ConnectSweep:
+    """The deadlines of connects that share one timeout (one rule's), kept in
+    start order (so in deadline order) and served by one timer armed for the
+    first: no timer made, started and closed per connect.
+
+    An entry whose connect ended (``HubConnect.sock`` None, or a later deadline
+    of the same connect: its next address) is dropped when it reaches the front;
+    each new entry first drops the ended ones at the front, so the queue holds
+    about the connects in progress (bounded by them and the connect rate times
+    the timeout at worst)."""
+
+    __slots__ = ("timeout", "loop", "entries", "timer", "on_timer", "sweeping")
+
+    def __init__(self, timeout: float) -> None:
+        self.timeout = timeout
+        self.loop = get_hub().loop
+        self.entries: deque[tuple[float, HubConnect]] = deque()
+        self.timer = None
+        self.on_timer = self._on_timer  # bound once
+        self.sweeping = False  # in _on_timer: it arms the timer for the front when done
+
+    @classmethod
+    def of(cls, pool: object, timeout: float) -> ConnectSweep | None:
+        """``pool``'s sweep for ``timeout`` (made on first use); None for a pool
+        without sweeps (a connect then runs a timer of its own)."""
+        sweeps = getattr(pool, "sweeps", None)
+        if sweeps is None:
+            return None
+        sweep = sweeps.get(timeout)
+        if sweep is None:
+            # A new timeout (a reload changed connectTimeout): the idle sweeps of
+            # old ones go, so that the table stays as small as the timeouts in use.
+            for key in [key for key, old in sweeps.items() if not old.entries and old.timer is None]:
+                del sweeps[key]
+            sweep = sweeps[timeout] = cls(timeout)
+        return sweep
+
+    def add(self, connect: HubConnect) -> None:
+        entries = self.entries
+        while entries and _ended(entries[0]):
+            entries.popleft()
+        deadline = time.monotonic() + self.timeout
+        connect.deadline = deadline
+        entries.append((deadline, connect))
+        if self.timer is None and not self.sweeping:
+            self._arm(self.timeout)
+
+    def _arm(self, after: float) -> None:
+        self.timer = self.loop.timer(max(after, 0.0))
+        self.timer.start(self.on_timer, update=True)  # from now (see HubConnect._next)
+
+    def _on_timer(self) -> None:
+        """Time out every connect whose deadline passed (each in its own guard:
+        ``HubConnect._on_timeout``), then wait for the next deadline."""
+        self.timer.close()
+        self.timer = None
+        entries = self.entries
+        now = time.monotonic()
+        self.sweeping = True
+        try:
+            while entries:
+                deadline, connect = entries[0]
+                if _ended(entries[0]):
+                    entries.popleft()
+                    continue
+                if deadline > now:
+                    break
+                entries.popleft()
+                connect.deadline = None
+                connect.on_timeout()  # guarded: its failures end its own connection
+        finally:
+            self.sweeping = False
+            while entries and _ended(entries[0]):
+                entries.popleft()
+            if entries:
+                self._arm(entries[0][0] - time.monotonic())
+
+
+def _ended(entry: tuple[float, HubConnect]) -> bool:
+    deadline, connect = entry
+    return connect.sock is None or connect.deadline != deadline
 
 
 class HubConnect:
@@ -53,6 +138,10 @@ class HubConnect:
         "watcher",
         "timer",
         "loop",
+        "spare",
+        "sweep",
+        "deadline",
+        "on_timeout",
     )
 
     def __init__(
@@ -62,6 +151,7 @@ class HubConnect:
         on_connected: Callable[[_socket.socket], None],
         on_failed: Callable[[OSError], None],
         on_crash: Callable[[Exception], None] | None = None,
+        sweep: ConnectSweep | None = None,
     ) -> None:
         self.loop = get_hub().loop
         self.addresses = addresses
@@ -73,13 +163,31 @@ class HubConnect:
         self.sock: _socket.socket | None = None
         self.watcher = None
         self.timer = None
+        #: After a connect that waited: its io watcher on the connected socket,
+        #: stopped, for the relay to read with (``take_spare``): one watcher (and
+        #: one ``fcntl`` gevent makes per watcher) fewer per connection.
+        self.spare = None
+        #: Serves this connect's deadline (its ``timeout`` must be the sweep's);
+        #: None: a timer of its own.
+        self.sweep = sweep if sweep is not None and sweep.timeout == timeout else None
+        self.deadline: float | None = None  # while in the sweep
+        self.on_timeout = self._on_timeout  # bound once (the sweep or the timer calls it)
 
     def start(self) -> None:
         self._next(None)
 
+    def take_spare(self):  # noqa: ANN201 - a gevent io watcher or None
+        """The stopped watcher of the connected socket (see ``spare``), now the
+        caller's to close; None when the connect did not wait."""
+        spare, self.spare = self.spare, None
+        return spare
+
     def cancel(self) -> None:
         """Stop waiting (a drain cut-off); the socket being connected is closed."""
         self._stop()
+        spare = self.take_spare()
+        if spare is not None:
+            spare.close()
         if self.sock is not None:
             self.sock.close()
             self.sock = None
@@ -107,16 +215,20 @@ class HubConnect:
                 self.sock = sock
                 self.watcher = self.loop.io(sock.fileno(), WRITE)
                 self.watcher.start(self._on_writable)
+                if self.sweep is not None:
+                    self.sweep.add(self)
+                    return
                 self.timer = self.loop.timer(self.timeout)
                 # From now, not from when the loop last woke: a greenlet may start a
                 # connect long after (gevent.Timeout does the same).
-                self.timer.start(self._on_timeout, update=True)
+                self.timer.start(self.on_timeout, update=True)
                 return
             sock.close()
             error = OSError(err, os.strerror(err))
         self.on_failed(error or OSError("the target resolved to no address"))
 
     def _stop(self) -> None:
+        self.deadline = None  # out of the sweep (dropped when it reaches the front)
         if self.watcher is not None:
             self.watcher.close()
             self.watcher = None
@@ -126,15 +238,19 @@ class HubConnect:
 
     def _on_writable(self) -> None:
         try:
-            self._stop()
+            watcher, self.watcher = self.watcher, None
+            watcher.stop()
+            self._stop()  # the timer
             sock, self.sock = self.sock, None
             try:
                 err = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
             except OSError as exc:
                 err = exc.errno or errno.EBADF
             if not err:
+                self.spare = watcher
                 self.on_connected(sock)
                 return
+            watcher.close()
             sock.close()
             self._next(OSError(err, os.strerror(err)))
         except Exception as exc:  # noqa: BLE001 - a bug: never to the hub (module docstring)
@@ -144,6 +260,8 @@ class HubConnect:
         try:
             self._stop()
             sock, self.sock = self.sock, None
+            if sock is None:
+                return  # ended meanwhile (the sweep looked before this callback)
             sock.close()
             self._next(TimeoutError("timed out"))
         except Exception as exc:  # noqa: BLE001 - a bug: never to the hub (module docstring)
@@ -171,7 +289,7 @@ class PoolConnect:
     counted by then). ``cancel()`` gives back what it holds."""
 
     __slots__ = ("pool", "client_key", "timeout", "on_connected", "on_failed", "on_crash", "tried", "target",
-                 "step", "last_error", "last_text")
+                 "step", "last_error", "last_text", "spare")
 
     def __init__(
         self,
@@ -194,6 +312,9 @@ class PoolConnect:
         self.last_error: OSError | None = None
         #: Words for the last failed attempt (what the connection's record says).
         self.last_text: str | None = None
+        #: The connect's stopped io watcher on the socket it handed over
+        #: (``HubConnect.spare``), for the owner's relay: ``take_spare``.
+        self.spare = None
 
     def start(self) -> None:
         self._attempt()
@@ -209,7 +330,19 @@ class PoolConnect:
     def retry(self, error: OSError, text: str | None = None) -> None:
         """The set-up after the connect failed (``text`` says how): counted
         against the target; the next target is tried."""
+        self._drop_spare()
         self._failed(error, text)
+
+    def take_spare(self):  # noqa: ANN201 - a gevent io watcher or None
+        """The stopped io watcher on the socket handed to ``on_connected`` (None if
+        the connect did not wait), now the caller's to use and close."""
+        spare, self.spare = self.spare, None
+        return spare
+
+    def _drop_spare(self) -> None:
+        spare = self.take_spare()
+        if spare is not None:
+            spare.close()
 
     def cancel(self) -> None:
         """Stop (the client left, a drain cut-off): the socket being connected is
@@ -217,6 +350,7 @@ class PoolConnect:
         step, self.step = self.step, None
         if step is not None:
             step.cancel()
+        self._drop_spare()
         target, self.target = self.target, None
         if target is not None:
             target.cancelled()
@@ -242,7 +376,8 @@ class PoolConnect:
                 self.target = None
                 target.attempt_failed(self.last_text)
                 continue
-            self.step = HubConnect(addresses, self.timeout, self._connected, self._failed, self._crash)
+            self.step = HubConnect(addresses, self.timeout, self._connected, self._failed, self._crash,
+                                   ConnectSweep.of(pool, self.timeout))  # fmt: skip
             self.step.start()
             return
 
@@ -254,7 +389,10 @@ class PoolConnect:
         self.on_failed(error)
 
     def _connected(self, sock: _socket.socket) -> None:
-        self.step = None
+        step, self.step = self.step, None
+        if step is not None:
+            self._drop_spare()
+            self.spare = step.take_spare()
         keep_alive = self.pool.rule.keep_alive
         if keep_alive is not None:
             apply_keep_alive(sock, keep_alive)
@@ -293,7 +431,9 @@ def await_connect(pool: TargetPool, client_key: str | None, timeout: float) -> t
                             result.set_exception)
     connector.start()
     try:
-        return result.get(), connector
+        sock = result.get()
+        connector._drop_spare()  # a greenlet's relay makes its own watchers
+        return sock, connector
     except OSError as exc:
         raise _worded(connector, exc) from None
     except BaseException:
@@ -309,7 +449,9 @@ def retry_connect(connector: PoolConnect, error: OSError, text: str | None = Non
     connector.on_failed = connector.on_crash = result.set_exception
     connector.retry(error, text)
     try:
-        return result.get()
+        sock = result.get()
+        connector._drop_spare()
+        return sock
     except OSError as exc:
         raise _worded(connector, exc) from None
     except BaseException:

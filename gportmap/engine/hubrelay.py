@@ -107,7 +107,11 @@ class HubRelay:
     the target's, outermost (the network's) first, ready to carry bytes (their
     handshakes done). ``client_tls`` / ``target_tls``: a TLS stage for that side,
     put outside its other stages. With any stage, both directions go through
-    ``_StagedDirection``. Without, the plain path, splice included."""
+    ``_StagedDirection``. Without, the plain path, splice included.
+
+    ``target_reader``: a stopped io watcher on ``target`` to read it with (the
+    connect's, ``HubConnect.spare``), the relay's to close from now on; None: one
+    is made."""
 
     __slots__ = ("client", "target", "conn", "idle", "on_done", "up", "down", "timer", "reason", "loop",
                  "settle", "moved")
@@ -142,6 +146,7 @@ class HubRelay:
         target_tls: TlsStage | None = None,
         client_stages: Sequence[Stage] = (),
         target_stages: Sequence[Stage] = (),
+        target_reader=None,  # noqa: ANN001 - a gevent io watcher
     ) -> None:
         self.loop = get_hub().loop
         self.client = client
@@ -150,8 +155,11 @@ class HubRelay:
         self.idle = idle_timeout
         self.on_done = on_done
         self.reason: str | None = None
-        client_stage = chain(([client_tls] if client_tls is not None else []) + list(client_stages))
-        target_stage = chain(([target_tls] if target_tls is not None else []) + list(target_stages))
+        if client_tls is None and target_tls is None and not client_stages and not target_stages:
+            client_stage = target_stage = None  # the plain path (most connections): no chain to make
+        else:
+            client_stage = chain(([client_tls] if client_tls is not None else []) + list(client_stages))
+            target_stage = chain(([target_tls] if target_tls is not None else []) + list(target_stages))
         if client_stage is None and target_stage is None:
             splice = zero_copy and _splice is not None
             if splice_first is None:
@@ -159,10 +167,12 @@ class HubRelay:
                 if splice_first is None:
                     splice_first = HubRelay.splice_first = relay_mode() == "splice"
             self.up = _Direction(self, client, target, "client", "target", True, splice, splice_first)
-            self.down = _Direction(self, target, client, "target", "client", False, splice, splice_first)
+            self.down = _Direction(self, target, client, "target", "client", False, splice, splice_first,
+                                   target_reader)  # fmt: skip
         else:
             self.up = _StagedDirection(self, client, target, "client", "target", True, client_stage, target_stage)
-            self.down = _StagedDirection(self, target, client, "target", "client", False, target_stage, client_stage)
+            self.down = _StagedDirection(self, target, client, "target", "client", False, target_stage, client_stage,
+                                         target_reader)  # fmt: skip
         self.timer = None
         self.settle = None  # the watchers of the last look before an idle cut
         self.moved = 0.0
@@ -324,12 +334,17 @@ class _Direction:
         uploading: bool,
         may_splice: bool,
         splice_first: bool,
+        reader=None,  # noqa: ANN001 - a stopped gevent io watcher on src to reuse
     ) -> None:
         self.relay = relay
         self.src, self.dst = src, dst
         self.src_side, self.dst_side = src_side, dst_side
         self.uploading = uploading
-        self.reader = relay.loop.io(src.fileno(), READ)
+        if reader is None:
+            reader = relay.loop.io(src.fileno(), READ)
+        else:
+            reader.events = READ  # a watcher's events may change while it is stopped
+        self.reader = reader
         self.writer = None  # made the first time the destination pushes back
         self.tail: memoryview | None = None  # copied bytes the destination has not taken yet
         self.pipe: tuple[int, int, int] | None = None
@@ -581,8 +596,9 @@ class _StagedDirection(_Direction):
         uploading: bool,
         src_stage: Stage | None,
         dst_stage: Stage | None,
+        reader=None,  # noqa: ANN001 - as _Direction's
     ) -> None:
-        super().__init__(relay, src, dst, src_side, dst_side, uploading, False, False)
+        super().__init__(relay, src, dst, src_side, dst_side, uploading, False, False, reader)
         self.src_stage = src_stage
         self.dst_stage = dst_stage
         self.tail_plain = 0  # relayed bytes the unsent tail carries (counted once it has gone)

@@ -395,7 +395,7 @@ class HubConnection:
         route = self.route
         self.relay = HubRelay(
             self.client, self.target, self.conn, route.idle_timeout, route.zero_copy, on_done=self.on_done,
-            client_tls=self.client_tls, target_tls=self.target_tls,
+            client_tls=self.client_tls, target_tls=self.target_tls, target_reader=connector.take_spare(),
         )
         self.relay.start()
 

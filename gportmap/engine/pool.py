@@ -421,6 +421,9 @@ class TargetPool:
         self.stats = stats
         self.targets: tuple[TargetState, ...] = tuple(TargetState(self, spec) for spec in rule.targets)
         self.balancer = make_balancer(rule.balance, self.targets)
+        #: The connector's deadline sweeps of this pool's connects, by timeout
+        #: (``gportmap.engine.connector.ConnectSweep``; one or two timeouts a rule).
+        self.sweeps: dict[float, Any] = {}
 
     @classmethod
     def for_rule(cls, rule: Rule, stats: RuleStats) -> TargetPool:
@@ -476,6 +479,15 @@ class TargetPool:
         targets tried already), its ``active`` counted; None when none can take
         it. Primaries first; backups only when no primary can."""
         now = self.clock()
+        targets = self.targets
+        if len(targets) == 1:  # most rules: no candidate lists, no balancer
+            target = targets[0]
+            if target in exclude or not target.available(now):
+                return None
+            target.active += 1
+            if target.out_until:
+                target.trial = True
+            return target
         candidates = [t for t in self.targets if not t.backup and t not in exclude and t.available(now)]
         if not candidates:
             candidates = [t for t in self.targets if t.backup and t not in exclude and t.available(now)]

@@ -57,7 +57,7 @@ from gportmap.engine.sockopts import apply_keep_alive
 from gportmap.engine.tls import TlsStage
 from gportmap.events import ConnectionClosed, ConnectionRejected, TlsVerifyOff
 from gportmap.failures import report_internal_error
-from gportmap.log import emit, get_logger
+from gportmap.log import emit, emit_fields, get_logger
 from gportmap.plugins import ConnView, HookError, PluginChain, Reject, log_hook_error
 from gportmap.protocols import ServerContext
 from gportmap.reasons import CloseReason, RejectReason
@@ -93,6 +93,8 @@ class StreamRuleServer:
         self._no_relays.set()
         self.listener: socket.socket | None = None
         self._server: StreamServer | None = None
+        #: ``faulty()``'s last answer, with the fault board's ``changed`` it holds for.
+        self._faulty: tuple[object, bool] | None = None
         #: The rule's targets, kept with its counters across its servers (SPEC §8).
         self.target_pool = TargetPool.for_rule(rule, self.stats)
         #: Set when every target is an IP address: connects need no lookup, so a
@@ -198,11 +200,21 @@ class StreamRuleServer:
         moved = any(target.ports is not None for target in self.rule.targets)
         return Shifts(self.rule.listen_port, moved)
 
+    @functools.cached_property
+    def one_listener(self) -> bool:
+        """The rule listens on one address (asked per connection; a rule never changes)."""
+        return self.rule.listener_count == 1
+
+    @functools.cached_property
+    def rule_listen(self) -> str:
+        """``Rule.listen``, made once: a connection's listen address unless it has its own."""
+        return self.rule.listen
+
     def listen_text(self, client: object) -> str | None:
         """The address ``client`` (an accepted socket) came in on, for a rule with
         several listeners (SPEC §9: ``/connections`` shows it); None (the rule's one
         address) for a rule with one, without a system call."""
-        if self.rule.listener_count == 1:
+        if self.one_listener:
             return None
         address = local_address(client)
         return format_address(*address) if address is not None else None  # None: reset, the rule's stands
@@ -434,8 +446,16 @@ class StreamRuleServer:
     def faulty(self) -> bool:
         """New connections take a greenlet relay with network faults (SPEC §12): the
         rule has faults now, or is a Toxiproxy proxy (whose toxics may come at any time)."""
+        board = self.context.faults
+        cached = self._faulty
+        if cached is not None and cached[0] is board.changed:
+            return cached[1]
         rule = self.rule
-        return rule.source is RuleSource.TOXIPROXY or bool(self.context.faults.faults(rule.name, rule.faults))
+        answer = rule.source is RuleSource.TOXIPROXY or bool(board.faults(rule.name, rule.faults))
+        # Kept until the board publishes again (it makes a new ``changed`` then):
+        # a hub rule asks once per connection.
+        self._faulty = (board.changed, answer)
+        return answer
 
     def fault_session(self) -> FaultSession | None:
         """The faults of one new connection (``gportmap.engine.faults``), or None
@@ -452,7 +472,7 @@ class StreamRuleServer:
         ``listen``: the address it came in on (``listen_text``); the rule's by default."""
         conn = self.context.stats.open(
             self.stats, client_text, self.rule.target, view.id if view else None, slot=slot,
-            listen=self.rule.listen if listen is None else listen,
+            listen=self.rule_listen if listen is None else listen,
         )
         current = getcurrent()
         if current is not get_hub():
@@ -505,19 +525,13 @@ class StreamRuleServer:
             for failure in self.plugins.close(view, summary):
                 log_hook_error(failure, self.rule.name, view.client)
         self.context.stats.close(conn)
-        if not logger.isEnabledFor(ConnectionClosed.level_for(reason)):
-            return  # the common case under load: build no record at all
-        event = ConnectionClosed(
-            rule=self.rule.name,
-            client=conn.client,
-            target=conn.target,
-            bytes_received=conn.bytes_received,
-            bytes_sent=conn.bytes_sent,
-            duration=round(conn.duration, 3),
-            reason=reason,
-            error=error,
-        )
-        emit(logger, event)
+        level = ConnectionClosed.level_for(reason)
+        if not logger.isEnabledFor(level):
+            return  # WARNING and above: build no record at all
+        # The fields in ConnectionClosed's order; the log writer makes the record.
+        values = (self.rule.name, conn.client, conn.target, conn.bytes_received, conn.bytes_sent,
+                  round(conn.duration, 3), reason, error)  # fmt: skip
+        emit_fields(logger, level, ConnectionClosed, values)
 
     def connect_target(
         self, client: socket.socket | None = None, tls: bool = True, conn: Connection | None = None,

@@ -63,7 +63,12 @@ class RawAcceptServer(StreamServer):
     ``_socket.socket``: the lean path never needs gevent's wrapper (building one
     and taking the descriptor back out cost ~7% of a new connection), and the
     handler wraps it itself when it does. The server closes the bare socket when
-    the handler returns, which is a no-op once its descriptor was taken."""
+    the handler returns, which is a no-op once its descriptor was taken.
+
+    A handler run on the hub (``spawn=None``) may keep the very socket it was
+    given instead (no second socket object, no ``getsockname`` that CPython makes
+    for every socket built on a descriptor): it returns True, and the server
+    leaves that socket to it."""
 
     #: What an ``Acceptor`` over several sockets hands the handler: bare sockets too.
     raw_accept = True
@@ -75,6 +80,18 @@ class RawAcceptServer(StreamServer):
         except BlockingIOError:
             return None
         return _socket.socket(listener.family, listener.type, listener.proto, fileno=fd), address
+
+    def do_handle(self, sock: _socket.socket, address: tuple) -> None:  # type: ignore[override]
+        if self._spawn is not None:
+            super().do_handle(sock, address)
+            return
+        try:
+            kept = self._handle(sock, address)
+        except BaseException:
+            sock.close()
+            raise
+        if not kept:
+            sock.close()  # a no-op when the handler took the descriptor out
 
 
 class RelayPath(enum.Enum):
@@ -113,40 +130,46 @@ class TcpServer(StreamRuleServer):
 
     # -- RelayPath.HUB -------------------------------------------------------------
 
-    def _handle_in_hub(self, raw: _socket.socket, address: tuple, proxied: ProxyHeader | None = None) -> None:
+    def _handle_in_hub(self, raw: _socket.socket, address: tuple, proxied: ProxyHeader | None = None) -> bool:
         """Runs on the hub (``spawn=None``): it must never block, nor raise. An
         unexpected exception raised to the accept loop would be logged without the
         rule, stop accepting for a while and leave the connection counted open; it
         ends this connection only, as ``internal_error``. ``proxied``: the PROXY
-        header it came with (``acceptProxy``); ``address`` is then the header's."""
+        header it came with (``acceptProxy``); ``address`` is then the header's.
+        True when the connection kept ``raw`` itself (``RawAcceptServer.do_handle``:
+        the caller must not close it); else the caller closes it (a no-op when its
+        descriptor was taken out)."""
         client_text = peer_text(address)
         if self.faulty() and self._spawn_faulty(raw, address, proxied):
-            return  # the greenlet reads any PROXY header itself (or takes the one read here)
+            return False  # the greenlet reads any PROXY header itself (or takes the one read here)
         if proxied is None and self.trusted is not None and self.trusted.trusts(address):
             self._read_proxy_in_hub(raw, address)
-            return
+            return False
         admitted = pipeline = None
         try:
             slot = self.admit_slot(address, client_text)
             if slot is None:
-                return  # StreamServer closes the client socket
+                return False  # StreamServer closes the client socket
             admitted = Admitted(self, client_text, slot, proxied=proxied)
             admitted.listen = self.listen_text(raw)
+            raw.setblocking(False)  # kept as it is: the pipeline and the relay own it from here
             if self.rule.routes:  # SPEC §13: the route by the client's first bytes, then as below
                 no_route = functools.partial(self.reject, client_text, RejectReason.NO_ROUTE)
-                pipeline = RoutedConnection(adopt(raw), self.route_table, admitted, no_route)
+                pipeline = RoutedConnection(raw, self.route_table, admitted, no_route)
             else:
-                route = self.route_at(self.route, raw)  # before adopt(): it reads raw's port
-                pipeline = HubConnection(adopt(raw), route, admitted)
+                pipeline = HubConnection(raw, self.route_at(self.route, raw), admitted)
             self.adopt_connection(pipeline, admitted)
+            return True
         except Exception as exc:  # noqa: BLE001 - a bug: contained to this connection
             text = self.internal_error(exc, client_text)
             if pipeline is not None and pipeline.on_done is not None:
                 pipeline.abort(CloseReason.INTERNAL_ERROR, text)  # reports the end through adopt_connection
-            elif admitted is not None:
+                return True  # closed by the abort
+            if admitted is not None:
                 if admitted.conn is not None:
                     self.finish(admitted.conn, CloseReason.INTERNAL_ERROR, text)
                 admitted.release()
+            return False
 
     def _read_proxy_in_hub(self, raw: _socket.socket, address: tuple) -> None:
         """``acceptProxy`` on the hub path: the header of a trusted proxy's
@@ -173,9 +196,8 @@ class TcpServer(StreamRuleServer):
 
         def on_header(header: ProxyHeader) -> None:
             settle()
-            self._handle_in_hub(sock, header.source or address, header)
-            if sock.fileno() != -1:  # refused at admission: nothing took the socket
-                sock.close()
+            if not self._handle_in_hub(sock, header.source or address, header):
+                sock.close()  # refused at admission: nothing took the socket
 
         def on_failed(text: str) -> None:
             settle()
