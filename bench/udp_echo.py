@@ -10,8 +10,11 @@ them (each its own source port) are driven by one epoll loop, so a run with 50
 clients keeps 50 round trips in the air. The proxies take turns within each run
 (``--runs`` rounds, each proxy measured once per round), and the medians and the
 ratios gportmap / nginx and gportmap / socat are printed, never a pass/fail: the
-machine is shared (client, proxy and target on the same cores). ``--json PATH``
-also writes every sample.
+machine is shared (client, proxy and target on the same cores). Beside each rate,
+the proxy's CPU time (user + system of its process group, ``loads.ProxyCpu``, as
+``bench/compare.py`` counts it) per datagram forwarded, a round trip being two:
+on two shared cores a rate mixes the proxy's cost with everyone's scheduling, the
+CPU per datagram is what the proxy pays. ``--json PATH`` also writes every sample.
 
 Traffic stays on 127.0.0.1; every loop is bounded in time and count.
 
@@ -35,6 +38,7 @@ import time
 from pathlib import Path
 
 from common import LOOPBACK, bench_rules, free_port
+from loads import ProxyCpu
 
 SIZE = 64
 #: A datagram unanswered for this long counts as lost and is sent again.
@@ -219,22 +223,30 @@ def anchors() -> list[str]:
 
 def measure(
     kinds: list[str], target_port: int, workdir: Path, clients: int, seconds: float, runs: int
-) -> tuple[dict[str, list[float]], dict[str, int]]:
-    """Datagrams/s samples per proxy: every proxy runs once per round, in turn, so a
-    neighbour's load spike hits them alike. Each proxy starts afresh per sample."""
+) -> tuple[dict[str, list[float]], dict[str, int], dict[str, list[float]]]:
+    """Datagrams/s samples per proxy, and the proxy's CPU µs per datagram (none for
+    the direct path): every proxy runs once per round, in turn, so a neighbour's
+    load spike hits them alike. Each proxy starts afresh per sample."""
     results: dict[str, list[float]] = {kind: [] for kind in kinds}
     losses: dict[str, int] = dict.fromkeys(kinds, 0)
+    cpu: dict[str, list[float]] = {kind: [] for kind in kinds}
     for _ in range(runs):
         for kind in kinds:
             proxy = Proxy(kind, target_port, workdir)
             try:
                 echo_rate(proxy.port, clients, 0.5)  # warm up: sessions, socat's children
-                rate, lost = echo_rate(proxy.port, clients, seconds)
+                with ProxyCpu(proxy.proc.pid if proxy.proc is not None else None) as meter:
+                    started = time.monotonic()
+                    rate, lost = echo_rate(proxy.port, clients, seconds)
+                    elapsed = time.monotonic() - started
                 results[kind].append(rate)
                 losses[kind] += lost
+                per = meter.per(2 * rate * elapsed)  # two datagrams per round trip
+                if per is not None:
+                    cpu[kind].append(per)
             finally:
                 proxy.close()
-    return results, losses
+    return results, losses, cpu
 
 
 def main() -> None:
@@ -256,15 +268,17 @@ def main() -> None:
     try:
         target_port = int(target.stdout.readline())
         for clients in client_counts:
-            results, losses = measure(kinds, target_port, workdir, clients, seconds, runs)
+            results, losses, cpu = measure(kinds, target_port, workdir, clients, seconds, runs)
             medians = {kind: statistics.median(samples) for kind, samples in results.items()}
+            cpu_medians = {kind: statistics.median(samples) for kind, samples in cpu.items() if samples}
             print(
                 f"\n{SIZE}-byte request/reply, {clients} client port(s) "
-                f"({seconds:g}s x {runs}, median datagrams/s [min-max])"
+                f"({seconds:g}s x {runs}, median round trips/s [min-max], proxy CPU per datagram)"
             )
             for kind in kinds:
                 low, high = min(results[kind]), max(results[kind])
-                print(f"  {kind:10s} {medians[kind]:10.0f} /s  [{low:.0f}-{high:.0f}]   lost {losses[kind]}")
+                per = f"{cpu_medians[kind]:6.2f} µs" if kind in cpu_medians else "     -   "
+                print(f"  {kind:10s} {medians[kind]:10.0f} /s  [{low:.0f}-{high:.0f}]  {per}   lost {losses[kind]}")
             ratios = {
                 f"gportmap/{anchor}": medians["gportmap"] / medians[anchor]
                 for anchor in ("nginx", "socat")
@@ -272,7 +286,13 @@ def main() -> None:
             }
             for name, ratio in ratios.items():
                 print(f"  {name} = {ratio:.2f}")
-            report[str(clients)] = {"samples": results, "medians": medians, "lost": losses, "ratios": ratios}
+            report[str(clients)] = {
+                "samples": results,
+                "medians": medians,
+                "lost": losses,
+                "ratios": ratios,
+                "cpu_us_per_datagram": cpu,
+            }
         if args.json is not None:
             args.json.write_text(json.dumps({"size": SIZE, "seconds": seconds, "clients": report}, indent=2))
     finally:

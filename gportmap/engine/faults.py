@@ -29,6 +29,7 @@ import random
 import socket
 import struct
 import time
+import weakref
 from collections import deque
 from collections.abc import Callable, Iterable
 from typing import Any
@@ -62,11 +63,20 @@ class FaultBoard:
         self._faults: dict[str, tuple[Fault, ...]] = {}
         self.changed = Event()
         self.applied: dict[tuple[str, str], int] = {}
+        #: Rule name -> the servers told of each change of its faults (``watch``);
+        #: weak, so a server that is gone without ``unwatch`` is not kept alive.
+        self._watchers: dict[str, weakref.WeakSet[Any]] = {}
 
     def publish(self, rules: Iterable[Any]) -> None:
         """The faults of ``rules`` (objects with ``name`` and ``faults``) from now on;
         wakes whatever waits for a change."""
+        before = self._faults
         self._faults = {rule.name: tuple(rule.faults) for rule in rules}
+        for name, watchers in list(self._watchers.items()):
+            faults = self._faults.get(name)
+            if faults is not None and faults != before.get(name):
+                for watcher in list(watchers):
+                    watcher.faults_changed(faults)
         alive = set(self._faults)
         for key in [key for key in self.applied if key[0] not in alive]:
             del self.applied[key]
@@ -80,6 +90,20 @@ class FaultBoard:
     def count(self, rule: str, kind: FaultType) -> None:
         key = (rule, kind.value)
         self.applied[key] = self.applied.get(key, 0) + 1
+
+    def watch(self, name: str, watcher: Any) -> None:
+        """Call ``watcher.faults_changed(faults)`` (in the hub, from ``publish``; it
+        must not raise) whenever rule ``name``'s faults change, until ``unwatch``.
+        For a hub server that reads no board per datagram (a udp rule: a rule
+        without faults pays nothing for them)."""
+        self._watchers.setdefault(name, weakref.WeakSet()).add(watcher)
+
+    def unwatch(self, name: str, watcher: Any) -> None:
+        watchers = self._watchers.get(name)
+        if watchers is not None:
+            watchers.discard(watcher)
+            if not watchers:
+                del self._watchers[name]
 
 
 class TokenBucket:
