@@ -7,10 +7,12 @@ All traffic stays on 127.0.0.1.
 
 from __future__ import annotations
 
+import contextlib
 import http.server
 import json
 import os
 import re
+import resource
 import shutil
 import signal
 import socket
@@ -135,6 +137,68 @@ def free_port(kind: int = socket.SOCK_STREAM) -> int:
     out before in this session (see ``PortPool``). ``kind`` is kept for the callers
     that name the transport; the port is free for both."""
     return _PORTS.take()
+
+
+class BlockPool:
+    """Blocks of consecutive ports below 20,000 (for port ranges), each handed out once
+    per session and checked free on every address asked for (TCP and UDP). The single
+    ports of ``free_port`` come from 20,000 up, so a block never takes one another test
+    was handed. Blocks of ``big`` ports or more come from the bottom of the space and
+    the others from the top (from a place that depends on the process id), so that
+    small blocks never split the room a 10,000-port block needs."""
+
+    low, split, high = 2000, 12500, 19999
+    big = 2000
+
+    def __init__(self) -> None:
+        self._next_big = self.low
+        self._next_small = self.split + (os.getpid() * 131) % (self.high - self.split - 3000)
+        self._given: list[range] = []
+        self._lock = threading.Lock()
+
+    @staticmethod
+    def _free(port: int, hosts: tuple[str, ...]) -> bool:
+        for host in hosts:
+            for kind in (socket.SOCK_STREAM, socket.SOCK_DGRAM):
+                with socket.socket(socket.AF_INET, kind) as sock:
+                    if kind == socket.SOCK_STREAM:  # as gportmap binds: a TIME_WAIT left there is no obstacle
+                        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                    try:
+                        sock.bind((host, port))
+                    except OSError:
+                        return False
+        return True
+
+    def take(self, count: int, hosts: tuple[str, ...] = (LOOPBACK,)) -> range:
+        big = count >= self.big
+        low, high = (self.low, self.split - 1) if big else (self.split, self.high)
+        with self._lock:
+            start = self._next_big if big else self._next_small
+            for _ in range(2 * (high - low) // max(count, 1) + 4):
+                if start + count - 1 > high:
+                    start = low
+                block = range(start, start + count)
+                start = block.stop
+                if any(block.start < given.stop and given.start < block.stop for given in self._given):
+                    continue
+                bad = next((port for port in block if not self._free(port, hosts)), None)
+                if bad is None:
+                    self._given.append(block)
+                    if big:
+                        self._next_big = start
+                    else:
+                        self._next_small = start
+                    return block
+                start = bad + 1
+        raise AssertionError(f"no {count} free consecutive ports in {low}-{high}")
+
+
+_BLOCKS = BlockPool()
+
+
+def free_block(count: int, hosts: tuple[str, ...] = (LOOPBACK,)) -> range:
+    """``count`` consecutive loopback ports, free on every one of ``hosts`` (see ``BlockPool``)."""
+    return _BLOCKS.take(count, hosts)
 
 
 def closed_by_peer(sock: socket.socket, timeout: float = 5.0) -> bool:
@@ -454,6 +518,61 @@ def start_gportmap(tmp_path: Path) -> Iterator[Callable[..., Gportmap]]:
     yield start
     for gp in started:
         gp.close()
+
+
+@pytest.fixture(scope="module")
+def start_shared_gportmap(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Callable[..., Gportmap]]:
+    """``start_gportmap`` for a whole module: one process, started once, for tests that
+    do not interfere (each on a rule of its own, reading only that rule's records and
+    figures). A start costs about a second of CPU: a module of a dozen such tests
+    saves that many."""
+    started: list[Gportmap] = []
+
+    def start(rules: Any, *extra_args: str, env: dict | None = None) -> Gportmap:
+        gp = Gportmap(tmp_path_factory.mktemp("shared"), rules, extra_args, env)
+        started.append(gp)
+        gp.wait_started()
+        return gp
+
+    yield start
+    for gp in started:
+        gp.close()
+
+
+@pytest.fixture(scope="module")
+def shared_echo_target() -> Iterator[TargetServer]:
+    """``echo_target`` for the tests of a module that share one gportmap."""
+    server = TargetServer(echo_handler)
+    yield server
+    server.close()
+
+
+@pytest.fixture
+def lowered_ulimit(monkeypatch: pytest.MonkeyPatch) -> Callable[..., contextlib.AbstractContextManager[None]]:
+    """``with lowered_ulimit(256): start_gportmap(...)``: every process the test starts
+    inside the block runs under ``ulimit -n 256`` (soft and hard: gportmap cannot raise
+    it), its workers too (they inherit it). The test process itself is given ``own``
+    descriptors for the clients it holds (skipped where its hard limit is lower)."""
+
+    @contextlib.contextmanager
+    def lowered(limit: int, own: int = 3000) -> Iterator[None]:
+        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        if soft < own:
+            if hard != resource.RLIM_INFINITY and hard < own:
+                pytest.skip(f"the test itself needs {own} descriptors; the hard limit is {hard}")
+            resource.setrlimit(resource.RLIMIT_NOFILE, (own, hard))
+        real_popen = subprocess.Popen
+
+        def limited(*args: Any, **kwargs: Any) -> subprocess.Popen:
+            return real_popen(
+                *args, preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_NOFILE, (limit, limit)), **kwargs
+            )
+
+        with monkeypatch.context() as patch:
+            patch.setattr(subprocess, "Popen", limited)
+            yield
+
+    return lowered
 
 
 @pytest.fixture

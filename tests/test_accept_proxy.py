@@ -154,6 +154,7 @@ def _mutations() -> st.SearchStrategy[bytes]:
     )
 
 
+@pytest.mark.slow  # a fuzzer (generated headers)
 @settings(max_examples=3000, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(_mutations())
 @example(proxyproto.V2_SIGNATURE + b"\x21\x31\x00\xd8" + bytes(216))  # UNIX: the socket's own addresses

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import http.client
 import json
-import resource
 import socket
 import statistics
 import subprocess
@@ -113,23 +112,12 @@ def test_connections_past_the_cap_are_closed_at_once_and_forwarding_goes_on(star
 
 
 @pytest.mark.slow  # more than 2 s
-def test_admin_connections_never_take_the_descriptors_forwarding_needs(start_gportmap, echo, monkeypatch):
+def test_admin_connections_never_take_the_descriptors_forwarding_needs(start_gportmap, echo, lowered_ulimit):
     """Under ``ulimit -n 256``: 400 idle admin connections (before: each one a
     descriptor until "Too many open files") leave every connection forwarding may
     hold (its cap, derived from the limit) served."""
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    if soft < 2000:
-        if hard != resource.RLIM_INFINITY and hard < 2000:
-            pytest.skip(f"the test itself needs 2,000 descriptors; the hard limit is {hard}")
-        resource.setrlimit(resource.RLIMIT_NOFILE, (2000, hard))
-    real_popen = subprocess.Popen
-
-    def limited(*args, **kwargs):
-        return real_popen(*args, preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_NOFILE, (256, 256)), **kwargs)
-
     port = free_port()
-    with monkeypatch.context() as patch:
-        patch.setattr(subprocess, "Popen", limited)
+    with lowered_ulimit(256, own=2000):
         gp = start_gportmap({"rules": [tcp_rule(port, echo.port, name="fwd")]})
     cap = gp.wait_event("connections_capped")[0]["limit"]
     idle = [connect(gp.admin_port) for _ in range(400)]

@@ -193,6 +193,7 @@ def entry_lists(draw: st.DrawFn) -> list[str]:
     return [random_network(rnd) for _ in range(count)]
 
 
+@pytest.mark.slow  # 300 generated examples
 @settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(allow=entry_lists(), deny=entry_lists(), seed=st.integers(0, 2**32))
 @example(allow=[], deny=[], seed=0)
@@ -248,6 +249,7 @@ def fast_span(text: str) -> tuple[int, int, int] | None:
 NETWORKISH = st.text(alphabet="0123456789abcdefABCDEF:./% \u0661x", max_size=48)
 
 
+@pytest.mark.slow  # 1,500 generated examples
 @settings(max_examples=1500, deadline=None)
 @given(text=NETWORKISH | st.text(max_size=48))
 @example(text="1.2.3.4/08")
@@ -271,6 +273,7 @@ def mutated(rnd: random.Random, text: str) -> str:
     return rnd.choice([text[:i] + char + text[i:], text[:i] + text[i + 1 :], text[:i] + char + text[i + 1 :]])
 
 
+@pytest.mark.slow  # generated examples
 def test_network_span_reads_generated_networks_as_ipaddress_does() -> None:
     """Well-formed entries mostly take the fast path, near misses must not: 20,000
     of each."""

@@ -687,6 +687,7 @@ documents = st.one_of(
 )
 
 
+@pytest.mark.slow  # hypothesis: 200 generated documents
 @settings(max_examples=200, deadline=None)
 @given(documents)
 def test_parse_returns_config_or_raises_config_error(data: bytes | str) -> None:

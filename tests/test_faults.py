@@ -25,7 +25,6 @@ import hashlib
 import os
 import random
 import re
-import resource
 import selectors
 import socket
 import struct
@@ -232,6 +231,7 @@ def test_target_resets_mid_stream_cut_only_their_connection_and_lose_nothing_bef
     fds_back_to(gp, baseline)
 
 
+@pytest.mark.slow  # fills socket buffers, waits out an idle timeout
 def test_target_that_stops_reading_pushes_back_then_idle_timeout_cuts_it(start_gportmap, mode_target):
     gp = start_on(start_gportmap, mode_target.port, idleTimeout=1)
     baseline = warm_baseline(gp, gp.port)
@@ -717,35 +717,14 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
-@pytest.fixture
-def ulimit_256(monkeypatch) -> Iterator[Callable[..., object]]:
-    """gportmap started under ``ulimit -n 256``; the test process itself gets 3,000."""
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    need = 3000
-    if soft < need:
-        if hard != resource.RLIM_INFINITY and hard < need:
-            pytest.skip(f"the test itself needs {need} descriptors; the hard limit is {hard}")
-        resource.setrlimit(resource.RLIMIT_NOFILE, (need, hard))
-    real_popen = subprocess.Popen
-
-    def limited(*args, **kwargs):
-        return real_popen(*args, preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_NOFILE, (256, 256)), **kwargs)
-
-    def start(starter, rules):
-        with monkeypatch.context() as patch:
-            patch.setattr(subprocess, "Popen", limited)
-            return starter(rules)
-
-    yield start
-
-
-def test_connections_past_what_ulimit_allows_are_refused_at_once(start_gportmap, echo_target, ulimit_256):
+def test_connections_past_what_ulimit_allows_are_refused_at_once(start_gportmap, echo_target, lowered_ulimit):
     """``ulimit -n 256`` leaves room for (256 - 64 reserved - 1 listener) / 2 = 95
     connections: the 96th is accepted and closed at once and counted as ``limit``
     (as HAProxy derives maxconn from ulimit -n), instead of accept() failing with
     EMFILE while the kernel queues clients that then wait."""
     port = free_port()
-    gp = ulimit_256(start_gportmap, [tcp_rule(port, echo_target.port, name="f")])
+    with lowered_ulimit(256):
+        gp = start_gportmap([tcp_rule(port, echo_target.port, name="f")])
     gp.port, gp.rule_name = port, "f"
     capped = gp.wait_event("connections_capped")[0]
     assert capped["open_files"] == 256 and capped["limit"] == 95 and capped["max_connections"] == 10000
@@ -787,7 +766,9 @@ def closed_quickly(sock: socket.socket) -> bool:
 
 
 @pytest.mark.slow
-def test_flood_of_1000_connections_under_ulimit_256_backs_off_and_recovers(start_gportmap, echo_target, ulimit_256):
+def test_flood_of_1000_connections_under_ulimit_256_backs_off_and_recovers(
+    start_gportmap, echo_target, lowered_ulimit
+):
     """``ulimit -n 256``, every descriptor taken (by UDP sessions: TCP connections
     alone stop at the cap above), then 1,000 connections queue in the kernel.
     gportmap backs off on EMFILE instead of retrying accept() in a loop, logs it at a
@@ -800,13 +781,13 @@ def test_flood_of_1000_connections_under_ulimit_256_backs_off_and_recovers(start
     flood: list[socket.socket] = []
     try:
         port, udp_port = free_port(), free_port(socket.SOCK_DGRAM)
-        gp = ulimit_256(
-            start_gportmap,
-            [
-                tcp_rule(port, echo_target.port, name="f"),
-                udp_rule(udp_port, udp_target.port, name="u", sessionTimeout=3),
-            ],
-        )
+        with lowered_ulimit(256):
+            gp = start_gportmap(
+                [
+                    tcp_rule(port, echo_target.port, name="f"),
+                    udp_rule(udp_port, udp_target.port, name="u", sessionTimeout=3),
+                ]
+            )
         gp.port, gp.rule_name = port, "f"
         warm_baseline(gp, port, b"warm", b"warm")
 

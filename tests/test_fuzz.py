@@ -57,6 +57,7 @@ lengths = st.one_of(
 )
 
 
+@pytest.mark.slow  # a fuzzer (2,000 examples)
 @settings(max_examples=2000, deadline=None)
 @given(st.binary(max_size=40))
 def test_parse_header_gives_a_header_needs_more_or_raises_frame_error(data: bytes) -> None:
@@ -79,6 +80,7 @@ def test_parse_header_gives_a_header_needs_more_or_raises_frame_error(data: byte
     assert wsframe.parse_header(data + b"\xff" * 16) == header
 
 
+@pytest.mark.slow  # a fuzzer (1,000 examples)
 @settings(max_examples=1000, deadline=None)
 @given(opcodes, lengths, masks, st.booleans(), st.binary(max_size=20))
 def test_encode_then_parse_is_exact(opcode: int, length: int, mask: bytes | None, fin: bool, rest: bytes) -> None:
@@ -102,6 +104,7 @@ def reference_mask(data: bytes, mask: bytes, offset: int) -> bytes:
     return bytes(b ^ mask[(offset + i) % 4] for i, b in enumerate(data))
 
 
+@pytest.mark.slow  # a fuzzer (500 examples)
 @settings(max_examples=500, deadline=None)
 @given(st.binary(max_size=300), st.binary(min_size=4, max_size=4), st.integers(0, 1 << 40), st.lists(st.integers(0, 300), max_size=4))
 def test_mask_in_place_matches_the_rfc_in_any_number_of_pieces(data: bytes, mask: bytes, offset: int, cuts: list[int]) -> None:
@@ -154,6 +157,7 @@ frame_pieces = st.one_of(
 hostile_streams = st.lists(frame_pieces, max_size=12).map(b"".join) | st.binary(max_size=4096)
 
 
+@pytest.mark.slow  # a fuzzer against a live gportmap
 def test_arbitrary_byte_streams_close_only_their_own_connection(start_gportmap, echo_target):
     port = free_port()
     gp = start_gportmap([ws_rule(port, echo_target.port, name="fz", path="/fz", maxMessageSize=4096, idleTimeout=5)])
@@ -220,6 +224,7 @@ def valid_streams(draw) -> tuple[bytes, bytes, list[bytes]]:
     return bytes(stream), bytes(data), pings
 
 
+@pytest.mark.slow  # a fuzzer against a live gportmap
 def test_valid_streams_cut_anywhere_are_echoed_byte_for_byte(start_gportmap, echo_target):
     port = free_port()
     start_gportmap([ws_rule(port, echo_target.port, name="fz", path="/fz")])
@@ -285,6 +290,7 @@ def http_requests(draw) -> bytes:
     return request if cut is None else request[:cut]
 
 
+@pytest.mark.slow  # a fuzzer against a live gportmap
 def test_malformed_admin_requests_never_touch_forwarding(start_gportmap, echo_target):
     port = free_port()
     gp = start_gportmap({"settings": {"admin": {"listen": "127.0.0.1:1", "token": TOKEN}}, "rules": [tcp_rule(port, echo_target.port, name="fwd")]})
@@ -322,6 +328,7 @@ def test_malformed_admin_requests_never_touch_forwarding(start_gportmap, echo_ta
     assert sorted((r["reason"], r["bytes_received"]) for r in records) == [("closed", 3), ("closed", 8 * examples)]
 
 
+@pytest.mark.slow  # a fuzzer against a live gportmap
 def test_malformed_upgrade_requests_close_only_their_own_connection(start_gportmap, echo_target):
     """The HTTP side of a websocket rule (pywsgi) fed the same hostile requests."""
     port = free_port()

@@ -165,6 +165,7 @@ def checked(gp, *names: str) -> bool:
 # -- a target killed and revived ------------------------------------------------------
 
 
+@pytest.mark.slow  # waits out fall and rise rounds
 def test_a_killed_target_goes_down_by_its_checks_and_comes_back_after_rise(start_gportmap, peers):
     a, b = Peer(ident("a")), Peer(ident("b"))
     peers += [a, b]
@@ -235,6 +236,7 @@ def test_http_check_takes_down_a_target_answering_a_wrong_status(start_gportmap,
     assert not gp.events("target_down") or {e["target"] for e in gp.events("target_down")} == {"broken"}
 
 
+@pytest.mark.slow  # waits out each banner's check timeout
 def test_send_expect_check_takes_down_wrong_silent_and_chattering_banners(start_gportmap, peers):
     def redis_like(reply: bytes) -> Callable[[Peer, socket.socket], None]:
         def handler(peer: Peer, conn: socket.socket) -> None:
@@ -401,6 +403,7 @@ class Counting:
             sock.close()
 
 
+@pytest.mark.slow  # a load test (many targets)
 def test_probes_in_flight_stay_within_the_bound_however_many_targets():
     """40 targets whose probes each hang until their timeout, every 0.4 s for 0.3 s:
     unbounded, some 30 would be open at once. With ``max_in_flight`` 4 the target
@@ -495,6 +498,7 @@ def test_a_reload_keeps_each_staying_targets_health_and_probes_a_new_one(start_g
     gp.wait_event("target_up", target="b")
 
 
+@pytest.mark.slow  # waits out several probe rounds
 def test_probes_stop_with_their_rule(start_gportmap, peers):
     """A rule removed by a reload is probed no more; another rule's probes, going on,
     are the clock that shows it."""
@@ -512,6 +516,7 @@ def test_probes_stop_with_their_rule(start_gportmap, peers):
     assert len(gone.requests) <= before + 1, (before, len(gone.requests))  # at most one already under way
 
 
+@pytest.mark.slow  # waits out a bind retry
 def test_a_rule_is_probed_only_once_its_server_runs(start_gportmap, peers):
     """A rule whose port is taken fails and is retried: no probe while it cannot
     serve (the other rule's probes are the clock), probes once its retry binds."""
@@ -566,6 +571,7 @@ def held_through(gp, port: int, count: int) -> dict[int, set[int]]:
             sock.close()
 
 
+@pytest.mark.slow  # three processes
 def test_with_two_workers_each_target_is_probed_once_per_interval(start_gportmap, peers):
     """N workers, one prober: a target counting its probes sees one per interval,
     not one per worker and interval. Load can only delay probes, never add any."""
@@ -580,6 +586,7 @@ def test_with_two_workers_each_target_is_probed_once_per_interval(start_gportmap
     assert probes <= intervals + 2, (probes, intervals)  # two probers would make about twice as many
 
 
+@pytest.mark.slow  # three processes
 def test_with_two_workers_a_dead_target_is_logged_once_and_avoided_by_every_worker(start_gportmap, peers):
     a, b = Peer(ident("a")), Peer(ident("b"))
     peers += [a, b]
@@ -608,6 +615,7 @@ def test_with_two_workers_a_dead_target_is_logged_once_and_avoided_by_every_work
     assert len(gp.events("target_up")) == 1 and len(gp.events("target_down")) == 1
 
 
+@pytest.mark.slow  # three processes and a restart
 def test_a_restarted_worker_gets_the_current_states_from_the_master(start_gportmap, peers):
     """A worker killed and restarted does not start with every target up again: a
     target down by the master's checks is down in the new worker from its start."""
@@ -635,6 +643,7 @@ def test_a_restarted_worker_gets_the_current_states_from_the_master(start_gportm
     assert len(gp.events("target_down")) == 1
 
 
+@pytest.mark.slow  # three processes
 def test_with_two_workers_a_reload_keeps_a_down_target_down_in_every_worker(start_gportmap, peers):
     a, b, c = Peer(ident("a")), Peer(ident("b")), Peer(ident("c"))
     peers += [a, b, c]

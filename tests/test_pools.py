@@ -275,6 +275,7 @@ def test_backups_serve_only_while_every_primary_is_down(start_gportmap, idents):
 # -- failures -------------------------------------------------------------------------
 
 
+@pytest.mark.slow  # a load test
 @pytest.mark.parametrize("host", [LOOPBACK, "localhost"], ids=["hub", "greenlet"])
 def test_a_target_killed_under_load_costs_no_client_anything(start_gportmap, idents, host):
     """``localhost`` targets take the greenlet path (a name to resolve); both paths
@@ -609,6 +610,7 @@ def test_a_staged_connect_retries_a_failed_tls_handshake_on_the_next_target(iden
     assert (good.connect_failures, good.total) == (0, 1)
 
 
+@pytest.mark.slow  # waits out a connect timeout
 def test_a_connect_started_from_a_greenlet_after_a_long_stretch_gets_its_whole_timeout():
     """libev's timers count from the loop's cached clock, which a greenlet that ran
     (or a process that slept) for long has left behind: a connect's timer must count

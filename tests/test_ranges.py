@@ -3,7 +3,7 @@ sockets, gportmap as a subprocess. The targets are banner servers that answer ea
 connection (each datagram) with the port it arrived on, so a test sees which target
 port a listen port forwarded to.
 
-The ranges are taken below 20,000 (``free_block``): the single ports of
+The ranges are taken below 20,000 (``conftest.free_block``): the single ports of
 ``conftest.free_port`` come from 20,000 up to the ephemeral range, so a block here
 never takes one another test was handed; every port of a block is checked free
 (TCP and UDP, on every address the test listens on) before it is used.
@@ -28,75 +28,12 @@ from typing import Any
 
 import pytest
 import websocket
-from conftest import LOOPBACK, connect, recv_exactly, refused, wait_for
+from conftest import LOOPBACK, connect, free_block, recv_exactly, refused, wait_for
 
 from gportmap.config import parse
 from gportmap.errors import ConfigError
 
 SECOND_LOOPBACK = "127.0.0.2"  # Linux routes all of 127.0.0.0/8 to lo
-
-
-# -- ports ------------------------------------------------------------------------------
-
-
-class BlockPool:
-    """Blocks of consecutive ports below 20,000, each handed out once per session and
-    checked free on every address asked for (TCP and UDP). Blocks of ``big`` ports or
-    more come from the bottom of the space and the others from the top (from a place
-    that depends on the process id), so that small blocks never split the room a
-    10,000-port block needs."""
-
-    low, split, high = 2000, 12500, 19999
-    big = 2000
-
-    def __init__(self) -> None:
-        self._next_big = self.low
-        self._next_small = self.split + (os.getpid() * 131) % (self.high - self.split - 3000)
-        self._given: list[range] = []
-        self._lock = threading.Lock()
-
-    @staticmethod
-    def _free(port: int, hosts: tuple[str, ...]) -> bool:
-        for host in hosts:
-            for kind in (socket.SOCK_STREAM, socket.SOCK_DGRAM):
-                with socket.socket(socket.AF_INET, kind) as sock:
-                    if kind == socket.SOCK_STREAM:  # as gportmap binds: a TIME_WAIT left there is no obstacle
-                        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-                    try:
-                        sock.bind((host, port))
-                    except OSError:
-                        return False
-        return True
-
-    def take(self, count: int, hosts: tuple[str, ...] = (LOOPBACK,)) -> range:
-        big = count >= self.big
-        low, high = (self.low, self.split - 1) if big else (self.split, self.high)
-        with self._lock:
-            start = self._next_big if big else self._next_small
-            for _ in range(2 * (high - low) // max(count, 1) + 4):
-                if start + count - 1 > high:
-                    start = low
-                block = range(start, start + count)
-                start = block.stop
-                if any(block.start < given.stop and given.start < block.stop for given in self._given):
-                    continue
-                bad = next((port for port in block if not self._free(port, hosts)), None)
-                if bad is None:
-                    self._given.append(block)
-                    if big:
-                        self._next_big = start
-                    else:
-                        self._next_small = start
-                    return block
-                start = bad + 1
-        raise AssertionError(f"no {count} free consecutive ports in {low}-{high}")
-
-
-_BLOCKS = BlockPool()
-
-
-def free_block(count: int, hosts: tuple[str, ...] = (LOOPBACK,)) -> range:
-    return _BLOCKS.take(count, hosts)
 
 
 def span(block: range) -> str:
@@ -514,9 +451,59 @@ def test_a_reload_past_the_open_file_limit_changes_nothing(start_gportmap, banne
     assert banner(listen.start) == target.start and refused(listen.start + 10)
 
 
+@pytest.mark.slow  # three processes
+def test_with_workers_a_reload_past_the_open_file_limit_is_refused_by_the_master(
+    start_gportmap, banners, lowered_ulimit
+):
+    """``--workers 2`` under ``ulimit -n 256`` (the workers inherit the master's
+    limit): a reload to 300 listeners is refused by the master with the words of the
+    budget before any worker is sent it (before: each worker refused it on its own,
+    late, while the master counted the reload as applied and resent it), and the
+    running range keeps serving in every worker."""
+    listen, target = free_block(300), free_block(1)
+    banners(target)
+    small = range_rule(listen[:10], target.start, name="wide")
+    with lowered_ulimit(256):
+        gp = start_gportmap([small], "--workers", "2")
+    gp.wait_event("worker_started", count=2)
+    gp.rules_path.write_text(json.dumps([{**small, "listenPort": span(listen)}]))
+    status, body, _ = gp.admin("/reload", method="POST")
+    assert status != 200
+    message = "the enabled rules listen on 300 sockets (wide 300), but the open-file limit (256)"
+    assert message in body.decode()
+    (record,) = gp.wait_event("config_invalid", source="admin")  # the watcher may see the file too
+    assert message in record["errors"][0]
+    gp.rules_path.write_text(json.dumps([small]))  # back to what runs: applied as it is, nothing changes
+    assert gp.admin("/reload", method="POST")[0] == 200
+    gp.wait_event("config_reloaded", source="admin")
+    assert not gp.events("worker_config_invalid") and not gp.events("worker_resync")
+    assert all(banner(listen.start) == target.start for _ in range(8)) and refused(listen.start + 10)
+
+
+def test_with_workers_listeners_past_the_open_file_limit_are_refused_at_start(tmp_path, lowered_ulimit):
+    """The same budget at start: the master says what does not fit and exits, no
+    worker started (before: every worker failed its first rules, and was restarted
+    over and over)."""
+    path = tmp_path / "rules.json"
+    path.write_text(json.dumps([range_rule(free_block(300), 9, name="wide")]))
+    with lowered_ulimit(256):
+        done = subprocess.run(
+            [sys.executable, "-m", "gportmap", str(path), "--admin", "off", "--workers", "2", "--log-format", "json"],
+            capture_output=True, text=True, timeout=60, cwd=tmp_path,
+        )  # fmt: skip
+    records = [json.loads(line) for line in done.stdout.splitlines() + done.stderr.splitlines() if line.startswith("{")]
+    assert done.returncode != 0
+    assert any(
+        "the enabled rules listen on 300 sockets (wide 300), but the open-file limit (256)" in json.dumps(record)
+        for record in records
+    ), records
+    assert not [record for record in records if record["event"].startswith("worker_")]
+
+
 # -- 10,000 ports --------------------------------------------------------------------------------
 
 
+@pytest.mark.slow  # 10,000 listeners, three starts
 def test_a_10000_port_rule_starts_reloads_and_stops_in_seconds(start_gportmap, banners, tmp_path):
     """Its idle memory per port is printed (RSS growth / ports) for the report."""
     listen = free_block(10000)
@@ -604,6 +591,7 @@ def test_every_worker_listens_on_every_port_of_a_range(start_gportmap, banners):
         assert banner(port) == target.start + port - listen.start
 
 
+@pytest.mark.slow  # an upgrade: two programs
 def test_an_upgrade_in_place_keeps_a_range_serving(start_gportmap, banners):
     listen, target = free_block(40), free_block(40)
     udp_listen, udp_target = free_block(5), free_block(5)

@@ -411,6 +411,7 @@ def test_a_rules_file_that_cannot_be_written_is_409_and_nothing_changes(
             subprocess.run(["chattr", "-i", str(path)], check=True)
 
 
+@pytest.mark.slow  # starts gportmap three times
 def test_writes_need_the_token_or_a_loopback_endpoint(start_gportmap, echo_target):
     token = "rule-api-token"
     gp = start_gportmap(

@@ -184,6 +184,7 @@ def test_target_tls_verifies_the_target(start_gportmap, tls_echo, pki):
         assert rule_stats(gp, name)["upstream_connect_failures"] == 1
 
 
+@pytest.mark.slow  # waits out a handshake deadline
 def test_silent_clients_are_cut_at_the_handshake_deadline_and_do_not_block_others(start_gportmap, echo_target, pki):
     port = free_port()
     gp = start_gportmap([tls_rule(port, echo_target.port, pki, name="deadline", handshakeTimeout=2)])

@@ -18,6 +18,7 @@ tests/test_deploy.py, and the protocols it relies on are tried here end to end.
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import os
 import shutil
@@ -38,6 +39,7 @@ from conftest import (
     LOOPBACK,
     Gportmap,
     connect,
+    free_block,
     free_port,
     recv_exactly,
     refused,
@@ -46,7 +48,14 @@ from conftest import (
     wait_for,
 )
 
-from gportmap.runtime.systemd import notify_address, take_listen_fds, watchdog_interval
+from gportmap.config import parse
+from gportmap.runtime.systemd import (
+    InheritedSocket,
+    InheritedSockets,
+    notify_address,
+    take_listen_fds,
+    watchdog_interval,
+)
 
 #: struct ucred: the sender's pid, uid and gid.
 CREDENTIALS = struct.Struct("3i")
@@ -189,6 +198,27 @@ def test_listen_fds_of_another_process_are_ignored_and_the_variables_cleared():
         assert take_listen_fds(dict(broken), pid=4242) == []
 
 
+def test_a_passed_socket_on_any_port_and_address_of_a_rule_is_that_rules():
+    """A rule on two addresses and three ports adopts a passed socket on any of the
+    six (the match the start uses, ``matching``), so none of them is reported
+    unmatched; one of another transport, address or port is."""
+    (rule,) = parse(
+        json.dumps(
+            [{**tcp_rule(7000, 9, name="both"), "listenHost": [LOOPBACK, "127.0.0.2"], "listenPort": "7000-7002"}]
+        ),
+        "rules.json",
+    ).enabled_rules
+
+    def passed(fd: int, host: str, port: int, transport: str = "tcp") -> InheritedSocket:
+        return InheritedSocket(f"fd{fd}", fd, transport, ipaddress.ip_address(host), port, None)  # type: ignore[arg-type]
+
+    ours = [passed(3, "127.0.0.2", 7002), passed(4, LOOPBACK, 7001)]
+    others = [passed(5, LOOPBACK, 7001, "udp"), passed(6, "127.0.0.3", 7001), passed(7, LOOPBACK, 7003)]
+    inherited = InheritedSockets([*ours, *others])
+    assert inherited.adopted_by(rule) == [ours[1], ours[0]]  # in the rule's order: address, then port
+    assert inherited.report_unmatched([rule]) == others
+
+
 # --------------------------------------------------------------------------------------
 # readiness, reloads, status, stop
 # --------------------------------------------------------------------------------------
@@ -273,6 +303,7 @@ def test_each_applied_reload_is_bracketed_by_reloading_and_ready(start_gportmap,
     assert sum(map(is_ready, notify.messages())) == 4
 
 
+@pytest.mark.slow  # three processes
 def test_with_workers_only_the_master_notifies(start_gportmap, echo_target, notify):
     """NotifyAccess=main: systemd takes messages from the main process only. With
     --workers the master says READY=1 once every worker serves, and brackets reloads;
@@ -470,28 +501,44 @@ def passed_environment() -> list[str]:
     return [f"--setenv={name}={os.environ[name]}" for name in ("PYTHONPATH",) if name in os.environ]
 
 
+def socket_activated(
+    launch, choose: Callable[[], tuple[Any, Sequence[int]]], names: str
+) -> tuple[Launched, Sequence[int]]:
+    """gportmap under systemd-socket-activate, which listens on the loopback ports
+    ``choose`` returns with the rules for them (fd 3, 4, ... named ``names``) and
+    starts gportmap at the first connection. The ports are picked free, then bound
+    by the tool: a collision is retried with others."""
+    activate = require_tool("systemd-socket-activate")
+    for attempt in range(5):
+        rules, ports = choose()
+        listens = [f"--listen={LOOPBACK}:{port}" for port in ports]
+        gp = launch(
+            rules,
+            [activate, *listens, f"--fdname={names}", *passed_environment()],
+            log_name=f"activate-{attempt}.log",
+        )
+
+        def listening_or_gone(gp: Launched = gp, wanted: int = len(ports)) -> bool:
+            gp.events()
+            listening = sum(b"Listening on" in line for line in gp.launcher_output)
+            return listening == wanted or gp.proc.poll() is not None
+
+        wait_for(listening_or_gone, 10, what="systemd-socket-activate listening")
+        if gp.proc.poll() is None:
+            return gp, ports
+    pytest.fail(f"systemd-socket-activate could not listen: {gp.launcher_output}")
+
+
 def test_systemd_socket_activate_starts_gportmap_at_the_first_connection(launch, echo_target, tmp_path):
     """systemd-socket-activate listens, and starts gportmap only when a client
     connects: that client, which connected before gportmap ran at all, is served on
     the socket gportmap adopted."""
-    activate = require_tool("systemd-socket-activate")
-    for attempt in range(5):  # the port is picked free, then bound by the tool: retried on a collision
+
+    def choose() -> tuple[Any, list[int]]:
         port = free_port()
-        gp = launch(
-            {"rules": [tcp_rule(port, echo_target.port, name="web")]},
-            [activate, "-l", f"{LOOPBACK}:{port}", "--fdname=web", *passed_environment()],
-            log_name=f"activate-{attempt}.log",
-        )
+        return {"rules": [tcp_rule(port, echo_target.port, name="web")]}, [port]
 
-        def listening_or_gone(gp: Launched = gp) -> bool:
-            gp.events()
-            return bool(gp.launcher_output) or gp.proc.poll() is not None
-
-        wait_for(listening_or_gone, 10, what="systemd-socket-activate listening")
-        if gp.proc.poll() is None and any(b"Listening on" in line for line in gp.launcher_output):
-            break
-    else:
-        pytest.fail(f"systemd-socket-activate could not listen: {gp.launcher_output}")
+    gp, (port,) = socket_activated(launch, choose, "web")
     assert not gp.events("started")  # nothing runs yet: the tool waits for a client
 
     with connect(port, timeout=30) as early:
@@ -509,6 +556,41 @@ def test_systemd_socket_activate_starts_gportmap_at_the_first_connection(launch,
     gp.signal(signal.SIGTERM)
     assert gp.wait_exit() == 0
     assert refused(port)  # the only holder of the socket closed it
+
+
+def test_systemd_socket_activate_on_two_ports_of_a_range_each_adopted_by_the_range_rule(launch, echo_target):
+    """A socket unit listening on some ports of a rule's range (``ListenStream=``
+    twice): the range rule adopts each passed socket on its own port, binds the port
+    that was not passed itself, and no socket of the range is reported unmatched; a
+    passed socket outside every rule is (``socket_unmatched``, the last fd)."""
+
+    def choose() -> tuple[Any, list[int]]:
+        block = free_block(4)
+        rule = {**tcp_rule(block[0], echo_target.port, name="range"), "listenPort": f"{block[0]}-{block[2]}"}
+        return {"rules": [rule]}, [block[1], block[2], block[3]]
+
+    gp, (second, third, spare) = socket_activated(launch, choose, "second:third:spare")
+    assert not gp.events("started")
+    early = [connect(port, timeout=30) for port in (second, third)]  # the first starts gportmap
+    try:
+        for sock, payload in zip(early, (b"second", b"third!"), strict=True):
+            sock.sendall(payload)
+            sock.settimeout(30)
+            assert recv_exactly(sock, 6) == payload
+    finally:
+        for sock in early:
+            sock.close()
+    (started,) = gp.wait_event("rule_started", rule="range")
+    assert (started["listeners"], started["adopted"], started["handover"]) == (3, 2, 0)
+    (unmatched,) = gp.wait_event("socket_unmatched")  # the fds are reported in order: the spare's is last
+    assert (unmatched["fd"], unmatched["fd_name"], unmatched["listen"]) == (5, "spare", f"{LOOPBACK}:{spare}")
+    first = second - 1
+    with connect(first) as sock:  # the port no unit passed: bound by gportmap
+        assert echo(sock, b"bound") == b"bound"
+    gp.signal(signal.SIGTERM)
+    assert gp.wait_exit() == 0
+    assert len(gp.events("socket_unmatched")) == 1
+    assert all(refused(port) for port in (first, second, third, spare))
 
 
 #: Passes the given descriptors as fd 3, 4, ... with LISTEN_FDS, LISTEN_PID (its own

@@ -81,6 +81,7 @@ def test_10mb_each_way_intact_at_once_and_in_small_writes(start_gportmap, relay)
         target.close()
 
 
+@pytest.mark.slow  # a load test (500 connections)
 def test_500_concurrent_connections_each_get_their_own_data(start_gportmap, echo_target):
     port = free_port()
     gp = start_gportmap([tcp_rule(port, echo_target.port, name="many")])

@@ -68,6 +68,7 @@ def round_trip(port: int, payload: bytes = b"ping") -> float:
         return time.monotonic() - started
 
 
+@pytest.mark.slow  # waits out injected latency
 def test_latency_delays_each_round_trip(start_gportmap, echo_target) -> None:
     port = free_port()
     gp = start_gportmap([tcp_rule(port, echo_target.port, name="slow", faults=[fault("latency", latency=200, jitter=20)])])
@@ -81,6 +82,7 @@ def test_latency_delays_each_round_trip(start_gportmap, echo_target) -> None:
     ]
 
 
+@pytest.mark.slow  # waits out injected latency
 def test_latency_is_a_pipeline_not_a_throttle(start_gportmap) -> None:
     """Each chunk is delayed from the moment it was read, while the next ones are
     read on (as Toxiproxy's latency): 4 MB behind 200 ms arrive in about 200 ms
@@ -202,6 +204,7 @@ def test_slow_close_delays_the_end(start_gportmap, echo_target) -> None:
         assert time.monotonic() - started >= 0.28
 
 
+@pytest.mark.slow  # a statistical sample of connections
 def test_toxicity_affects_about_half_of_the_connections(start_gportmap, echo_target) -> None:
     """limit_data 0 upstream with toxicity 0.5: an affected connection is closed at
     its first byte, the others echo. Binomial(200, 0.5): 100 ± 32 is 4.5 sd."""

@@ -420,6 +420,7 @@ def flood_while_stopped(gp, port: int, count: int, size: int = 1024) -> None:
         gp.signal(signal.SIGCONT)
 
 
+@pytest.mark.slow  # floods a receive buffer, then reloads
 @pytest.mark.skipif(
     not sys.platform.startswith("linux"), reason="the kernel's drop count is read on Linux only"
 )

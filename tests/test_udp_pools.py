@@ -155,6 +155,7 @@ def test_source_balance_keeps_a_client_address_on_its_target_across_sessions(sta
     assert len({next(iter(names)) for names in where.values()}) >= 3  # spread over the pool
 
 
+@pytest.mark.slow  # waits out session rounds
 def test_a_dead_target_is_taken_out_by_its_port_unreachable_and_new_sessions_avoid_it(start_gportmap, udp_peers):
     a, b, c = UdpPeer("a"), UdpPeer("b"), UdpPeer("c")
     udp_peers += [a, b, c]
@@ -192,6 +193,7 @@ def test_a_dead_target_is_taken_out_by_its_port_unreachable_and_new_sessions_avo
             client.close()
 
 
+@pytest.mark.slow  # waits out check rounds
 def test_a_udp_send_expect_check_takes_down_dead_and_wrong_targets(start_gportmap, udp_peers):
     good, wrong, mute, dead = UdpPeer("good"), UdpPeer("wrong", "wrong"), UdpPeer("mute", "mute"), UdpPeer("dead")
     udp_peers += [good, wrong, mute, dead]

@@ -85,6 +85,7 @@ def test_dig_through_the_udp_tunnel_to_dnsmasq(start_gportmap, dnsmasq):  # noqa
     assert rule_stats(gp, "exit")["connections"]["total"] == 2  # one WebSocket per session
 
 
+@pytest.mark.slow  # a load test (10,000 datagrams)
 def test_ten_thousand_datagrams_of_mixed_sizes_arrive_whole_and_counted(start_gportmap, udp_echo):
     entry, exit_ = free_port(socket.SOCK_DGRAM), free_port()
     gp = start_gportmap({"rules": tunnel_rules(entry, exit_, udp_echo.port)})

@@ -9,11 +9,14 @@ import os
 import socket
 import struct
 import threading
+from collections.abc import Iterator
+from dataclasses import dataclass
 
 import pytest
 import websocket
 from conftest import (
     LOOPBACK,
+    Gportmap,
     HttpPage,
     Pusher,
     TargetServer,
@@ -98,14 +101,42 @@ def close_code(payload: bytes) -> int:
     return struct.unpack("!H", payload[:2])[0]
 
 
+@dataclass(frozen=True)
+class Bridge:
+    """One websocket rule of the module's shared gportmap, for one test."""
+
+    gp: Gportmap
+    port: int
+    rule: str
+
+
+#: Rules of the shared bridge process: one per test that takes ``bridge`` (11 now).
+BRIDGE_RULES = 16
+
+
+@pytest.fixture(scope="module")
+def bridges(start_shared_gportmap, shared_echo_target) -> tuple[Gportmap, Iterator[Bridge]]:
+    """One gportmap for every ``bridge`` test, with a rule (and port) for each, so
+    that a test reads only its own rule's records; started once per module."""
+    ports = [free_port() for _ in range(BRIDGE_RULES)]
+    rules = [
+        ws_rule(port, shared_echo_target.port, name=f"ws-{index}", path="/vnc", maxMessageSize=1 << 20)
+        for index, port in enumerate(ports)
+    ]
+    gp = start_shared_gportmap(rules)
+    return gp, iter([Bridge(gp, port, rule["name"]) for port, rule in zip(ports, rules, strict=True)])
+
+
 @pytest.fixture
-def bridge(start_gportmap, echo_target):
-    port = free_port()
-    gp = start_gportmap([ws_rule(port, echo_target.port, name="ws", path="/vnc", maxMessageSize=1 << 20)])
-    gp.port = port
-    return gp
+def bridge(bridges) -> Bridge:
+    """A websocket rule on /vnc to an echo target, no other test's."""
+    _, unused = bridges
+    taken = next(unused, None)
+    assert taken is not None, f"more bridge tests than BRIDGE_RULES ({BRIDGE_RULES}): raise it"
+    return taken
 
 
+@pytest.mark.slow  # a long transfer (10 MB; 100,000 messages)
 @pytest.mark.parametrize("size", [65536, 10], ids=["64KiB", "10B"])
 def test_websocket_client_bytes_arrive_intact_and_in_order(bridge, size):
     total = 10 * MB if size == 65536 else 1 * MB  # 10-byte messages: 100k of them
@@ -126,7 +157,7 @@ def test_websocket_client_bytes_arrive_intact_and_in_order(bridge, size):
     reader.join(120)
     assert hashlib.sha256(received).digest() == hashlib.sha256(data).digest()
     ws.close()
-    (closed,) = bridge.wait_event("connection_closed", rule="ws")
+    (closed,) = bridge.gp.wait_event("connection_closed", rule=bridge.rule)
     assert closed["bytes_received"] == closed["bytes_sent"] == total  # payload bytes, not framing
 
 
@@ -196,7 +227,7 @@ def test_origin_outside_origins_is_403_and_counted(start_gportmap, echo_target):
 
 
 def test_a_2gib_frame_header_is_refused_with_1009_before_anything_is_read(bridge):
-    rss_before = bridge.rss_kib()
+    rss_before = bridge.gp.rss_kib()
     sock, head = handshake(bridge.port, "/vnc")
     assert head.startswith(b"HTTP/1.1 101")
     sock.sendall(frame(0x2, b"", length=2 * 1024**3)[:14])  # the header of a 2 GiB frame only
@@ -204,8 +235,8 @@ def test_a_2gib_frame_header_is_refused_with_1009_before_anything_is_read(bridge
     assert opcode == 0x8 and close_code(payload) == 1009
     assert recv_until_eof(sock) == b""
     sock.close()
-    assert bridge.rss_kib() - rss_before < 4096  # nothing was allocated for it
-    (closed,) = bridge.wait_event("connection_closed", rule="ws")
+    assert bridge.gp.rss_kib() - rss_before < 4096  # nothing was allocated for it
+    (closed,) = bridge.gp.wait_event("connection_closed", rule=bridge.rule)
     assert closed["reason"] == "client_error" and "maxMessageSize" in closed["error"]
     ws = websocket.create_connection(f"ws://127.0.0.1:{bridge.port}/vnc")
     ws.send_binary(b"next")
@@ -338,6 +369,7 @@ def tunnel(start_gportmap, echo_target):
     return gp
 
 
+@pytest.mark.slow  # a long transfer (10 MB each way)
 def test_tunnel_carries_10mb_both_ways_and_the_half_close(tunnel):
     data = os.urandom(10 * MB)
     sock = connect(tunnel.entry, timeout=60)
@@ -355,6 +387,7 @@ def test_tunnel_carries_10mb_both_ways_and_the_half_close(tunnel):
     assert entry["bytes_received"] == entry["bytes_sent"] == exit_["bytes_received"] == len(data)
 
 
+@pytest.mark.slow  # a load test (200 tunnels)
 def test_200_concurrent_tunnels(tunnel):
     socks = [connect(tunnel.entry) for _ in range(200)]
     try:

@@ -100,29 +100,35 @@ def test_upgrades_cut_by_handshake_timeout_are_counted_and_logged(start_gportmap
     assert not gp.events("connection_closed")  # never admitted as a connection
 
 
-@pytest.mark.parametrize(
-    "request_bytes,answer",
-    [
-        (upgrade_request(path="/elsewhere"), b"HTTP/1.1 404"),
-        (upgrade_request(version="8"), b"HTTP/1.1 426"),
-        (upgrade_request(key="short"), b"HTTP/1.1 400"),
-        (b"GET / HTTP/1.1\r\nHost: x\r\n\r\n", b"HTTP/1.1 426"),  # plain HTTP, no upgrade
-        (b"\x16\x03\x01garbage that is no HTTP\r\n\r\n", b"HTTP/1.1 400"),  # malformed
-        (b"GET / HTTP/1.0\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\r\n", b"HTTP/1.1 402"),
-        (b"GET / HTTP/1.1\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\r\n", b"HTTP/1.1 426"),  # no version
-        (b"GET /" + b"a" * 9000 + b" HTTP/1.1\r\n\r\n", b"HTTP/1.1 414"),
-        (b"", b""),  # connected and left without a byte
-    ],
-    ids=[
-        "wrong-path", "wrong-version", "bad-key", "not-an-upgrade", "malformed", "http-1.0", "no-version",
-        "too-long", "left-silent",
-    ],
-)
-def test_failed_upgrades_keep_their_answer_and_are_counted_as_handshake(
-    start_gportmap, echo_target, request_bytes, answer
-):
-    port = free_port()
-    gp = start_gportmap([ws_rule(port, echo_target.port, name="ws")])
+#: Failed upgrades, each with the answer it gets (b"": none, the connection closed).
+FAILED_UPGRADES = {
+    "wrong-path": (upgrade_request(path="/elsewhere"), b"HTTP/1.1 404"),
+    "wrong-version": (upgrade_request(version="8"), b"HTTP/1.1 426"),
+    "bad-key": (upgrade_request(key="short"), b"HTTP/1.1 400"),
+    "not-an-upgrade": (b"GET / HTTP/1.1\r\nHost: x\r\n\r\n", b"HTTP/1.1 426"),  # plain HTTP, no upgrade
+    "malformed": (b"\x16\x03\x01garbage that is no HTTP\r\n\r\n", b"HTTP/1.1 400"),
+    "http-1.0": (b"GET / HTTP/1.0\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\r\n", b"HTTP/1.1 402"),
+    "no-version": (b"GET / HTTP/1.1\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\r\n", b"HTTP/1.1 426"),
+    "too-long": (b"GET /" + b"a" * 9000 + b" HTTP/1.1\r\n\r\n", b"HTTP/1.1 414"),
+    "left-silent": (b"", b""),  # connected and left without a byte
+}
+
+
+@pytest.fixture(scope="module")
+def upgrades_gportmap(start_shared_gportmap, shared_echo_target):
+    """One gportmap for every case of ``FAILED_UPGRADES``: a rule (and port) of its own
+    each, so that each case reads only its rule's records and figures (rejections are
+    rate-limited in the log per rule and reason)."""
+    ports = {case: free_port() for case in FAILED_UPGRADES}
+    rules = [ws_rule(port, shared_echo_target.port, name=f"ws-{case}") for case, port in ports.items()]
+    return start_shared_gportmap(rules), ports
+
+
+@pytest.mark.parametrize("case", list(FAILED_UPGRADES))
+def test_failed_upgrades_keep_their_answer_and_are_counted_as_handshake(upgrades_gportmap, case):
+    gp, ports = upgrades_gportmap
+    request_bytes, answer = FAILED_UPGRADES[case]
+    port, name = ports[case], f"ws-{case}"
     with connect(port) as sock:
         if request_bytes:
             sock.sendall(request_bytes)
@@ -130,9 +136,9 @@ def test_failed_upgrades_keep_their_answer_and_are_counted_as_handshake(
             sock.shutdown(socket.SHUT_WR)
         reply = recv_until_eof(sock)
         assert reply.startswith(answer) if answer else reply == b""
-    (record,) = gp.wait_event("connection_rejected", rule="ws", reason="handshake")
+    (record,) = gp.wait_event("connection_rejected", rule=name, reason="handshake")
     assert record["error"] and record["client"].startswith("127.0.0.1:")
-    stats = rule_stats(gp, "ws")["connections"]
+    stats = rule_stats(gp, name)["connections"]
     assert stats["rejected_by_reason"] == {
         "acl": 0, "limit": 0, "tls": 0, "plugin": 0, "handshake": 1, "no_route": 0, "proxy_header": 0, "client_limit": 0}
     assert (stats["total"], stats["handshaking"]) == (0, 0)
@@ -144,6 +150,7 @@ def test_failed_upgrades_keep_their_answer_and_are_counted_as_handshake(
     ws.close()
 
 
+@pytest.mark.slow  # waits out refused upgrades
 def test_max_connections_holds_upgraded_and_mid_upgrade_clients(start_gportmap, echo_target):
     """maxConnections 2: two clients with TCP open and nothing sent hold both places;
     a third is rejected ``limit`` at once; the two upgrade and are served; a third is
@@ -193,6 +200,7 @@ def test_a_failed_upgrade_gives_its_place_back(start_gportmap, echo_target):
     assert rejected(gp, "ws")["limit"] == 0
 
 
+@pytest.mark.slow  # TLS handshakes held open
 def test_wss_clients_in_their_tls_handshake_hold_their_places(start_gportmap, echo_target, server_cert):
     issued, ca = server_cert
     port = free_port()

@@ -51,6 +51,7 @@ def echo_once(port: int, payload: bytes) -> bytes:
         return recv_until_eof(sock)
 
 
+@pytest.mark.slow  # three processes, hundreds of connections
 def test_two_workers_share_a_port_and_the_sums_are_exact(start_gportmap, echo_target):
     port = free_port()
     gp = start_gportmap(rules(tcp_rule(port, echo_target.port, name="shared")), "--workers", "2")
@@ -115,6 +116,7 @@ def test_udp_sessions_stay_on_one_worker_and_counts_are_exact(start_gportmap):
             sock.close()
 
 
+@pytest.mark.slow  # three processes and a session flood
 def test_udp_max_sessions_is_shared_between_workers(start_gportmap):
     target = UdpTarget()
     port = free_port(socket.SOCK_DGRAM)
@@ -231,6 +233,7 @@ def test_reload_fans_out_to_every_worker(start_gportmap, echo_target, tmp_path):
         other.close()
 
 
+@pytest.mark.slow  # three processes and a drain
 def test_stop_drains_every_worker_and_exits_zero(start_gportmap, echo_target):
     port = free_port()
     gp = start_gportmap(rules(tcp_rule(port, echo_target.port)), "--workers", "2")
@@ -260,6 +263,7 @@ def test_stop_drains_every_worker_and_exits_zero(start_gportmap, echo_target):
         assert not psutil.pid_exists(pid) or psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
 
 
+@pytest.mark.slow  # three processes, a kill and their exits
 def test_workers_stop_by_themselves_when_the_master_is_killed(start_gportmap, echo_target):
     port = free_port()
     gp = start_gportmap(rules(tcp_rule(port, echo_target.port)), "--workers", "2")
@@ -324,6 +328,7 @@ def test_more_than_one_worker_needs_reuse_port(start_gportmap, echo_target):
     assert any("SO_REUSEPORT" in record.get("message", "") for record in gp.events("usage_error"))
 
 
+@pytest.mark.slow  # starts gportmap with workers twice
 def test_workers_from_settings_and_auto(start_gportmap, echo_target):
     gp = start_gportmap(rules(tcp_rule(free_port(), echo_target.port), workers="auto"))
     expected = os.cpu_count() or 1

@@ -438,6 +438,7 @@ def test_a_tunnel_over_target_tls_to_a_wss_exit(start_gportmap, echo_target, cer
     assert entry["bytes_received"] == entry["bytes_sent"] == exit_["bytes_received"] == len(data)
 
 
+@pytest.mark.slow  # waits out an idle timeout
 def test_an_idle_websocket_is_told_going_away(start_gportmap, echo_target) -> None:
     port = free_port()
     gp = start_gportmap([ws_rule(port, echo_target.port, name="ws", idleTimeout=1)])

@@ -11,6 +11,11 @@ Everything is computed on intervals: the old spans are indexed per (transport,
 address) sorted by first port (they never overlap: the old version was valid), so
 finding what a new span shares is a bisection, and a 10,000-port range is one entry.
 The supervisor applies the plan; a dry run (``gportmap.runtime.impact``) reports it.
+
+Every listener is a descriptor: a version whose listeners do not fit the open-file
+limit is refused before anything changes (``check_open_files``), by the supervisor
+that would bind them and, with ``--workers``, by the master before it sends the
+version to any worker.
 """
 
 from __future__ import annotations
@@ -20,7 +25,9 @@ from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from gportmap.config.model import PortRange, Rule, format_address
+from gportmap.config.model import Config, PortRange, Rule, format_address
+from gportmap.errors import ConfigError
+from gportmap.stats import FD_RESERVE
 
 #: What identifies a rule's runner: its first listener (``Rule.key``).
 RuleKey = tuple[str, str, int]
@@ -177,3 +184,28 @@ def plan(old: Mapping[RuleKey, Rule], new: Mapping[RuleKey, Rule]) -> Plan:
             if key in taken:
                 result.dropped.setdefault(key, []).extend(left)
     return result
+
+
+def check_open_files(config: Config, open_files: int | None) -> None:
+    """SPEC §9: the listening sockets of every enabled rule must fit the open-file
+    limit ``open_files`` (None: none) with the reserve the process needs; a
+    ConfigError names the rules that take the most and the limit that would fit."""
+    if open_files is None:
+        return
+    listeners = sum(rule.listener_count for rule in config.enabled_rules)
+    # Under a tiny limit (a container's 48) the whole reserve cannot be kept: a
+    # quarter of the limit is, and the connection cap shrinks to what is left.
+    reserve = min(FD_RESERVE, open_files // 4)
+    room = open_files - reserve
+    if listeners <= room:
+        return
+    biggest = sorted(config.enabled_rules, key=lambda rule: -rule.listener_count)[:3]
+    named = ", ".join(f"{rule.name} {rule.listener_count:,}" for rule in biggest)
+    raise ConfigError(
+        [
+            f"{config.path}: the enabled rules listen on {listeners:,} sockets ({named}), but the "
+            f"open-file limit ({open_files:,}) leaves room for {max(room, 0):,} after the {reserve} "
+            f"the process keeps for itself; raise the limit (ulimit -n, LimitNOFILE=, docker --ulimit "
+            f"nofile=) to at least {listeners + FD_RESERVE + 2:,}, or listen on fewer ports"
+        ]
+    )

@@ -38,7 +38,7 @@ from gportmap.config import Config, Rule
 from gportmap.config.model import PortRange
 from gportmap.engine.net import BindRetry, bind_listener, bind_resolved, resolve_listen
 from gportmap.engine.relay import BufferPool
-from gportmap.errors import BindError, ConfigError, GportmapError
+from gportmap.errors import BindError, GportmapError
 from gportmap.events import (
     ConnectionsCapped,
     ListenersChanged,
@@ -49,9 +49,19 @@ from gportmap.events import (
 )
 from gportmap.log import RateLimiter, emit, get_logger
 from gportmap.protocols import ServerContext, create_server
-from gportmap.runtime.listeners import ListenKey, Plan, RuleKey, RulePlan, Span, plan, spans, subtract, texts
-from gportmap.runtime.systemd import listen_ip
-from gportmap.stats import FD_RESERVE, StatsRegistry, fd_capacity
+from gportmap.runtime.listeners import (
+    ListenKey,
+    Plan,
+    RuleKey,
+    RulePlan,
+    Span,
+    check_open_files,
+    plan,
+    spans,
+    subtract,
+    texts,
+)
+from gportmap.stats import StatsRegistry, fd_capacity
 
 if TYPE_CHECKING:
     from gportmap.runtime.systemd import InheritedSockets
@@ -338,13 +348,7 @@ class RuleRunner:
         """The sockets systemd (or an upgrade) passed for ``span``, by port."""
         if self.inherited is None:
             return {}
-        candidates = [
-            sock for sock in self.inherited.sockets if sock.transport == span.transport and sock.port in span.ports
-        ]
-        if not candidates:
-            return {}
-        host = listen_ip(span.host, span.ports.first, span.transport)
-        return {sock.port: sock for sock in candidates if sock.host == host}
+        return self.inherited.matching(span.transport, span.host, span.ports)
 
     def give(self, spans_given: Sequence[Span]) -> dict[ListenKey, socket.socket]:
         """A reload hands the sockets of ``spans_given`` to a successor: stop accepting
@@ -561,27 +565,9 @@ class Supervisor:
         emit(logger, ListenersChanged(rule=rule.name, opened=opened, closed=texts(closed), kept=kept))
 
     def _check_open_files(self, config: Config) -> None:
-        """SPEC §9: the listening sockets of every enabled rule must fit the open-file
-        limit with the reserve the process needs; ConfigError naming what does not."""
-        if self.open_files is None:
-            return
-        listeners = sum(rule.listener_count for rule in config.enabled_rules)
-        # Under a tiny limit (a container's 48) the whole reserve cannot be kept: a
-        # quarter of the limit is, and the connection cap shrinks to what is left.
-        reserve = min(FD_RESERVE, self.open_files // 4)
-        room = self.open_files - reserve
-        if listeners <= room:
-            return
-        biggest = sorted(config.enabled_rules, key=lambda rule: -rule.listener_count)[:3]
-        named = ", ".join(f"{rule.name} {rule.listener_count:,}" for rule in biggest)
-        raise ConfigError(
-            [
-                f"{config.path}: the enabled rules listen on {listeners:,} sockets ({named}), but the "
-                f"open-file limit ({self.open_files:,}) leaves room for {max(room, 0):,} after the {reserve} "
-                f"the process keeps for itself; raise the limit (ulimit -n, LimitNOFILE=, docker --ulimit "
-                f"nofile=) to at least {listeners + FD_RESERVE + 2:,}, or listen on fewer ports"
-            ]
-        )
+        """SPEC §9: the listeners must fit this process's open-file limit
+        (``check_open_files``, which a workers' master runs too)."""
+        check_open_files(config, self.open_files)
 
     def _cap_by_open_files(self, config: Config) -> None:
         """Hold the connection limit within what ``ulimit -n`` allows; say so once."""

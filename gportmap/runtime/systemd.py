@@ -42,6 +42,7 @@ import gevent
 import gevent.socket
 
 from gportmap.config import Rule, format_address
+from gportmap.config.model import PortRange
 from gportmap.events import ListenFds, NotifyFailed, SocketUnmatched, SocketUnusable
 from gportmap.log import emit, get_logger
 
@@ -331,19 +332,36 @@ class InheritedSockets:
     def __len__(self) -> int:
         return len(self.sockets)
 
-    def take(self, rule: Rule) -> InheritedSocket | None:
-        """The socket ``rule`` listens on, if one was passed: same transport, port and
-        address (a host name is resolved as binding would: this may yield)."""
-        candidates = [s for s in self.sockets if s.transport == rule.transport and s.port == rule.listen_port]
+    def matching(self, transport: str, host: str, ports: PortRange) -> dict[int, InheritedSocket]:
+        """The passed sockets that one listen address of a rule adopts, by port: same
+        transport, a port of ``ports`` (every port of a range, not only its first) and
+        the address ``host`` binds (a host name is resolved as binding would: this may
+        yield). The one test of a match: a rule's start adopts what it returns, and
+        ``report_unmatched`` warns about what it returns for no rule."""
+        candidates = [sock for sock in self.sockets if sock.transport == transport and sock.port in ports]
         if not candidates:
-            return None
-        host = listen_ip(rule.listen_host, rule.listen_port, rule.transport)
-        return next((sock for sock in candidates if sock.host == host), None)
+            return {}
+        address = listen_ip(host, ports.first, transport)
+        return {sock.port: sock for sock in candidates if sock.host == address}
+
+    def take(self, rule: Rule) -> InheritedSocket | None:
+        """The socket a rule of a single listener listens on, if one was passed."""
+        port = rule.listen_port
+        return self.matching(rule.transport, rule.listen_host, PortRange(port, port)).get(port)
+
+    def adopted_by(self, rule: Rule) -> list[InheritedSocket]:
+        """The passed sockets ``rule`` adopts: on every listen address, every port."""
+        return [
+            sock
+            for listen in rule.listeners
+            for sock in self.matching(listen.transport, listen.host, listen.ports).values()
+        ]
 
     def report_unmatched(self, rules: Iterable[Rule]) -> list[InheritedSocket]:
         """Warn about the sockets no enabled rule adopts: they stay open, unserved
-        (connections wait in their backlog), for a rule a reload may add."""
-        adopted = {id(self.take(rule)) for rule in rules if rule.enabled}
+        (connections wait in their backlog), for a rule a reload may add. A socket on
+        any port of a rule's range, or on any of its addresses, is that rule's."""
+        adopted = {id(sock) for rule in rules if rule.enabled for sock in self.adopted_by(rule)}
         unmatched = [sock for sock in self.sockets if id(sock) not in adopted]
         for sock in unmatched:
             emit(logger, SocketUnmatched(fd=sock.fd, fd_name=sock.name, listen=sock.listen, transport=sock.transport))
