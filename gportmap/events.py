@@ -87,6 +87,33 @@ class Event:
         """The record's human sentence, from the fields."""
         raise NotImplementedError
 
+    # Frozen, and compared and shown by value, written once here rather than by
+    # ``dataclasses`` for each of the ~75 classes: its generated methods were two
+    # thirds of this module's import (six ``exec`` per class, ~45 ms of every
+    # start). ``define``'s ``__init__`` sets the slots through their descriptors,
+    # so this ``__setattr__`` refuses only assignment after construction.
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        raise dataclasses.FrozenInstanceError(f"cannot assign to field {name!r}")
+
+    def __delattr__(self, name: str) -> None:
+        raise dataclasses.FrozenInstanceError(f"cannot delete field {name!r}")
+
+    def _values(self) -> tuple[Any, ...]:
+        return tuple(getattr(self, f.name) for f in dataclasses.fields(self))  # type: ignore[arg-type]
+
+    def __repr__(self) -> str:
+        shown = ", ".join(f"{f.name}={getattr(self, f.name)!r}" for f in dataclasses.fields(self))  # type: ignore[arg-type]
+        return f"{type(self).__qualname__}({shown})"
+
+    def __eq__(self, other: object) -> bool:
+        if type(other) is not type(self):
+            return NotImplemented
+        return self._values() == other._values()  # type: ignore[attr-defined]
+
+    def __hash__(self) -> int:
+        return hash((type(self), self._values()))
+
     def record_level(self) -> int:
         """The level of this record (some kinds depend on a field: a failed connect
         closes at WARNING)."""
@@ -111,7 +138,7 @@ def _init_code(cls: type[Event]) -> Callable[..., None]:
     the cost of the slot's ``__set__``; an event of eight fields then costs more
     to make than the rest of its record. This one takes the same keyword-only
     arguments and defaults; assignment after it still raises
-    ``FrozenInstanceError`` (the dataclass's ``__setattr__`` is kept)."""
+    ``FrozenInstanceError`` (``Event.__setattr__``)."""
     fields = dataclasses.fields(cls)
     namespace: dict[str, Any] = {}
     params = []
@@ -158,11 +185,12 @@ E = TypeVar("E", bound=type[Event])
 
 
 def define(name: str, level: int = logging.INFO) -> Callable[[E], E]:
-    """Make an ``Event`` subclass a frozen, slotted, keyword-only dataclass named
-    ``name`` (its ``event``) with default ``level``."""
+    """Make an ``Event`` subclass a slotted, keyword-only dataclass named ``name``
+    (its ``event``) with default ``level``; frozen, compared and shown by ``Event``'s
+    methods."""
 
     def make(cls: E) -> E:
-        made = dataclasses.dataclass(frozen=True, slots=True, kw_only=True)(cls)
+        made = dataclasses.dataclass(slots=True, kw_only=True, init=False, repr=False, eq=False)(cls)  # the rest: Event
         made.event = name
         made.level = level
         made.layout = tuple(
