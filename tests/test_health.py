@@ -270,6 +270,7 @@ def test_send_expect_check_takes_down_wrong_silent_and_chattering_banners(start_
     assert "good" not in {e["target"] for e in gp.events("target_down")}
 
 
+@pytest.mark.slow  # waits out fall rounds
 def test_tls_check_takes_down_a_target_with_a_certificate_not_of_the_ca(start_gportmap, peers, tmp_path: Path):
     ca, other = CA(tmp_path, "ca"), CA(tmp_path, "other-ca")
 
@@ -303,6 +304,7 @@ def test_tls_check_takes_down_a_target_with_a_certificate_not_of_the_ca(start_gp
         assert reach(port) == "good"
 
 
+@pytest.mark.slow  # waits out probe rounds
 def test_http_check_runs_over_the_rules_target_tls(start_gportmap, peers, tmp_path: Path):
     ca = CA(tmp_path, "ca")
     context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
@@ -471,6 +473,7 @@ def reload_with(gp, rules: list[dict]) -> None:
     assert status == 200, body
 
 
+@pytest.mark.slow  # waits out probe rounds across a reload
 def test_a_reload_keeps_each_staying_targets_health_and_probes_a_new_one(start_gportmap, peers):
     a, b, c = Peer(ident("a")), Peer(ident("b")), Peer(ident("c"))
     peers += [a, b, c]

@@ -506,6 +506,7 @@ def test_a_proxy_header_that_cannot_be_sent_is_a_failed_connect_retried_on_the_n
     assert server.stats.connect_failures == 1
 
 
+@pytest.mark.slow  # starts a master and two workers
 def test_with_two_workers_the_master_sums_each_targets_figures(start_gportmap, idents):
     a, b = make(idents, "a", "b")
     port = free_port()

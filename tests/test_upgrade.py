@@ -1121,6 +1121,7 @@ def test_per_target_counters_continue_across_an_upgrade(start_gportmap, echo_tar
              what="the next connections counted on top")
 
 
+@pytest.mark.slow  # starts a master and two workers
 def test_with_workers_a_failed_hand_over_ends_the_wait_at_once(start_gportmap, echo_target, tmp_path):
     """A worker whose hand-over fails (here: no memfd, injected) tells its master at
     once: the master's ``upgrade_failed`` names the worker and its reason (it does

@@ -619,6 +619,7 @@ class FakeMaster:
             self.log.close()
 
 
+@pytest.mark.slow  # starts a master and workers
 def test_the_worker_link_survives_requests_it_cannot_serve(tmp_path, echo_target):
     """A real worker, the test as its master: a frame that is no JSON, an unknown op,
     an apply with a raw that is no base64 text, a request without an id. Each is
