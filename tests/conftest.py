@@ -44,6 +44,34 @@ def wait_for(condition: Callable[[], Any], timeout: float = 10.0, interval: floa
         time.sleep(interval)
 
 
+@contextlib.contextmanager
+def stuck_listener() -> Iterator[tuple[str, int]]:
+    """The address of a listener that never accepts, its accept queue full: the
+    kernel drops SYNs to it, so a connect there waits (for connect timeouts).
+    Skips the test on a kernel where the queue cannot be filled."""
+    listener = socket.socket()
+    listener.bind((LOOPBACK, 0))
+    listener.listen(0)
+    fillers = []
+    try:
+        for _ in range(50):
+            probe = socket.socket()
+            probe.settimeout(0.3)
+            try:
+                probe.connect(listener.getsockname())
+            except TimeoutError:
+                probe.close()
+                break
+            fillers.append(probe)
+        else:
+            pytest.skip("could not fill the accept queue on this kernel")
+        yield listener.getsockname()
+    finally:
+        for probe in fillers:
+            probe.close()
+        listener.close()
+
+
 def wait_on_hub(condition: Callable[[], Any], timeout: float = 10.0, what: str = "") -> Any:
     """``wait_for`` for a test whose servers run on this thread's hub (in-process):
     each poll yields to the hub (``gevent.sleep``) so they can make the condition

@@ -11,6 +11,7 @@ import time
 
 import gevent
 import pytest
+from conftest import stuck_listener
 
 from gportmap.engine.connector import ConnectSweep, HubConnect
 
@@ -21,27 +22,8 @@ TIMEOUT = 0.3
 @pytest.fixture
 def stuck():
     """The address of a listener that never accepts, its accept queue full."""
-    listener = socket.socket()
-    listener.bind((LOOPBACK, 0))
-    listener.listen(0)
-    fillers = []
-    try:
-        for _ in range(50):
-            probe = socket.socket()
-            probe.settimeout(0.3)
-            try:
-                probe.connect(listener.getsockname())
-            except TimeoutError:
-                probe.close()
-                break
-            fillers.append(probe)
-        else:
-            pytest.skip("could not fill the accept queue on this kernel")
-        yield listener.getsockname()
-    finally:
-        for probe in fillers:
-            probe.close()
-        listener.close()
+    with stuck_listener() as address:
+        yield address
 
 
 def _poll(condition, seconds: float = 10.0) -> bool:

@@ -19,6 +19,7 @@ from conftest import (
     free_port,
     recv_exactly,
     recv_until_eof,
+    stuck_listener,
     tcp_rule,
     wait_for,
 )
@@ -146,24 +147,9 @@ def test_target_down_closes_client_promptly_and_logs_it(start_gportmap):
 @pytest.mark.slow
 def test_target_that_never_accepts_is_cut_at_connect_timeout(start_gportmap):
     # A listener that never accepts, with its accept queue full: SYNs are dropped.
-    stuck = socket.socket()
-    stuck.bind((LOOPBACK, 0))
-    stuck.listen(0)
-    fillers = []
-    try:
-        for _ in range(50):
-            probe = socket.socket()
-            probe.settimeout(0.3)
-            try:
-                probe.connect(stuck.getsockname())
-            except TimeoutError:
-                probe.close()
-                break
-            fillers.append(probe)
-        else:
-            pytest.skip("could not fill the accept queue on this kernel")
+    with stuck_listener() as stuck:
         port = free_port()
-        gp = start_gportmap([tcp_rule(port, stuck.getsockname()[1], name="stuck", connectTimeout=1)])
+        gp = start_gportmap([tcp_rule(port, stuck[1], name="stuck", connectTimeout=1)])
         sock = connect(port)
         started = time.monotonic()
         assert closed_by_peer(sock, timeout=10)
@@ -172,10 +158,6 @@ def test_target_that_never_accepts_is_cut_at_connect_timeout(start_gportmap):
         (record,) = gp.wait_event("connection_closed", rule="stuck")
         assert record["reason"] == "connect_failed"
         assert record["error"] == "connect timed out"
-    finally:
-        for probe in fillers:
-            probe.close()
-        stuck.close()
 
 
 @pytest.mark.slow

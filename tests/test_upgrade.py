@@ -187,6 +187,31 @@ class ShortConnections:
             time.sleep(0.01)
 
 
+def end_traffic(shorts: ShortConnections, streams: list[Stream], peer: StreamPeer) -> None:
+    """Stop the short-connection loop and both directions of every stream, and wait
+    until the peer has read each stream to its end."""
+    shorts.stop.set()
+    shorts.thread.join(60)
+    for stream in streams:
+        stream.stop_upload.set()
+        peer.stop_download(stream.seed)
+    for stream in streams:
+        stream.sender.thread.join(60)
+        stream.receiver.thread.join(60)
+    wait_for(lambda: len(peer.receivers) == len(streams)
+             and all(r.ended.is_set() for r in peer.receivers.values()), 60, what="the peer's reads to end")
+
+
+def abandon_traffic(shorts: ShortConnections | None, streams: list[Stream], peer: StreamPeer) -> None:
+    """A test's ``finally``: stop whatever traffic is left, however the test ended."""
+    if shorts is not None:
+        shorts.stop.set()
+    for stream in streams:
+        stream.stop_upload.set()
+        stream.sock.close()
+    peer.close()
+
+
 def rule(gp, name: str) -> dict:
     return next(r for r in gp.admin_json("/stats")["rules"] if r["name"] == name)
 
@@ -276,16 +301,7 @@ def test_upgrades_in_a_row_carry_streams_and_refuse_nothing(start_gportmap, echo
                 assert stats["bytes"][key] >= last_stats["bytes"][key], (n, stats, last_stats)
             last_stats = stats
             assert not errors, errors
-        shorts.stop.set()
-        shorts.thread.join(60)
-        for stream in streams:
-            stream.stop_upload.set()
-            peer.stop_download(stream.seed)
-        for stream in streams:
-            stream.sender.thread.join(60)
-            stream.receiver.thread.join(60)
-        wait_for(lambda: len(peer.receivers) == STREAMS
-                 and all(r.ended.is_set() for r in peer.receivers.values()), 60, what="the peer's reads to end")
+        end_traffic(shorts, streams, peer)
         assert not errors, errors
         assert shorts.refused == 0 and not shorts.broken, (shorts.refused, shorts.broken[:5])
         assert shorts.done > UPGRADES
@@ -327,12 +343,7 @@ def test_upgrades_in_a_row_carry_streams_and_refuse_nothing(start_gportmap, echo
               f"{sorted(r['per_connection_us'] for r in carriers)[len(carriers) // 2]:.0f} us; "
               f"short connections {shorts.done}")
     finally:
-        if shorts is not None:
-            shorts.stop.set()
-        for stream in streams:
-            stream.stop_upload.set()
-            stream.sock.close()
-        peer.close()
+        abandon_traffic(shorts, streams, peer)
 
 
 def test_a_half_closed_connection_stays_half_closed(start_gportmap):

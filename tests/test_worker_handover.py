@@ -30,6 +30,8 @@ from test_upgrade import (
     StreamPeer,
     UdpEchoLoop,
     UdpEchoTarget,
+    abandon_traffic,
+    end_traffic,
     open_fds,
     rule,
     settings,
@@ -197,18 +199,9 @@ def test_a_worker_stuck_on_an_old_generation_is_restarted_in_place_losing_nothin
 
         marks = [s.progress() for s in streams]
         wait_for(lambda: all(s.progress() > m for s, m in zip(streams, marks)), 30, what="every stream moving on")
-        shorts.stop.set()
-        shorts.thread.join(60)
-        for stream in streams:
-            stream.stop_upload.set()
-            peer.stop_download(stream.seed)
-        for stream in streams:
-            stream.sender.thread.join(60)
-            stream.receiver.thread.join(60)
+        end_traffic(shorts, streams, peer)
         for loop in loops:
             loop.finish()
-        wait_for(lambda: len(peer.receivers) == len(streams)
-                 and all(r.ended.is_set() for r in peer.receivers.values()), 60, what="the peer's reads to end")
         assert not errors, errors
         assert shorts.refused == 0 and not shorts.broken, (shorts.refused, shorts.broken[:5])
         for stream in streams:  # every byte arrived, in order (checked as it came), none extra
@@ -242,14 +235,9 @@ def test_a_worker_stuck_on_an_old_generation_is_restarted_in_place_losing_nothin
         print(f"\nrestart in place of worker 1: carried {record['carried']} ({record['sessions']} UDP sessions), "
               f"pause {record['pause'] * 1000:.0f} ms, {record['per_connection_us']:.0f} us per connection")
     finally:
-        if shorts is not None:
-            shorts.stop.set()
-        for stream in streams:
-            stream.stop_upload.set()
-            stream.sock.close()
+        abandon_traffic(shorts, streams, peer)
         for loop in loops:
             loop.finish()
-        peer.close()
         udp_target.close()
 
 
