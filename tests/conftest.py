@@ -529,15 +529,16 @@ class Gportmap:
         self._log.close()
 
 
-@pytest.fixture
-def start_gportmap(tmp_path: Path) -> Iterator[Callable[..., Gportmap]]:
-    """Factory: ``start_gportmap(rules, *args)`` starts gportmap and waits until it serves."""
+def _starter(directory: Callable[[], Path]) -> Iterator[Callable[..., Gportmap]]:
+    """The body of the ``start_gportmap`` fixtures: a factory that starts gportmap in
+    ``directory()`` and waits until it serves; every process it started is closed
+    after."""
     started: list[Gportmap] = []
 
     def start(
         rules: Any, *extra_args: str, wait: bool = True, env: dict | None = None, rules_path: Path | None = None
     ) -> Gportmap:
-        gp = Gportmap(tmp_path, rules, extra_args, env, rules_path)
+        gp = Gportmap(directory(), rules, extra_args, env, rules_path)
         started.append(gp)
         if wait:
             gp.wait_started()
@@ -548,23 +549,19 @@ def start_gportmap(tmp_path: Path) -> Iterator[Callable[..., Gportmap]]:
         gp.close()
 
 
+@pytest.fixture
+def start_gportmap(tmp_path: Path) -> Iterator[Callable[..., Gportmap]]:
+    """Factory: ``start_gportmap(rules, *args)`` starts gportmap and waits until it serves."""
+    yield from _starter(lambda: tmp_path)
+
+
 @pytest.fixture(scope="module")
 def start_shared_gportmap(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Callable[..., Gportmap]]:
     """``start_gportmap`` for a whole module: one process, started once, for tests that
     do not interfere (each on a rule of its own, reading only that rule's records and
     figures). A start costs about a second of CPU: a module of a dozen such tests
     saves that many."""
-    started: list[Gportmap] = []
-
-    def start(rules: Any, *extra_args: str, env: dict | None = None) -> Gportmap:
-        gp = Gportmap(tmp_path_factory.mktemp("shared"), rules, extra_args, env)
-        started.append(gp)
-        gp.wait_started()
-        return gp
-
-    yield start
-    for gp in started:
-        gp.close()
+    yield from _starter(lambda: tmp_path_factory.mktemp("shared"))
 
 
 @pytest.fixture(scope="module")
