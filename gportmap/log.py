@@ -141,11 +141,11 @@ def _text_line(created: float, levelname: str, event: str, message: str, fields:
     """``TextFormatter``'s line of one record without its traceback: ``fields`` the
     (key, value) pairs shown, in order (a record's, or a queued event's: see
     ``StderrQueue._format_later``)."""
-    parts = [_utc_timestamp(created), levelname, f"{event}: {message}"]
+    parts = [_utc_timestamp(created), levelname, f"{event}: {_one_line(message)}"]
     multiline: list[str] = []
     for key, value in fields:
         kind = type(value)
-        if kind is int or (kind is str and value and " " not in value):  # most fields: as they are
+        if kind is int or (kind is str and value and " " not in value and value.isprintable()):  # most: as they are
             parts.append(f"{key}={value}")
             continue
         if isinstance(value, (list, tuple)) and key == "errors":
@@ -168,9 +168,19 @@ def _text_value(value: Any) -> str:
     if isinstance(value, float):
         return f"{value:.3f}"
     if isinstance(value, (list, tuple)):
-        return ",".join(str(v) for v in value) or "-"
-    text = str(value)
+        return _one_line(",".join(str(v) for v in value)) or "-"
+    text = _one_line(str(value))
     return f'"{text}"' if (" " in text or not text) else text
+
+
+def _one_line(text: str) -> str:
+    """``text`` with its control characters written as escapes (``\\n``, ``\\x1b``):
+    a value a client chose (a path, an Origin, a server name) can neither start a
+    line that reads as a record of its own nor send a terminal escape. The JSON
+    format escapes them already."""
+    if text.isprintable():
+        return text
+    return "".join(char if char.isprintable() else repr(char)[1:-1] for char in text)
 
 
 class EventJsonFormatter(JsonFormatter):

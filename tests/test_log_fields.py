@@ -21,6 +21,8 @@ VALUES = [
     ("web", "127.0.0.1:5000", "127.0.0.1:80", 120, 3400, 0.012, CloseReason.CLOSED, None),
     ("db", "[::1]:41000", "10.0.0.2:5432", 0, 0, 1.5, CloseReason.CONNECT_FAILED, "connection refused"),
     ("x y", "", "t", 7, 8, 2.0, "plugin reason", "an error with spaces"),
+    # what a client chose may hold control characters: still one line, no escape sequence
+    ("web", "127.0.0.1:5001", "t\nconnection_closed: forged\x1b[2J", 1, 1, 0.5, "tls\rcut", "bad\nline"),
 ]
 
 
@@ -70,7 +72,8 @@ def fixed_time(monkeypatch: pytest.MonkeyPatch) -> None:
 @pytest.mark.parametrize("worker", [None, 2])
 def test_emit_fields_writes_what_emit_writes(fixed_time: None, fmt: str, worker: int | None) -> None:
     expected = _lines(fmt, worker, _by_emit)
-    assert expected.count(b"\n") == len(VALUES)
+    assert expected.count(b"\n") == len(VALUES)  # one line per record, whatever its values hold
+    assert b"\x1b" not in expected and b"\r" not in expected
     assert b"connection_closed" in expected and b"cannot reach target: connection refused" in expected
     if worker is not None:
         assert expected.count(b"worker") == len(VALUES)
