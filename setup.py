@@ -1,9 +1,10 @@
 """Packaging for gportmap. The JSON Schema of the rules file ships as package data."""
 
 import re
+import sys
 from pathlib import Path
 
-from setuptools import find_packages, setup
+from setuptools import Extension, find_packages, setup
 
 HERE = Path(__file__).parent
 VERSION = re.search(r'__version__ = "([^"]+)"', (HERE / "gportmap" / "__init__.py").read_text()).group(1)
@@ -19,6 +20,13 @@ setup(
     packages=find_packages(include=["gportmap", "gportmap.*"]),
     package_data={"gportmap.config": ["schema/*.json"], "gportmap.admin": ["static/*.html"]},
     include_package_data=True,
+    # The plain relay's byte moving in C (gportmap/engine/_pump.c, Linux: epoll and
+    # splice). Optional: where it cannot be built (no compiler, another platform)
+    # the install goes on and gportmap relays in Python (gportmap.engine.hubrelay),
+    # which is also what GPORTMAP_PUMP=off and GPORTMAP_PORTABLE=1 choose.
+    ext_modules=[Extension("gportmap.engine._pump", ["gportmap/engine/_pump.c"], optional=True)]
+    if sys.platform.startswith("linux")
+    else [],
     install_requires=[
         "gevent>=23.9",
         "gevent-websocket>=0.10.1",

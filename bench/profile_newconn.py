@@ -17,6 +17,8 @@ backend, profiled two ways, beside HAProxy (mode tcp, one thread) on the same tr
     # before and after, in the same minutes: the last commit in a worktree beside
     git worktree add /var/tmp/old HEAD
     python bench/profile_newconn.py --log-level WARNING,INFO --old /var/tmp/old --rounds 7
+    # the C engine against the Python relay, same code, same turns
+    python bench/profile_newconn.py --baseline-env GPORTMAP_PUMP=off --rounds 7
 
 Every gportmap (one per level, and per tree with ``--old``) and HAProxy take turns
 in each round, and the report gives each pair's ratio round by round (new over
@@ -73,13 +75,27 @@ def start_nginx(procs: Processes, workdir: Path) -> int:
     return port
 
 
+#: ``python -m gportmap`` from the tree first on PYTHONPATH: an editable install's
+#: finder (a meta path hook) would otherwise load this checkout whatever the path says.
+FROM_PATH = ("import runpy, sys; sys.meta_path[:] = [f for f in sys.meta_path if 'editable' not in "
+             "repr(f).lower()]; sys.argv[0] = 'gportmap'; runpy.run_module('gportmap', run_name='__main__', "
+             "alter_sys=True)")  # fmt: skip
+
+
 def start_gportmap(
-    procs: Processes, workdir: Path, target: int, level: str, tree: Path | None = None, label: str = "gportmap"
+    procs: Processes,
+    workdir: Path,
+    target: int,
+    level: str,
+    tree: Path | None = None,
+    label: str = "gportmap",
+    extra_env: dict[str, str] | None = None,
 ) -> anchors.Proxy:
     """gportmap with one tcp rule, admin and watcher off, at ``level`` (logging to a
     file). ``tree``: run the package from that source tree instead (another
     checkout, e.g. a ``git worktree`` of the last commit: old and new code measured
-    in the same minutes)."""
+    in the same minutes). ``extra_env``: set for this gportmap only (e.g.
+    ``GPORTMAP_PUMP=off``: the same code on its Python relay)."""
     port = anchors.free_port()
     rules = {
         "settings": {"admin": False, "watch": False, "statsInterval": 0, "logLevel": level,
@@ -92,8 +108,8 @@ def start_gportmap(
     # Both sides started alike (``-m gportmap``), from their tree: this checkout's by
     # default. Not from this directory: ``-m`` puts the working directory first on
     # the path, before PYTHONPATH, and every side would run this checkout.
-    command = [sys.executable, "-m", "gportmap"]
-    env = {**os.environ, "PYTHONPATH": str(tree or Path(__file__).resolve().parent.parent)}
+    command = [sys.executable, "-c", FROM_PATH]
+    env = {**os.environ, "PYTHONPATH": str(tree or Path(__file__).resolve().parent.parent), **(extra_env or {})}
     proc = procs.start(f"{label}-{level}", [*command, str(path), "--admin", "off", "--log-level", level],
                        env=env, cwd=workdir)  # fmt: skip
     anchors.wait_tcp_listening(port, proc)
@@ -107,11 +123,11 @@ def user_system(pid: int) -> tuple[float, float]:
     return int(fields[11]) / loads.CLOCK_TICKS, int(fields[12]) / loads.CLOCK_TICKS
 
 
-def cpu_split(pid: int, port: int, seconds: int) -> dict:
+def cpu_split(pid: int, port: int, seconds: int, close: bool = True) -> dict:
     """Untraced: the proxy's user and system CPU per new connection, apart (Python and
     the interpreter run in user time; system calls and the kernel's TCP in system)."""
     user0, system0 = user_system(pid)
-    result = loads.wrk_http(port, seconds, UNTRACED_CONNECTIONS, close=True)
+    result = loads.wrk_http(port, seconds, UNTRACED_CONNECTIONS, close=close)
     user1, system1 = user_system(pid)
     requests = result["requests"]
     return {
@@ -122,7 +138,7 @@ def cpu_split(pid: int, port: int, seconds: int) -> dict:
     }
 
 
-def strace_counts(pid: int, port: int, seconds: int, workdir: Path) -> dict:
+def strace_counts(pid: int, port: int, seconds: int, workdir: Path, close: bool = True) -> dict:
     """``strace -c -f`` on ``pid`` while wrk makes new connections through ``port``:
     calls per syscall, in all and per connection."""
     out = workdir / f"strace-{pid}.txt"
@@ -132,7 +148,7 @@ def strace_counts(pid: int, port: int, seconds: int, workdir: Path) -> dict:
         time.sleep(0.5)  # attached (strace prints nothing when it is; a short wait, bounded)
         if tracer.poll() is not None:
             raise RuntimeError(f"strace exited: {tracer.stderr.read().decode(errors='replace')[-300:]}")
-        result = loads.wrk_http(port, seconds, CONNECTIONS, close=True)
+        result = loads.wrk_http(port, seconds, CONNECTIONS, close=close)
     finally:
         tracer.send_signal(signal.SIGINT)  # detaches and writes the summary
         try:
@@ -157,7 +173,7 @@ def strace_counts(pid: int, port: int, seconds: int, workdir: Path) -> dict:
 
 
 def py_spy_profile(
-    py_spy: str, pid: int, port: int, seconds: int, workdir: Path, keep: Path | None = None
+    py_spy: str, pid: int, port: int, seconds: int, workdir: Path, keep: Path | None = None, close: bool = True
 ) -> dict:
     """py-spy's collapsed stacks of ``pid`` while wrk makes new connections through
     ``port``: each function's inclusive and self share of the busy samples."""
@@ -169,7 +185,7 @@ def py_spy_profile(
         time.sleep(0.5)
         if spy.poll() is not None:
             raise RuntimeError(f"py-spy exited: {spy.stderr.read().decode(errors='replace')[-300:]}")
-        result = loads.wrk_http(port, seconds, UNTRACED_CONNECTIONS, close=True)
+        result = loads.wrk_http(port, seconds, UNTRACED_CONNECTIONS, close=close)
     finally:
         try:
             spy.wait(seconds + 30)
@@ -238,6 +254,13 @@ def main() -> int:
     parser.add_argument("--old", type=Path,
                         help="also run the package from this source tree (a worktree of the last "
                              "commit), at every level, in the same turns: before and after")  # fmt: skip
+    parser.add_argument("--baseline-env", metavar="NAME=VALUE", action="append", default=[],
+                        help="also run this checkout with these environment variables as the baseline "
+                             "(e.g. GPORTMAP_PUMP=off), in the same turns; with --old, the old tree "
+                             "gets them")  # fmt: skip
+    parser.add_argument("--keep-alive", action="store_true",
+                        help="profile keep-alive requests (wrk without Connection: close) instead of a "
+                             "new connection per request: the figures are then per request")  # fmt: skip
     parser.add_argument("--rounds", type=int, default=SPLIT_ROUNDS, help="untraced rounds of the CPU split (1-9)")
     parser.add_argument("--no-trace", action="store_true", help="the CPU split only (no strace, no py-spy)")
     parser.add_argument("--py-spy", default=shutil.which("py-spy") or anchors._venv_script("py-spy") or "",
@@ -248,11 +271,14 @@ def main() -> int:
     seconds = max(1, min(args.seconds, 30))
     rounds = max(1, min(args.rounds, 9))
     levels = [level.strip().upper() for level in args.log_level.split(",") if level.strip()]
+    baseline_env = dict(item.split("=", 1) for item in args.baseline_env if "=" in item)
     for tool in ("wrk", "nginx", "strace"):
         if anchors._venv_script(tool) is None:
             print(f"profile_newconn: {tool} is not installed", file=sys.stderr)
             return 2
-    report: dict[str, object] = {"seconds": seconds, "log_level": ",".join(levels), "rounds": rounds}
+    close = not args.keep_alive
+    report: dict[str, object] = {"seconds": seconds, "log_level": ",".join(levels), "rounds": rounds,
+                                 "unit": "connection" if close else "keep-alive request"}  # fmt: skip
     anchors.raise_fd_soft_limit()
     with tempfile.TemporaryDirectory(prefix="gportmap-profile-") as tmp:
         workdir = Path(tmp)
@@ -263,8 +289,9 @@ def main() -> int:
             proxies: dict[str, anchors.Proxy] = {}
             for level in levels:
                 proxies[f"gportmap {level}"] = start_gportmap(procs, workdir, backend, level)
-                if args.old is not None:
-                    proxies[f"old {level}"] = start_gportmap(procs, workdir, backend, level, args.old, "old")
+                if args.old is not None or baseline_env:
+                    proxies[f"old {level}"] = start_gportmap(procs, workdir, backend, level, args.old, "old",
+                                                             baseline_env)  # fmt: skip
             if anchors.missing_tool("haproxy") is None:
                 proxies["haproxy"] = anchors.start_proxy(procs, workdir, "haproxy", backend)
             for proxy in proxies.values():
@@ -272,17 +299,17 @@ def main() -> int:
             cpu: dict[str, list[dict]] = {name: [] for name in proxies}
             for _ in range(rounds):  # taking turns: the load of the moment hits every proxy
                 for name, proxy in proxies.items():
-                    cpu[name].append(cpu_split(proxy.proc.pid, proxy.port, seconds))
+                    cpu[name].append(cpu_split(proxy.proc.pid, proxy.port, seconds, close))
             report["cpu"] = cpu
             if not args.no_trace:
                 report["strace"] = {
-                    name: strace_counts(proxy.proc.pid, proxy.port, seconds, workdir)
+                    name: strace_counts(proxy.proc.pid, proxy.port, seconds, workdir, close)
                     for name, proxy in proxies.items()
                 }
                 first = proxies[f"gportmap {levels[0]}"]
                 if args.py_spy and os.path.exists(args.py_spy):
                     report["py_spy"] = py_spy_profile(
-                        args.py_spy, first.proc.pid, first.port, seconds, workdir, args.raw
+                        args.py_spy, first.proc.pid, first.port, seconds, workdir, args.raw, close
                     )
                 else:
                     print(
@@ -311,9 +338,9 @@ def spread(values: list[float]) -> str:
 def print_report(report: dict) -> None:
     cpu = report.get("cpu") or {}
     if cpu:
-        print(f"Proxy CPU per new connection, untraced (wrk -c{UNTRACED_CONNECTIONS}, median of "
+        print(f"Proxy CPU per {report.get('unit', 'connection')}, untraced (wrk -c{UNTRACED_CONNECTIONS}, median of "
               f"{report['rounds']} rounds taken in turns, [min-max])")  # fmt: skip
-        print("| proxy | user µs | system µs | total µs | connections/s |\n| --- | --- | --- | --- | --- |")
+        print("| proxy | user µs | system µs | total µs | per second |\n| --- | --- | --- | --- | --- |")
         for name, runs in cpu.items():
             cells = []
             for key in ("user_us", "system_us", "total_us", "rate"):
@@ -330,14 +357,14 @@ def print_report(report: dict) -> None:
         pairs += [(f"{tree} {level}", "haproxy") for tree in ("gportmap", "old") for level in levels]
         ratios = [(a, b, paired_ratios(cpu, a, b)) for a, b in pairs if a in cpu and b in cpu]
         if ratios:
-            print("Paired ratios, round by round (median [min-max]): total CPU per connection, and rate")
+            print("Paired ratios, round by round (median [min-max]): total CPU per unit, and rate")
             print("| this | over that | CPU | rate |\n| --- | --- | --- | --- |")
             for a, b, (cpu_ratios, rate_ratios) in ratios:
                 print(f"| {a} | {b} | {spread(cpu_ratios)} | {spread(rate_ratios)} |")
             print()
     traces = report.get("strace") or {}
     if traces:
-        print(f"System calls per new connection (strace -c -f, wrk -c{CONNECTIONS} Connection: close)")
+        print(f"System calls per {report.get('unit', 'connection')} (strace -c -f, wrk -c{CONNECTIONS} Connection: close)")
         labels = list(traces)
         print("| syscall | " + " | ".join(labels) + " |\n|" + " --- |" * (len(labels) + 1))
         names: list[str] = []

@@ -20,7 +20,7 @@ from gevent.event import Event
 from gportmap import __version__
 from gportmap.admin import AdminPlane
 from gportmap.config import Config, load, parse, parse_listen
-from gportmap.engine.hubrelay import HubRelay
+from gportmap.engine.pumprelay import configure as configure_relays
 from gportmap.errors import ConfigError, GportmapError
 from gportmap.events import (
     ConfigInvalid,
@@ -259,7 +259,7 @@ def run(
     of those workers. ``inherited``: sockets systemd passed (socket activation), or
     the listeners an upgrade in place handed over with ``resume``, its state."""
     features = features or detect()
-    HubRelay.configure(features)  # the relay mode (GPORTMAP_RELAY) as detected at start, once
+    features = configure_relays(features)  # the relay mode (GPORTMAP_RELAY, GPORTMAP_PUMP) as detected at start, once
     # Only the main process talks to systemd (NotifyAccess=main): never a worker.
     notifier = Notifier.from_environ() if link is None else Notifier(None)
     route_gevent_errors()

@@ -51,6 +51,10 @@ class Features:
     #: (tests, benchmarks). Read here, once at start, and handed to the relay
     #: (``HubRelay.splice_first``); never read at import.
     splice_first: bool = False
+    #: Plain TCP connections are relayed by the C engine (``gportmap.engine._pump``,
+    #: built at install where a compiler is): Linux, unless ``GPORTMAP_PUMP=off``
+    #: or the engine was not built. Off: the Python relay (``engine.hubrelay``).
+    pump: bool = False
 
     def enabled(self) -> list[str]:
         """The platform's features on (the ``started`` record's ``features``); a
@@ -96,7 +100,16 @@ def detect() -> Features:
         splice=relay != "copy" and sys.platform.startswith("linux") and splice_available(),
         reuse_port=sys.platform.startswith("linux") and hasattr(socket, "SO_REUSEPORT"),
         splice_first=relay == "splice",
+        pump=pump_wanted() and sys.platform.startswith("linux"),
     )
+
+
+def pump_wanted() -> bool:
+    """``GPORTMAP_PUMP``: ``off`` (or ``0``, ``no``, ``false``) keeps every connection
+    on the Python relay; anything else uses the C engine where it is built (whether
+    it is, the engine layer knows: ``gportmap.engine.pumprelay.configure`` turns
+    ``Features.pump`` off when it is not). Read by ``detect``."""
+    return os.environ.get("GPORTMAP_PUMP", "auto").strip().lower() not in ("off", "0", "no", "false")
 
 
 def raise_fd_limit() -> int | None:

@@ -30,6 +30,7 @@ from gevent.event import AsyncResult
 
 from gportmap.engine.net import WRITE, connect_error_text
 from gportmap.engine.pool import TargetPool, TargetState
+from gportmap.engine.pumprelay import PumpEngine, PumpRelay
 from gportmap.engine.sockopts import apply_keep_alive
 
 #: A TCP socket created non-blocking (Linux; elsewhere ``setblocking`` is needed after).
@@ -213,8 +214,11 @@ class HubConnect:
                 return
             if err == errno.EINPROGRESS:
                 self.sock = sock
-                self.watcher = self.loop.io(sock.fileno(), WRITE)
-                self.watcher.start(self._on_writable)
+                if PumpRelay.enabled:  # the C engine waits, and its pair takes the wait over
+                    self.watcher = PumpEngine.current(self.loop).waiter(sock.fileno(), self)
+                else:
+                    self.watcher = self.loop.io(sock.fileno(), WRITE)
+                    self.watcher.start(self._on_writable)
                 if self.sweep is not None:
                     self.sweep.add(self)
                     return
@@ -236,16 +240,29 @@ class HubConnect:
             self.timer.close()
             self.timer = None
 
-    def _on_writable(self) -> None:
+    def on_pump(self, waiter) -> None:  # noqa: ANN001 - the engine's Waiter
+        """The C engine's wait fired (``PumpEngine.waiter``): the connect's result
+        comes with it. A wait cancelled earlier in the same run is over already."""
+        if self.watcher is waiter:
+            self._on_writable(waiter.error)
+
+    def on_pump_crash(self, exc: Exception) -> None:
+        self._crash(exc)
+
+    def _on_writable(self, err: int | None = None) -> None:
+        """Writable: connected, or failed (``err``: the result when the engine
+        gave it; None: ask the socket)."""
         try:
             watcher, self.watcher = self.watcher, None
-            watcher.stop()
+            if err is None:
+                watcher.stop()
             self._stop()  # the timer
             sock, self.sock = self.sock, None
-            try:
-                err = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
-            except OSError as exc:
-                err = exc.errno or errno.EBADF
+            if err is None:
+                try:
+                    err = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+                except OSError as exc:
+                    err = exc.errno or errno.EBADF
             if not err:
                 self.spare = watcher
                 self.on_connected(sock)

@@ -182,6 +182,9 @@ class HubRelay:
         self.down.reader.start(self.down.on_readable)
         if self.idle:
             self._arm(self.idle)
+        self._read_buffered()
+
+    def _read_buffered(self) -> None:
         for direction in (self.up, self.down):
             # Records that came with the handshake's last flight sit in the stage:
             # no readiness event will announce them.
@@ -191,8 +194,7 @@ class HubRelay:
     def abort(self, reason: str, error: str | None = None) -> None:
         """End the connection now (an error, the idle timeout, a drain cut-off)."""
         if self.reason is None:
-            self.up.goodbye(reason, error)
-            self.down.goodbye(reason, error)
+            self._goodbye(reason, error)
             shutdown(self.client, socket.SHUT_RDWR)
             shutdown(self.target, socket.SHUT_RDWR)
             self._finish(reason, error)
@@ -206,6 +208,17 @@ class HubRelay:
         logged once with its traceback, and this connection (only) ends."""
         conn = self.conn
         self.abort(CloseReason.INTERNAL_ERROR, report_internal_error(conn.stats, conn.client, conn.target, exc))
+
+    @property
+    def plain(self) -> bool:
+        """No stage on either side: the relay's state is its sockets' and
+        ``freeze`` says all of it (what an upgrade can carry)."""
+        return type(self.up) is _Direction and type(self.down) is _Direction
+
+    def _goodbye(self, reason: str, error: str | None) -> None:
+        """Each side's stage's last word before a cut (see the class docstring)."""
+        self.up.goodbye(reason, error)
+        self.down.goodbye(reason, error)
 
     def direction_ended(self) -> None:
         if self.up.done and self.down.done:
@@ -255,10 +268,15 @@ class HubRelay:
         one paused by backpressure: those bytes are a stalled peer's, not activity;
         nor one whose end was read: an end stays readable for ever), or room on a
         socket it waits to write to. Two polls with a zero timeout."""
-        directions = (self.up, self.down)
-        if waiting([d.src.fileno() for d in directions if d.reader.active]):
-            return True
-        return writable([d.dst.fileno() for d in directions if d.writer is not None and d.writer.active])
+        return waiting(self._reading_fds()) or writable(self._writing_fds())
+
+    def _reading_fds(self) -> list[int]:
+        """The descriptors a direction reads now (not one paused or ended)."""
+        return [d.src.fileno() for d in (self.up, self.down) if d.reader.active]
+
+    def _writing_fds(self) -> list[int]:
+        """The descriptors a direction waits to write to."""
+        return [d.dst.fileno() for d in (self.up, self.down) if d.writer is not None and d.writer.active]
 
     def _look_again(self) -> None:
         """The clock ran out and nothing could move: look once more when the loop
@@ -294,11 +312,15 @@ class HubRelay:
             for watcher in self.settle:
                 watcher.close()
             self.settle = None
-        self.up.close()
-        self.down.close()
+        self._close_directions()
         self.client.close()
         self.target.close()
         self.on_done(reason, error)
+
+    def _close_directions(self) -> None:
+        """Every watcher and pipe of both directions closed (not the sockets)."""
+        self.up.close()
+        self.down.close()
 
 
 class _Direction:

@@ -28,6 +28,8 @@ from gportmap.engine.connector import PoolConnect
 from gportmap.engine.hubrelay import _BUFFER, HubRelay
 from gportmap.engine.net import READ, WRITE, connect_error_text
 from gportmap.engine.pool import TargetPool, TargetState
+from gportmap.engine.pumprelay import make_relay
+from gportmap.engine.sockopts import NODELAY_INHERITED
 from gportmap.engine.tls import TlsError, TlsStage
 from gportmap.reasons import CloseReason
 from gportmap.stats import Connection
@@ -351,7 +353,9 @@ class HubConnection:
         self.step = None
         self.target = target
         try:
-            for sock in (self.client, target):  # a relay must not add latency to small writes
+            # A relay must not add latency to small writes; the client's socket has
+            # TCP_NODELAY from its listener where the kernel passes it on.
+            for sock in (target,) if NODELAY_INHERITED else (self.client, target):
                 try:
                     sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
                 except OSError:
@@ -393,7 +397,7 @@ class HubConnection:
         self.conn.hold(state, state.address)
         self.preamble = b""
         route = self.route
-        self.relay = HubRelay(
+        self.relay = make_relay(
             self.client, self.target, self.conn, route.idle_timeout, route.zero_copy, on_done=self.on_done,
             client_tls=self.client_tls, target_tls=self.target_tls, target_reader=connector.take_spare(),
         )

@@ -53,7 +53,7 @@ from gportmap.engine.pool import TargetPool
 from gportmap.engine.portshift import Shifts, local_address, local_port
 from gportmap.engine.proxyaccept import TrustedProxies, await_proxy_header
 from gportmap.engine.proxyproto import ProxyHeader, ProxyHeaderError
-from gportmap.engine.sockopts import apply_keep_alive
+from gportmap.engine.sockopts import prepare_listener
 from gportmap.engine.tls import TlsStage
 from gportmap.events import ConnectionClosed, ConnectionRejected, TlsVerifyOff
 from gportmap.failures import report_internal_error
@@ -149,7 +149,7 @@ class StreamRuleServer:
     def start(self, listener: socket.socket | None = None) -> None:
         """Start accepting, on ``listener`` if handed over, else on a new socket."""
         self.listener = listener or bind_listener(self.rule.listen_host, self.rule.listen_port)
-        apply_keep_alive(self.listener, self.rule.keep_alive)  # inherited by every accepted socket
+        prepare_listener(self.listener, self.rule.keep_alive)  # inherited by every accepted socket
         self._server = self._make_server(self.listener)
         self._server.start()
         if self.rule.target_tls is not None and not self.rule.target_tls.verify:
@@ -166,7 +166,7 @@ class StreamRuleServer:
         addresses): a watcher each, all feeding this rule's one handler, limits and
         counters. The target port of a connection follows the port it came in on."""
         for sock in sockets.values():
-            apply_keep_alive(sock, self.rule.keep_alive)  # inherited by every accepted socket
+            prepare_listener(sock, self.rule.keep_alive)  # inherited by every accepted socket
         template = self._make_server(next(iter(sockets.values())))  # never started: the handler
         self.doors = Acceptor(template, self.rule.name)
         self.doors.add(sockets.items())
@@ -178,7 +178,7 @@ class StreamRuleServer:
         """More sockets for a server started by ``start_many`` (a reload hands a
         large range over in slices)."""
         for sock in sockets.values():
-            apply_keep_alive(sock, self.rule.keep_alive)
+            prepare_listener(sock, self.rule.keep_alive)
         assert self.doors is not None
         self.doors.add(sockets.items())
 

@@ -35,7 +35,7 @@ from gevent.server import StreamServer
 
 from gportmap.config.faults import RuleSource
 from gportmap.engine.faults import FaultClose, fault_transform
-from gportmap.engine.hubrelay import HubRelay, adopt
+from gportmap.engine.hubrelay import adopt
 from gportmap.engine.net import peer_text, set_nodelay
 from gportmap.engine.pipeline import (
     HubConnection,
@@ -44,6 +44,7 @@ from gportmap.engine.pipeline import (
 )
 from gportmap.engine.proxyaccept import HubProxyRead
 from gportmap.engine.proxyproto import ProxyHeader
+from gportmap.engine.pumprelay import make_relay
 from gportmap.engine.relay import Relay
 from gportmap.engine.routes import RoutedConnection, RoutePool, RouteTable, await_route
 from gportmap.engine.stage import StagedSocket, TransformStage
@@ -342,7 +343,7 @@ class TcpServer(StreamRuleServer):
             transform = self.transform(view)
             if transform is not None:
                 target_stages.append(TransformStage(transform, self.rule.name, conn.client))
-            relay = HubRelay(
+            relay = make_relay(
                 client, target, conn, self.rule.idle_timeout, self.context.splice,
                 client_tls=client_tls, target_tls=target_tls, target_stages=target_stages,
             )

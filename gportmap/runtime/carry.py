@@ -55,8 +55,9 @@ from typing import Any
 
 import gevent.socket
 
-from gportmap.engine.hubrelay import HubRelay, _Direction
+from gportmap.engine.hubrelay import HubRelay
 from gportmap.engine.pipeline import HubConnection
+from gportmap.engine.pumprelay import make_relay
 from gportmap.engine.routes import RoutedConnection
 from gportmap.errors import GportmapError
 from gportmap.protocols.tcp import TcpServer
@@ -271,9 +272,7 @@ def carried_relay(item: object, server: object) -> HubRelay | None:
     if isinstance(item, RoutedConnection):
         item = item.inner  # None while it sniffs
     relay = item.relay if isinstance(item, HubConnection) else item
-    if type(relay) is not HubRelay or relay.reason is not None:
-        return None
-    if type(relay.up) is not _Direction or type(relay.down) is not _Direction:
+    if not isinstance(relay, HubRelay) or relay.reason is not None or not relay.plain:
         return None
     return relay
 
@@ -399,7 +398,7 @@ def import_connection(server: TcpServer, carried: CarriedConnection) -> HubRelay
         conn.last_active = carried.last_active
         conn.bytes_received, conn.bytes_sent = carried.bytes_received, carried.bytes_sent
         try:
-            relay = HubRelay(client_raw, target_raw, conn, server.rule.idle_timeout, server.context.splice)
+            relay = make_relay(client_raw, target_raw, conn, server.rule.idle_timeout, server.context.splice)
         except Exception:
             registry.close(conn)
             raise
