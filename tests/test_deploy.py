@@ -1148,6 +1148,8 @@ def test_image_builds_and_runs_as_the_image_would(tmp_path, echo_target):
         (started,) = log.wait_event("started", timeout=60)
         gportmap_pid = started["pid"]  # no PID namespace: the host's pid
         assert started["config"] == "/etc/gportmap/rules.json"
+        # The build stage had a compiler: the image relays plain TCP with the C engine.
+        assert "pump" in started["features"], started["features"]
         with open(f"/proc/{gportmap_pid}/status") as status:
             uid = next(line for line in status if line.startswith("Uid:")).split()[1]
         assert uid == config["User"].split(":")[0]
