@@ -965,18 +965,27 @@ static PyObject *Pair_get_spliced(PairObject *p, void *c) {
     return PyBool_FromLong(p->dirs[UP].spliced || p->dirs[DOWN].spliced);
 }
 
-static PyObject *Pair_get_owner(PairObject *p, void *c) {
-    PyObject *owner = p->owner ? p->owner : Py_None;
+/* `owner` of a Pair or a Waiter: whoever handles it when Engine.run() returns it. */
+static PyObject *owner_get(PyObject *owner) {
+    owner = owner ? owner : Py_None;
     Py_INCREF(owner);
     return owner;
 }
 
-static int Pair_set_owner(PairObject *p, PyObject *value, void *c) {
+static int owner_set(PyObject **slot, PyObject *value) {
     if (!value)
         value = Py_None;
     Py_INCREF(value);
-    Py_XSETREF(p->owner, value);
+    Py_XSETREF(*slot, value);
     return 0;
+}
+
+static PyObject *Pair_get_owner(PairObject *p, void *c) {
+    return owner_get(p->owner);
+}
+
+static int Pair_set_owner(PairObject *p, PyObject *value, void *c) {
+    return owner_set(&p->owner, value);
 }
 
 static PyMethodDef Pair_methods[] = {
@@ -1116,17 +1125,11 @@ static PyObject *Waiter_get_registered(WaiterObject *w, void *c) {
 }
 
 static PyObject *Waiter_get_owner(WaiterObject *w, void *c) {
-    PyObject *owner = w->owner ? w->owner : Py_None;
-    Py_INCREF(owner);
-    return owner;
+    return owner_get(w->owner);
 }
 
 static int Waiter_set_owner(WaiterObject *w, PyObject *value, void *c) {
-    if (!value)
-        value = Py_None;
-    Py_INCREF(value);
-    Py_XSETREF(w->owner, value);
-    return 0;
+    return owner_set(&w->owner, value);
 }
 
 static PyMethodDef Waiter_methods[] = {

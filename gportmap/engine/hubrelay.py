@@ -148,13 +148,7 @@ class HubRelay:
         target_stages: Sequence[Stage] = (),
         target_reader=None,  # noqa: ANN001 - a gevent io watcher
     ) -> None:
-        self.loop = get_hub().loop
-        self.client = client
-        self.target = target
-        self.conn = conn
-        self.idle = idle_timeout
-        self.on_done = on_done
-        self.reason: str | None = None
+        self._init_state(client, target, conn, idle_timeout, on_done)
         if client_tls is None and target_tls is None and not client_stages and not target_stages:
             client_stage = target_stage = None  # the plain path (most connections): no chain to make
         else:
@@ -173,6 +167,24 @@ class HubRelay:
             self.up = _StagedDirection(self, client, target, "client", "target", True, client_stage, target_stage)
             self.down = _StagedDirection(self, target, client, "target", "client", False, target_stage, client_stage,
                                          target_reader)  # fmt: skip
+
+    def _init_state(
+        self,
+        client: _socket.socket,
+        target: _socket.socket,
+        conn: Connection,
+        idle_timeout: float,
+        on_done: Callable[[str, str | None], None] | None,
+    ) -> None:
+        """What every relay of this contract holds besides its directions (a
+        ``PumpRelay``'s are a C pair)."""
+        self.loop = get_hub().loop
+        self.client = client
+        self.target = target
+        self.conn = conn
+        self.idle = idle_timeout
+        self.on_done = on_done
+        self.reason: str | None = None
         self.timer = None
         self.settle = None  # the watchers of the last look before an idle cut
         self.moved = 0.0

@@ -156,16 +156,8 @@ class PumpRelay(HubRelay):
         on_done: Callable[[str, str | None], None] | None = None,
         target_reader=None,  # noqa: ANN001 - a stopped gevent io watcher: closed, the engine reads
     ) -> None:
-        self.loop = loop = get_hub().loop
-        self.client = client
-        self.target = target
-        self.conn = conn
-        self.idle = idle_timeout
-        self.on_done = on_done
-        self.reason: str | None = None
-        self.timer = None
-        self.settle = None
-        self.moved = 0.0
+        self._init_state(client, target, conn, idle_timeout, on_done)
+        loop = self.loop
         if splice_first is None:
             splice_first = bool(HubRelay.splice_first)
         splice = zero_copy and _splice is not None
