@@ -194,9 +194,6 @@ class HubRelay:
         self.down.reader.start(self.down.on_readable)
         if self.idle:
             self._arm(self.idle)
-        self._read_buffered()
-
-    def _read_buffered(self) -> None:
         for direction in (self.up, self.down):
             # Records that came with the handshake's last flight sit in the stage:
             # no readiness event will announce them.
