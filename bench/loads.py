@@ -13,6 +13,8 @@ import select
 import subprocess
 import sys
 import time
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 from anchors import Processes
@@ -124,20 +126,44 @@ def group_cpu_seconds(pgid: int) -> float:
     the children each has reaped. A figure to subtract from a later one over the
     same proxy: the ticks of /proc/PID/stat are 1/CLOCK_TICKS s, so a window of a
     second or more keeps the rounding under 1 %."""
-    return _group_stat(pgid)[0]
+    return group_scan(pgid).seconds
 
 
-def _group_stat(pgid: int) -> tuple[float, int, int]:
-    """(CPU seconds as ``group_cpu_seconds``, processes counted, how many of them are
-    zombies)."""
+@dataclass(frozen=True)
+class GroupScan:
+    """One pass over /proc for a proxy's processes (``group_scan``)."""
+
+    #: User + system CPU seconds of the processes counted, with their reaped children.
+    seconds: float
+    #: The processes counted.
+    pids: frozenset[int]
+    #: How many of them are zombies: exited, not yet reaped.
+    zombies: int
+    #: Whether a process listed at the start of the pass was gone when its line was
+    #: read. A pass is not atomic: a child reaped meanwhile may be counted neither on
+    #: its own nor in its parent's cutime (read before the reap), or twice. Which
+    #: process it was cannot be told, so any one tears the pass.
+    torn: bool
+
+    def settled(self, previous: GroupScan | None) -> bool:
+        """Whether this pass can be trusted: nothing exited during it or waits to be
+        reaped, and the previous pass saw the same processes (so no reap fell
+        between the two either)."""
+        return not self.torn and not self.zombies and previous is not None and previous.pids == self.pids
+
+
+def group_scan(pgid: int) -> GroupScan:
+    """A pass over /proc: the processes of ``pgid`` as ``group_cpu_seconds`` counts them."""
     table: dict[int, tuple[int, int, bool, int]] = {}  # pid -> ppid, pgrp, zombie, ticks
+    torn = False
     for entry in os.scandir("/proc"):
         if not entry.name.isdigit():
             continue
         try:
             stat = Path(entry.path, "stat").read_text()
         except OSError:
-            continue  # exited meanwhile
+            torn = True  # exited (and reaped) since the listing
+            continue
         fields = stat[stat.rindex(")") + 2 :].split()
         # After the command: state ppid pgrp ...; utime stime cutime cstime are the
         # 14th-17th fields of the line, 11th-14th after the command.
@@ -154,8 +180,13 @@ def _group_stat(pgid: int) -> tuple[float, int, int]:
             pid = ppid
         return False
 
-    mine = [row for pid, row in table.items() if counted(pid)]
-    return sum(row[3] for row in mine) / CLOCK_TICKS, len(mine), sum(row[2] for row in mine)
+    mine = {pid: row for pid, row in table.items() if counted(pid)}
+    return GroupScan(
+        seconds=sum(row[3] for row in mine.values()) / CLOCK_TICKS,
+        pids=frozenset(mine),
+        zombies=sum(row[2] for row in mine.values()),
+        torn=torn,
+    )
 
 
 class ProxyCpu:
@@ -164,36 +195,50 @@ class ProxyCpu:
     (None when there is no proxy: ``pgid`` None, the direct path). Every row's CPU
     figure comes from here, so that they all count the same way: the whole group
     (nginx's workers, socat's children, gportmap's workers), read from /proc before
-    and after, with no sampling of its own in between."""
+    and after, with no sampling of its own in between.
+
+    Each reading is a settled pass (``GroupScan.settled``): a proxy that forks per
+    peer (socat) has children exiting at the very moments a measurement starts and
+    ends, as the previous client's socket closes, and one pass torn by such an exit
+    once lost a whole measurement's CPU (socat: 0.0 s over 14,710 datagrams)."""
 
     #: At the end of a measurement, how long at most to wait for the processes a
-    #: proxy forked per connection (socat, websockify) to exit and be reaped. A scan
-    #: of /proc is not atomic: a child reaped while it runs is counted neither in its
-    #: parent's cutime/cstime (read before the reap) nor on its own (gone after), or
-    #: else twice; once they are all reaped the reading is stable. Proxies that fork
-    #: nothing per connection do not wait.
+    #: proxy forked per connection (socat, websockify) to exit and be reaped, and for
+    #: the reading to settle. A proxy that forks nothing settles in two passes.
     REAP_WAIT = 3.0
+    #: At the start, how long at most to wait for the reading to settle.
+    SETTLE_WAIT = 1.0
+    #: The pause between two passes over /proc.
+    PASS_INTERVAL = 0.02
 
     def __init__(self, pgid: int | None) -> None:
         self.pgid = pgid
         self.seconds: float | None = None
-        self._before = 0.0
-        self._processes = 0
+        self._before: GroupScan | None = None
 
     def __enter__(self) -> ProxyCpu:
         if self.pgid is not None:
-            self._before, self._processes, _ = _group_stat(self.pgid)
+            self._before = self._settled(self.SETTLE_WAIT, lambda scan: True)
         return self
 
     def __exit__(self, *exc: object) -> None:
-        if self.pgid is None:
+        if self.pgid is None or self._before is None:
             return
-        deadline = time.monotonic() + self.REAP_WAIT
-        seconds, processes, zombies = _group_stat(self.pgid)
-        while (zombies or processes > self._processes) and time.monotonic() < deadline:
-            time.sleep(0.02)
-            seconds, processes, zombies = _group_stat(self.pgid)
-        self.seconds = seconds - self._before
+        before = self._before
+        after = self._settled(self.REAP_WAIT, lambda scan: len(scan.pids) <= len(before.pids))
+        self.seconds = after.seconds - before.seconds
+
+    def _settled(self, wait: float, done: Callable[[GroupScan], bool]) -> GroupScan:
+        """The first pass that is settled and ``done``, else the last one made within
+        ``wait`` seconds."""
+        assert self.pgid is not None
+        deadline = time.monotonic() + wait
+        previous = None
+        scan = group_scan(self.pgid)
+        while not (scan.settled(previous) and done(scan)) and time.monotonic() < deadline:
+            time.sleep(self.PASS_INTERVAL)
+            previous, scan = scan, group_scan(self.pgid)
+        return scan
 
     def per(self, units: float, scale: float = 1e6) -> float | None:
         """CPU per unit of work, in 1/``scale`` s (µs by default): None without a

@@ -12,6 +12,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -187,6 +188,59 @@ def test_quick_ranges_bench_measures_every_row(tmp_path: Path) -> None:
     ]
     assert not problems, "\n".join(problems)
     assert "| 1,000 | reload after a target change |" in done.stdout
+
+
+def test_proxy_cpu_reads_only_settled_passes(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A pass over /proc torn by a child exiting and being reaped meanwhile (socat's
+    child for the previous client, as its socket closes) can miss that child's CPU
+    on its own and in its parent's cutime: such a pass, or one whose processes
+    differ from the pass before, or one with a zombie, is read again; the figure
+    comes from the first settled one (a torn pass once reported 0.0 s for a
+    measurement of 14,710 datagrams)."""
+    sys.path.insert(0, str(ROOT / "bench"))
+    import loads
+
+    def scan(seconds: float, pids: tuple[int, ...], zombies: int = 0, torn: bool = False) -> loads.GroupScan:
+        return loads.GroupScan(seconds=seconds, pids=frozenset(pids), zombies=zombies, torn=torn)
+
+    passes = [
+        # __enter__: a child (11) ends as the first pass reads; the second sees its
+        # ticks moved into the parent's cutime; the third agrees.
+        scan(4.0, (10, 11), torn=True),
+        scan(5.0, (10,)),
+        scan(5.0, (10,)),
+        # __exit__: the measurement's child (12) is reaped during the first pass, so
+        # its 2.0 s are in neither; then another child (13) has exited, a zombie;
+        # then it is reaped, its 0.5 s in the parent's cutime, and the next pass
+        # sees the same processes.
+        scan(5.0, (10,), torn=True),
+        scan(7.0, (10, 13), zombies=1),
+        scan(7.5, (10,)),
+        scan(7.5, (10,)),
+    ]
+    taken = []
+
+    def next_pass(pgid: int) -> loads.GroupScan:
+        assert pgid == 10
+        taken.append(passes[len(taken)])
+        return taken[-1]
+
+    monkeypatch.setattr(loads, "group_scan", next_pass)
+    monkeypatch.setattr(loads.ProxyCpu, "PASS_INTERVAL", 0.0)
+    with loads.ProxyCpu(10) as meter:
+        assert len(taken) == 3
+    assert len(taken) == len(passes)
+    assert meter.seconds == pytest.approx(2.5)
+
+    # A pass that never settles ends the wait at its deadline with the last pass made.
+    monkeypatch.setattr(loads, "group_scan", lambda pgid: scan(1.0, (10,), torn=True))
+    monkeypatch.setattr(loads.ProxyCpu, "SETTLE_WAIT", 0.05)
+    monkeypatch.setattr(loads.ProxyCpu, "REAP_WAIT", 0.05)
+    started = time.monotonic()
+    with loads.ProxyCpu(10) as meter:
+        pass
+    assert meter.seconds == 0.0
+    assert time.monotonic() - started < 5
 
 
 #: A proxy-like process tree for ``loads.ProxyCpu``: a leader that starts a "worker" in
