@@ -28,7 +28,7 @@ import pytest
 
 import gportmap
 from gportmap import events
-from gportmap.events import ConnectionClosed, Event, all_events
+from gportmap.events import ConnectionClosed, Event, all_events, from_values
 from gportmap.log import EventJsonFormatter, TextFormatter, emit
 from gportmap.reasons import CloseReason, RejectReason
 
@@ -85,6 +85,24 @@ def test_every_event_is_a_frozen_slotted_dataclass_with_its_message(cls: type[Ev
     record = event.fields()
     assert "event" not in record
     assert list(record) == [name for name, _ in cls.layout if name in record]  # the declared order
+
+
+@pytest.mark.parametrize("cls", EVENT_CLASSES, ids=lambda cls: cls.event)
+def test_from_values_makes_what_the_keywords_make(cls: type[Event]) -> None:
+    """``from_values(cls)``, the positional constructor the log writer uses for a
+    record queued as a tuple, makes the event the keyword constructor makes, as
+    frozen, and refuses a tuple of the wrong length."""
+    event = sample(cls)
+    values = tuple(getattr(event, field.name) for field in dataclasses.fields(cls))
+    made = from_values(cls)(values)
+    assert type(made) is cls and made == event and made.fields() == event.fields()
+    assert made.message() == event.message()
+    if values:
+        with pytest.raises(dataclasses.FrozenInstanceError):
+            setattr(made, dataclasses.fields(cls)[0].name, None)
+    with pytest.raises(ValueError):
+        from_values(cls)((*values, "one too many"))
+    assert from_values(cls) is from_values(cls)  # made once per class
 
 
 def capture(fmt: logging.Formatter, log: typing.Callable[[logging.Logger], None]) -> str:

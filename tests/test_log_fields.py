@@ -23,7 +23,18 @@ VALUES = [
     ("x y", "", "t", 7, 8, 2.0, "plugin reason", "an error with spaces"),
     # what a client chose may hold control characters: still one line, no escape sequence
     ("web", "127.0.0.1:5001", "t\nconnection_closed: forged\x1b[2J", 1, 1, 0.5, "tls\rcut", "bad\nline"),
+    # beyond ASCII, a large count, a tiny duration, an empty error, a reason of a
+    # plugin's own str type (JSON: the formatter's own path)
+    ("wéb", "client-é", "[::1]:443", 10**20, 0, 1e-9, "", ""),
+    ("web", "c", "t", 1, 2, 3.0, "plugin", None),
 ]
+
+
+class _PluginReason(str):
+    """A reason of a plugin package's own ``str`` type."""
+
+
+VALUES.append(("web", "c", "t", 1, 2, 3.25, _PluginReason("own_reason"), "e"))
 
 
 def _lines(fmt: str, worker: int | None, emitter, extra_handler: logging.Handler | None = None) -> bytes:
@@ -75,6 +86,12 @@ def test_emit_fields_writes_what_emit_writes(fixed_time: None, fmt: str, worker:
     assert expected.count(b"\n") == len(VALUES)  # one line per record, whatever its values hold
     assert b"\x1b" not in expected and b"\r" not in expected
     assert b"connection_closed" in expected and b"cannot reach target: connection refused" in expected
+    # the values as the formats write them: a float to the millisecond in text
+    if fmt == "text":
+        assert b" duration=0.012 reason=closed" in expected and b" duration=0.000 " in expected
+        assert b" bytes_received=100000000000000000000 " in expected and b" reason=own_reason error=e" in expected
+    else:
+        assert b'"duration": 0.012, "reason": "closed", "event": "connection_closed"' in expected
     if worker is not None:
         assert expected.count(b"worker") == len(VALUES)
     got = _lines(fmt, worker, lambda logger, level, values: log.emit_fields(logger, level, ConnectionClosed, values))
