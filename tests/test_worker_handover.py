@@ -84,6 +84,24 @@ class Sickly(Plugin):
             raise RuntimeError(f"worker {worker_index()} (pid {os.getpid()}) is sick")
 
 
+def slow_check():
+    """In the installed code's pre-flight (``--check``) only: take as many seconds
+    as the file ``slow_check`` beside this module says, once (the file is taken)."""
+    if "--check" not in sys.argv:
+        return
+    path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "slow_check")
+    try:
+        with open(path) as file:
+            seconds = float(file.read())
+        os.rename(path, path + ".taken")
+    except (OSError, ValueError):
+        return
+    time.sleep(seconds)
+
+
+slow_check()
+
+
 class SlowStart(Plugin):
     """Built in a worker named by the marker file: that one start takes
     ``seconds`` (the marker is taken: later starts are quick)."""
@@ -384,3 +402,47 @@ def test_a_restart_the_installed_code_cannot_take_is_not_done(start_gportmap, ec
         assert {w["index"]: w["pid"] for w in running_workers(gp)} == pids
         held.sendall(b"2")
         assert recv_exactly(held, 1) == b"2"
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(120)
+def test_a_restart_while_another_is_under_way_is_refused_not_queued(start_gportmap, echo_target, tmp_path):
+    """Two operators restart two workers at once: the second asks while the first's
+    pre-flight runs (held 3 s here). The second is refused at once (409, "under
+    way", ``worker_restart_failed``), the first completes, and the refused one was
+    not queued behind it: worker 1 keeps its count of restarts in place until it is
+    asked again, and then restarts once."""
+    write_samples(tmp_path)
+    port = free_port()
+    gp = start_gportmap(workers_rules(tmp_path, free_port(), tcp_rule(port, echo_target.port)), "--workers", "2")
+    wait_for(lambda: len(running_workers(gp)) == 2, 30, what="two workers")
+    pids = {w["index"]: w["pid"] for w in running_workers(gp)}
+    (tmp_path / "slow_check").write_text("3")
+    first: dict[str, object] = {}
+
+    def restart_first() -> None:
+        status, body, _ = gp.admin("/workers/restart?worker=0", "POST", timeout=60)
+        first.update(status=status, body=body)
+
+    thread = threading.Thread(target=restart_first, daemon=True)
+    thread.start()
+    gp.wait_event("worker_restarting", 10, worker=0)
+    wait_for(lambda: (tmp_path / "slow_check.taken").exists(), 10, what="the first restart's pre-flight under way")
+    status, body, _ = gp.admin("/workers/restart?worker=1", "POST", timeout=10)
+    assert status == 409 and b"under way" in body, (status, body)
+    assert not gp.events("worker_restarted"), "the first restart ended before the second asked: no overlap"
+    refused = gp.wait_event("worker_restart_failed", 10, worker=1)[0]
+    assert refused["reason"] == "operator" and "under way" in refused["error"]
+    thread.join(60)
+    assert first.get("status") == 200, first
+    gp.wait_event("worker_restarted", 10, worker=0)
+    assert [e["worker"] for e in gp.events("worker_restarting")] == [0]
+    workers = {w["index"]: w for w in running_workers(gp)}
+    assert (workers[0]["restarts_in_place"], workers[1]["restarts_in_place"]) == (1, 0)
+    assert {i: w["pid"] for i, w in workers.items()} == pids  # in place: the same processes
+    # asked again, worker 1 restarts, once
+    status, body, _ = gp.admin("/workers/restart?worker=1", "POST", timeout=60)
+    assert status == 200, (status, body)
+    assert [e["worker"] for e in gp.events("worker_restarting")] == [0, 1]
+    assert next(w for w in running_workers(gp) if w["index"] == 1)["restarts_in_place"] == 1
+    assert echoes(port)
