@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -445,4 +446,41 @@ def test_a_restart_while_another_is_under_way_is_refused_not_queued(start_gportm
     assert status == 200, (status, body)
     assert [e["worker"] for e in gp.events("worker_restarting")] == [0, 1]
     assert next(w for w in running_workers(gp) if w["index"] == 1)["restarts_in_place"] == 1
+    assert echoes(port)
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(150)
+def test_a_restart_asked_during_an_upgrade_is_refused(start_gportmap, echo_target, tmp_path):
+    """An operator restarts worker 0 while the master's upgrade is handing the
+    workers on (worker 1's upgraded program is starting, held 4 s here): refused
+    at once (409, "under way", ``worker_restart_failed``), never queued; the
+    upgrade completes (both workers and the master, same PIDs) and a restart asked
+    after it goes ahead."""
+    write_samples(tmp_path)
+    port = free_port()
+    slow = tcp_rule(free_port(), 9, name="slow", plugins=[
+        {"name": "worker_samples:SlowStart", "options": {"marker": str(tmp_path / "slow"), "seconds": 4}}])
+    gp = start_gportmap({"rules": [tcp_rule(port, echo_target.port), slow], "settings": settings()},
+                        "--workers", "2")
+    wait_for(lambda: len(running_workers(gp)) == 2, 30, what="two workers")
+    pids = {w["index"]: w["pid"] for w in running_workers(gp)}
+    (tmp_path / "slow").write_text("1")
+    gp.signal(signal.SIGUSR2)
+    wait_for(lambda: (tmp_path / "slow.taken").exists(), 60, what="worker 1's upgraded program starting")
+    status, body, _ = gp.admin("/workers/restart?worker=0", "POST", timeout=10)
+    assert status == 409 and b"under way" in body, (status, body)
+    assert not [e for e in gp.events("upgraded") if e.get("worker") is None], "the upgrade ended first: no overlap"
+    refused = gp.wait_event("worker_restart_failed", 10, worker=0)[0]
+    assert refused["reason"] == "operator" and "under way" in refused["error"]
+    gp.wait_event("upgraded", 60, worker=None)
+    gp.wait_event("admin_started", 60, count=2)
+    assert sorted(e["worker"] for e in gp.events("upgraded") if e.get("worker") is not None) == [0, 1]
+    assert not gp.events("worker_restarting"), "the refused restart was queued"
+    workers = {w["index"]: w for w in running_workers(gp)}
+    assert {i: w["pid"] for i, w in workers.items()} == pids
+    assert workers[0]["restarts_in_place"] == 0
+    status, body, _ = gp.admin("/workers/restart?worker=0", "POST", timeout=60)
+    assert status == 200, (status, body)
+    assert [e["worker"] for e in gp.events("worker_restarting")] == [0]
     assert echoes(port)
