@@ -42,7 +42,7 @@ from typing import Any, ClassVar, TypeVar
 
 from gportmap.reasons import CloseReason, DropReason, RejectReason
 
-__all__ = ["Event", "all_events"]
+__all__ = ["Event", "all_events", "from_values"]
 
 
 class Shown(enum.Enum):
