@@ -204,18 +204,19 @@ def test_proxy_cpu_reads_only_settled_passes(monkeypatch: pytest.MonkeyPatch) ->
         return loads.GroupScan(seconds=seconds, pids=frozenset(pids), zombies=zombies, torn=torn)
 
     passes = [
-        # __enter__: a child (11) ends as the first pass reads; the second sees its
-        # ticks moved into the parent's cutime; the third agrees.
-        scan(4.0, (10, 11), torn=True),
-        scan(5.0, (10,)),
-        scan(5.0, (10,)),
-        # __exit__: the measurement's child (12) is reaped during the first pass, so
-        # its 2.0 s are in neither; then another child (13) has exited, a zombie;
-        # then it is reaped, its 0.5 s in the parent's cutime, and the next pass
-        # sees the same processes.
-        scan(5.0, (10,), torn=True),
-        scan(7.0, (10, 13), zombies=1),
-        scan(7.5, (10,)),
+        # __enter__: a short-lived process (14) ends as the first pass reads; the
+        # second sees the group without it; the third agrees.
+        scan(4.0, (10, 11, 14), torn=True),
+        scan(5.0, (10, 11)),
+        scan(5.0, (10, 11)),
+        # __exit__: a child (13) has exited, not yet reaped: a zombie, twice; once
+        # reaped, its 0.5 s in the parent's cutime, the processes differ from the
+        # pass before; then a child (12) born and reaped during a pass, its 2.0 s in
+        # neither place; then settled.
+        scan(5.0, (10, 13), zombies=1),
+        scan(5.0, (10, 13), zombies=1),
+        scan(5.5, (10,)),
+        scan(5.5, (10,), torn=True),
         scan(7.5, (10,)),
     ]
     taken = []
