@@ -17,6 +17,7 @@ from conftest import TargetServer, connect, echo_handler, free_port, tcp_rule, w
 from gportmap.admin.render import Renderings
 from gportmap.config import parse
 from gportmap.runtime.service import Overrides, Service
+from gportmap.stats import StatsRegistry, iso_time
 
 #: The fields of a ``/connections`` entry, in their order (SPEC §5).
 CONNECTION_FIELDS = ["id", "rule", "client", "listen", "target", "started", "duration", "bytes"]
@@ -131,7 +132,7 @@ def test_connections_are_copied_in_slices_with_the_hub_running_between_them(serv
     """The copy of 60 connections, 7 at a time, yields to the hub after each slice
     (a greenlet that counts its turns runs between them); the answer still lists
     each connection once. Before, the whole table was built in one go on the hub."""
-    monkeypatch.setattr(Renderings, "slice_connections", 7)
+    monkeypatch.setattr(StatsRegistry, "copy_slice", 7)
     clients: list[gevent.socket.socket] = []
 
     def open_all() -> None:
@@ -155,16 +156,30 @@ def test_connections_are_copied_in_slices_with_the_hub_running_between_them(serv
         ticking = gevent.spawn(ticker)
         gevent.sleep(0)  # the ticker takes its first turn
         start = turns[0]
-        rows = gevent.spawn(renderings._copy_connections, service.supervisor.stats).get(timeout=10)
+        (table,) = gevent.spawn(service.supervisor.stats.open_tables).get(timeout=10)
         copying[0] = False
         ticking.join(5)
+        rows = table.rows
+        assert table.worker is None
         assert len(rows) == 60 and len({row[0] for row in rows}) == 60
         assert turns[0] - start >= 60 // 7  # a turn after each full slice
         entries = json.loads(gevent.spawn(renderings.connections.get).get(timeout=10))
         assert [entry["id"] for entry in entries] == [row[0] for row in rows]
-        # as the registry itself describes them (but for the seconds gone by since)
-        described = service.open_connections()
-        assert [{**entry, "duration": 0} for entry in entries] == [{**entry, "duration": 0} for entry in described]
+        # each entry is its connection's figures (but for the seconds gone by since)
+        conns = {conn.id: conn for conn in service.supervisor.stats.connections()}
+        for entry in entries:
+            conn = conns[entry["id"]]
+            assert entry == {
+                "id": conn.id,
+                "rule": conn.stats.name,
+                "client": conn.client,
+                "listen": conn.listen,
+                "target": conn.target,
+                "started": iso_time(conn.started),
+                "duration": entry["duration"],
+                "bytes": {"received": 1, "sent": 1},
+            }
+            assert entry["duration"] <= conn.duration + 0.001
     finally:
         for sock in clients:
             sock.close()

@@ -3,7 +3,8 @@ the folder names, and a lower layer never imports an upper one.
 
 Layers, lowest first; a module may import its own layer and those below:
 
-0. base      errors, events, log, platform, inotify, stats, failures, security, reasons
+0. base      errors, events, log, platform, inotify, stats, failures, security, reasons,
+             hubwork
 1. plugins   the plugin base class, loading, the protocol registry
 2. config    the rules file: model, loader, schema
 3. engine    sockets, relays, TLS, WebSocket framing, PROXY headers
@@ -26,7 +27,7 @@ import pytest
 
 PACKAGE = Path(__file__).resolve().parent.parent / "gportmap"
 LAYERS = [
-    {"errors", "log", "platform", "inotify", "stats", "failures", "security", "reasons", "events"},
+    {"errors", "log", "platform", "inotify", "stats", "failures", "security", "reasons", "events", "hubwork"},
     {"plugins"},
     {"config"},
     {"engine"},

@@ -15,6 +15,7 @@ import socket
 import struct
 import subprocess
 import sys
+from collections import Counter
 
 import psutil
 import pytest
@@ -371,6 +372,166 @@ def test_connection_ids_are_unique_across_workers(start_gportmap, echo_target):
             sock.close()
 
 
+@pytest.mark.slow  # three processes, 1,200 connections
+def test_connections_lists_each_of_1200_connections_once_with_its_worker(start_gportmap):
+    """``--workers 2`` holding 1,200 connections, each worker more than
+    ``Channel.encode_slice`` of them, so each sends its rows in slices:
+    ``/connections`` lists every connection once, with the client, target and bytes
+    of the socket it is, and the worker that holds it; each worker's share is its
+    ``connections_active`` in ``/stats``."""
+    count = 1200
+    target = socket.socket()  # connections complete in its backlog, never accepted: no thread each
+    target.bind((LOOPBACK, 0))
+    target.listen(2048)
+    port = free_port()
+    clients: list[socket.socket] = []
+    try:
+        held = tcp_rule(port, target.getsockname()[1], maxConnections=2 * count)
+        gp = start_gportmap(rules(held), "--workers", "2")
+        wait_for(lambda: len(running_workers(gp)) == 2, what="two workers")
+        for _ in range(count):
+            sock = connect(port)
+            sock.sendall(b"abc")
+            clients.append(sock)
+
+        def listed_whole() -> list[dict] | None:
+            entries = gp.admin_json("/connections")
+            return entries if len(entries) == count and all(e["bytes"]["received"] == 3 for e in entries) else None
+
+        entries = wait_for(listed_whole, timeout=30, what=f"{count} connections listed, 3 bytes each")
+        ours = {f"{LOOPBACK}:{sock.getsockname()[1]}" for sock in clients}
+        assert {entry["client"] for entry in entries} == ours
+        assert len({entry["id"] for entry in entries}) == count
+        assert {entry["target"] for entry in entries} == {f"{LOOPBACK}:{target.getsockname()[1]}"}
+        assert {entry["listen"] for entry in entries} == {f"{LOOPBACK}:{port}"}
+        assert all(entry["bytes"]["sent"] == 0 and entry["started"].endswith("Z") for entry in entries)
+        shares = Counter(entry["worker"] for entry in entries)
+        assert set(shares) == {0, 1}
+
+        def active_by_worker() -> dict[int, int] | None:
+            active = {w["index"]: w["connections_active"] for w in running_workers(gp)}
+            return active if active == dict(shares) else None
+
+        wait_for(active_by_worker, what=f"/stats' connections_active per worker: {dict(shares)}")
+    finally:
+        for sock in clients:
+            sock.close()
+        target.close()
+
+
+def test_a_long_list_goes_on_the_channel_in_slices_byte_for_byte():
+    """A message with a top-level list of 1,234 rows is encoded 100 at a time with
+    the hub running between two slices (a greenlet counting its turns), and the
+    bytes are those of one ``json.dumps``; a message without a long list is
+    encoded in one go."""
+    import gevent
+
+    from gportmap.runtime.workers import _encode
+
+    rows = [[i, "web", f"127.0.0.1:{i}", "127.0.0.1:80", "[::1]:81", 1.5 + i, 0.25, i * 3, None] for i in range(1234)]
+    message = {"ok": True, "report": {"active": 3, "rules": {"é": {"total": 1}}}, "id": 7, "rows": rows, "tail": 'a"b'}
+    turns = [0]
+    encoding = [True]
+
+    def ticker() -> None:
+        while encoding[0]:
+            turns[0] += 1
+            gevent.sleep(0)
+
+    ticking = gevent.spawn(ticker)
+    gevent.sleep(0)
+    start = turns[0]
+    body = _encode(message, 100)  # in this greenlet: the ticker runs only if it yields
+    sliced = turns[0] - start
+    small = _encode({"id": 8, "rows": rows[:100]}, 100)
+    whole = turns[0] - start - sliced
+    encoding[0] = False
+    ticking.join(5)
+    assert body == json.dumps(message, separators=(",", ":")).encode()
+    assert sliced >= 1234 // 100
+    assert small == json.dumps({"id": 8, "rows": rows[:100]}, separators=(",", ":")).encode()
+    assert whole == 0
+
+
+def serving_link(service, push_interval: float | None = None):
+    """A ``WorkerLink`` on one end of a socket pair, handed its first rules and then
+    serving ``service``: the master's ``Channel``, its socket and the stop event.
+    Call inside a ``gevent.Timeout``; the answer to the first rules (id 1) is left
+    for the caller to read."""
+    import gevent.socket
+    from gevent.event import Event
+
+    from gportmap.runtime.supervisor import Changes
+    from gportmap.runtime.workers import Channel, WorkerLink
+
+    ours, theirs = gevent.socket.socketpair()
+    master, link = Channel(ours), WorkerLink(Channel(theirs), 0)
+    if push_interval is not None:
+        link.push_interval = push_interval
+    stop = Event()
+    raw = base64.b64encode(b"{}").decode()
+    master.send({"id": 1, "op": "apply", "generation": 1, "raw": raw, "path": "rules.json"})
+    assert link.first_config() == (b"{}", "rules.json")
+    link.serve(service, Changes(), stop)
+    return master, ours, stop, link
+
+
+class ListingService:
+    """A worker's service with three open connections."""
+
+    ROWS = [(n, "web", f"127.0.0.1:{4000 + n}", "127.0.0.1:80", "127.0.0.1:81", 1e9 + n, 2.5, n, 2 * n) for n in (1, 3, 5)]
+
+    def worker_report(self) -> dict:
+        return {"pid": os.getpid(), "active": 3, "rules": {}, "states": []}
+
+    def open_rows(self) -> list:
+        return list(self.ROWS)
+
+    def apply_raw(self, raw: bytes, source: str):
+        from gportmap.runtime.supervisor import Changes
+
+        return Changes()
+
+
+def test_open_connections_go_as_rows_to_this_master_and_as_entries_to_an_earlier_one():
+    """This version's master asks ``"connections": "rows"`` and gets the rows as the
+    answer's ``connection_rows``; a master of an earlier version (during an
+    upgrade, the workers are handed on first) asks ``true`` and gets the entries in
+    the report, as it always did; a report without either carries neither. The
+    master's ``/connections`` makes the same entries of both, with the worker."""
+    import gevent
+
+    from gportmap.stats import OpenTable, connections_document, open_entry
+
+    def answer(request_id: int) -> dict:
+        while True:
+            message = master.recv()
+            if message.get("id") == request_id:
+                return message
+
+    with gevent.Timeout(10):
+        master, ours, stop, _ = serving_link(ListingService())
+        assert answer(1)["ok"]
+        master.send({"id": 2, "op": "report", "connections": "rows"})
+        rows = answer(2)
+        master.send({"id": 3, "op": "report", "connections": True})
+        entries = answer(3)
+        master.send({"id": 4, "op": "report"})
+        plain = answer(4)
+        ours.close()
+        stop.wait()
+    expected = [open_entry(row) for row in ListingService.ROWS]
+    assert rows["ok"] and rows["connection_rows"] == [list(row) for row in ListingService.ROWS]
+    assert "connections" not in rows["report"]
+    assert entries["ok"] and entries["report"]["connections"] == expected and "connection_rows" not in entries
+    assert plain["ok"] and "connections" not in plain["report"] and "connection_rows" not in plain
+    assert expected[0]["started"] == "2001-09-09T01:46:41.000Z" and expected[0]["bytes"] == {"received": 1, "sent": 2}
+    tables = [OpenTable(0, rows["connection_rows"]), OpenTable(1, entries["report"]["connections"])]
+    document = connections_document(tables)
+    assert document == [{**e, "worker": 0} for e in expected] + [{**e, "worker": 1} for e in expected]
+    assert entries["report"]["connections"] == expected  # the worker's entries are not changed in place
+
+
 # -- the control plane: request ids, pushed figures, heartbeat, generations ----------------
 
 
@@ -666,10 +827,11 @@ class RaisingService:
     """What the link sees of a service with bugs: its figures with connections and
     its apply raise exceptions that are no ConfigError."""
 
-    def worker_report(self, connections: bool = False) -> dict:
-        if connections:
-            raise RuntimeError("a bug in the figures")
+    def worker_report(self) -> dict:
         return {"pid": os.getpid(), "active": 0, "rules": {}, "states": []}
+
+    def open_rows(self) -> list:
+        raise RuntimeError("a bug in the figures")
 
     def apply_raw(self, raw: bytes, source: str):
         raise ZeroDivisionError("a bug in apply")
@@ -681,16 +843,7 @@ def test_a_request_that_raises_is_answered_and_the_link_goes_on(caplog):
     answering and pushing. Before, the first exception that was no ConfigError ended
     the channel greenlet: the worker never answered again and its master SIGKILLed it."""
     import gevent
-    import gevent.socket
-    from gevent.event import Event
 
-    from gportmap.runtime.supervisor import Changes
-    from gportmap.runtime.workers import Channel, WorkerLink
-
-    ours, theirs = gevent.socket.socketpair()
-    master, link = Channel(ours), WorkerLink(Channel(theirs), 0)
-    link.push_interval = 0.05
-    stop = Event()
     received: list[dict] = []
 
     def take(request_id: int | None = None, op: str | None = None) -> dict:
@@ -704,11 +857,9 @@ def test_a_request_that_raises_is_answered_and_the_link_goes_on(caplog):
 
     raw = base64.b64encode(b"{}").decode()
     with gevent.Timeout(10):
-        master.send({"id": 1, "op": "apply", "generation": 1, "raw": raw, "path": "rules.json"})
-        assert link.first_config() == (b"{}", "rules.json")
-        link.serve(RaisingService(), Changes(), stop)
+        master, ours, stop, link = serving_link(RaisingService(), push_interval=0.05)
         assert take(1)["ok"]
-        master.send({"id": 2, "op": "report", "connections": True})
+        master.send({"id": 2, "op": "report", "connections": "rows"})
         master.send({"id": 3, "op": "apply", "generation": 2, "raw": raw, "path": "rules.json"})
         master.send({"id": 4, "op": "report"})
         broken, failed, fine = take(2), take(3), take(4)
@@ -732,7 +883,7 @@ class SlowService:
     def __init__(self) -> None:
         self.running = b""
 
-    def worker_report(self, connections: bool = False) -> dict:
+    def worker_report(self) -> dict:
         return {"pid": os.getpid(), "active": 0, "rules": {}, "states": []}
 
     def apply_raw(self, raw: bytes, source: str):

@@ -5,7 +5,7 @@ A rendering of 1,000 rules or 10,000 connections is tens of milliseconds of Pyth
 on the hub every connection would wait for it. So each rendering is split in two:
 
 - on the hub, the figures are *copied* in slices (``Renderings.slice_rules`` rules,
-  ``Renderings.slice_connections`` connections), with a cooperative yield between
+  ``StatsRegistry.copy_slice`` connections), with a cooperative yield between
   two slices, so that the hub runs its callbacks every fraction of a millisecond;
   each copy is plain data taken at one moment (a rule's counters together, a
   connection's figures together), never read again on the hub;
@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable
 from dataclasses import replace
 from typing import TYPE_CHECKING, Any, Generic, TypeVar
 
@@ -30,7 +30,8 @@ import gevent
 from gevent.event import AsyncResult
 
 from gportmap.engine.routes import describe_routes
-from gportmap.stats import StatsRegistry, iso_time, process_figures
+from gportmap.hubwork import in_slices, in_thread
+from gportmap.stats import OpenTable, connections_document, process_figures
 
 if TYPE_CHECKING:
     from types import ModuleType
@@ -103,9 +104,6 @@ class Renderings:
     #: Rules whose figures ``/metrics`` and ``/stats`` copy on the hub between two
     #: yields (each copy costs microseconds; the formatting runs in a thread).
     slice_rules = 100
-    #: Open connections ``/connections`` copies on the hub between two yields (a
-    #: copy is a tuple of nine plain values, about a microsecond).
-    slice_connections = 500
     #: The share of time renderings of one document may take when requests for it
     #: come back to back (``Coalesced``): a 150 ms ``/metrics`` of 1,000 rules is
     #: followed by a 450 ms pause before the next one starts.
@@ -145,66 +143,10 @@ class Renderings:
         return in_thread(_stats_text, document)
 
     def _render_connections(self) -> bytes:
-        figures = self.service.supervisor.stats
-        if not isinstance(figures, StatsRegistry):
-            # workers: the master asks each worker for its table (in this greenlet,
-            # waiting on their links); each worker builds it on its own hub
-            return in_thread(json_text, self.service.open_connections())
-        return in_thread(_connections_text, self._copy_connections(figures))
-
-    def _copy_connections(self, figures: StatsRegistry) -> list[tuple[Any, ...]]:
-        """Each open connection's figures, copied at one moment per connection, in
-        slices of ``slice_connections``. The list of connections is taken once, at
-        the start, so each is listed once; one that closes meanwhile is listed with
-        its last figures, one that opens meanwhile waits for the next rendering."""
-        return [
-            (
-                conn.id,
-                conn.stats.name,
-                conn.client,
-                conn.listen,
-                conn.target,
-                conn.started,
-                conn.duration,
-                conn.bytes_received,
-                conn.bytes_sent,
-            )
-            for conn in in_slices(figures.connections(), self.slice_connections)
-        ]
-
-
-def in_slices(items: Iterable[T], size: int) -> Iterator[T]:
-    """``items`` one by one, yielding to the hub before each slice of ``size`` but
-    the first: a copy of thousands of figures on the hub lets every connection run
-    between two slices (the renderings here, the stats log's record)."""
-    for index, item in enumerate(items):
-        if index and not index % size:
-            gevent.sleep(0)
-        yield item
-
-
-def in_thread(function: Callable[..., T], *args: Any) -> T:
-    """``function(*args)`` in the hub's thread pool. Its exception comes back as a
-    value and is raised here: one leaving a pool function would also be reported
-    to the hub's error handler."""
-
-    def call() -> Any:
-        try:
-            return function(*args)
-        except Exception as exc:  # noqa: BLE001 (raised again in the calling greenlet)
-            return _Raised(exc)
-
-    outcome = gevent.get_hub().threadpool.apply(call)
-    if isinstance(outcome, _Raised):
-        raise outcome.exc
-    return outcome
-
-
-class _Raised:
-    __slots__ = ("exc",)
-
-    def __init__(self, exc: Exception) -> None:
-        self.exc = exc
+        # Each process's table: this one's copied on the hub in slices; with workers,
+        # each worker copies its own the same way and the master waits on their links.
+        tables = self.service.supervisor.stats.open_tables()
+        return in_thread(_connections_text, tables)
 
 
 def json_text(data: Any) -> bytes:
@@ -219,24 +161,9 @@ def _stats_text(document: dict[str, Any]) -> bytes:
     return json_text(document)
 
 
-def _connections_text(rows: list[tuple[Any, ...]]) -> bytes:
-    """The ``/connections`` text (SPEC §5) of the copied rows, as
-    ``StatsRegistry.describe_open`` lays them out."""
-    return json_text(
-        [
-            {
-                "id": conn_id,
-                "rule": rule,
-                "client": client,
-                "listen": listen,
-                "target": target,
-                "started": iso_time(started),
-                "duration": round(duration, 3),
-                "bytes": {"received": received, "sent": sent},
-            }
-            for conn_id, rule, client, listen, target, started, duration, received, sent in rows
-        ]
-    )
+def _connections_text(tables: list[OpenTable]) -> bytes:
+    """The ``/connections`` text (SPEC §5) of the copied tables."""
+    return json_text(connections_document(tables))
 
 
 def _metrics_module() -> ModuleType:

@@ -11,8 +11,8 @@ from typing import TYPE_CHECKING, Any
 
 import gevent
 
-from gportmap.admin.render import in_slices
 from gportmap.events import StatsRecord
+from gportmap.hubwork import in_slices
 from gportmap.log import emit, get_logger
 
 if TYPE_CHECKING:

@@ -29,7 +29,6 @@ from typing import TYPE_CHECKING, Any
 import gevent
 from gevent.pywsgi import WSGIHandler, WSGIServer
 
-from gportmap.admin.render import in_thread
 from gportmap.config import Config
 from gportmap.config.checks import check_targets
 from gportmap.config.faults import (
@@ -45,6 +44,7 @@ from gportmap.config.faults import (
 from gportmap.engine.net import bind_listener
 from gportmap.errors import BindError
 from gportmap.events import InternalError, ToxiproxyFailed, ToxiproxyStarted
+from gportmap.hubwork import in_thread
 from gportmap.log import ClientErrorsAsLog, emit, get_logger
 from gportmap.runtime.applier import OutcomeStatus
 from gportmap.runtime.overlay import ChangeRefused, HeldProxy, RuntimeChange

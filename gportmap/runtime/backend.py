@@ -14,7 +14,7 @@ if TYPE_CHECKING:
 
     from gportmap.config import Config, Rule
     from gportmap.runtime.supervisor import Changes
-    from gportmap.stats import RuleStats
+    from gportmap.stats import OpenTable, RuleStats
 
 
 class Figures(Protocol):
@@ -30,7 +30,10 @@ class Figures(Protocol):
 
     def rule(self, name: str, protocol: str) -> RuleStats: ...
 
-    def describe_open(self) -> list[dict[str, Any]]: ...
+    def open_tables(self) -> list[OpenTable]:
+        """The open connections, a table per process, copied without stalling the
+        hub (``/connections``)."""
+        ...
 
 
 class RulesBackend(Protocol):

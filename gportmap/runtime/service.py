@@ -50,7 +50,7 @@ from gportmap.runtime.overlay import ChangeRefused, HeldRules, RuntimeChange
 from gportmap.runtime.supervisor import Changes, Supervisor
 from gportmap.runtime.transaction import EDIT_STATUS, Transaction, TxOutcome, TxStatus, etag_matches
 from gportmap.runtime.watcher import InotifyWatcher, PollWatcher, create_watcher
-from gportmap.stats import RuleStats, iso_time
+from gportmap.stats import OpenRow, RuleStats, iso_time
 
 if TYPE_CHECKING:
     from gportmap.runtime.backend import RulesBackend
@@ -504,9 +504,9 @@ class Service:
             "workers": self.supervisor.describe_workers(),
         }
 
-    def worker_report(self, connections: bool = False) -> dict[str, Any]:
-        """What a worker tells its master: every figure as plain data, the rules'
-        states, and on request the open connections."""
+    def worker_report(self) -> dict[str, Any]:
+        """What a worker tells its master: every figure as plain data and the rules'
+        states (its open connections, on request: ``open_rows``)."""
         stats = self.supervisor.stats
         report: dict[str, Any] = {
             "pid": os.getpid(),
@@ -516,12 +516,13 @@ class Service:
             "rules": {rule_stats.name: rule_stats.counters() for rule_stats in stats.rules()},
             "states": [[rule.name, state, error] for rule, state, error in self.supervisor.rule_states()],
         }
-        if connections:
-            report["connections"] = stats.describe_open()
         return report
 
-    def open_connections(self) -> list[dict[str, Any]]:
-        return self.supervisor.stats.describe_open()
+    def open_rows(self) -> list[OpenRow]:
+        """This process's open connections (``StatsRegistry.open_tables``: copied in
+        slices), for its master."""
+        (table,) = self.supervisor.stats.open_tables()
+        return list(table.rows)
 
     def stop_watching(self) -> None:
         if self._watcher is not None:

@@ -106,11 +106,12 @@ from gportmap.events import (
     WorkerUnresponsive,
     WorkerUpgraded,
 )
+from gportmap.hubwork import in_slices
 from gportmap.log import emit, get_logger
 from gportmap.platform import raise_fd_limit
 from gportmap.runtime.listeners import check_open_files
 from gportmap.runtime.supervisor import Changes
-from gportmap.stats import RuleStats, iso_time
+from gportmap.stats import OpenTable, RuleStats, iso_time, open_entry
 
 if TYPE_CHECKING:
     from gportmap.runtime.service import Service
@@ -167,6 +168,27 @@ class RestartReason(enum.Enum):
     OPERATOR = "operator"
 
 
+class Listing(enum.Enum):
+    """What a report request asks of the worker's open connections (``/connections``)."""
+
+    NONE = "none"
+    #: The ``OpenRow``s, a JSON array each, in the answer's ``connection_rows``
+    #: (beside the report, which the master keeps as the worker's last figures),
+    #: encoded in slices (``Channel.send``); the master makes the entries in a
+    #: thread. What this version's master asks for (``"connections": "rows"``).
+    ROWS = "rows"
+    #: The entries themselves, in the report's ``connections``: what a master of an
+    #: earlier version asks for (``"connections": true``) while an upgrade hands the
+    #: workers on before it.
+    ENTRIES = "entries"
+
+    @classmethod
+    def from_wire(cls, value: Any) -> Listing:
+        if value == cls.ROWS.value:
+            return cls.ROWS
+        return cls.ENTRIES if value else cls.NONE
+
+
 class WorkerState(enum.Enum):
     STARTING = "starting"
     RUNNING = "running"
@@ -179,6 +201,11 @@ class Channel:
     Any greenlet may send: a lock keeps frames whole and in order. One greenlet
     reads (the reader of its end). A frame is never cut by a timeout: callers that
     must not wait send from a greenlet of their own (``WorkerProcess.request``)."""
+
+    #: Items of a long top-level list encoded between two yields to the hub: 15,000
+    #: open connections in one ``json.dumps`` would hold every connection of the
+    #: worker for about 15 ms; 500 rows are about half a millisecond.
+    encode_slice = 500
 
     def __init__(self, sock: socket.socket) -> None:
         self.sock = sock
@@ -196,8 +223,10 @@ class Channel:
         self._send_lock.release()
 
     def send(self, message: dict[str, Any]) -> None:
-        """Send one message whole; FrameTooLarge (nothing sent) past ``MAX_FRAME``."""
-        body = json.dumps(message, separators=(",", ":")).encode()
+        """Send one message whole; FrameTooLarge (nothing sent) past ``MAX_FRAME``.
+        A top-level list longer than ``encode_slice`` (a worker's open connections)
+        is encoded in slices, with a yield to the hub between two."""
+        body = _encode(message, self.encode_slice)
         if len(body) > MAX_FRAME:
             raise FrameTooLarge(f"a message of {len(body)} bytes is over the limit of {MAX_FRAME}")
         frame = struct.pack("!I", len(body)) + body
@@ -241,6 +270,32 @@ class Channel:
 
     def close(self) -> None:
         self.sock.close()
+
+
+#: The key of a report answer's open connections (``Listing.ROWS``).
+ROWS_KEY = "connection_rows"
+_COMPACT = (",", ":")
+
+
+def _encode(message: dict[str, Any], slice_size: int) -> bytes:
+    """``message`` as compact JSON, byte for byte what ``json.dumps`` makes of it,
+    with each top-level list longer than ``slice_size`` encoded a slice at a time
+    (the C encoder, a yield to the hub between two slices)."""
+    if not any(isinstance(value, list) and len(value) > slice_size for value in message.values()):
+        return json.dumps(message, separators=_COMPACT).encode()
+    pieces = []
+    for key, value in message.items():
+        name = json.dumps(key)
+        if isinstance(value, list) and len(value) > slice_size:
+            items = []
+            for start in range(0, len(value), slice_size):
+                if start:
+                    gevent.sleep(0)
+                items.append(json.dumps(value[start : start + slice_size], separators=_COMPACT)[1:-1])
+            pieces.append(f"{name}:[{','.join(items)}]")
+        else:
+            pieces.append(f"{name}:{json.dumps(value, separators=_COMPACT)}")
+    return ("{" + ",".join(pieces) + "}").encode()
 
 
 def encode_raw(raw: bytes) -> str:
@@ -327,8 +382,8 @@ class Request:
     generation: int = 0
     raw: bytes = field(default=b"", repr=False)
     path: str = ""
-    #: report: with the open connections.
-    connections: bool = False
+    #: report: with the open connections, and in which form.
+    listing: Listing = Listing.NONE
 
     @classmethod
     def parse(cls, message: dict[str, Any]) -> Request:
@@ -341,7 +396,7 @@ class Request:
         except ValueError:
             raise BadRequest(f"unknown request {str(message.get('op'))[:100]!r}", request_id) from None
         if op is Op.REPORT:
-            return cls(request_id, op, connections=bool(message.get("connections")))
+            return cls(request_id, op, listing=Listing.from_wire(message.get("connections")))
         if op is Op.UPGRADE:
             return cls(request_id, op)
         if op is not Op.APPLY:
@@ -501,7 +556,13 @@ class WorkerLink:
 
     def _answer(self, service: Service, request: Request) -> dict[str, Any]:
         if request.op is Op.REPORT:
-            return {"ok": True, "report": service.worker_report(request.connections)}
+            report = service.worker_report()
+            if request.listing is Listing.ENTRIES:
+                report["connections"] = [open_entry(row) for row in in_slices(service.open_rows(), Channel.encode_slice)]
+            answer = {"ok": True, "report": report}
+            if request.listing is Listing.ROWS:
+                answer[ROWS_KEY] = service.open_rows()  # a long top-level list: Channel.send encodes it in slices
+            return answer
         if request.op is Op.UPGRADE:
             if self.on_upgrade is None:
                 return {"ok": False, "errors": ["this worker cannot upgrade in place"]}
@@ -528,7 +589,7 @@ class WorkerLink:
             if self.applying == generation:
                 self.applying = None
         self.applied = max(self.applied, generation)
-        return {"ok": True, "changes": changes.as_fields(), "report": service.worker_report(False)}
+        return {"ok": True, "changes": changes.as_fields(), "report": service.worker_report()}
 
     def _send_answer(
         self, request_id: int | None, answer: dict[str, Any], service: Service | None = None
@@ -537,7 +598,7 @@ class WorkerLink:
         sent as it is (a bug, or over MAX_FRAME) is answered as failed instead."""
         answer = {**answer, "id": request_id, "generation": self.applied}
         if service is not None:
-            answer["report"] = service.worker_report(False)
+            answer["report"] = service.worker_report()
         try:
             self.channel.send(answer)
         except (TypeError, ValueError, FrameTooLarge) as exc:
@@ -572,7 +633,7 @@ class WorkerLink:
     def _push(self, service: Service) -> None:
         """One push; the figures are left out when they are those sent last."""
         message = self._push_message()
-        report = service.worker_report(False)
+        report = service.worker_report()
         if report != self._last_report:
             message["report"] = report
         self.channel.send(message)
@@ -829,13 +890,8 @@ class AggregateStats:
         for name, counters in (report or {}).get("rules", {}).items():
             self.retired.setdefault(name, RuleStats(name, "")).add(counters, gauges=False)
 
-    def describe_open(self) -> list[dict[str, Any]]:
-        entries: list[dict[str, Any]] = []
-        for worker, report in self.pool.collect(connections=True):
-            for entry in report.get("connections", []):
-                entry["worker"] = worker.index
-                entries.append(entry)
-        return entries
+    def open_tables(self) -> list[OpenTable]:
+        return self.pool.open_tables()
 
 
 class WorkerPool:
@@ -1251,24 +1307,27 @@ class WorkerPool:
     def live(self) -> list[WorkerProcess]:
         return [worker for worker in self.workers if worker.state is WorkerState.RUNNING]
 
-    def collect(self, connections: bool = False) -> list[tuple[WorkerProcess, dict[str, Any]]]:
-        """Every running worker's figures, asked for now (up to ``request_timeout``;
-        a worker that has not answered gives its last pushed ones). With
-        ``connections`` they carry the open connections (not kept: a busy worker's
-        table is large and stale at once)."""
+    def open_tables(self) -> list[OpenTable]:
+        """Every running worker's open connections, asked for now (up to
+        ``request_timeout`` each; one that has not answered by then is left out and
+        logged, ``worker_request_late``). Not kept: a busy worker's table is large
+        and stale at once. The rows are made into entries later, in a thread."""
         live = self.live()
-        fields = {"connections": connections}
+        fields = {"connections": Listing.ROWS.value}
         jobs = [gevent.spawn(worker.request, Op.REPORT, fields, self.request_timeout) for worker in live]
         gevent.joinall(jobs)
-        result = []
+        tables = []
         for worker, job in zip(live, jobs):
             answer = job.value
-            report = answer.get("report") if answer and answer.get("ok") else None
-            if not isinstance(report, dict):
-                report = worker.report
-            if report is not None:
-                result.append((worker, report))
-        return result
+            if not answer or not answer.get("ok"):
+                continue
+            rows = answer.get(ROWS_KEY)
+            if rows is None:  # a worker of an earlier version, during an upgrade, made the entries
+                report = answer.get("report")
+                rows = report.get("connections") if isinstance(report, dict) else None
+            if isinstance(rows, list):
+                tables.append(OpenTable(worker.index, rows))
+        return tables
 
     # -- generations -------------------------------------------------------------------
 
