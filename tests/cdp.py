@@ -10,7 +10,10 @@ from __future__ import annotations
 import base64
 import itertools
 import json
+import os
+import shutil
 import subprocess
+import tempfile
 import urllib.request
 from pathlib import Path
 from typing import Any
@@ -22,6 +25,9 @@ from conftest import LOOPBACK, free_port, wait_for
 class Chromium:
     def __init__(self, executable: str, profile: Path) -> None:
         self.port = free_port()
+        # Chromium makes its singleton socket's folder in TMPDIR and, killed, leaves it
+        # there: a folder of its own, removed by close(). Short, for the socket's path.
+        self.tmpdir = tempfile.mkdtemp(prefix="chromium-")
         self.proc = subprocess.Popen(
             [
                 executable,
@@ -42,10 +48,15 @@ class Chromium:
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
             stdin=subprocess.DEVNULL,
+            env={**os.environ, "TMPDIR": self.tmpdir},
         )
         self._ids = itertools.count(1)
-        page = wait_for(self._page_target, timeout=30, interval=0.1, what="Chromium's DevTools endpoint")
-        self.ws = websocket.create_connection(page["webSocketDebuggerUrl"], timeout=30, suppress_origin=True)
+        try:
+            page = wait_for(self._page_target, timeout=30, interval=0.1, what="Chromium's DevTools endpoint")
+            self.ws = websocket.create_connection(page["webSocketDebuggerUrl"], timeout=30, suppress_origin=True)
+        except BaseException:
+            self._stop()
+            raise
 
     def _page_target(self) -> dict | None:
         try:
@@ -82,5 +93,9 @@ class Chromium:
         try:
             self.ws.close()
         finally:
-            self.proc.kill()
-            self.proc.wait(10)
+            self._stop()
+
+    def _stop(self) -> None:
+        self.proc.kill()
+        self.proc.wait(10)
+        shutil.rmtree(self.tmpdir, ignore_errors=True)
