@@ -476,6 +476,36 @@ def serving_link(service, push_interval: float | None = None):
     return master, ours, stop, link
 
 
+def test_an_upgrade_waits_for_a_message_being_encoded_in_slices():
+    """A worker's long answer yields to the hub between slices while it is encoded;
+    ``Channel.hold`` (an upgrade in place handing the channel on) called meanwhile
+    returns only once that message is sent whole, as for one being written: the
+    master reads it, nothing is dropped by the exec. Encoded outside the send lock,
+    hold would return at once and the exec would drop the answer."""
+    import gevent
+    import gevent.socket
+
+    from gportmap.runtime.workers import Channel
+
+    ours, theirs = gevent.socket.socketpair()
+    sender, master = Channel(ours), Channel(theirs)
+    sender.encode_slice = 100
+    message = {"id": 9, "ok": True, "connection_rows": [[n, "web", "127.0.0.1:1", 0.5] for n in range(5000)]}
+    try:
+        with gevent.Timeout(10):
+            reading = gevent.spawn(master.recv)
+            sending = gevent.spawn(sender.send, message)
+            gevent.sleep(0)  # the send starts and yields after its first slice
+            assert not sending.ready()
+            sender.hold()
+            assert sending.ready() and sending.successful()
+            assert reading.get() == message
+            sender.release()
+    finally:
+        ours.close()
+        theirs.close()
+
+
 class ListingService:
     """A worker's service with three open connections."""
 

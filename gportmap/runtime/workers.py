@@ -215,8 +215,9 @@ class Channel:
         self.reading_frame = False
 
     def hold(self) -> None:
-        """Wait for a frame being sent to be sent whole, then let no one send: the
-        channel is handed to the next program (``release`` if that fails)."""
+        """Wait for a message being encoded or sent to be sent whole, then let no
+        one send: the channel is handed to the next program (``release`` if that
+        fails)."""
         self._send_lock.acquire()
 
     def release(self) -> None:
@@ -225,13 +226,15 @@ class Channel:
     def send(self, message: dict[str, Any]) -> None:
         """Send one message whole; FrameTooLarge (nothing sent) past ``MAX_FRAME``.
         A top-level list longer than ``encode_slice`` (a worker's open connections)
-        is encoded in slices, with a yield to the hub between two."""
-        body = _encode(message, self.encode_slice)
-        if len(body) > MAX_FRAME:
-            raise FrameTooLarge(f"a message of {len(body)} bytes is over the limit of {MAX_FRAME}")
-        frame = struct.pack("!I", len(body)) + body
+        is encoded in slices, with a yield to the hub between two. It is encoded
+        under the send lock: ``hold`` (an upgrade in place) waits for a message
+        being encoded to be sent whole, as for one being written, instead of the
+        exec dropping it."""
         with self._send_lock:
-            self.sock.sendall(frame)
+            body = _encode(message, self.encode_slice)
+            if len(body) > MAX_FRAME:
+                raise FrameTooLarge(f"a message of {len(body)} bytes is over the limit of {MAX_FRAME}")
+            self.sock.sendall(struct.pack("!I", len(body)) + body)
 
     def recv(self) -> dict[str, Any] | None:
         """The next message, or None when the other end closed between messages.
