@@ -32,6 +32,31 @@ LOOPBACK = "127.0.0.1"
 ROOT = Path(__file__).resolve().parent.parent
 
 
+class HubTurns:
+    """A greenlet counting its turns on the hub, from its making to ``stop``: work
+    done in the calling greenlet that yields to the hub lets it run (``count``
+    grows), work done in one go does not."""
+
+    def __init__(self) -> None:
+        import gevent
+
+        self.count = 0
+        self._running = True
+        self._greenlet = gevent.spawn(self._tick)
+        gevent.sleep(0)  # its first turn
+
+    def _tick(self) -> None:
+        import gevent
+
+        while self._running:
+            self.count += 1
+            gevent.sleep(0)
+
+    def stop(self) -> None:
+        self._running = False
+        self._greenlet.join(5)
+
+
 def wait_for(condition: Callable[[], Any], timeout: float = 10.0, interval: float = 0.02, what: str = "") -> Any:
     """Poll ``condition`` until it returns something truthy; fail after ``timeout``."""
     deadline = time.monotonic() + timeout

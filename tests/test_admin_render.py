@@ -12,7 +12,7 @@ from pathlib import Path
 
 import gevent
 import pytest
-from conftest import TargetServer, connect, echo_handler, free_port, tcp_rule, wait_for
+from conftest import HubTurns, TargetServer, connect, echo_handler, free_port, tcp_rule, wait_for
 
 from gportmap.admin.render import Renderings
 from gportmap.config import parse
@@ -144,25 +144,15 @@ def test_connections_are_copied_in_slices_with_the_hub_running_between_them(serv
 
     gevent.spawn(open_all).get(timeout=30)
     try:
-        turns = [0]
-        copying = [True]
-
-        def ticker() -> None:
-            while copying[0]:
-                turns[0] += 1
-                gevent.sleep(0)
-
         renderings = Renderings(service, dict)
-        ticking = gevent.spawn(ticker)
-        gevent.sleep(0)  # the ticker takes its first turn
-        start = turns[0]
-        (table,) = gevent.spawn(service.supervisor.stats.open_tables).get(timeout=10)
-        copying[0] = False
-        ticking.join(5)
+        turns = HubTurns()
+        start = turns.count
+        (table,) = service.supervisor.stats.open_tables()  # here: the counter runs only if it yields
+        turns.stop()
         rows = table.rows
         assert table.worker is None
         assert len(rows) == 60 and len({row[0] for row in rows}) == 60
-        assert turns[0] - start >= 60 // 7  # a turn after each full slice
+        assert turns.count - start >= 60 // 7  # a turn after each full slice
         entries = json.loads(gevent.spawn(renderings.connections.get).get(timeout=10))
         assert [entry["id"] for entry in entries] == [row[0] for row in rows]
         # each entry is its connection's figures (but for the seconds gone by since)

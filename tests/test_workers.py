@@ -21,6 +21,7 @@ import psutil
 import pytest
 from conftest import (
     LOOPBACK,
+    HubTurns,
     TargetServer,
     connect,
     free_port,
@@ -424,29 +425,17 @@ def test_a_long_list_goes_on_the_channel_in_slices_byte_for_byte():
     the hub running between two slices (a greenlet counting its turns), and the
     bytes are those of one ``json.dumps``; a message without a long list is
     encoded in one go."""
-    import gevent
-
     from gportmap.runtime.workers import _encode
 
     rows = [[i, "web", f"127.0.0.1:{i}", "127.0.0.1:80", "[::1]:81", 1.5 + i, 0.25, i * 3, None] for i in range(1234)]
     message = {"ok": True, "report": {"active": 3, "rules": {"é": {"total": 1}}}, "id": 7, "rows": rows, "tail": 'a"b'}
-    turns = [0]
-    encoding = [True]
-
-    def ticker() -> None:
-        while encoding[0]:
-            turns[0] += 1
-            gevent.sleep(0)
-
-    ticking = gevent.spawn(ticker)
-    gevent.sleep(0)
-    start = turns[0]
-    body = _encode(message, 100)  # in this greenlet: the ticker runs only if it yields
-    sliced = turns[0] - start
+    turns = HubTurns()
+    start = turns.count
+    body = _encode(message, 100)  # in this greenlet: the counter runs only if it yields
+    sliced = turns.count - start
     small = _encode({"id": 8, "rows": rows[:100]}, 100)
-    whole = turns[0] - start - sliced
-    encoding[0] = False
-    ticking.join(5)
+    whole = turns.count - start - sliced
+    turns.stop()
     assert body == json.dumps(message, separators=(",", ":")).encode()
     assert sliced >= 1234 // 100
     assert small == json.dumps({"id": 8, "rows": rows[:100]}, separators=(",", ":")).encode()
