@@ -560,7 +560,8 @@ class OpenTable:
     of an earlier version answering during an upgrade."""
 
     worker: int | None
-    rows: Sequence[Sequence[Any] | dict[str, Any]]
+    #: A list, as ``Channel.send`` needs it to encode a long one in slices.
+    rows: list[Sequence[Any] | dict[str, Any]]
 
 
 def connections_document(tables: Iterable[OpenTable]) -> list[dict[str, Any]]:

@@ -17,7 +17,7 @@ from __future__ import annotations
 import hashlib
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -50,7 +50,7 @@ from gportmap.runtime.overlay import ChangeRefused, HeldRules, RuntimeChange
 from gportmap.runtime.supervisor import Changes, Supervisor
 from gportmap.runtime.transaction import EDIT_STATUS, Transaction, TxOutcome, TxStatus, etag_matches
 from gportmap.runtime.watcher import InotifyWatcher, PollWatcher, create_watcher
-from gportmap.stats import OpenRow, RuleStats, iso_time
+from gportmap.stats import RuleStats, iso_time
 
 if TYPE_CHECKING:
     from gportmap.runtime.backend import RulesBackend
@@ -518,11 +518,11 @@ class Service:
         }
         return report
 
-    def open_rows(self) -> list[OpenRow]:
-        """This process's open connections (``StatsRegistry.open_tables``: copied in
-        slices), for its master."""
+    def open_rows(self) -> list[Sequence[Any] | dict[str, Any]]:
+        """This process's open connections as ``OpenRow``s (``StatsRegistry.open_tables``:
+        copied in slices), for its master."""
         (table,) = self.supervisor.stats.open_tables()
-        return list(table.rows)
+        return table.rows
 
     def stop_watching(self) -> None:
         if self._watcher is not None:
